@@ -1,0 +1,133 @@
+"""ANN-side activations: QCFS (trainable), ClipReLU (recorded maxima) and DA-QCFS (calibrated).
+
+They form the paper's chain ``ReLU -> ClipReLU -> DA-QCFS -> parallel neuron`` and
+``QCFS -> DA-QCFS -> parallel neuron``: :meth:`to_daqcfs` moves one stage on, and
+:meth:`DAQCFS.to_node` builds the equivalent :class:`~sj_parallel_conversion.ParallelConversionNode`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+from . import formulas
+from .neuron import ParallelConversionNode, _param
+
+ParamLike = Union[float, int, torch.Tensor]
+
+__all__ = ["QCFS", "ClipReLU", "DAQCFS"]
+
+
+def _check_level(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _check_channels(module: nn.Module, x: torch.Tensor, params) -> None:
+    c = max(p.numel() for p in params)
+    if c == 1:
+        return
+    cd = module.channel_dim if module.channel_dim >= 0 else module.channel_dim + x.dim()
+    if not 0 <= cd < x.dim() or x.shape[cd] != c:
+        raise ValueError(
+            f"{module._get_name()} has {c} per-channel parameters but its input of shape "
+            f"{tuple(x.shape)} does not have {c} channels along channel_dim={module.channel_dim}")
+
+
+class QCFS(nn.Module):
+    """Quantization-clip-floor-shift activation with a learnable threshold (paper Eq. 5).
+
+    ``qcfs(x) = theta/L * clip(floor((x*L + shift*theta)/theta), 0, L)``; ``shift`` is a fraction
+    of ``theta`` (0.5 gives the paper's ``psi = theta/2``). ``theta`` is a scalar or a 1-D
+    per-channel :class:`~torch.nn.Parameter`; the floor has a straight-through gradient.
+    """
+
+    def __init__(self, L: int = 8, theta: ParamLike = 8.0, shift: float = 0.5, channel_dim: int = 1):
+        super().__init__()
+        self.L = _check_level("L", L)
+        self.shift = float(shift)
+        self.channel_dim = channel_dim
+        self.theta = nn.Parameter(_param("theta", theta, positive=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_channels(self, x, [self.theta])
+        th = formulas.channel_view(self.theta, x.dim(), self.channel_dim)
+        return formulas.qcfs(x, th, self.L, self.shift * th, ste=True)
+
+    def to_daqcfs(self, T: int) -> "DAQCFS":
+        """The uncalibrated DA-QCFS at ``T`` levels (psi_da = phi_da = 0) with this threshold."""
+        return DAQCFS(T, self.theta.detach().clone(), shift=self.shift, channel_dim=self.channel_dim)
+
+    def extra_repr(self) -> str:
+        th = f"{self.theta.item():.4g}" if self.theta.numel() == 1 else f"[{self.theta.numel()} channels]"
+        return f"L={self.L}, theta={th}, shift={self.shift}"
+
+
+class ClipReLU(nn.Module):
+    """``min(max(x, 0), theta)`` with a fixed scalar or per-channel ``theta`` (a buffer)."""
+
+    def __init__(self, theta: ParamLike, channel_dim: int = 1):
+        super().__init__()
+        self.channel_dim = channel_dim
+        self.register_buffer("theta", _param("theta", theta, positive=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_channels(self, x, [self.theta])
+        return formulas.clip_relu(x, formulas.channel_view(self.theta.to(x.dtype), x.dim(), self.channel_dim))
+
+    def to_daqcfs(self, T: int) -> "DAQCFS":
+        """The uncalibrated DA-QCFS at ``T`` levels with ``theta`` = the recorded maxima."""
+        return DAQCFS(T, self.theta.clone(), channel_dim=self.channel_dim)
+
+    def extra_repr(self) -> str:
+        th = f"{self.theta.item():.4g}" if self.theta.numel() == 1 else f"[{self.theta.numel()} channels]"
+        return f"theta={th}"
+
+
+class DAQCFS(nn.Module):
+    """Distribution-aware QCFS (paper Eq. 9) at ``T`` levels.
+
+    ``da(x) = (theta + phi_da)/T * clip(floor(((x + psi_da)*T + shift*theta)/theta), 0, T)``.
+    ``psi_da`` and ``phi_da`` are buffers set by calibration (Algorithm 1); ``theta`` is a scalar
+    (QCFS source) or per-channel (ReLU source).
+    """
+
+    def __init__(
+        self,
+        T: int,
+        theta: ParamLike,
+        psi_da: ParamLike = 0.0,
+        phi_da: ParamLike = 0.0,
+        shift: float = 0.5,
+        channel_dim: int = 1,
+    ):
+        super().__init__()
+        self.T = _check_level("T", T)
+        self.shift = float(shift)
+        self.channel_dim = channel_dim
+        self.register_buffer("theta", _param("theta", theta, positive=True))
+        self.register_buffer("psi_da", _param("psi_da", psi_da))
+        self.register_buffer("phi_da", _param("phi_da", phi_da))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        params = (self.theta, self.psi_da, self.phi_da)
+        _check_channels(self, x, params)
+        th, pda, fda = (formulas.channel_view(p.to(x.dtype), x.dim(), self.channel_dim) for p in params)
+        return formulas.da_qcfs(x, th, self.T, pda, fda, self.shift * th)
+
+    def to_node(self, **node_kwargs) -> ParallelConversionNode:
+        """The parallel neuron with the same firing rate (theta_pre = theta, theta_post = theta + phi_da)."""
+        theta_post = self.theta + self.phi_da
+        if not bool((theta_post > 0).all()):
+            raise ValueError(
+                "DA-QCFS calibration produced a non-positive theta + phi_da; the layer would emit "
+                "negative or zero spikes. Use more calibration data or a smaller alpha.")
+        return ParallelConversionNode(
+            self.T, v_threshold=self.theta.clone(), spike_value=theta_post, shift=self.shift * self.theta,
+            bias=self.psi_da.clone(), channel_dim=self.channel_dim, **node_kwargs)
+
+    def extra_repr(self) -> str:
+        n = max(self.theta.numel(), self.psi_da.numel())
+        return f"T={self.T}, channels={n}, shift={self.shift}"

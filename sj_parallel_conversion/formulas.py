@@ -1,0 +1,192 @@
+"""The mathematics of parallel conversion, as pure functions on tensors.
+
+Every module of the package computes through these functions, and the tests hold them against
+each other: the closed form (:func:`spike_count` + :func:`spikes_from_count`) against the paper's
+step/matrix form (:func:`matrix_form_spikes`, Eq. 8 with the shift vector of Theorem 4.1) and
+the binary search for the first spike (:func:`first_spike_time`, paper 4.3).
+
+Notation (see ``SPEC.md``): ``T`` output time steps, ``L`` the QCFS quantisation level,
+``theta`` a threshold, ``psi`` the absolute shift (``theta / 2`` by default), ``psi_da`` and
+``phi_da`` the DA-QCFS calibration shift and scale. Per-channel quantities are 1-D tensors that
+broadcast along ``channel_dim`` of the per-step tensor ``[N, C, ...]``.
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+Scalar = Union[float, int, torch.Tensor]
+
+__all__ = [
+    "channel_view",
+    "floor_ste",
+    "qcfs",
+    "clip_relu",
+    "da_qcfs",
+    "spike_count",
+    "spikes_from_count",
+    "parallel_conversion_matrix",
+    "shift_vector",
+    "matrix_form_spikes",
+    "first_spike_time",
+]
+
+
+def channel_view(p: Scalar, ndim: int, channel_dim: int = 1) -> Scalar:
+    """Reshape a per-channel 1-D tensor so it broadcasts over a tensor of rank ``ndim``.
+
+    Scalars (Python numbers or 0-d/1-element tensors) are returned unchanged.
+    """
+    if not isinstance(p, torch.Tensor) or p.dim() == 0 or p.numel() == 1 and p.dim() == 1:
+        return p.reshape(()) if isinstance(p, torch.Tensor) else p
+    cd = channel_dim if channel_dim >= 0 else channel_dim + ndim
+    if not 0 <= cd < ndim:
+        raise ValueError(f"channel_dim={channel_dim} is out of range for a rank-{ndim} tensor")
+    shape = [1] * ndim
+    shape[cd] = p.numel()
+    return p.reshape(shape)
+
+
+def floor_ste(u: torch.Tensor) -> torch.Tensor:
+    """``floor(u)`` in the forward pass, identity gradient in the backward pass."""
+    return u + (torch.floor(u) - u).detach()
+
+
+def qcfs(x: torch.Tensor, theta: Scalar, L: int, psi: Scalar, ste: bool = False) -> torch.Tensor:
+    """QCFS activation (Bu et al. 2022; paper Eq. 5): ``theta/L * clip(floor((x*L + psi)/theta), 0, L)``.
+
+    With ``ste=True`` the floor passes gradients straight through, so ``x`` and ``theta`` train.
+    """
+    u = (x * L + psi) / theta
+    q = torch.clamp(floor_ste(u) if ste else torch.floor(u), 0, L)
+    return theta / L * q
+
+
+def clip_relu(x: torch.Tensor, theta: Scalar) -> torch.Tensor:
+    """``min(max(x, 0), theta)`` (paper 4.2, first stage of training-free conversion)."""
+    return torch.minimum(torch.clamp(x, min=0), torch.as_tensor(theta, dtype=x.dtype, device=x.device))
+
+
+def da_qcfs(
+    x: torch.Tensor, theta: Scalar, T: int, psi_da: Scalar, phi_da: Scalar, psi: Scalar
+) -> torch.Tensor:
+    """DA-QCFS (paper Eq. 9): ``(theta+phi_da)/T * clip(floor(((x+psi_da)*T + psi)/theta), 0, T)``."""
+    k = spike_count(x, T, theta, psi, psi_da)
+    return (theta + phi_da) / T * k
+
+
+def spike_count(
+    mean_current: torch.Tensor, T: int, theta_pre: Scalar, psi: Scalar, psi_da: Scalar = 0.0
+) -> torch.Tensor:
+    """Closed-form spike count ``k = clip(floor(((m + psi_da)*T + psi)/theta_pre), 0, T)``.
+
+    ``mean_current`` is the time mean of the neuron's input; the result has its dtype and holds
+    integer values. This expression is the single definition both backends implement, operation
+    by operation, so that they agree bit for bit.
+    """
+    u = (mean_current + psi_da) * T + psi
+    return torch.clamp(torch.floor(u / theta_pre), 0, T)
+
+
+def spikes_from_count(
+    k: torch.Tensor, T: int, spike_value: Scalar = 1.0, order: str = "late"
+) -> torch.Tensor:
+    """Turn counts ``k`` of shape ``[...]`` into sorted spike trains ``[T, ...]``.
+
+    ``order="late"`` (the paper's text) fires at steps ``T-k+1 .. T`` (1-based), so every train
+    reads 0...0 1...1; ``order="early"`` (the authors' code) fires at steps ``1 .. k``.
+    Values are ``spike_value`` where a spike is fired and 0 elsewhere.
+    """
+    steps = torch.arange(T, device=k.device, dtype=k.dtype).reshape((T,) + (1,) * k.dim())
+    if order == "late":
+        fired = steps >= (T - k)
+    elif order == "early":
+        fired = steps < k
+    else:
+        raise ValueError(f"order must be 'late' or 'early', got {order!r}")
+    sv = torch.as_tensor(spike_value, dtype=k.dtype, device=k.device)
+    return torch.where(fired, sv, torch.zeros((), dtype=k.dtype, device=k.device))
+
+
+def parallel_conversion_matrix(T: int, dtype=torch.float64, device=None) -> torch.Tensor:
+    """Lambda_PC of paper Eq. 8: row ``x`` (1-based) is ``1/(T-x+1)`` repeated ``T`` times."""
+    rows = 1.0 / (T - torch.arange(T, dtype=dtype, device=device))
+    return rows[:, None].expand(T, T).clone()
+
+
+def shift_vector(T: int, psi: Scalar, psi_da: Scalar = 0.0, dtype=torch.float64, device=None):
+    """The shift ``b`` of Algorithm 1 Stage III, shape ``[T, *broadcast(psi, psi_da)]``.
+
+    ``b[x] = psi/(T-x+1) + psi_da*T/(T-x+1)``; for ``psi_da = 0`` it is Theorem 4.1's
+    ``[psi/T, ..., psi/(T-x+1), ..., psi]``.
+    """
+    denom = (T - torch.arange(T, dtype=dtype, device=device))
+    psi_t = torch.as_tensor(psi, dtype=dtype, device=device)
+    psi_da_t = torch.as_tensor(psi_da, dtype=dtype, device=device)
+    extra = max(psi_t.dim(), psi_da_t.dim())
+    denom = denom.reshape((T,) + (1,) * extra)
+    return psi_t / denom + psi_da_t * T / denom
+
+
+def matrix_form_spikes(
+    current: torch.Tensor,
+    theta_pre: Scalar,
+    psi: Scalar,
+    psi_da: Scalar = 0.0,
+    channel_dim: int = 1,
+) -> torch.Tensor:
+    """Spikes by the paper's explicit form: ``s = (Lambda_PC @ I + b >= theta_pre)``, 0/1 valued.
+
+    ``current`` is ``[T, N, ...]`` (the matrix form needs ``T_in == T``). Costs O(T^2) per
+    neuron: for tests and teaching, not for inference.
+    """
+    T = current.shape[0]
+    lam = parallel_conversion_matrix(T, dtype=current.dtype, device=current.device)
+    flat = current.reshape(T, -1)
+    charge = (lam @ flat).reshape(current.shape)
+    nd = current.dim() - 1
+    b = shift_vector(
+        T,
+        channel_view(_as(psi, current), nd, channel_dim),
+        channel_view(_as(psi_da, current), nd, channel_dim),
+        dtype=current.dtype,
+        device=current.device,
+    )
+    if b.dim() == 1:
+        b = b.reshape((T,) + (1,) * nd)
+    th = channel_view(_as(theta_pre, current), nd, channel_dim)
+    return (charge + b >= th).to(current.dtype)
+
+
+def first_spike_time(
+    mean_current: torch.Tensor,
+    T: int,
+    theta_pre: Scalar,
+    psi: Scalar,
+    psi_da: Scalar = 0.0,
+) -> torch.Tensor:
+    """First spike step (1-based) by binary search over the step form (paper 4.3), ``T+1`` if silent.
+
+    Evaluates ``V[x] = T/(T-x+1)*m + b[x]`` at O(log T) steps per neuron, relying on the
+    sorting property (once a neuron fires it fires to the end). Returns an int64 tensor.
+    """
+    m = mean_current
+    lo = torch.ones(m.shape, dtype=torch.int64, device=m.device)
+    hi = torch.full(m.shape, T + 1, dtype=torch.int64, device=m.device)  # T+1: never fires
+    while bool((lo < hi).any()):
+        mid = (lo + hi) // 2
+        active = lo < hi
+        x = mid.clamp(max=T).to(m.dtype)
+        denom = T - x + 1
+        v = T / denom * m + psi / denom + psi_da * T / denom
+        fires = (v >= theta_pre) & (mid <= T)
+        hi = torch.where(active & fires, mid, hi)
+        lo = torch.where(active & ~fires, mid + 1, lo)
+    return lo
+
+
+def _as(p: Scalar, like: torch.Tensor) -> Scalar:
+    if isinstance(p, torch.Tensor):
+        return p.to(dtype=like.dtype, device=like.device)
+    return p

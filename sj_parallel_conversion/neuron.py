@@ -1,0 +1,179 @@
+"""The parallel conversion neuron (paper Eq. 8, Theorem 4.1, Algorithm 1 Stage III/IV)."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from spikingjelly.activation_based import base
+
+from . import formulas, kernels
+
+ParamLike = Union[float, int, torch.Tensor]
+
+__all__ = ["ParallelConversionNode"]
+
+
+class ParallelConversionNode(base.MemoryModule):
+    r"""A SpikingJelly neuron that computes all ``T`` time steps of a layer at once.
+
+    For input currents ``I`` of shape ``[T_in, N, ...]`` (any ``T_in >= 1``) it computes the time
+    mean ``m``, the spike count ``k = clip(floor(((m + bias) * T + shift) / v_threshold), 0, T)``
+    and emits ``T`` steps in which the last ``k`` carry ``spike_value`` and the others 0 (the
+    sorted, back-loaded trains of the paper). This is the paper's step form
+    ``s[x] = (T/(T-x+1) m + b[x] >= theta_pre)`` in closed form: O(T) work per neuron.
+
+    Args:
+        T: output time steps.
+        v_threshold: ``theta_pre``, a positive float or a 1-D per-channel tensor.
+        spike_value: ``theta_post`` (value of a spike); defaults to ``v_threshold``.
+        shift: ``psi``, the absolute shift; defaults to ``v_threshold / 2``.
+        bias: ``psi_da``, the DA-QCFS input shift; default 0.
+        channel_dim: axis of the per-step tensor ``[N, C, ...]`` that per-channel tensors index.
+        backend: ``"auto"`` (cupy for CUDA tensors when it works, else torch), ``"torch"`` or
+            ``"cupy"``.
+        spike_order: ``"late"`` (the paper's text, default) or ``"early"`` (the authors' code);
+            counts are identical.
+        check_nan: raise on NaN inputs (costs one reduction over the time mean). ``+inf`` /
+            ``-inf`` currents are well defined: they saturate to ``T`` spikes / no spike.
+
+    Only multi-step mode is supported: a single step carries no information about the other
+    ``T - 1``. For evaluation without materialising time steps use
+    :func:`sj_parallel_conversion.count_inference`.
+    """
+
+    def __init__(
+        self,
+        T: int,
+        v_threshold: ParamLike = 1.0,
+        spike_value: Optional[ParamLike] = None,
+        shift: Optional[ParamLike] = None,
+        bias: ParamLike = 0.0,
+        channel_dim: int = 1,
+        backend: str = "auto",
+        spike_order: str = "late",
+        check_nan: bool = True,
+        step_mode: str = "m",
+    ) -> None:
+        super().__init__()
+        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+            raise ValueError(f"T must be an integer >= 1, got {T!r}")
+        if backend not in kernels.BACKENDS:
+            raise ValueError(f"backend must be one of {kernels.BACKENDS}, got {backend!r}")
+        if spike_order not in ("late", "early"):
+            raise ValueError(f"spike_order must be 'late' or 'early', got {spike_order!r}")
+        if not isinstance(channel_dim, int) or isinstance(channel_dim, bool):
+            raise ValueError(f"channel_dim must be an int, got {channel_dim!r}")
+        self.T = T
+        self.channel_dim = channel_dim
+        self.backend = backend
+        self.spike_order = spike_order
+        self.check_nan = check_nan
+        theta = _param("v_threshold", v_threshold, positive=True)
+        sv = theta.clone() if spike_value is None else _param("spike_value", spike_value, positive=True)
+        psi = theta / 2 if shift is None else _param("shift", shift)
+        psi_da = _param("bias", bias)
+        sizes = {n: p.numel() for n, p in
+                 (("v_threshold", theta), ("spike_value", sv), ("shift", psi), ("bias", psi_da))
+                 if p.dim() == 1}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"per-channel parameters disagree on the channel count: {sizes}")
+        self.register_buffer("v_threshold", theta)
+        self.register_buffer("spike_value", sv)
+        self.register_buffer("shift", psi)
+        self.register_buffer("bias", psi_da)
+        self.step_mode = step_mode
+
+    # -- SpikingJelly step-mode protocol -------------------------------------------------------
+    def supported_step_mode(self):
+        return ("s", "m")
+
+    def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "_count_domain", False):
+            return self.rate(x)
+        raise RuntimeError(
+            f"{self._get_name()} computes all T={self.T} steps at once and has no single-step "
+            "form: call functional.set_step_mode(net, 'm') and feed [T, N, ...] input, or use "
+            "sj_parallel_conversion.count_inference(net, x) for [N, ...] input"
+        )
+
+    def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        self._check_input(x_seq, time_axis=True)
+        return kernels.fire(
+            x_seq, self.T, self.v_threshold, self.shift, self.bias, self.spike_value,
+            channel_dim=self.channel_dim, order=self.spike_order, backend=self.backend,
+        )
+
+    # -- the same neuron in the count domain ---------------------------------------------------
+    def count(self, mean_current: torch.Tensor) -> torch.Tensor:
+        """Spike counts ``k`` (integer-valued, input dtype) for time-mean currents ``[N, ...]``."""
+        self._check_input(mean_current, time_axis=False)
+        nd = mean_current.dim()
+        cv = lambda p: formulas.channel_view(p.to(mean_current.dtype), nd, self.channel_dim)  # noqa: E731
+        return formulas.spike_count(mean_current, self.T, cv(self.v_threshold), cv(self.shift), cv(self.bias))
+
+    def rate(self, mean_current: torch.Tensor) -> torch.Tensor:
+        """Time mean of the output, ``spike_value * k / T``, for time-mean currents ``[N, ...]``."""
+        k = self.count(mean_current)
+        sv = formulas.channel_view(self.spike_value.to(k.dtype), k.dim(), self.channel_dim)
+        return sv * k / self.T
+
+    # -- checks ----------------------------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor, time_axis: bool) -> None:
+        if not torch.is_tensor(x):
+            raise TypeError(f"{self._get_name()} expects a tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{self._get_name()} expects a floating-point tensor, got {x.dtype}")
+        min_rank = 2 if time_axis else 1
+        if x.dim() < min_rank:
+            shape = "[T_in, N, ...]" if time_axis else "[N, ...]"
+            raise ValueError(f"{self._get_name()} expects input of shape {shape}, got {tuple(x.shape)}")
+        c = self.channel_count
+        if c > 1:
+            step_rank = x.dim() - 1 if time_axis else x.dim()
+            cd = self.channel_dim if self.channel_dim >= 0 else self.channel_dim + step_rank
+            if not 0 <= cd < step_rank:
+                raise ValueError(
+                    f"{self._get_name()}: channel_dim={self.channel_dim} is out of range for "
+                    f"per-step shape {tuple(x.shape[1:] if time_axis else x.shape)}")
+            got = x.shape[cd + 1 if time_axis else cd]
+            if got != c:
+                raise ValueError(
+                    f"{self._get_name()} has {c} per-channel parameters but the input has {got} "
+                    f"channels along channel_dim={self.channel_dim} (shape {tuple(x.shape)})")
+        if self.check_nan and bool(torch.isnan(x).any()):
+            raise ValueError(f"{self._get_name()} received NaN input currents")
+
+    @property
+    def channel_count(self) -> int:
+        """Number of per-channel parameters (1 when every parameter is a scalar)."""
+        return max(p.numel() for p in (self.v_threshold, self.spike_value, self.shift, self.bias))
+
+    def extra_repr(self) -> str:
+        def show(p: torch.Tensor) -> str:
+            return f"{p.item():.4g}" if p.numel() == 1 else f"[{p.numel()} channels]"
+        return (f"T={self.T}, v_threshold={show(self.v_threshold)}, spike_value={show(self.spike_value)}, "
+                f"shift={show(self.shift)}, bias={show(self.bias)}, backend={self.backend}, "
+                f"step_mode={self.step_mode}")
+
+
+def _param(name: str, value: ParamLike, positive: bool = False) -> torch.Tensor:
+    """Validate a threshold-like argument and return it as a float32 0-d or 1-D tensor."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a float or a 1-D tensor, got bool")
+    if isinstance(value, (int, float)):
+        t = torch.tensor(float(value), dtype=torch.float32)
+    elif isinstance(value, torch.Tensor):
+        if value.dim() > 1:
+            raise ValueError(f"{name} must be a scalar or a 1-D per-channel tensor, got shape {tuple(value.shape)}")
+        if value.dim() == 1 and value.numel() == 0:
+            raise ValueError(f"{name} must not be empty")
+        t = value.detach().clone()
+        t = t.to(torch.float32) if not t.is_floating_point() else t
+    else:
+        raise TypeError(f"{name} must be a float or a 1-D tensor, got {type(value).__name__}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if positive and not bool((t > 0).all()):
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return t

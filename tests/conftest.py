@@ -1,0 +1,27 @@
+"""Shared fixtures. Tests that need the real CIFAR-10 files skip with a reason where they are
+absent (a user's clone) and fail where SJPC_REQUIRE_DATA=1 (CI), so CI never skips them."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def _cifar10_dir() -> Path:
+    default = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
+    return Path(os.environ.get("SJPC_CIFAR10_DIR", default))
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir() -> Path:
+    d = _cifar10_dir()
+    if not ((d / "train.npz").is_file() and (d / "test.npz").is_file()):
+        msg = f"CIFAR-10 npz files not found in {d} (set SJPC_CIFAR10_DIR)"
+        if os.environ.get("SJPC_REQUIRE_DATA") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return d

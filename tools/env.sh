@@ -1,0 +1,20 @@
+# Sourced by tools/run.sh and tools/test.sh: create .venv at the repository root if it is missing,
+# install the package with its pinned dependencies, and activate it.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+STAMP="$VENV/.sjpc-installed"
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "[env] creating $VENV" >&2
+    python3 -m venv "$VENV"
+fi
+if [ ! -f "$STAMP" ] || [ "$ROOT/constraints.txt" -nt "$STAMP" ] || [ "$ROOT/setup.cfg" -nt "$STAMP" ]; then
+    echo "[env] installing sj-parallel-conversion and pinned dependencies (first run: a few minutes)" >&2
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$ROOT/constraints.txt" -e "$ROOT[cupy,dev]"
+    touch "$STAMP"
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+export SJPC_CIFAR10_DIR="${SJPC_CIFAR10_DIR:-$ROOT/../shared/data/cifar10}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
+cd "$ROOT"
