@@ -6,10 +6,30 @@ Calculation" (ICML 2025). Public API:
 Neuron and activations
     :class:`ParallelConversionNode`  SpikingJelly neuron computing all T steps at once.
     :class:`QCFS`, :class:`ClipReLU`, :class:`DAQCFS`  the ANN-side activations.
+
+Conversion (SpikingJelly ``ann2snn`` flow)
+    :class:`ParallelConversionRecipe`  an ``ann2snn.FXConversionRecipe`` for the paper's three cases.
+    :class:`ParallelConverter`  ``ann2snn.FXConverter`` accepting registered names (``"parallel"``).
+    :func:`parallel_neuron_factory`  drop-in ``neuron_factory`` for SpikingJelly's ``RateCodingRecipe``.
+    :func:`register_recipe`, :func:`register_neuron`, :func:`available_recipes`  the registry.
+    :class:`GraphConversionError`  raised, before calibration, for unsupported graph patterns.
+
+Evaluation
+    :func:`count_inference`  time-mean output without materialising time steps.
+    :func:`spike_inference`  spike-level run on a static input repeated T times.
 """
 from .activation import DAQCFS, QCFS, ClipReLU
+from .graph import GraphConversionError
+from .inference import count_inference, spike_inference
 from .neuron import ParallelConversionNode
+from .recipe import ParallelConversionRecipe, ParallelConverter, parallel_neuron_factory
+from .registry import available_recipes, register_neuron, register_recipe
 
 __version__ = "0.1.0"
 
-__all__ = ["ParallelConversionNode", "QCFS", "ClipReLU", "DAQCFS"]
+__all__ = [
+    "ParallelConversionNode", "QCFS", "ClipReLU", "DAQCFS",
+    "ParallelConversionRecipe", "ParallelConverter", "parallel_neuron_factory",
+    "register_recipe", "register_neuron", "available_recipes", "GraphConversionError",
+    "count_inference", "spike_inference",
+]

@@ -1,0 +1,120 @@
+"""Modules that sit at activation sites during calibration and record statistics.
+
+* :class:`MaxObserver` records the per-channel running maximum of a ReLU's output (the
+  "historical maximum" of paper 4.2, first stage of training-free conversion).
+* :class:`DACalibrator` runs Algorithm 1 at one site: on a batch that holds the reference stream
+  and the calibrated stream side by side it measures the per-channel pre- and post-activation
+  errors and updates the DA-QCFS parameters ``psi_da`` / ``phi_da`` by exponential averaging.
+
+Both reduce their statistics through an optional ``reducer`` (sum over processes) so that a
+distributed run ends with the same parameters on every rank.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from .activation import DAQCFS, QCFS, ClipReLU
+
+Reducer = Optional[Callable[[torch.Tensor, str], torch.Tensor]]
+
+__all__ = ["MaxObserver", "DACalibrator", "channel_mean"]
+
+
+def _channel_first(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    if x.dim() < 2:
+        raise ValueError(f"activation tensors need a batch and a channel axis, got shape {tuple(x.shape)}")
+    return x.movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1)
+
+
+def channel_mean(x: torch.Tensor, channel_dim: int = 1, reducer: Reducer = None) -> torch.Tensor:
+    """Per-channel mean over batch and spatial axes (the paper's mu), in float64 for stable sums."""
+    flat = _channel_first(x, channel_dim).to(torch.float64)
+    total = torch.cat([flat.sum(dim=1), torch.tensor([float(flat.shape[1])], dtype=torch.float64, device=x.device)])
+    if reducer is not None:
+        total = reducer(total, "sum")
+    return total[:-1] / total[-1]
+
+
+class MaxObserver(nn.Module):
+    """Pass-through wrapper of a ReLU-family activation recording its per-channel output maximum."""
+
+    def __init__(self, act: nn.Module, channel_dim: int = 1, reducer: Reducer = None):
+        super().__init__()
+        self.act = act
+        self.channel_dim = channel_dim
+        self.reducer = reducer
+        self.register_buffer("max_val", torch.empty(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(x)
+        m = _channel_first(y.detach(), self.channel_dim).max(dim=1).values.to(torch.float32)
+        if self.reducer is not None:
+            m = self.reducer(m, "max")
+        self.max_val = m if self.max_val.numel() == 0 else torch.maximum(self.max_val, m)
+        return y
+
+    def to_clip_relu(self, eps: float = 1e-4) -> ClipReLU:
+        """ClipReLU with the recorded maxima; dead channels (max 0) get ``eps`` so theta stays positive."""
+        if self.max_val.numel() == 0:
+            raise RuntimeError("MaxObserver saw no data: the calibration loader yielded no batch")
+        return ClipReLU(torch.clamp(self.max_val, min=eps), channel_dim=self.channel_dim)
+
+
+class DACalibrator(nn.Module):
+    """Algorithm 1 (Stage II) at one activation site.
+
+    The input batch is ``cat([z_ref, z_cal])``: the first half comes from the reference network
+    (original activations), the second from the calibrated one (DA-QCFS). For each batch::
+
+        e_pre  = mu(z_ref - z_cal);            psi_da <- alpha*psi_da + (1-alpha)*e_pre
+        e_post = mu(ref(z_ref) - da(z_cal));   phi_da <- alpha*phi_da + (1-alpha)*e_post
+
+    where ``da`` already uses the updated ``psi_da``. With ``bias_correction`` the averages are
+    divided by ``1 - alpha**n`` after ``n`` batches (as Adam does for its moments): an average
+    started at 0 otherwise keeps only ``1 - alpha**n`` of the correction, about 10% after 10
+    batches at alpha = 0.99. The output is ``cat([ref(z_ref), da(z_cal)])`` with the updated
+    parameters, so deeper sites see the calibrated stream of this batch.
+    """
+
+    def __init__(self, ref: nn.Module, da: DAQCFS, alpha: float = 0.99, bias_correction: bool = True,
+                 reducer: Reducer = None):
+        super().__init__()
+        if not isinstance(ref, (QCFS, ClipReLU)):
+            raise TypeError(f"reference activation must be QCFS or ClipReLU, got {type(ref).__name__}")
+        self.ref = ref
+        self.da = da
+        self.alpha = float(alpha)
+        self.bias_correction = bool(bias_correction)
+        self.reducer = reducer
+        self.steps = 0
+        self.register_buffer("psi_ema", torch.empty(0))
+        self.register_buffer("phi_ema", torch.empty(0))
+
+    def _average(self, ema: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
+        if ema.numel() == 0:
+            ema = torch.zeros_like(err)
+        return self.alpha * ema + (1 - self.alpha) * err
+
+    def _debiased(self, ema: torch.Tensor) -> torch.Tensor:
+        if self.bias_correction and self.alpha > 0:
+            return ema / (1 - self.alpha ** self.steps)
+        return ema
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.shape[0] % 2:
+            raise RuntimeError("DACalibrator expects a batch holding the reference and calibrated streams")
+        cd = self.da.channel_dim
+        z_ref, z_cal = z.chunk(2, dim=0)
+        self.steps += 1
+        self.psi_ema = self._average(self.psi_ema, channel_mean(z_ref - z_cal, cd, self.reducer))
+        self.da.psi_da = self._debiased(self.psi_ema).to(torch.float32)
+        if self.da.phi_da.numel() == 1 and self.da.psi_da.numel() > 1:
+            self.da.phi_da = self.da.phi_da.expand_as(self.da.psi_da).clone()
+        r_ref = self.ref(z_ref)
+        e_post = channel_mean(r_ref - self.da(z_cal), cd, self.reducer)
+        self.phi_ema = self._average(self.phi_ema, e_post)
+        self.da.phi_da = self._debiased(self.phi_ema).to(torch.float32)
+        return torch.cat([r_ref, self.da(z_cal)], dim=0)
