@@ -144,6 +144,20 @@ class ParallelConversionNode(base.MemoryModule):
         if self.check_nan and bool(torch.isnan(x).any()):
             raise ValueError(f"{self._get_name()} received NaN input currents")
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A calibrated node holds per-channel tensors where a freshly built one may hold scalars:
+        # adopt the saved shapes so a converted model can be rebuilt and then loaded.
+        for name in ("v_threshold", "spike_value", "shift", "bias"):
+            saved = state_dict.get(prefix + name)
+            if isinstance(saved, torch.Tensor) and saved.shape != getattr(self, name).shape:
+                if saved.dim() > 1:
+                    error_msgs.append(f"{prefix}{name}: expected a scalar or 1-D tensor, got shape {tuple(saved.shape)}")
+                    continue
+                setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     @property
     def channel_count(self) -> int:
         """Number of per-channel parameters (1 when every parameter is a scalar)."""

@@ -1,0 +1,274 @@
+"""Side-by-side comparison of parallel conversion with SpikingJelly's built-in converters.
+
+:func:`compare_converters` converts one ANN with every method, evaluates each at every ``T`` on
+the same data, and returns a :class:`ComparisonTable` (print it, save it as CSV/JSON, plot it).
+A method that cannot convert the model gets a row that says why instead of stopping the run.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from spikingjelly.activation_based import functional
+from tqdm.auto import tqdm
+
+from .calibration import iterate_inputs
+from .inference import count_inference, repeat_input
+from .recipe import ParallelConversionRecipe, ParallelConverter
+
+__all__ = ["METHODS", "ComparisonRow", "ComparisonTable", "compare_converters", "evaluate"]
+
+METHODS = ("ann", "parallel", "parallel-count", "rate-max", "rate-99.9%", "ltb")
+_LABELS = {
+    "ann": "ANN",
+    "parallel": "parallel SNN (spike-level)",
+    "parallel-count": "parallel SNN (count-domain)",
+    "rate-max": "SJ RateCodingRecipe max (IF)",
+    "rate-99.9%": "SJ RateCodingRecipe 99.9% (IF)",
+    "ltb": "SJ LocalThresholdBalancing (IF)",
+}
+
+
+@dataclass
+class ComparisonRow:
+    method: str
+    T: Optional[int]
+    accuracy: Optional[float]
+    images: int
+    convert_s: float = 0.0
+    eval_s: float = 0.0
+    status: str = "ok"
+
+    @property
+    def images_per_s(self) -> Optional[float]:
+        return self.images / self.eval_s if self.eval_s > 0 and self.accuracy is not None else None
+
+
+@dataclass
+class ComparisonTable:
+    rows: List[ComparisonRow] = field(default_factory=list)
+    title: str = ""
+
+    def as_dicts(self) -> List[Dict]:
+        out = []
+        for r in self.rows:
+            d = asdict(r)
+            d["label"] = _LABELS.get(r.method, r.method)
+            d["images_per_s"] = r.images_per_s
+            out.append(d)
+        return out
+
+    def to_text(self) -> str:
+        """A plain-text table (accuracy in %, wall time per configuration)."""
+        from tabulate import tabulate
+
+        body = []
+        for r in self.rows:
+            acc = "-" if r.accuracy is None else f"{100 * r.accuracy:.2f}"
+            ips = r.images_per_s
+            body.append([_LABELS.get(r.method, r.method), "-" if r.T is None else r.T, acc,
+                         f"{r.convert_s:.2f}", f"{r.eval_s:.2f}", "-" if ips is None else f"{ips:.0f}", r.status])
+        text = tabulate(body, headers=["method", "T", "acc %", "convert s", "eval s", "img/s", "status"],
+                        tablefmt="github")
+        return f"{self.title}\n{text}" if self.title else text
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def to_json(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump({"title": self.title, "rows": self.as_dicts()}, f, indent=2)
+
+    def to_csv(self, path: str) -> None:
+        rows = self.as_dicts()
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else ["method"])
+            w.writeheader()
+            w.writerows(rows)
+
+    def accuracy(self, method: str, T: Optional[int] = None) -> Optional[float]:
+        for r in self.rows:
+            if r.method == method and (T is None or r.T == T):
+                return r.accuracy
+        raise KeyError(f"no row for method={method!r}, T={T!r}")
+
+    def plot(self, path: str) -> str:
+        """Accuracy vs T and throughput vs T for every method, saved as a PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (ax_acc, ax_speed) = plt.subplots(1, 2, figsize=(11, 4.2))
+        methods = [m for m in dict.fromkeys(r.method for r in self.rows) if m != "ann"]
+        for m in methods:
+            pts = sorted((r.T, r.accuracy, r.images_per_s) for r in self.rows
+                         if r.method == m and r.accuracy is not None and r.T is not None)
+            if not pts:
+                continue
+            ts = [p[0] for p in pts]
+            ax_acc.plot(ts, [100 * p[1] for p in pts], marker="o", label=_LABELS.get(m, m))
+            if all(p[2] for p in pts):
+                ax_speed.plot(ts, [p[2] for p in pts], marker="o", label=_LABELS.get(m, m))
+        for r in self.rows:
+            if r.method == "ann" and r.accuracy is not None:
+                ax_acc.axhline(100 * r.accuracy, color="k", ls="--", lw=1, label="ANN")
+                if r.images_per_s:
+                    ax_speed.axhline(r.images_per_s, color="k", ls="--", lw=1, label="ANN")
+        for ax in (ax_acc, ax_speed):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("time steps T")
+            ax.grid(alpha=0.3)
+        ax_acc.set_ylabel("accuracy (%)")
+        ax_speed.set_ylabel("images / s")
+        ax_speed.set_yscale("log")
+        ax_acc.set_title("accuracy vs T")
+        ax_speed.set_title("inference throughput vs T")
+        ax_acc.legend(fontsize=7)
+        if self.title:
+            fig.suptitle(self.title, fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def _batches(loader: Iterable, device, num_batches: Optional[int]):
+    from spikingjelly.activation_based.ann2snn.recipes.rate_coding import _extract_batch_input
+
+    for i, batch in enumerate(loader):
+        if num_batches is not None and i >= num_batches:
+            break
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise TypeError("evaluation batches must be (inputs, labels) pairs")
+        yield _extract_batch_input(batch).to(device), batch[1].to(device)
+
+
+@torch.no_grad()
+def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, device="cpu",
+             num_batches: Optional[int] = None, desc: str = "evaluating", progress: bool = True):
+    """Top-1 accuracy of ``predict(x) -> logits [N, classes]`` over ``(x, y)`` batches.
+
+    Returns ``(accuracy, images, seconds)``; the time covers ``predict`` calls only, after one
+    untimed warm-up call on the first batch (first calls pay for allocation and kernel set-up).
+    """
+    correct = total = 0
+    seconds = 0.0
+    warm = False
+    for x, y in tqdm(_batches(loader, device, num_batches), desc=desc, disable=not progress, leave=False):
+        if not warm:
+            predict(x)
+            warm = True
+        t0 = time.perf_counter()
+        logits = predict(x)
+        seconds += time.perf_counter() - t0
+        correct += int((logits.argmax(-1) == y).sum())
+        total += int(y.numel())
+    if total == 0:
+        raise ValueError("the evaluation loader yielded no batch")
+    return correct / total, total, seconds
+
+
+def _if_predict(snn: nn.Module, T: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def predict(x):
+        functional.reset_net(snn)
+        return snn(repeat_input(x, T)).mean(0)
+    return predict
+
+
+def _convert_builtin(method: str, ann: nn.Module, calib: Iterable, num_calib_batches, device):
+    from spikingjelly.activation_based import ann2snn
+
+    loader = list(iterate_inputs(calib, device, num_calib_batches, progress=False))
+    if method == "rate-max":
+        recipe = ann2snn.RateCodingRecipe(loader, mode="max")
+    elif method == "rate-99.9%":
+        recipe = ann2snn.RateCodingRecipe(loader, mode="99.9%")
+    elif method == "ltb":
+        recipe = ann2snn.LocalThresholdBalancingRecipe(loader)
+    else:
+        raise ValueError(method)
+    snn = ann2snn.Converter(recipe, device=device).convert(copy.deepcopy(ann))
+    functional.set_step_mode(snn, "m")
+    return snn.eval()
+
+
+def compare_converters(
+    ann: nn.Module,
+    calib_loader: Iterable,
+    test_loader: Iterable,
+    T_list: Sequence[int],
+    methods: Sequence[str] = METHODS,
+    num_calib_batches: Optional[int] = None,
+    num_test_batches: Optional[int] = None,
+    device="cpu",
+    progress: bool = True,
+    title: str = "",
+    recipe_options: Optional[Dict] = None,
+) -> ComparisonTable:
+    """Accuracy and wall time of every method at every ``T`` on the same model and data.
+
+    ``methods`` is a subset of :data:`METHODS`. Conversion time is measured per configuration
+    (the built-in recipes convert once, independent of T); evaluation time covers the forward
+    passes only.
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
+    Ts = list(T_list)
+    if not Ts or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in Ts):
+        raise ValueError(f"T_list must hold integers >= 1, got {T_list!r}")
+    ann = ann.to(device).eval()
+    table = ComparisonTable(title=title)
+    ev = dict(device=device, num_batches=num_test_batches, progress=progress)
+
+    if "ann" in methods:
+        acc, n, sec = evaluate(ann, test_loader, desc="ANN", **ev)
+        table.rows.append(ComparisonRow("ann", None, acc, n, 0.0, sec))
+
+    want_spike, want_count = "parallel" in methods, "parallel-count" in methods
+    if want_spike or want_count:
+        for T in Ts:
+            t0 = time.perf_counter()
+            try:
+                snn = ParallelConverter(ParallelConversionRecipe(
+                    T, calib_loader, num_batches=num_calib_batches, progress=progress,
+                    **(recipe_options or {})), device=device).convert(copy.deepcopy(ann))
+            except Exception as exc:
+                for m in ("parallel", "parallel-count"):
+                    if m in methods:
+                        table.rows.append(ComparisonRow(m, T, None, 0, time.perf_counter() - t0, 0.0,
+                                                        f"cannot convert: {exc}"))
+                continue
+            conv = time.perf_counter() - t0
+            if want_spike:
+                acc, n, sec = evaluate(_if_predict(snn, T), test_loader, desc=f"parallel T={T}", **ev)
+                table.rows.append(ComparisonRow("parallel", T, acc, n, conv, sec))
+            if want_count:
+                acc, n, sec = evaluate(lambda x: count_inference(snn, x), test_loader,
+                                       desc=f"count-domain T={T}", **ev)
+                table.rows.append(ComparisonRow("parallel-count", T, acc, n, conv, sec))
+
+    for m in ("rate-max", "rate-99.9%", "ltb"):
+        if m not in methods:
+            continue
+        t0 = time.perf_counter()
+        try:
+            snn = _convert_builtin(m, ann, calib_loader, num_calib_batches, device)
+        except Exception as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            for T in Ts:
+                table.rows.append(ComparisonRow(m, T, None, 0, time.perf_counter() - t0, 0.0,
+                                                f"cannot convert: {type(exc).__name__}: {msg[:120]}"))
+            continue
+        conv = time.perf_counter() - t0
+        for T in Ts:
+            acc, n, sec = evaluate(_if_predict(snn, T), test_loader, desc=f"{m} T={T}", **ev)
+            table.rows.append(ComparisonRow(m, T, acc, n, conv, sec))
+    return table
