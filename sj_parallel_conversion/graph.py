@@ -157,6 +157,8 @@ def _unique_name(gm: fx.GraphModule, base_name: str) -> str:
 
 
 def _owner_prefix(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return node.target.rpartition(".")[0]
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
@@ -207,20 +209,20 @@ def _canonicalise(gm: fx.GraphModule) -> None:
     for node in list(gm.graph.nodes):
         if node.op == "call_module":
             mod = modules[node.target]
+            rep = None
             if isinstance(mod, nn.ReLU6):
-                _to_module_node(gm, node, ClipReLU(6.0), node.target.rsplit(".", 1)[-1], node.args[:1])
-                continue
-            if isinstance(mod, nn.Hardtanh) and type(mod) is nn.Hardtanh:
+                rep = ClipReLU(6.0)
+            elif type(mod) is nn.Hardtanh:
                 rep = _relu_like(mod.min_val, mod.max_val)
-                if rep is not None:
-                    _to_module_node(gm, node, rep, node.target.rsplit(".", 1)[-1], node.args[:1])
-                continue
+            elif type(mod) is nn.ReLU and mod.inplace:
+                rep = nn.ReLU()
+            if rep is not None:
+                # same name, canonical module (shared calls are split below)
+                parent, _, child = node.target.rpartition(".")
+                setattr(gm.get_submodule(parent) if parent else gm, child, rep)
+                modules[node.target] = rep
+                mod = rep
             if isinstance(mod, ACTIVATION_TYPES):
-                if type(mod) is nn.ReLU and mod.inplace:
-                    mod = nn.ReLU()
-                    parent, _, child = node.target.rpartition(".")
-                    setattr(gm.get_submodule(parent) if parent else gm, child, mod)
-                    modules[node.target] = mod
                 if node.target in seen_targets:
                     # A module called more than once (torchvision's shared self.relu): each call
                     # site becomes its own neuron with its own thresholds.
