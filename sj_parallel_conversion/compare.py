@@ -27,6 +27,8 @@ __all__ = ["METHODS", "ComparisonRow", "ComparisonTable", "compare_converters", 
 METHODS = ("ann", "parallel", "parallel-count", "rate-max", "rate-99.9%", "ltb")
 _LABELS = {
     "ann": "ANN",
+    "qcfs-ann": "QCFS ANN",
+    "qcfs-parallel": "QCFS -> parallel SNN (T = L)",
     "parallel": "parallel SNN (spike-level)",
     "parallel-count": "parallel SNN (count-domain)",
     "rate-max": "SJ RateCodingRecipe max (IF)",

@@ -1,0 +1,276 @@
+"""``sj-parallel`` / ``python -m sj_parallel_conversion``: demo, convert, evaluate, compare, stats.
+
+Errors a user can cause (bad paths, unknown models, mismatched checkpoints, bad T) print one line
+``sj-parallel: error: ...`` and exit with status 2; ``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+import torch
+
+__all__ = ["main", "build_parser"]
+
+SNN_FORMAT = "sj-parallel-conversion/snn-v1"
+
+
+class CLIError(Exception):
+    """An error whose message is shown to the user as one line."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (T >= 1), got {v}")
+    return v
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="npz", choices=["npz", "cifar10", "cifar100", "imagefolder", "digits"],
+                   help="npz: the project's CIFAR-10 arrays (SJPC_CIFAR10_DIR); cifar10/cifar100: "
+                        "torchvision datasets; imagefolder: an ImageNet-style folder; digits: scikit-learn 8x8")
+    g.add_argument("--data-root", default=None, help="dataset folder (npz dir, torchvision root or ImageFolder root)")
+    g.add_argument("--download", action="store_true", help="let torchvision download CIFAR (never by default)")
+    g.add_argument("--batch-size", type=_positive_int, default=128)
+    g.add_argument("--limit", type=_positive_int, default=None, help="evaluate on at most this many test images")
+    g.add_argument("--calib-batches", type=_positive_int, default=None,
+                   help="at most this many calibration batches (from the training split)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _add_ckpt_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--checkpoint", required=required, help="ANN checkpoint written by save_checkpoint / train_cifar.py")
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", default=None, help="also write the table as JSON")
+    p.add_argument("--csv", default=None, help="also write the table as CSV")
+    p.add_argument("--plot", default=None, help="also write a PNG plot (accuracy and speed vs T)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sj-parallel", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="train tiny CNNs on 8x8 digits, convert three ways, print the table")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--T", type=_positive_int, nargs="+", default=[2, 4, 8, 16, 32])
+    d.add_argument("--epochs", type=_positive_int, default=15)
+    d.add_argument("--no-progress", action="store_true")
+
+    c = sub.add_parser("convert", help="convert an ANN checkpoint into a parallel SNN file")
+    _add_ckpt_args(c)
+    c.add_argument("--T", type=_positive_int, required=True)
+    c.add_argument("--out", required=True, help="output file for the converted SNN")
+    c.add_argument("--calibrate", choices=["auto", "yes", "no"], default="auto")
+    c.add_argument("--alpha", type=float, default=0.99)
+    _add_data_args(c)
+    c.add_argument("--no-progress", action="store_true")
+
+    e = sub.add_parser("evaluate", help="accuracy at a list of T, spike-level or count-domain")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="ANN checkpoint (converted at each T)")
+    src.add_argument("--snn", help="SNN file written by 'convert' (its own T)")
+    e.add_argument("--T", type=_positive_int, nargs="+", default=None)
+    e.add_argument("--mode", choices=["spike", "count"], default="count")
+    _add_data_args(e)
+    _add_output_args(e)
+
+    m = sub.add_parser("compare", help="table against SpikingJelly's built-in converters")
+    _add_ckpt_args(m)
+    m.add_argument("--T", type=_positive_int, nargs="+", default=[4, 8, 16, 32])
+    from .compare import METHODS
+    m.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    m.add_argument("--title", default=None)
+    _add_data_args(m)
+    _add_output_args(m)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+def _datasets(args, need_train: bool):
+    from . import data
+
+    root = args.data_root
+    try:
+        if args.data == "npz":
+            test = data.cifar10_npz("test", root=root)
+            train = data.cifar10_npz("train", root=root) if need_train else None
+        elif args.data == "digits":
+            test = data.digits("test")
+            train = data.digits("train") if need_train else None
+        else:
+            if root is None:
+                raise CLIError(f"--data {args.data} needs --data-root")
+            test = data.torchvision_dataset(args.data, root, "test", download=args.download)
+            train = data.torchvision_dataset(args.data, root, "train", download=args.download) if need_train else None
+    except FileNotFoundError as exc:
+        raise CLIError(str(exc)) from exc
+    return train, test
+
+
+def _loaders(args, need_train: bool):
+    from . import data
+
+    train, test = _datasets(args, need_train)
+    test_loader = data.make_loader(test, args.batch_size, limit=args.limit)
+    calib_loader = None
+    if train is not None:
+        calib_loader = data.make_loader(train, args.batch_size, shuffle=True)
+    return calib_loader, test_loader
+
+
+def _load_ann(path: str, device: str):
+    from . import models
+
+    if not os.path.isfile(path):
+        raise CLIError(f"checkpoint {path!r} does not exist")
+    model, meta = models.load_checkpoint(path, map_location="cpu")
+    return model.to(device).eval(), meta
+
+
+def _recipe(args, T, calib_loader, calibrate=None):
+    from .recipe import ParallelConversionRecipe
+
+    return ParallelConversionRecipe(T, calib_loader, calibrate=calibrate, num_batches=args.calib_batches,
+                                    progress=not args.no_progress, alpha=getattr(args, "alpha", 0.99))
+
+
+def _finish_table(table, args) -> None:
+    print(table.to_text())
+    if args.json:
+        table.to_json(args.json)
+        print(f"wrote {args.json}")
+    if args.csv:
+        table.to_csv(args.csv)
+        print(f"wrote {args.csv}")
+    if args.plot:
+        table.plot(args.plot)
+        print(f"wrote {args.plot}")
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(out_dir=args.out, T_list=args.T, epochs=args.epochs, progress=not args.no_progress)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .recipe import ParallelConverter
+
+    ann, meta = _load_ann(args.checkpoint, args.device)
+    calib_loader, _ = _loaders(args, need_train=True)
+    calibrate = {"auto": None, "yes": True, "no": False}[args.calibrate]
+    recipe = _recipe(args, args.T, calib_loader, calibrate)
+    snn = ParallelConverter(recipe, device=args.device).convert(ann)
+    torch.save({"format": SNN_FORMAT, "checkpoint_meta": meta, "T": args.T, "case": recipe.case,
+                "state_dict": snn.state_dict()}, args.out)
+    print(f"converted {meta.get('name', '?')} ({recipe.case['source']} source, "
+          f"calibrated={recipe.case['calibrate']}) at T={args.T}: wrote {args.out}")
+    return 0
+
+
+def load_snn(path: str, device: str = "cpu"):
+    """Rebuild a converted model saved by ``sj-parallel convert`` (no calibration data needed)."""
+    from . import models
+    from .recipe import ParallelConversionRecipe, ParallelConverter
+
+    if not os.path.isfile(path):
+        raise CLIError(f"SNN file {path!r} does not exist")
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(blob, dict) or blob.get("format") != SNN_FORMAT:
+        raise CLIError(f"{path!r} is not an SNN file written by 'sj-parallel convert'")
+    meta = blob["checkpoint_meta"]
+    ann = models.build_model(meta["name"], num_classes=meta["num_classes"], act=meta["act"], L=meta.get("L", 8),
+                             in_channels=meta.get("in_channels", 3), **meta.get("kwargs", {}))
+    # The structure only: thresholds come from the saved state. A ReLU source needs a ClipReLU
+    # shape per site, so one batch of zeros stands in for the calibration data.
+    zeros = [torch.zeros(2, meta.get("in_channels", 3), *meta.get("input_size", (32, 32)))]
+    recipe = ParallelConversionRecipe(blob["T"], zeros, calibrate=False, progress=False)
+    snn = ParallelConverter(recipe, device=device).convert(ann.eval())
+    snn.load_state_dict(blob["state_dict"])
+    return snn.to(device), meta, blob["T"]
+
+
+def cmd_evaluate(args) -> int:
+    from .compare import ComparisonRow, ComparisonTable, _if_predict, evaluate
+    from .inference import count_inference
+    from .recipe import ParallelConverter
+
+    ev = dict(device=args.device, progress=not args.no_progress)
+    table = ComparisonTable(title=f"evaluate ({args.mode}-level)")
+    if args.snn:
+        snn, meta, T = load_snn(args.snn, args.device)
+        if args.T and args.T != [T]:
+            raise CLIError(f"{args.snn} was converted for T={T}; convert again for other T")
+        _, test_loader = _loaders(args, need_train=False)
+        pred = (lambda x: count_inference(snn, x)) if args.mode == "count" else _if_predict(snn, T)
+        acc, n, sec = evaluate(pred, test_loader, **ev)
+        table.rows.append(ComparisonRow("parallel" if args.mode == "spike" else "parallel-count", T, acc, n, 0.0, sec))
+    else:
+        if not args.T:
+            raise CLIError("--T is required with --checkpoint")
+        ann, meta = _load_ann(args.checkpoint, args.device)
+        calib_loader, test_loader = _loaders(args, need_train=True)
+        acc, n, sec = evaluate(ann, test_loader, **ev)
+        table.rows.append(ComparisonRow("ann", None, acc, n, 0.0, sec))
+        for T in args.T:
+            import copy
+            import time
+
+            t0 = time.perf_counter()
+            snn = ParallelConverter(_recipe(args, T, calib_loader), device=args.device).convert(copy.deepcopy(ann))
+            conv = time.perf_counter() - t0
+            pred = (lambda x, s=snn: count_inference(s, x)) if args.mode == "count" else _if_predict(snn, T)
+            acc, n, sec = evaluate(pred, test_loader, **ev)
+            table.rows.append(ComparisonRow("parallel" if args.mode == "spike" else "parallel-count", T, acc, n,
+                                            conv, sec))
+    _finish_table(table, args)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare_converters
+
+    ann, meta = _load_ann(args.checkpoint, args.device)
+    calib_loader, test_loader = _loaders(args, need_train=True)
+    title = args.title or (f"{meta.get('name', 'model')} ({meta.get('act', '?')}) on {args.data}, "
+                           f"{'all' if args.limit is None else args.limit} test images")
+    table = compare_converters(ann, calib_loader, test_loader, args.T, methods=args.methods,
+                               num_calib_batches=args.calib_batches, device=args.device,
+                               progress=not args.no_progress, title=title)
+    _finish_table(table, args)
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "convert": cmd_convert, "evaluate": cmd_evaluate, "compare": cmd_compare}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "no_progress", False) is False and not sys.stderr.isatty():
+        args.no_progress = True
+    try:
+        return COMMANDS[args.command](args)
+    except (CLIError, FileNotFoundError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        if args.debug:
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"sj-parallel: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
