@@ -84,7 +84,7 @@ def record_thresholds(
 def calibrate_da(
     gm: fx.GraphModule, loader: Iterable, T: Union[int, Callable[[str], int]], device,
     num_batches: Optional[int] = None, alpha: float = 0.99, bias_correction: bool = True,
-    progress: bool = True, reducer: Reducer = None,
+    progress: bool = True, reducer: Reducer = None, method: str = "ema",
 ) -> fx.GraphModule:
     """Algorithm 1: calibrate a DA-QCFS at ``T`` levels against each QCFS/ClipReLU site.
 
@@ -95,7 +95,7 @@ def calibrate_da(
     def wrap(name, m):
         if isinstance(m, (QCFS, ClipReLU)):
             return DACalibrator(m, m.to_daqcfs(t_of(name)), alpha=alpha, bias_correction=bias_correction,
-                                reducer=reducer)
+                                reducer=reducer, method=method)
         raise TypeError(f"activation site {name!r} holds {type(m).__name__}; expected QCFS or ClipReLU")
 
     replace_sites(gm, wrap)

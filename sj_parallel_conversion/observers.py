@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from .activation import DAQCFS, QCFS, ClipReLU
+from .formulas import channel_view as formulas_channel
 
 Reducer = Optional[Callable[[torch.Tensor, str], torch.Tensor]]
 
@@ -77,13 +78,24 @@ class DACalibrator(nn.Module):
     started at 0 otherwise keeps only ``1 - alpha**n`` of the correction, about 10% after 10
     batches at alpha = 0.99. The output is ``cat([ref(z_ref), da(z_cal)])`` with the updated
     parameters, so deeper sites see the calibrated stream of this batch.
+
+    ``method="moment"`` solves for the parameters instead of averaging updates. ``phi_da`` scales
+    the spike value, so the output error it removes is ``phi * q`` with ``q = k/T``; the averaged
+    update above settles where ``phi = e0 / (1 + mean(q))`` (``e0`` the mean error at ``phi = 0``)
+    and leaves most of the error of sparse layers (small ``mean(q)``) in place. Moment matching
+    sets ``phi = sum(e) / sum(q)`` over all calibration data seen (``e = ref(z_ref) - theta*q``),
+    which makes the per-channel mean output error zero, and ``psi_da`` the plain mean of
+    ``e_pre`` over all batches. ``theta + phi`` is kept at >= 10% of ``theta``.
     """
 
     def __init__(self, ref: nn.Module, da: DAQCFS, alpha: float = 0.99, bias_correction: bool = True,
-                 reducer: Reducer = None):
+                 reducer: Reducer = None, method: str = "ema"):
         super().__init__()
         if not isinstance(ref, (QCFS, ClipReLU)):
             raise TypeError(f"reference activation must be QCFS or ClipReLU, got {type(ref).__name__}")
+        if method not in ("ema", "moment"):
+            raise ValueError(f"method must be 'ema' or 'moment', got {method!r}")
+        self.method = method
         self.ref = ref
         self.da = da
         self.alpha = float(alpha)
@@ -103,12 +115,37 @@ class DACalibrator(nn.Module):
             return ema / (1 - self.alpha ** self.steps)
         return ema
 
+    def _forward_moment(self, z_ref: torch.Tensor, z_cal: torch.Tensor) -> torch.Tensor:
+        cd = self.da.channel_dim
+        n = self.steps
+        e_pre = channel_mean(z_ref - z_cal, cd, self.reducer)
+        self.psi_ema = e_pre if self.psi_ema.numel() == 0 else self.psi_ema + (e_pre - self.psi_ema) / n
+        self.da.psi_da = self.psi_ema.to(torch.float32)
+        r_ref = self.ref(z_ref)
+        theta = self.da.theta.to(z_cal.dtype)
+        zero_phi = DAQCFS(self.da.T, self.da.theta, psi_da=self.da.psi_da, shift=self.da.shift, channel_dim=cd)
+        q = zero_phi(z_cal) / formulas_channel(theta, z_cal.dim(), cd)  # k/T
+        e = r_ref - zero_phi(z_cal)
+        stats = torch.stack([_channel_first(e, cd).to(torch.float64).sum(1),
+                             _channel_first(q, cd).to(torch.float64).sum(1)])
+        if self.reducer is not None:
+            stats = self.reducer(stats, "sum")
+        self.phi_ema = stats if self.phi_ema.numel() == 0 else self.phi_ema + stats
+        num, den = self.phi_ema
+        phi = torch.where(den > 0, num / den.clamp(min=1e-30), torch.zeros_like(num))
+        # A fit on few spikes can drive theta + phi towards 0; keep the spike value at >= 10% of theta.
+        floor = -0.9 * self.da.theta.to(phi.dtype).expand_as(phi)
+        self.da.phi_da = torch.maximum(phi, floor).to(torch.float32)
+        return torch.cat([r_ref, self.da(z_cal)], dim=0)
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if z.shape[0] % 2:
             raise RuntimeError("DACalibrator expects a batch holding the reference and calibrated streams")
         cd = self.da.channel_dim
         z_ref, z_cal = z.chunk(2, dim=0)
         self.steps += 1
+        if self.method == "moment":
+            return self._forward_moment(z_ref, z_cal)
         self.psi_ema = self._average(self.psi_ema, channel_mean(z_ref - z_cal, cd, self.reducer))
         self.da.psi_da = self._debiased(self.psi_ema).to(torch.float32)
         if self.da.phi_da.numel() == 1 and self.da.psi_da.numel() > 1:

@@ -82,6 +82,8 @@ class ParallelConversionRecipe(FXConversionRecipe):
         progress: show tqdm progress bars.
         reducer: ``reducer(tensor, op)`` summing/maxing statistics across processes (distributed).
         default_T: T of sites missing from a per-layer ``T`` dict.
+        method: ``"ema"`` (Algorithm 1 as published) or ``"moment"`` (per-channel moment
+            matching of ``phi_da`` and ``psi_da``; better at T <= 4, see the docs).
     """
 
     def __init__(
@@ -99,6 +101,7 @@ class ParallelConversionRecipe(FXConversionRecipe):
         progress: bool = True,
         reducer: Optional[Callable] = None,
         default_T: Optional[int] = None,
+        method: str = "ema",
     ) -> None:
         self.T = T
         self.dataloader = dataloader
@@ -113,6 +116,7 @@ class ParallelConversionRecipe(FXConversionRecipe):
         self.progress = progress
         self.reducer = reducer
         self.default_T = default_T
+        self.method = method
         self.case: Optional[Dict[str, Any]] = None
         self._check_options()
 
@@ -144,6 +148,8 @@ class ParallelConversionRecipe(FXConversionRecipe):
             raise ValueError(f"backend must be one of {kernels.BACKENDS}, got {self.backend!r}")
         if self.spike_order not in ("late", "early"):
             raise ValueError(f"spike_order must be 'late' or 'early', got {self.spike_order!r}")
+        if self.method not in ("ema", "moment"):
+            raise ValueError(f"method must be 'ema' or 'moment', got {self.method!r}")
 
     def T_of(self, site: str) -> int:
         """Time steps of the activation site ``site``."""
@@ -203,7 +209,7 @@ class ParallelConversionRecipe(FXConversionRecipe):
             calibration.replace_sites(fx_model, lambda _, m: m.to_clip_relu() if isinstance(m, MaxObserver) else m)
         if self.case["calibrate"]:
             calibration.calibrate_da(fx_model, self.dataloader, self.T_of, dev, self.num_batches, self.alpha,
-                                     self.bias_correction, self.progress, self.reducer)
+                                     self.bias_correction, self.progress, self.reducer, self.method)
         else:
             calibration.to_daqcfs(fx_model, self.T_of)
         return fx_model
