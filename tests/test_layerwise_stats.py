@@ -1,0 +1,108 @@
+"""Per-layer time steps and spike/energy statistics."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sj_parallel_conversion import ParallelConversionNode, ParallelConverter, count_inference, spike_inference
+from sj_parallel_conversion.layerwise import effective_T, search_layer_T, site_weights
+from sj_parallel_conversion.stats import E_AC_PJ, E_MAC_PJ, spike_statistics
+
+
+def _net():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, stride=2, padding=1),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 5)).eval()
+
+
+def _data(n=128):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(n, 3, 8, 8, generator=g)
+    return x
+
+
+def test_mixed_T_network_count_domain_equals_spike_level():
+    x = _data()
+    snn = ParallelConverter("parallel", T={"1": 2, "3": 8}, dataloader=[x], progress=False).convert(_net())
+    assert [m.T for m in snn.modules() if isinstance(m, ParallelConversionNode)] == [2, 8]
+    spikes = spike_inference(snn, x, T=8)
+    assert spikes.shape[0] == 8
+    torch.testing.assert_close(spikes.mean(0), count_inference(snn, x), rtol=1e-4, atol=1e-5)
+
+
+def test_effective_T_by_hand():
+    assert effective_T({"a": 2, "b": 8}) == 5
+    assert effective_T({"a": 2, "b": 8}, {"a": 3.0, "b": 1.0}) == pytest.approx((2 * 3 + 8) / 4)
+
+
+def test_site_weights_are_consumer_macs():
+    x = _data(4)
+    snn = ParallelConverter("parallel", T=4, dataloader=[x], progress=False).convert(_net())
+    w = site_weights(snn, x)
+    # site "1" feeds conv "2": 6 out channels * 4*4 positions * (6*3*3) per image
+    assert w["1"] == 6 * 16 * 6 * 9
+    # site "3" feeds the linear layer through Flatten: 96 * 5
+    assert w["3"] == 96 * 5
+
+
+def test_search_keeps_accuracy_within_budget_and_lowers_T():
+    x = _data(256)
+    ann = _net()
+    y = ann(x).argmax(1)
+    loader = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 256, 64)]
+    res = search_layer_T(ann, loader, loader, T_max=16, candidates=(2, 4, 8), max_loss=0.05)
+    assert res.uniform_accuracy - res.accuracy <= 0.05 + 1e-9
+    assert all(t <= 16 for t in res.T.values()) and res.mean_T < 16
+    assert res.trials[0]["T"] == {k: 16 for k in res.T}
+    # every kept trial respected the budget, every rejected one broke it
+    for t in res.trials[1:]:
+        assert t["kept"] == (res.uniform_accuracy - t["accuracy"] <= 0.05)
+
+
+def test_sops_count_exactly_spike_fanout():
+    """Hand check: a linear layer fed by spikes performs nnz(spikes) * out_features SOPs; a conv
+    performs, per spike, one accumulate per output it reaches (borders included)."""
+    x = _data(8)
+    snn = ParallelConverter("parallel", T=4, dataloader=[x], progress=False).convert(_net())
+    rep = spike_statistics(snn, x)
+    by = {l.name: l for l in rep.layers}
+    # brute-force the fan-out with the recorded spikes
+    recorded = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: recorded.__setitem__(n, o.clone()))
+             for n, m in snn.named_modules() if isinstance(m, ParallelConversionNode)]
+    spike_inference(snn, x)
+    for h in hooks:
+        h.remove()
+    s3 = recorded["3"]  # [T, N, 6, 4, 4] spikes into the linear layer
+    assert by["5"].sops_per_image == pytest.approx(float((s3 != 0).sum()) * 5 / 8)
+    s1 = (recorded["1"] != 0).float()  # [T, N, 6, 8, 8] into conv 3x3 stride 2 pad 1 -> 4x4
+    reach = torch.zeros(8, 8)
+    for oy in range(4):
+        for ox in range(4):
+            for ky in range(3):
+                for kx in range(3):
+                    iy, ix = 2 * oy - 1 + ky, 2 * ox - 1 + kx
+                    if 0 <= iy < 8 and 0 <= ix < 8:
+                        reach[iy, ix] += 1
+    brute = float((s1 * reach).sum()) * 6 / 8  # each reached output position exists for 6 out channels
+    assert by["2"].sops_per_image == pytest.approx(brute)
+    assert by["0"].input == "analog" and by["2"].input == "spikes"
+    # firing rates and energy arithmetic
+    assert by["1"].firing_rate == pytest.approx(float((recorded["1"] != 0).sum()) / (6 * 64 * 4 * 8))
+    assert rep.snn_energy_uj == pytest.approx((by["0"].macs_per_image * E_MAC_PJ + rep.total_sops * E_AC_PJ) * 1e-6)
+    assert rep.ann_macs == by["0"].macs_per_image + by["2"].macs_per_image + by["5"].macs_per_image
+
+
+def test_spikingjelly_synop_counter_misses_scaled_spikes():
+    """Why stats.py counts SOPs itself: SpikingJelly's SynOpCounter only sees 0/1 tensors."""
+    from spikingjelly.activation_based.op_counter import DispatchCounterMode, SynOpCounter
+
+    x = _data(8)
+    snn = ParallelConverter("parallel", T=4, dataloader=[x], progress=False).convert(_net())
+    counter = SynOpCounter()
+    with DispatchCounterMode([counter]):
+        spike_inference(snn, x)
+    assert counter.get_total() == 0
+    assert spike_statistics(snn, x).total_sops > 0
