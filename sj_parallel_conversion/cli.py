@@ -94,6 +94,27 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--title", default=None)
     _add_data_args(m)
     _add_output_args(m)
+
+    st = sub.add_parser("stats", help="per-layer firing rates, SOPs and an energy estimate of a converted model")
+    src = st.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="ANN checkpoint (converted at --T)")
+    src.add_argument("--snn", help="SNN file written by 'convert'")
+    st.add_argument("--T", type=_positive_int, default=None)
+    _add_data_args(st)
+    st.add_argument("--images", type=_positive_int, default=256, help="test images to run (spike level)")
+    st.add_argument("--json", default=None)
+    st.add_argument("--plot", default=None, help="per-layer PNG plot")
+    st.add_argument("--no-progress", action="store_true")
+
+    lt = sub.add_parser("search-t", help="search per-layer time steps for an accuracy budget")
+    _add_ckpt_args(lt)
+    lt.add_argument("--T-max", type=_positive_int, default=16)
+    lt.add_argument("--candidates", type=_positive_int, nargs="+", default=[1, 2, 4, 8])
+    lt.add_argument("--max-loss", type=float, default=0.01, help="allowed accuracy loss (fraction)")
+    lt.add_argument("--search-batches", type=_positive_int, default=4)
+    _add_data_args(lt)
+    lt.add_argument("--json", default=None)
+    lt.add_argument("--no-progress", action="store_true")
     return p
 
 
@@ -119,11 +140,25 @@ def _datasets(args, need_train: bool):
     return train, test
 
 
+def _shard(ds):
+    from torch.utils.data import Subset
+
+    from . import distributed
+
+    return Subset(ds, list(distributed.shard_indices(len(ds)))) if distributed.is_distributed() else ds
+
+
 def _loaders(args, need_train: bool):
     from . import data
 
     train, test = _datasets(args, need_train)
-    test_loader = data.make_loader(test, args.batch_size, limit=args.limit)
+    if args.limit is not None and len(test) > args.limit:
+        from torch.utils.data import Subset
+
+        test = Subset(test, range(args.limit))
+    test = _shard(test)
+    train = _shard(train) if train is not None else None
+    test_loader = data.make_loader(test, args.batch_size)
     calib_loader = None
     if train is not None:
         calib_loader = data.make_loader(train, args.batch_size, shuffle=True)
@@ -140,13 +175,24 @@ def _load_ann(path: str, device: str):
 
 
 def _recipe(args, T, calib_loader, calibrate=None):
+    from . import distributed
     from .recipe import ParallelConversionRecipe
 
+    reducer = distributed.allreduce_reducer() if distributed.is_distributed() else None
     return ParallelConversionRecipe(T, calib_loader, calibrate=calibrate, num_batches=args.calib_batches,
-                                    progress=not args.no_progress, alpha=getattr(args, "alpha", 0.99))
+                                    progress=not args.no_progress, alpha=getattr(args, "alpha", 0.99),
+                                    reducer=reducer)
+
+
+def _is_main_process() -> bool:
+    from . import distributed
+
+    return distributed.rank() == 0
 
 
 def _finish_table(table, args) -> None:
+    if not _is_main_process():
+        return
     print(table.to_text())
     if args.json:
         table.to_json(args.json)
@@ -174,6 +220,8 @@ def cmd_convert(args) -> int:
     calibrate = {"auto": None, "yes": True, "no": False}[args.calibrate]
     recipe = _recipe(args, args.T, calib_loader, calibrate)
     snn = ParallelConverter(recipe, device=args.device).convert(ann)
+    if not _is_main_process():
+        return 0
     torch.save({"format": SNN_FORMAT, "checkpoint_meta": meta, "T": args.T, "case": recipe.case,
                 "state_dict": snn.state_dict()}, args.out)
     print(f"converted {meta.get('name', '?')} ({recipe.case['source']} source, "
@@ -204,7 +252,8 @@ def load_snn(path: str, device: str = "cpu"):
 
 
 def cmd_evaluate(args) -> int:
-    from .compare import ComparisonRow, ComparisonTable, _if_predict, evaluate
+    from .compare import ComparisonRow, ComparisonTable, _if_predict
+    from .distributed import distributed_evaluate as evaluate
     from .inference import count_inference
     from .recipe import ParallelConverter
 
@@ -254,12 +303,78 @@ def cmd_compare(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "convert": cmd_convert, "evaluate": cmd_evaluate, "compare": cmd_compare}
+def _snn_for(args):
+    """The converted model a command works on: from --snn, or --checkpoint converted at --T."""
+    from .recipe import ParallelConverter
+
+    if args.snn:
+        snn, meta, T = load_snn(args.snn, args.device)
+        return snn, meta, T
+    if not args.T:
+        raise CLIError("--T is required with --checkpoint")
+    ann, meta = _load_ann(args.checkpoint, args.device)
+    calib_loader, _ = _loaders(args, need_train=True)
+    snn = ParallelConverter(_recipe(args, args.T, calib_loader), device=args.device).convert(ann)
+    return snn, meta, args.T
+
+
+def cmd_stats(args) -> int:
+    from .calibration import iterate_inputs
+    from .stats import spike_statistics
+
+    snn, meta, T = _snn_for(args)
+    _, test_loader = _loaders(args, need_train=False)
+    xs, n = [], 0
+    for x in iterate_inputs(test_loader, args.device, None, progress=False):
+        xs.append(x)
+        n += len(x)
+        if n >= args.images:
+            break
+    x = torch.cat(xs)[: args.images]
+    report = spike_statistics(snn, x)
+    print(f"{meta.get('name', 'model')} at T={T}, {len(x)} test images")
+    print(report.to_text())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.as_dict(), f, indent=2)
+        print(f"wrote {args.json}")
+    if args.plot:
+        report.plot(args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_search_t(args) -> int:
+    from .layerwise import search_layer_T
+
+    ann, meta = _load_ann(args.checkpoint, args.device)
+    calib_loader, _ = _loaders(args, need_train=True)
+    res = search_layer_T(ann, calib_loader, calib_loader, T_max=args.T_max, candidates=args.candidates,
+                         max_loss=args.max_loss, num_calib_batches=args.calib_batches,
+                         num_search_batches=args.search_batches, device=args.device)
+    print(res.to_text())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"T": res.T, "accuracy": res.accuracy, "uniform_T": res.uniform_T,
+                       "uniform_accuracy": res.uniform_accuracy, "mean_T": res.mean_T,
+                       "weighted_T": res.weighted_T, "trials": res.trials}, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "convert": cmd_convert, "evaluate": cmd_evaluate, "compare": cmd_compare,
+            "stats": cmd_stats, "search-t": cmd_search_t}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from . import distributed
+
+    if distributed.init_from_env() and args.command not in ("convert", "evaluate"):
+        print(f"sj-parallel: error: '{args.command}' does not run under torchrun; use convert or evaluate",
+              file=sys.stderr)
+        return 2
     if getattr(args, "no_progress", False) is False and not sys.stderr.isatty():
         args.no_progress = True
     try:
