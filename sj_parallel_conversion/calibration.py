@@ -18,6 +18,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from .activation import DAQCFS, QCFS, ClipReLU
+from .graph import AnalogReLU
 from .observers import DACalibrator, MaxObserver, Reducer
 
 __all__ = ["iterate_inputs", "record_thresholds", "calibrate_da", "to_daqcfs", "to_nodes", "replace_sites"]
@@ -54,8 +55,9 @@ def replace_sites(gm: fx.GraphModule, fn) -> fx.GraphModule:
     """Replace the module behind each activation site (observers included) by ``fn(target, module)``."""
     modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(
-                modules.get(node.target), (nn.ReLU, ClipReLU, QCFS, DAQCFS, MaxObserver, DACalibrator)):
+        mod = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(mod, (nn.ReLU, ClipReLU, QCFS, DAQCFS, MaxObserver, DACalibrator)) \
+                and not isinstance(mod, AnalogReLU):
             parent, _, child = node.target.rpartition(".")
             owner = gm.get_submodule(parent) if parent else gm
             setattr(owner, child, fn(node.target, getattr(owner, child)))

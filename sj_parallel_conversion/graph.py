@@ -61,6 +61,41 @@ class GraphConversionError(ValueError):
     """A graph pattern that parallel conversion cannot handle exactly."""
 
 
+class AnalogReLU(nn.ReLU):
+    """A ReLU kept analog in the converted network (the paper keeps ImageNet ResNets' stem so).
+
+    Only allowed where no spiking layer precedes it: its input is then the same at every time
+    step, so applying it per step equals applying it to the time mean.
+    """
+
+
+def keep_analog(gm: fx.GraphModule, names) -> fx.GraphModule:
+    """Turn the ReLU sites ``names`` into :class:`AnalogReLU` after checking nothing spikes before them."""
+    names = list(names)
+    modules = dict(gm.named_modules())
+    sites = {n.target: n for n in activation_sites(gm)}
+    for name in names:
+        if name not in sites:
+            raise ValueError(f"analog site {name!r} is not an activation site; sites are {sorted(sites)}")
+        if type(modules[name]) is not nn.ReLU:
+            raise ValueError(f"analog site {name!r} is a {type(modules[name]).__name__}; only ReLU sites can stay analog")
+        stack, seen = list(sites[name].all_input_nodes), set()
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if node.op == "call_module" and node.target in sites and node.target not in names:
+                raise GraphConversionError(
+                    f"activation site {name!r} cannot stay analog: spiking site {node.target!r} precedes it, so "
+                    "its input changes over time")
+            stack.extend(node.all_input_nodes)
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, child, AnalogReLU())
+    return gm
+
+
 class StepPad(nn.Module, base.StepModule):
     """``F.pad`` as a SpikingJelly step module (the option-A shortcut of CIFAR ResNets).
 
@@ -91,7 +126,8 @@ class StepPad(nn.Module, base.StepModule):
 
 def is_activation_site(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
     """True for a ``call_module`` node whose module is one of the convertible activations."""
-    return node.op == "call_module" and isinstance(modules.get(node.target), ACTIVATION_TYPES)
+    m = modules.get(node.target) if node.op == "call_module" else None
+    return isinstance(m, ACTIVATION_TYPES) and not isinstance(m, AnalogReLU)
 
 
 def activation_sites(gm: fx.GraphModule) -> List[fx.Node]:

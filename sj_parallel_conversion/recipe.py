@@ -26,7 +26,7 @@ from torch import fx
 
 from . import calibration, kernels, registry
 from .activation import DAQCFS, QCFS, ClipReLU
-from .graph import activation_sites, prepare_graph, to_multistep
+from .graph import activation_sites, keep_analog, prepare_graph, to_multistep
 from .neuron import ParallelConversionNode
 from .observers import MaxObserver
 
@@ -102,6 +102,7 @@ class ParallelConversionRecipe(FXConversionRecipe):
         reducer: Optional[Callable] = None,
         default_T: Optional[int] = None,
         method: str = "ema",
+        analog_sites=(),
     ) -> None:
         self.T = T
         self.dataloader = dataloader
@@ -117,6 +118,7 @@ class ParallelConversionRecipe(FXConversionRecipe):
         self.reducer = reducer
         self.default_T = default_T
         self.method = method
+        self.analog_sites = tuple(analog_sites)
         self.case: Optional[Dict[str, Any]] = None
         self._check_options()
 
@@ -175,6 +177,8 @@ class ParallelConversionRecipe(FXConversionRecipe):
 
         fx_model = _fuse_conv_bn(fx_model, fuse_flag=self.fuse_bn)
         fx_model = prepare_graph(fx_model)
+        if self.analog_sites:
+            keep_analog(fx_model, self.analog_sites)
         if isinstance(self.T, dict):
             names = {n.target for n in activation_sites(fx_model)}
             unknown = sorted(set(self.T) - names)

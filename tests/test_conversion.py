@@ -392,3 +392,19 @@ def test_da_calibration_reduces_layer_error(method):
     assert (after < before).all(), (before, after)
     if method == "moment":  # moment matching removes the mean error on the data it saw
         assert (after < 0.25 * before).all(), (before, after)
+
+
+def test_analog_sites_stay_relu_and_must_precede_all_spiking_sites():
+    from sj_parallel_conversion.graph import AnalogReLU
+
+    ann = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(36, 3)).eval()
+    x = torch.randn(32, 3, 8, 8)
+    snn = ParallelConverter("parallel", T=8, dataloader=[x], analog_sites=["1"], progress=False).convert(ann)
+    assert isinstance(snn.get_submodule("1"), AnalogReLU)
+    assert isinstance(snn.get_submodule("4"), ParallelConversionNode)
+    torch.testing.assert_close(spike_inference(snn, x).mean(0), count_inference(snn, x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(GraphConversionError, match="spiking site '1' precedes it"):
+        ParallelConverter("parallel", T=8, dataloader=ExplodingLoader(), analog_sites=["4"]).convert(ann)
+    with pytest.raises(ValueError, match="not an activation site"):
+        ParallelConverter("parallel", T=8, dataloader=ExplodingLoader(), analog_sites=["0"]).convert(ann)
