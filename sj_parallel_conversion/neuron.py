@@ -141,8 +141,13 @@ class ParallelConversionNode(base.MemoryModule):
                 raise ValueError(
                     f"{self._get_name()} has {c} per-channel parameters but the input has {got} "
                     f"channels along channel_dim={self.channel_dim} (shape {tuple(x.shape)})")
-        if self.check_nan and bool(torch.isnan(x).any()):
-            raise ValueError(f"{self._get_name()} received NaN input currents")
+        if self.check_nan and not bool(torch.isfinite(x).all()):
+            if bool(torch.isnan(x).any()):
+                raise ValueError(f"{self._get_name()} received NaN input currents")
+            # +inf and -inf at different steps of one neuron have no time mean
+            if time_axis and bool(torch.isnan(x.sum(0)).any()):
+                raise ValueError(f"{self._get_name()} received +inf and -inf currents for the same neuron, "
+                                 "whose time mean is undefined")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

@@ -185,8 +185,8 @@ def test_single_step_mode_is_refused():
 
 def test_infinite_currents_saturate():
     # +inf current: ((inf + bias) * T + psi) / theta = +inf, clipped to T -> a spike every step.
-    # -inf current: -inf clipped to 0 -> silent. (A train mixing +inf and -inf has a NaN mean;
-    # no such guarantee is made for it.)
+    # -inf current: -inf clipped to 0 -> silent. A train mixing +inf and -inf has no time mean:
+    # that is an error, not a silent zero.
     T = 5
     node = ParallelConversionNode(T, v_threshold=0.7, bias=0.2)
     x = torch.tensor([[float("inf"), float("-inf"), 0.3]])
@@ -196,6 +196,9 @@ def test_infinite_currents_saturate():
     x2 = torch.tensor([[float("inf"), float("-inf")], [1.0, 2.0], [-3.0, 5.0]])
     k = (node(x2) != 0).sum(0)
     assert k.tolist() == [T, 0]
+    mixed = torch.tensor([[float("inf")], [float("-inf")]])
+    with pytest.raises(ValueError, match=r"\+inf and -inf"):
+        node(mixed)
 
 
 # -- 6. SpikingJelly integration ------------------------------------------------------------------
