@@ -13,6 +13,9 @@ ParamLike = Union[float, int, torch.Tensor]
 
 __all__ = ["ParallelConversionNode"]
 
+NAN_MESSAGE = ("{name} received NaN input currents (or +inf and -inf for the same neuron): "
+               "their time mean, which sets the spike count, is undefined")
+
 
 class ParallelConversionNode(base.MemoryModule):
     r"""A SpikingJelly neuron that computes all ``T`` time steps of a layer at once.
@@ -34,8 +37,9 @@ class ParallelConversionNode(base.MemoryModule):
             ``"cupy"``.
         spike_order: ``"late"`` (the paper's text, default) or ``"early"`` (the authors' code);
             counts are identical.
-        check_nan: raise on NaN inputs (costs one reduction over the time mean). ``+inf`` /
-            ``-inf`` currents are well defined: they saturate to ``T`` spikes / no spike.
+        check_nan: raise ``ValueError`` when a neuron's time-mean current is NaN (a NaN input, or
+            ``+inf`` and ``-inf`` in one train); checked on the mean, so it costs 1/T of a pass
+            over the input. ``+inf`` / ``-inf`` alone saturate to ``T`` spikes / no spike.
 
     Only multi-step mode is supported: a single step carries no information about the other
     ``T - 1``. For evaluation without materialising time steps use
@@ -99,10 +103,14 @@ class ParallelConversionNode(base.MemoryModule):
 
     def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         self._check_input(x_seq, time_axis=True)
-        return kernels.fire(
-            x_seq, self.T, self.v_threshold, self.shift, self.bias, self.spike_value,
-            channel_dim=self.channel_dim, order=self.spike_order, backend=self.backend,
-        )
+        try:
+            return kernels.fire(
+                x_seq, self.T, self.v_threshold, self.shift, self.bias, self.spike_value,
+                channel_dim=self.channel_dim, order=self.spike_order, backend=self.backend,
+                check_nan=self.check_nan,
+            )
+        except kernels.NaNMeanError:
+            raise ValueError(NAN_MESSAGE.format(name=self._get_name())) from None
 
     # -- the same neuron in the count domain ---------------------------------------------------
     def count(self, mean_current: torch.Tensor) -> torch.Tensor:
@@ -141,13 +149,8 @@ class ParallelConversionNode(base.MemoryModule):
                 raise ValueError(
                     f"{self._get_name()} has {c} per-channel parameters but the input has {got} "
                     f"channels along channel_dim={self.channel_dim} (shape {tuple(x.shape)})")
-        if self.check_nan and not bool(torch.isfinite(x).all()):
-            if bool(torch.isnan(x).any()):
-                raise ValueError(f"{self._get_name()} received NaN input currents")
-            # +inf and -inf at different steps of one neuron have no time mean
-            if time_axis and bool(torch.isnan(x.sum(0)).any()):
-                raise ValueError(f"{self._get_name()} received +inf and -inf currents for the same neuron, "
-                                 "whose time mean is undefined")
+        if self.check_nan and not time_axis and bool(torch.isnan(x).any()):
+            raise ValueError(NAN_MESSAGE.format(name=self._get_name()))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

@@ -13,6 +13,10 @@ import torch
 from . import cupy_backend, torch_backend
 
 BACKENDS = ("auto", "torch", "cupy")
+
+
+class NaNMeanError(ArithmeticError):
+    """A neuron's time-mean input is NaN (raised by a backend when asked to check)."""
 _warned_fallback = False
 
 
@@ -50,8 +54,8 @@ _IMPL = {"torch": torch_backend.fire, "cupy": cupy_backend.fire}
 
 class _Fire(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_seq, theta_pre, psi, psi_da, spike_value, T, channel_dim, order, impl):
-        return _IMPL[impl](x_seq, T, theta_pre, psi, psi_da, spike_value, channel_dim, order)
+    def forward(ctx, x_seq, theta_pre, psi, psi_da, spike_value, T, channel_dim, order, impl, check_nan):
+        return _IMPL[impl](x_seq, T, theta_pre, psi, psi_da, spike_value, channel_dim, order, check_nan)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -71,12 +75,16 @@ def fire(
     channel_dim: int = 1,
     order: str = "late",
     backend: str = "auto",
+    check_nan: bool = False,
 ) -> torch.Tensor:
-    """Spikes ``[T, N, ...]`` of parallel conversion neurons for currents ``[T_in, N, ...]``."""
+    """Spikes ``[T, N, ...]`` of parallel conversion neurons for currents ``[T_in, N, ...]``.
+
+    With ``check_nan`` a NaN time mean raises :class:`NaNMeanError`.
+    """
     impl = resolve_backend(backend, x_seq)
     needs_graph = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x_seq, theta_pre, psi, psi_da, spike_value)
     )
     if needs_graph:
-        return _Fire.apply(x_seq, theta_pre, psi, psi_da, spike_value, T, channel_dim, order, impl)
-    return _IMPL[impl](x_seq, T, theta_pre, psi, psi_da, spike_value, channel_dim, order)
+        return _Fire.apply(x_seq, theta_pre, psi, psi_da, spike_value, T, channel_dim, order, impl, check_nan)
+    return _IMPL[impl](x_seq, T, theta_pre, psi, psi_da, spike_value, channel_dim, order, check_nan)

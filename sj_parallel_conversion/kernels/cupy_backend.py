@@ -31,13 +31,15 @@ template <typename IO, typename ACC>
 __device__ void sjpc_fire(const IO* __restrict__ x, IO* __restrict__ out,
                           const ACC* __restrict__ theta, const ACC* __restrict__ psi,
                           const ACC* __restrict__ psi_da, const ACC* __restrict__ spike_value,
-                          long long M, int T_in, int T, long long inner, int C, int late) {
+                          long long M, int T_in, int T, long long inner, int C, int late,
+                          int* __restrict__ nan_flag) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < M;
          i += (long long)blockDim.x * gridDim.x) {
         int c = (C == 1) ? 0 : (int)((i / inner) % C);
         ACC acc = sjpc_load(x, i);
         for (int t = 1; t < T_in; ++t) acc += sjpc_load(x, (long long)t * M + i);
         ACC m = acc / (ACC)T_in;
+        if (nan_flag != nullptr && m != m) *nan_flag = 1;
         ACC u = (m + psi_da[c]) * (ACC)T + psi[c];
         ACC k = floor(u / theta[c]);
         k = k < (ACC)0 ? (ACC)0 : (k > (ACC)T ? (ACC)T : k);
@@ -53,18 +55,18 @@ __device__ void sjpc_fire(const IO* __restrict__ x, IO* __restrict__ out,
 
 extern "C" {
 __global__ void sjpc_fire_f32(const float* x, float* o, const float* a, const float* b, const float* c,
-                              const float* d, long long M, int Ti, int T, long long inner, int C, int late)
-{ sjpc_fire<float, float>(x, o, a, b, c, d, M, Ti, T, inner, C, late); }
+                              const float* d, long long M, int Ti, int T, long long inner, int C, int late, int* nf)
+{ sjpc_fire<float, float>(x, o, a, b, c, d, M, Ti, T, inner, C, late, nf); }
 __global__ void sjpc_fire_f64(const double* x, double* o, const double* a, const double* b, const double* c,
-                              const double* d, long long M, int Ti, int T, long long inner, int C, int late)
-{ sjpc_fire<double, double>(x, o, a, b, c, d, M, Ti, T, inner, C, late); }
+                              const double* d, long long M, int Ti, int T, long long inner, int C, int late, int* nf)
+{ sjpc_fire<double, double>(x, o, a, b, c, d, M, Ti, T, inner, C, late, nf); }
 __global__ void sjpc_fire_f16(const __half* x, __half* o, const float* a, const float* b, const float* c,
-                              const float* d, long long M, int Ti, int T, long long inner, int C, int late)
-{ sjpc_fire<__half, float>(x, o, a, b, c, d, M, Ti, T, inner, C, late); }
+                              const float* d, long long M, int Ti, int T, long long inner, int C, int late, int* nf)
+{ sjpc_fire<__half, float>(x, o, a, b, c, d, M, Ti, T, inner, C, late, nf); }
 __global__ void sjpc_fire_bf16(const __nv_bfloat16* x, __nv_bfloat16* o, const float* a, const float* b,
                                const float* c, const float* d, long long M, int Ti, int T, long long inner,
-                               int C, int late)
-{ sjpc_fire<__nv_bfloat16, float>(x, o, a, b, c, d, M, Ti, T, inner, C, late); }
+                               int C, int late, int* nf)
+{ sjpc_fire<__nv_bfloat16, float>(x, o, a, b, c, d, M, Ti, T, inner, C, late, nf); }
 }
 """
 
@@ -109,6 +111,7 @@ def fire(
     spike_value: torch.Tensor,
     channel_dim: int,
     order: str,
+    check_nan: bool = False,
 ) -> torch.Tensor:
     """Same contract as :func:`.torch_backend.fire`, for CUDA tensors."""
     import cupy
@@ -137,6 +140,7 @@ def fire(
     if M == 0:
         return out
     kernel = _kernel(_KERNEL_NAMES[x.dtype], x.device.index or 0)
+    flag = torch.zeros(1, dtype=torch.int32, device=x.device) if check_nan else None
     threads = 256
     blocks = min((M + threads - 1) // threads, 65535 * 8)
     stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(x.device).cuda_stream)
@@ -145,7 +149,11 @@ def fire(
             (blocks,), (threads,),
             (x.data_ptr(), out.data_ptr(), *[p.data_ptr() for p in params],
              cupy.int64(M), cupy.int32(T_in), cupy.int32(T), cupy.int64(inner), cupy.int32(C),
-             cupy.int32(1 if order == "late" else 0)),
+             cupy.int32(1 if order == "late" else 0), flag.data_ptr() if flag is not None else 0),
             stream=stream,
         )
+    if flag is not None and int(flag.item()):
+        from . import NaNMeanError
+
+        raise NaNMeanError("NaN time-mean current")
     return out

@@ -32,9 +32,14 @@ def fire(
     spike_value: torch.Tensor,
     channel_dim: int,
     order: str,
+    check_nan: bool = False,
 ) -> torch.Tensor:
     """Spikes ``[T, N, ...]`` in ``x_seq.dtype`` from currents ``[T_in, N, ...]``."""
     m = time_mean(x_seq)
+    if check_nan and bool(torch.isnan(m).any()):
+        from . import NaNMeanError
+
+        raise NaNMeanError("NaN time-mean current")
     acc = m.dtype
     nd = m.dim()
 
