@@ -1,0 +1,196 @@
+"""Datasets and loaders: the project's CIFAR-10 npz files, scikit-learn digits, torchvision datasets.
+
+Nothing here downloads unless asked to (``torchvision_dataset(..., download=True)``).
+
+* :func:`cifar10_npz` -- CIFAR-10 from ``train.npz`` / ``test.npz`` (``$SJPC_CIFAR10_DIR``).
+* :func:`digits` -- scikit-learn's 8x8 digits as ``[N, 1, 8, 8]`` tensors (bundled, no download).
+* :func:`torchvision_dataset` -- torchvision CIFAR-10/100 or an ImageNet-style ``ImageFolder``.
+* :func:`make_loader` -- a ``DataLoader`` with optional, batched CIFAR-style augmentation.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data._utils.collate import default_collate
+
+__all__ = [
+    "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD",
+    "cifar10_dir", "cifar10_npz", "digits", "torchvision_dataset", "make_loader", "random_crop_flip",
+    "balanced_indices",
+]
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+ENV_VAR = "SJPC_CIFAR10_DIR"
+_SPLITS = {"train": "train", "test": "test", "val": "test"}
+
+
+def cifar10_dir() -> Path:
+    """``$SJPC_CIFAR10_DIR`` if set, else ``<repo root>/../shared/data/cifar10``."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+
+
+def _split(split: str) -> str:
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
+    return _SPLITS[split]
+
+
+def balanced_indices(labels: Union[np.ndarray, torch.Tensor], limit: int) -> np.ndarray:
+    """Deterministic, class-balanced subset of ``limit`` indices, in the original order.
+
+    Takes the first ``limit // C`` images of every class (C = number of classes present), then
+    fills the remainder with the next images in the original order.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if limit is None or limit >= n:
+        return np.arange(n)
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    classes = np.unique(labels)
+    per = limit // len(classes)
+    keep = np.zeros(n, dtype=bool)
+    for c in classes:
+        keep[np.flatnonzero(labels == c)[:per]] = True
+    rest = limit - int(keep.sum())
+    if rest > 0:
+        keep[np.flatnonzero(~keep)[:rest]] = True
+    return np.flatnonzero(keep)
+
+
+def cifar10_npz(split: str, root: Optional[Union[str, Path]] = None, limit: Optional[int] = None,
+                normalize: bool = True) -> TensorDataset:
+    """CIFAR-10 from the project's npz files as float32 NCHW images in [0, 1] (normalised with
+    :data:`CIFAR10_MEAN` / :data:`CIFAR10_STD` if ``normalize``) and int64 labels.
+
+    ``limit`` keeps a deterministic class-balanced subset (:func:`balanced_indices`): the first
+    ``limit // 10`` images of each class, in the original order.
+    """
+    name = _split(split)
+    d = Path(root) if root is not None else cifar10_dir()
+    path = d / f"{name}.npz"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"CIFAR-10 file {str(path)!r} not found; pass root=... or set the environment variable "
+            f"{ENV_VAR} to the folder holding train.npz and test.npz")
+    with np.load(path) as z:
+        x, y = z["x"], z["y"]
+    if limit is not None:
+        idx = balanced_indices(y, limit)
+        x, y = x[idx], y[idx]
+    xt = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+    if normalize:
+        mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+        xt.sub_(mean).div_(std)
+    return TensorDataset(xt, torch.from_numpy(np.asarray(y, dtype=np.int64)))
+
+
+def digits(split: str, test_fraction: float = 0.25, seed: int = 0) -> TensorDataset:
+    """scikit-learn's 8x8 digits as ``[N, 1, 8, 8]`` float32, scaled to [0, 1] then standardised
+    with the training split's mean/std; a deterministic stratified train/test split."""
+    name = _split(split)
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    ds = load_digits()
+    x = ds.images.astype(np.float32) / 16.0
+    y = ds.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
+    mean, std = float(x_tr.mean()), float(x_tr.std())
+    x_sel, y_sel = (x_tr, y_tr) if name == "train" else (x_te, y_te)
+    xt = (torch.from_numpy(x_sel).unsqueeze(1) - mean) / std
+    return TensorDataset(xt.float().contiguous(), torch.from_numpy(y_sel))
+
+
+def torchvision_dataset(kind: str, root: Union[str, Path], split: str, download: bool = False,
+                        train_transform: bool = False, image_size: int = 224) -> Dataset:
+    """torchvision CIFAR-10/100 (``root`` as for torchvision) or an ``ImageFolder``.
+
+    For ``imagefolder`` the folder is ``root/<split>`` when it exists (``train``, ``val`` or
+    ``test``; ``test`` also tries ``val``), else ``root`` itself. Transforms: ToTensor + Normalize;
+    ImageNet: Resize(image_size * 256 / 224), CenterCrop(image_size). ``train_transform`` adds
+    random crop + flip. Never downloads unless ``download=True``.
+    """
+    import torchvision
+    import torchvision.transforms as T
+
+    name = _split(split)
+    root = Path(root)
+    if kind in ("cifar10", "cifar100"):
+        mean, std = (CIFAR10_MEAN, CIFAR10_STD) if kind == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
+        aug = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if train_transform else []
+        tf = T.Compose(aug + [T.ToTensor(), T.Normalize(mean, std)])
+        cls = torchvision.datasets.CIFAR10 if kind == "cifar10" else torchvision.datasets.CIFAR100
+        try:
+            return cls(str(root), train=(name == "train"), transform=tf, download=download)
+        except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"
+            raise FileNotFoundError(
+                f"{kind} not found under {str(root)!r} ({exc}); pass download=True (--download) to fetch it") from exc
+    if kind == "imagefolder":
+        candidates = [root / split, root / name] + ([root / "val"] if name == "test" else [])
+        folder = next((c for c in candidates if c.is_dir()), root)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"ImageFolder root {str(folder)!r} does not exist")
+        if train_transform:
+            tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(),
+                            T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        else:
+            tf = T.Compose([T.Resize(int(round(image_size * 256 / 224))), T.CenterCrop(image_size), T.ToTensor(),
+                            T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        return torchvision.datasets.ImageFolder(str(folder), transform=tf)
+    raise ValueError(f"kind must be 'cifar10', 'cifar100' or 'imagefolder', got {kind!r}")
+
+
+def random_crop_flip(x: torch.Tensor, padding: int = 4, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Batched CIFAR-style augmentation of ``[B, C, H, W]``: random crop after zero padding, then a
+    random horizontal flip (each with its own draw per image)."""
+    b, c, h, w = x.shape
+    if padding > 0:
+        xp = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+        oy = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+        ox = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+        rows = (oy[:, None] + torch.arange(h)).to(x.device)  # [B, H]
+        cols = (ox[:, None] + torch.arange(w)).to(x.device)  # [B, W]
+        bi = torch.arange(b, device=x.device)[:, None, None]
+        x = xp.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device).view(b, 1, 1, 1)
+    return torch.where(flip, x.flip(3), x)
+
+
+class _AugmentCollate:
+    def __init__(self, padding: int = 4):
+        self.padding = padding
+
+    def __call__(self, batch):
+        x, *rest = default_collate(batch)
+        return [random_crop_flip(x, self.padding), *rest]
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, limit: Optional[int] = None,
+                augment: bool = False, generator: Optional[torch.Generator] = None,
+                drop_last: bool = False) -> DataLoader:
+    """A single-process ``DataLoader`` over ``dataset`` (its first ``limit`` items if given).
+
+    ``augment=True`` applies :func:`random_crop_flip` to every batch of images (meant for tensor
+    datasets such as :func:`cifar10_npz`; torchvision datasets use ``train_transform`` instead).
+    """
+    if limit is not None and limit < len(dataset):
+        dataset = Subset(dataset, range(limit))
+    collate = _AugmentCollate() if augment else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=0, collate_fn=collate,
+                      generator=generator, drop_last=drop_last)

@@ -1,0 +1,126 @@
+"""Datasets and loaders: shapes, normalisation, class-balanced limits, augmentation, errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sj_parallel_conversion import data
+
+
+def test_cifar10_dir_default_and_env(monkeypatch):
+    monkeypatch.delenv("SJPC_CIFAR10_DIR", raising=False)
+    pkg = Path(data.__file__).resolve().parent
+    assert data.cifar10_dir() == pkg.parents[1] / "shared" / "data" / "cifar10"
+    monkeypatch.setenv("SJPC_CIFAR10_DIR", "/some/where")
+    assert data.cifar10_dir() == Path("/some/where")
+
+
+def test_cifar10_npz_test_split(cifar10_dir):
+    ds = data.cifar10_npz("test", root=cifar10_dir)
+    x, y = ds.tensors
+    assert x.shape == (10000, 3, 32, 32) and x.dtype == torch.float32
+    assert y.shape == (10000,) and y.dtype == torch.int64
+    assert torch.bincount(y).tolist() == [1000] * 10
+    # normalised with the training statistics: the test set is close to zero mean, unit std
+    assert x.mean(dim=(0, 2, 3)).abs().max() < 0.05
+    assert (x.std(dim=(0, 2, 3)) - 1).abs().max() < 0.05
+    raw = data.cifar10_npz("test", root=cifar10_dir, limit=20, normalize=False).tensors[0]
+    assert 0.0 <= raw.min() and raw.max() <= 1.0
+    mean = torch.tensor(data.CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(data.CIFAR10_STD).view(1, 3, 1, 1)
+    norm = data.cifar10_npz("test", root=cifar10_dir, limit=20).tensors[0]
+    torch.testing.assert_close(norm, (raw - mean) / std)
+
+
+def test_cifar10_npz_limit_is_class_balanced_and_ordered(cifar10_dir):
+    full_y = data.cifar10_npz("test", root=cifar10_dir).tensors[1]
+    x, y = data.cifar10_npz("test", root=cifar10_dir, limit=100).tensors
+    assert len(y) == 100 and torch.bincount(y, minlength=10).tolist() == [10] * 10
+    idx = data.balanced_indices(full_y.numpy(), 100)
+    assert np.all(np.diff(idx) > 0)  # original order
+    assert torch.equal(full_y[torch.from_numpy(idx)], y)
+    # each class: its first images in file order
+    for c in range(10):
+        first = torch.nonzero(full_y == c).flatten()[:10].numpy()
+        assert set(first) <= set(idx)
+    assert len(data.cifar10_npz("test", root=cifar10_dir, limit=13)) == 13  # remainder filled in order
+
+
+def test_balanced_indices_edge_cases():
+    y = np.array([0, 0, 0, 1, 1, 2])
+    assert data.balanced_indices(y, 100).tolist() == list(range(6))
+    assert data.balanced_indices(y, 3).tolist() == [0, 3, 5]
+    assert data.balanced_indices(y, 4).tolist() == [0, 1, 3, 5]
+    with pytest.raises(ValueError):
+        data.balanced_indices(y, -1)
+
+
+def test_cifar10_npz_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError) as exc:
+        data.cifar10_npz("train", root=tmp_path)
+    assert str(tmp_path / "train.npz") in str(exc.value) and "SJPC_CIFAR10_DIR" in str(exc.value)
+    monkeypatch.setenv("SJPC_CIFAR10_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        data.cifar10_npz("test")
+    with pytest.raises(ValueError, match="split"):
+        data.cifar10_npz("validation", root=tmp_path)
+
+
+def test_digits_split_is_deterministic_and_standardised():
+    tr, te = data.digits("train"), data.digits("test")
+    assert tr.tensors[0].shape == (1347, 1, 8, 8) and te.tensors[0].shape == (450, 1, 8, 8)
+    assert tr.tensors[0].dtype == torch.float32 and te.tensors[1].dtype == torch.int64
+    assert abs(float(tr.tensors[0].mean())) < 1e-4 and abs(float(tr.tensors[0].std()) - 1) < 1e-2
+    assert torch.equal(data.digits("test").tensors[0], te.tensors[0])
+    assert not torch.equal(data.digits("test", seed=1).tensors[0], te.tensors[0])
+    assert torch.bincount(te.tensors[1]).min() >= 40  # stratified
+    with pytest.raises(ValueError):
+        data.digits("holdout")
+
+
+def test_random_crop_flip_matches_a_crop_of_the_padded_image():
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6) + 1
+    g = torch.Generator().manual_seed(0)
+    out = data.random_crop_flip(x, padding=2, generator=g)
+    assert out.shape == x.shape
+    xp = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for b in range(2):
+        crops = [xp[b, :, i:i + 6, j:j + 6] for i in range(5) for j in range(5)]
+        crops += [c.flip(2) for c in crops]
+        assert any(torch.equal(out[b], c) for c in crops)
+    # padding 0: only flips
+    out0 = data.random_crop_flip(x, padding=0, generator=torch.Generator().manual_seed(1))
+    for b in range(2):
+        assert torch.equal(out0[b], x[b]) or torch.equal(out0[b], x[b].flip(2))
+
+
+def test_make_loader_limit_shuffle_and_augment():
+    ds = torch.utils.data.TensorDataset(torch.randn(50, 3, 32, 32), torch.arange(50))
+    loader = data.make_loader(ds, 16, limit=20)
+    ys = torch.cat([y for _, y in loader])
+    assert ys.tolist() == list(range(20)) and loader.num_workers == 0
+    aug = data.make_loader(ds, 16, shuffle=True, augment=True, generator=torch.Generator().manual_seed(0))
+    xs, ys = zip(*aug)
+    x, y = torch.cat(xs), torch.cat(ys)
+    assert x.shape == (50, 3, 32, 32) and sorted(y.tolist()) == list(range(50))
+    assert not torch.equal(x, ds.tensors[0][y])  # augmented
+
+
+def test_torchvision_dataset_never_downloads_and_reads_imagefolder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="download"):
+        data.torchvision_dataset("cifar10", tmp_path, "train")
+    with pytest.raises(ValueError, match="kind"):
+        data.torchvision_dataset("mnist", tmp_path, "train")
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / "val" / cls).mkdir(parents=True)
+        Image.fromarray(np.random.randint(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "val" / cls / "0.png")
+    ds = data.torchvision_dataset("imagefolder", tmp_path, "test", image_size=32)
+    x, y = ds[1]
+    assert x.shape == (3, 32, 32) and y == 1 and len(ds) == 2
+    with pytest.raises(FileNotFoundError):
+        data.torchvision_dataset("imagefolder", tmp_path / "missing", "test")
