@@ -1,0 +1,142 @@
+"""Generate the figures of the theory page (run from the repository root, a few seconds):
+
+    python docs/figures/make_figures.py
+
+* ``sorted_trains.png``: spike rasters of a ParallelConversionNode for neurons with different
+  input means, the paper's step form ``V[x] = T/(T-x+1) m + b[x]`` for the same neurons, and an
+  IF neuron (soft reset) fed the same constant currents for contrast;
+* ``qcfs_staircase.png``: QCFS rate vs SNN firing rate as a function of the mean input current,
+  for ``T == L`` (identical staircases, Theorem 4.1 (i)) and ``T != L`` (Theorem 4.1 (ii)).
+
+The script checks what it draws: the node's spikes equal the matrix form's, and its rates equal
+QCFS at ``T == L``.
+"""
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from spikingjelly.activation_based import functional, neuron  # noqa: E402
+
+from sj_parallel_conversion import ParallelConversionNode  # noqa: E402
+from sj_parallel_conversion import formulas  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def sorted_trains(path: str) -> None:
+    T, theta = 8, 1.0
+    means = torch.tensor([0.05, 0.2, 0.33, 0.5, 0.62, 0.8, 0.95, 1.1], dtype=torch.float64)
+    # A current sequence whose time mean is `means` but whose steps vary (parallel conversion
+    # only looks at the mean): alternate +/- 0.3 around it.
+    wiggle = 0.3 * torch.tensor([(-1.0) ** t for t in range(T)], dtype=torch.float64)
+    current = means[None, :] + wiggle[:, None]                              # [T, N]
+    node = ParallelConversionNode(T, v_threshold=theta).double()
+    spikes = node(current)                                                  # [T, N], values theta or 0
+    matrix = formulas.matrix_form_spikes(current, theta, theta / 2, channel_dim=0)
+    assert torch.equal((spikes > 0).double(), matrix), "closed form and matrix form disagree"
+
+    x = torch.arange(1, T + 1, dtype=torch.float64)
+    b = formulas.shift_vector(T, theta / 2)                                 # [T]
+    v_step = T / (T - x + 1)[:, None] * means[None, :] + b[:, None]         # [T, N]
+
+    if_node = neuron.IFNode(v_threshold=theta, v_reset=None, step_mode="m").double()
+    functional.reset_net(if_node)
+    if_spikes = if_node(means[None, :].expand(T, -1).contiguous())          # constant input, for contrast
+    functional.reset_net(if_node)
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.9), gridspec_kw={"width_ratios": [1, 1.25, 1]})
+    ax = axes[0]
+    for n in range(len(means)):
+        t_on = np.nonzero(spikes[:, n].numpy() > 0)[0] + 1
+        ax.scatter(t_on, np.full(len(t_on), n), marker="|", s=220, color="tab:blue")
+    ax.set_yticks(range(len(means)), [f"m={m:.2f}" for m in means.tolist()])
+    ax.set_xticks(range(1, T + 1))
+    ax.set_xlim(0.5, T + 0.5)
+    ax.set_xlabel("time step x")
+    ax.set_title(f"ParallelConversionNode, T={T}, theta={theta:g}\n(sorted, back-loaded trains)", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+
+    ax = axes[1]
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(means)))
+    for n in range(len(means)):
+        v = v_step[:, n].numpy()
+        ax.plot(x.numpy(), v, marker="o", ms=3, color=colors[n], label=f"m={means[n]:.2f}")
+        fired = v >= theta
+        ax.scatter(x.numpy()[fired], v[fired], s=40, facecolor="none", edgecolor="k", lw=0.8)
+    ax.axhline(theta, color="k", ls="--", lw=1, label="theta_pre")
+    ax.set_yscale("log")
+    ax.set_xticks(range(1, T + 1))
+    ax.set_xlabel("time step x")
+    ax.set_ylabel("T/(T-x+1) m + b[x]")
+    ax.set_title("step form (paper Eq. 8 + shift b): a neuron fires\nat step x iff the curve is above theta "
+                 "(circled)", fontsize=9)
+    ax.legend(fontsize=6, ncol=2, loc="upper left")
+
+    ax = axes[2]
+    for n in range(len(means)):
+        t_on = np.nonzero(if_spikes[:, n].numpy() > 0)[0] + 1
+        ax.scatter(t_on, np.full(len(t_on), n), marker="|", s=220, color="tab:red")
+    ax.set_yticks(range(len(means)), [f"m={m:.2f}" for m in means.tolist()])
+    ax.set_xticks(range(1, T + 1))
+    ax.set_xlim(0.5, T + 0.5)
+    ax.set_xlabel("time step t")
+    ax.set_title("IFNode (soft reset, v0 = 0), same mean input\n(spikes spread over time)", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def staircases(path: str) -> None:
+    theta = 1.0
+    m = torch.linspace(-0.1, 1.15, 2001, dtype=torch.float64)
+
+    def snn_rate(T: int) -> torch.Tensor:
+        node = ParallelConversionNode(T, v_threshold=theta).double()
+        return node.rate(m[:, None])[:, 0]
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.9), sharey=True)
+    L = 4
+    q = formulas.qcfs(m, theta, L, theta / 2)
+    r = snn_rate(L)
+    assert torch.equal(q, r), "T == L must be lossless"
+    ax = axes[0]
+    ax.plot(m, q, lw=4, alpha=0.35, color="tab:blue", label=f"QCFS, L={L}")
+    ax.plot(m, r, lw=1.2, color="tab:orange", label=f"parallel SNN rate, T={L}")
+    ax.plot(m, m.clamp(0, theta), lw=0.8, ls=":", color="k", label="ClipReLU")
+    ax.set_title(f"T == L = {L}: the two staircases coincide (Theorem 4.1 (i))", fontsize=9)
+
+    L = 8
+    ax = axes[1]
+    ax.plot(m, formulas.qcfs(m, theta, L, theta / 2), lw=4, alpha=0.35, color="tab:blue", label=f"QCFS, L={L}")
+    for T, c in ((4, "tab:orange"), (16, "tab:green")):
+        ax.plot(m, snn_rate(T), lw=1.2, color=c, label=f"parallel SNN rate, T={T} (uncalibrated)")
+    ax.plot(m, m.clamp(0, theta), lw=0.8, ls=":", color="k", label="ClipReLU")
+    ax.set_title(f"T != L = {L}: different steps, zero mean difference for\nuniformly spread inputs "
+                 "(Theorem 4.1 (ii)); DA-QCFS calibrates the rest", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("mean input current m (theta = 1)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    axes[0].set_ylabel("output rate (spike value x k / T)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    for name, fn in (("sorted_trains.png", sorted_trains), ("qcfs_staircase.png", staircases)):
+        out = os.path.join(HERE, name)
+        fn(out)
+        print(f"wrote {os.path.relpath(out)}")
+
+
+if __name__ == "__main__":
+    main()
