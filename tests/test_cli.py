@@ -1,0 +1,104 @@
+"""The command line: one-line errors for user mistakes, and the subcommands end to end."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sj_parallel_conversion import cli
+
+
+def _run(argv, capsys):
+    code = cli.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["convert", "--checkpoint", "no/such.pt", "--T", "4", "--out", "x.pt"], "checkpoint 'no/such.pt' does not exist"),
+    (["evaluate", "--snn", "no/such.pt"], "SNN file 'no/such.pt' does not exist"),
+    (["compare", "--checkpoint", "no/such.pt"], "does not exist"),
+    (["stats", "--snn", "no/such.pt"], "does not exist"),
+])
+def test_bad_paths_give_one_line_errors(argv, pattern, capsys):
+    code, out, err = _run(argv, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sj-parallel: error: ") and pattern in lines[0], err
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "four"])
+def test_non_positive_T_is_an_argument_error(bad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["convert", "--checkpoint", "x.pt", "--T", bad, "--out", "y.pt"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "positive integer" in err and "Traceback" not in err
+
+
+def test_unknown_model_and_mismatched_checkpoint(tmp_path, capsys):
+    from sj_parallel_conversion import models
+
+    bad_name = tmp_path / "bad_name.pt"
+    torch.save({"name": "no-such-net", "act": "relu", "L": 8, "num_classes": 10, "in_channels": 3,
+                "state_dict": {}}, bad_name)
+    code, _, err = _run(["compare", "--checkpoint", str(bad_name), "--data", "digits"], capsys)
+    assert code == 2 and "no-such-net" in err and len(err.strip().splitlines()) == 1
+    # a digits CNN's weights under a CIFAR CNN's name: the shapes do not match
+    good = tmp_path / "digits.pt"
+    models.save_checkpoint(str(good), models.build_model("digits_cnn", in_channels=1), name="digits_cnn",
+                           act="relu", L=8, num_classes=10, in_channels=1)
+    blob = torch.load(good, weights_only=False)
+    blob["name"] = "cnn"
+    blob["in_channels"] = 3
+    torch.save(blob, tmp_path / "mismatch.pt")
+    code, _, err = _run(["compare", "--checkpoint", str(tmp_path / "mismatch.pt"), "--data", "digits"], capsys)
+    assert code == 2 and "does not match" in err and len(err.strip().splitlines()) == 1
+
+
+def test_convert_evaluate_stats_compare_on_digits(tmp_path, capsys):
+    """A digits CNN trained for one epoch goes through every subcommand."""
+    from torch.utils.data import DataLoader
+
+    from sj_parallel_conversion import data, models
+    from sj_parallel_conversion.training import train_classifier
+
+    torch.manual_seed(0)
+    m = models.build_model("digits_cnn", in_channels=1, act="relu")
+    train_classifier(m, DataLoader(data.digits("train"), batch_size=64, shuffle=True), 2, lr=0.05, progress=False)
+    ckpt = tmp_path / "digits.pt"
+    models.save_checkpoint(str(ckpt), m, name="digits_cnn", act="relu", L=8, num_classes=10, in_channels=1,
+                           extra={"input_size": (8, 8)})
+    snn_file = tmp_path / "snn.pt"
+    common = ["--data", "digits", "--calib-batches", "4", "--batch-size", "64"]
+    code, out, err = _run(["convert", "--checkpoint", str(ckpt), "--T", "8", "--out", str(snn_file), *common], capsys)
+    assert code == 0, err
+    assert "wrote" in out and snn_file.is_file()
+    code, out, err = _run(["evaluate", "--snn", str(snn_file), "--mode", "spike", "--json", str(tmp_path / "e.json"),
+                           *common], capsys)
+    assert code == 0, err
+    spike_acc = json.loads((tmp_path / "e.json").read_text())["rows"][0]["accuracy"]
+    code, out, err = _run(["evaluate", "--snn", str(snn_file), "--mode", "count", "--json", str(tmp_path / "c.json"),
+                           *common], capsys)
+    count_acc = json.loads((tmp_path / "c.json").read_text())["rows"][0]["accuracy"]
+    assert abs(spike_acc - count_acc) <= 2 / 450 and spike_acc > 0.5
+    code, out, err = _run(["stats", "--snn", str(snn_file), "--images", "64", "--plot", str(tmp_path / "s.png"),
+                           *common], capsys)
+    assert code == 0, err
+    assert "SOPs" in out and (tmp_path / "s.png").stat().st_size > 1000
+    code, out, err = _run(["compare", "--checkpoint", str(ckpt), "--T", "4", "8", "--methods", "ann", "parallel",
+                           "parallel-count", "ltb", "--csv", str(tmp_path / "t.csv"), "--plot", str(tmp_path / "t.png"),
+                           *common], capsys)
+    assert code == 0, err
+    assert "SJ LocalThresholdBalancing" in out and (tmp_path / "t.png").stat().st_size > 1000
+    rows = (tmp_path / "t.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 1 + 2 * 2 + 2
+
+
+def test_module_entry_point_runs():
+    res = subprocess.run([sys.executable, "-m", "sj_parallel_conversion", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "demo" in res.stdout and "compare" in res.stdout
