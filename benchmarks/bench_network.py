@@ -36,6 +36,9 @@ from sj_parallel_conversion.inference import repeat_input  # noqa: E402
 from sj_parallel_conversion.models import build_model  # noqa: E402
 
 
+CIFAR_RESNETS = ("resnet20", "resnet32", "resnet44", "resnet56")
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -51,7 +54,10 @@ def _timed(fn, device):
 
 def bench(model_name: str, T: int, batch: int, repeats: int, device: torch.device, backend: str):
     torch.manual_seed(0)
-    ann = build_model(model_name, num_classes=10, act="relu").eval().to(device)
+    # SpikingJelly's RateCodingRecipe cannot adapt the F.pad of option-A shortcuts to multi-step
+    # mode, so the CIFAR ResNets use option B (1x1 conv + BN) here; both converters handle B.
+    kwargs = {"shortcut": "B"} if model_name in CIFAR_RESNETS else {}
+    ann = build_model(model_name, num_classes=10, act="relu", **kwargs).eval().to(device)
     x = torch.randn(batch, 3, 32, 32, device=device)
     calib = [torch.randn(min(batch, 64), 3, 32, 32, device=device)]
     with torch.no_grad():

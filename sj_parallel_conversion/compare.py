@@ -24,6 +24,7 @@ from .recipe import ParallelConversionRecipe, ParallelConverter
 
 __all__ = ["METHODS", "ComparisonRow", "ComparisonTable", "compare_converters", "evaluate"]
 
+#: Method names :func:`compare_converters` accepts, in table order.
 METHODS = ("ann", "parallel", "parallel-count", "rate-max", "rate-99.9%", "ltb")
 _LABELS = {
     "ann": "ANN",

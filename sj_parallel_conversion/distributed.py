@@ -86,8 +86,10 @@ def distributed_evaluate(predict: Callable[[torch.Tensor], torch.Tensor], loader
     acc, n, sec = evaluate(predict, loader, device=device, num_batches=num_batches, progress=progress)
     if not is_distributed():
         return acc, n, sec
-    counts = torch.tensor([acc * n, float(n)], dtype=torch.float64)
+    # NCCL reduces only CUDA tensors; gloo only CPU ones.
+    where = torch.device(device) if dist.get_backend() == "nccl" else torch.device("cpu")
+    counts = torch.tensor([acc * n, float(n)], dtype=torch.float64, device=where)
     dist.all_reduce(counts)
-    t = torch.tensor([sec], dtype=torch.float64)
+    t = torch.tensor([sec], dtype=torch.float64, device=where)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(counts[0] / counts[1]), int(counts[1]), float(t[0])

@@ -118,13 +118,20 @@ class ParallelConversionNode(base.MemoryModule):
         self._check_input(mean_current, time_axis=False)
         nd = mean_current.dim()
         cv = lambda p: formulas.channel_view(p.to(mean_current.dtype), nd, self.channel_dim)  # noqa: E731
-        return formulas.spike_count(mean_current, self.T, cv(self.v_threshold), cv(self.shift), cv(self.bias))
+        k = formulas.spike_count(mean_current, self.T, cv(self.v_threshold), cv(self.shift), cv(self.bias))
+        # k is NaN exactly where the input is NaN and otherwise lies in [0, T], so a NaN sum is a
+        # cheaper test than a separate pass over the input.
+        if self.check_nan and bool(torch.isnan(k.sum())):
+            raise ValueError(NAN_MESSAGE.format(name=self._get_name()))
+        return k
 
     def rate(self, mean_current: torch.Tensor) -> torch.Tensor:
         """Time mean of the output, ``spike_value * k / T``, for time-mean currents ``[N, ...]``."""
         k = self.count(mean_current)
         sv = formulas.channel_view(self.spike_value.to(k.dtype), k.dim(), self.channel_dim)
-        return sv * k / self.T
+        if torch.is_grad_enabled() and (k.requires_grad or sv.requires_grad):
+            return sv * k / self.T
+        return k.mul_(sv).div_(self.T)
 
     # -- checks ----------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor, time_axis: bool) -> None:
@@ -149,8 +156,6 @@ class ParallelConversionNode(base.MemoryModule):
                 raise ValueError(
                     f"{self._get_name()} has {c} per-channel parameters but the input has {got} "
                     f"channels along channel_dim={self.channel_dim} (shape {tuple(x.shape)})")
-        if self.check_nan and not time_axis and bool(torch.isnan(x).any()):
-            raise ValueError(NAN_MESSAGE.format(name=self._get_name()))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

@@ -31,8 +31,10 @@ from .neuron import ParallelConversionNode
 
 __all__ = ["LayerStats", "StatsReport", "spike_statistics", "E_MAC_PJ", "E_AC_PJ"]
 
-E_MAC_PJ = 4.6  # Horowitz, ISSCC 2014, 45 nm, 32-bit float multiply-add
-E_AC_PJ = 0.9   # Horowitz, ISSCC 2014, 45 nm, 32-bit float add
+#: Energy of one 32-bit float multiply-accumulate in pJ (Horowitz, ISSCC 2014, 45 nm).
+E_MAC_PJ = 4.6
+#: Energy of one 32-bit float accumulate in pJ (Horowitz, ISSCC 2014, 45 nm).
+E_AC_PJ = 0.9
 
 _SYNAPTIC = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _PASS_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,

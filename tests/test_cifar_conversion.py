@@ -1,0 +1,192 @@
+"""End-to-end conversion of the checked-in CIFAR-10 networks on real CIFAR-10 images.
+
+Subsets keep the suite fast on two CPU cores; the full-test-set figures are in docs/results/.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from spikingjelly.activation_based import functional
+
+from sj_parallel_conversion import ParallelConversionNode, ParallelConverter, count_inference, spike_inference
+from sj_parallel_conversion import data, models
+from sj_parallel_conversion.activation import QCFS
+from sj_parallel_conversion.compare import _convert_builtin, _if_predict
+
+ROOT = Path(__file__).resolve().parents[1]
+CKPT = ROOT / "sj_parallel_conversion" / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def cifar(cifar10_dir):
+    test = data.cifar10_npz("test", root=cifar10_dir, limit=500)
+    train = data.cifar10_npz("train", root=cifar10_dir, limit=2000)
+    # Not shuffled: every test sees the same calibration batches whatever ran before it.
+    calib = data.make_loader(train, 100)
+    return test.tensors, calib
+
+
+def _ckpt(name):
+    m, _ = models.load_checkpoint(CKPT / name)
+    return m.eval()
+
+
+def _acc(logits, y):
+    return (logits.argmax(1) == y).float().mean().item() * 100
+
+
+def test_qcfs_T_equals_L_zero_prediction_differences(cifar):
+    (x, y), _ = cifar
+    ann = _ckpt("cifar10_cnn_qcfs_L4.pt")
+    # T == L needs no calibration data: the converter must not ask for any.
+    snn = ParallelConverter("parallel", T=4, progress=False).convert(copy.deepcopy(ann))
+    with torch.no_grad():
+        a = ann(x)
+        c = count_inference(snn, x)
+        s = spike_inference(snn, x[:100]).mean(0)
+    assert torch.equal(a.argmax(1), c.argmax(1))
+    assert torch.equal(a[:100].argmax(1), s.argmax(1))
+    # Logits may differ slightly: BN folding changes float32 rounding, which can move an input
+    # across a QCFS level boundary (see the neuron-count test below, run without folding).
+
+
+def test_qcfs_T_equals_L_neuron_counts_match_ann_levels(cifar):
+    """Every neuron's spike count equals the QCFS level of the ANN (the count of the lossless case),
+    except where float32 rounding puts the input on a level boundary; those must be rare."""
+    (x, _), _ = cifar
+    x = x[:50]
+    ann = _ckpt("cifar10_cnn_qcfs_L4.pt")
+    snn = ParallelConverter("parallel", T=4, progress=False, fuse_bn=False).convert(copy.deepcopy(ann))
+    ann_levels, snn_counts = [], []
+    hooks = [m.register_forward_hook(lambda m, i, o: ann_levels.append(torch.round(o / m.theta.view(
+        (-1,) + (1,) * (o.dim() - 2) if m.theta.numel() > 1 else ()) * m.L)))
+        for m in ann.modules() if isinstance(m, QCFS)]
+    hooks += [m.register_forward_hook(lambda m, i, o: snn_counts.append(
+        (o != 0).sum(0).to(torch.float32))) for m in snn.modules() if isinstance(m, ParallelConversionNode)]
+    with torch.no_grad():
+        ann(x)
+        functional.reset_net(snn)
+        spike_inference(snn, x)
+    for h in hooks:
+        h.remove()
+    assert len(ann_levels) == len(snn_counts) == 5
+    total = sum(t.numel() for t in ann_levels)
+    diff = sum((a != s).sum().item() for a, s in zip(ann_levels, snn_counts))
+    assert diff <= 1e-4 * total, f"{diff} of {total} neuron counts differ"
+
+
+def test_relu_cnn_training_free_T32_within_1pt_and_beats_ltb_T16(cifar):
+    (x, y), calib = cifar
+    x, y = x[:300], y[:300]
+    ann = _ckpt("cifar10_cnn_relu.pt")
+    with torch.no_grad():
+        ann_acc = _acc(ann(x), y)
+        snn32 = ParallelConverter("parallel", T=32, dataloader=calib, num_batches=10,
+                                  progress=False).convert(copy.deepcopy(ann))
+        snn16 = ParallelConverter("parallel", T=16, dataloader=calib, num_batches=10,
+                                  progress=False).convert(copy.deepcopy(ann))
+        acc32 = _acc(count_inference(snn32, x), y)
+        acc16 = _acc(count_inference(snn16, x), y)
+        ltb = _convert_builtin("ltb", ann, calib, 10, "cpu")
+        ltb16 = _acc(_if_predict(ltb, 16)(x), y)
+    assert acc32 >= ann_acc - 1.0, (ann_acc, acc32)
+    assert acc16 > ltb16, (acc16, ltb16)
+
+
+def test_relu_calibration_improves_short_runs(cifar):
+    (x, y), calib = cifar
+    ann = _ckpt("cifar10_cnn_relu.pt")
+    kw = dict(T=4, dataloader=calib, num_batches=10, progress=False)
+    with torch.no_grad():
+        plain = ParallelConverter("parallel", calibrate=False, **kw).convert(copy.deepcopy(ann))
+        acc_plain = _acc(count_inference(plain, x), y)
+        for method in ("ema", "moment"):
+            cal = ParallelConverter("parallel", method=method, **kw).convert(copy.deepcopy(ann))
+            acc_cal = _acc(count_inference(cal, x), y)
+            assert acc_cal > acc_plain + 1.0, (method, acc_cal, acc_plain)
+
+
+def test_bias_correction_changes_short_calibration_runs(cifar):
+    """With 3 batches and alpha = 0.99 the raw EMAs hold only 1 - 0.99**3 = 3% of the statistic
+    (batch-weighted); bias correction must undo that, so uncorrected offsets are about 30x smaller."""
+    _, calib = cifar
+    ann = _ckpt("cifar10_cnn_qcfs_L4.pt")
+    kw = dict(T=2, dataloader=calib, num_batches=3, progress=False, fuse_bn=False)
+    a = ParallelConverter("parallel", **kw).convert(copy.deepcopy(ann))
+    b = ParallelConverter("parallel", bias_correction=False, **kw).convert(copy.deepcopy(ann))
+    na = [m for m in a.modules() if isinstance(m, ParallelConversionNode)]
+    nb = [m for m in b.modules() if isinstance(m, ParallelConversionNode)]
+    ratios = [float((m2.bias.abs().sum() / m1.bias.abs().sum()).item()) for m1, m2 in zip(na, nb)
+              if m1.bias.abs().sum() > 0]
+    assert ratios
+    assert all(0.01 < r < 0.1 for r in ratios), ratios
+
+
+def test_count_domain_equals_spike_level_with_max_pool(cifar):
+    (x, _), calib = cifar
+    ann = _ckpt("cifar10_cnn_relu.pt")
+    assert any(isinstance(m, torch.nn.MaxPool2d) for m in ann.modules())
+    snn = ParallelConverter("parallel", T=8, dataloader=calib, num_batches=2, progress=False).convert(ann)
+    # float64: in float32 a different summation order can flip a count at a threshold boundary.
+    snn, x = snn.double(), x[:64].double()
+    with torch.no_grad():
+        torch.testing.assert_close(count_inference(snn, x), spike_inference(snn, x).mean(0),
+                                   rtol=1e-9, atol=1e-9)
+
+
+def test_option_a_resnet20_converts_on_real_data(cifar):
+    (x, _), calib = cifar
+    torch.manual_seed(0)
+    ann = models.build_model("resnet20", num_classes=10, act="relu").eval()
+    snn = ParallelConverter("parallel", T=16, dataloader=calib, num_batches=2, progress=False).convert(ann)
+    snn, x = snn.double(), x[:32].double()
+    with torch.no_grad():
+        c = count_inference(snn, x)
+        s = spike_inference(snn, x).mean(0)
+    assert c.shape == (32, 10)
+    torch.testing.assert_close(c, s, rtol=1e-9, atol=1e-9)
+
+
+def _load_example(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_convert_cifar_example(cifar10_dir, tmp_path):
+    out = tmp_path / "r.json"
+    _load_example("convert_cifar").main([
+        "--checkpoint", str(CKPT / "cifar10_cnn_qcfs_L4.pt"), "--T", "4", "2", "--calib-batches", "2",
+        "--limit-test", "200", "--data-root", str(cifar10_dir), "--count-domain", "--device", "cpu",
+        "--json", str(out)])
+    r = json.loads(out.read_text())
+    rows = {row["T"]: row for row in r["rows"]}
+    assert rows[4]["accuracy"] == r["ann_accuracy"] and not rows[4]["calibrated"]
+    assert rows[2]["calibrated"] and 0.3 < rows[2]["accuracy"] <= 1.0
+
+
+def test_imagenet_training_free_example_on_imagefolder(cifar10_dir, tmp_path):
+    """The ImageNet example on a tiny ImageFolder made of CIFAR-10 images (no download)."""
+    from PIL import Image
+
+    with np.load(cifar10_dir / "test.npz") as z:
+        xs, ys = z["x"][:40], z["y"][:40]
+    for i, (img, lab) in enumerate(zip(xs, ys)):
+        d = tmp_path / "folder" / f"class{int(lab)}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(d / f"{i}.png")
+    out = tmp_path / "r.json"
+    _load_example("imagenet_training_free").main([
+        "--data-root", str(tmp_path / "folder"), "--num-classes", "10", "--T", "8", "--batch-size", "20",
+        "--calib-batches", "1", "--image-size", "64", "--count-domain", "--device", "cpu",
+        "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert [row["T"] for row in r["rows"]] == [8]
+    assert 0.0 <= r["rows"][0]["accuracy"] <= 1.0
