@@ -83,7 +83,7 @@ class ParallelConversionRecipe(FXConversionRecipe):
         reducer: ``reducer(tensor, op)`` summing/maxing statistics across processes (distributed).
         default_T: T of sites missing from a per-layer ``T`` dict.
         method: ``"ema"`` (Algorithm 1 as published) or ``"moment"`` (per-channel moment
-            matching of ``phi_da`` and ``psi_da``; better at T <= 4, see the docs).
+            matching of ``phi_da`` and ``psi_da``; an alternative at T <= 4, measured in the docs).
     """
 
     def __init__(

@@ -190,3 +190,15 @@ def test_imagenet_training_free_example_on_imagefolder(cifar10_dir, tmp_path):
     r = json.loads(out.read_text())
     assert [row["T"] for row in r["rows"]] == [8]
     assert 0.0 <= r["rows"][0]["accuracy"] <= 1.0
+
+
+def test_per_layer_T_example(cifar10_dir, tmp_path):
+    out = tmp_path / "r.json"
+    rows = _load_example("per_layer_T").main([
+        "--checkpoint", str(CKPT / "cifar10_cnn_relu.pt"), "--T-max", "8", "--candidates", "2",
+        "--calib-batches", "1", "--search-batches", "1", "--batch-size", "64", "--limit-test", "100",
+        "--max-loss", "0.05", "--data-root", str(cifar10_dir), "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert len(r["T"]) == 5 and set(r["T"].values()) <= {2, 8}
+    assert 2 <= r["weighted_T"] <= 8
+    assert [row[0] for row in rows] == ["ANN", "uniform T=8", "per-layer T", f"uniform T={round(r['weighted_T'])}"]
