@@ -202,3 +202,26 @@ def test_per_layer_T_example(cifar10_dir, tmp_path):
     assert len(r["T"]) == 5 and set(r["T"].values()) <= {2, 8}
     assert 2 <= r["weighted_T"] <= 8
     assert [row[0] for row in rows] == ["ANN", "uniform T=8", "per-layer T", f"uniform T={round(r['weighted_T'])}"]
+
+
+def test_cli_stats_on_converted_resnet20(cifar10_dir, tmp_path, capsys):
+    """`sj-parallel stats` on a ResNet-20 (untrained weights: the statistics path does not depend
+    on accuracy) converted with CIFAR-10 calibration: per-layer rates and nonzero SOPs."""
+    from sj_parallel_conversion import cli
+
+    torch.manual_seed(0)
+    ann = models.build_model("resnet20", num_classes=10, act="relu")
+    ckpt = tmp_path / "r20.pt"
+    models.save_checkpoint(ckpt, ann, name="resnet20", act="relu", L=0, num_classes=10)
+    out = tmp_path / "stats.json"
+    code = cli.main(["stats", "--checkpoint", str(ckpt), "--T", "8", "--images", "16", "--batch-size", "16",
+                     "--calib-batches", "2", "--data-root", str(cifar10_dir), "--no-progress", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    r = json.loads(out.read_text())
+    neurons = [l for l in r["layers"] if l["kind"] == "neuron"]
+    synapses = [l for l in r["layers"] if l["kind"] == "synapse"]
+    assert len(neurons) == 19  # stem + 2 per block x 9 blocks
+    assert all(0.0 <= l["firing_rate"] <= 1.0 for l in neurons)
+    assert r["total_sops"] > 0 and sum(l["sops_per_image"] > 0 for l in synapses) >= 19
+    assert neurons[0]["name"] in printed
