@@ -2,6 +2,7 @@
 absent (a user's clone) and fail where SJPC_REQUIRE_DATA=1 (CI), so CI never skips them."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -25,3 +26,14 @@ def cifar10_dir() -> Path:
             pytest.fail(msg)
         pytest.skip(msg)
     return d
+
+
+@pytest.fixture(scope="session")
+def load_example():
+    """``load_example("train_cifar")`` imports ``examples/train_cifar.py`` as a module."""
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "examples" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    return load

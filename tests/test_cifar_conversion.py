@@ -5,7 +5,6 @@ Subsets keep the suite fast on two CPU cores; the full-test-set figures are in d
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from sj_parallel_conversion import ParallelConversionNode, ParallelConverter, co
 from sj_parallel_conversion import data, models
 from sj_parallel_conversion.activation import QCFS
 from sj_parallel_conversion.compare import _convert_builtin, _if_predict
+from sj_parallel_conversion.formulas import channel_view
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "sj_parallel_conversion" / "checkpoints"
@@ -64,8 +64,8 @@ def test_qcfs_T_equals_L_neuron_counts_match_ann_levels(cifar):
     ann = _ckpt("cifar10_cnn_qcfs_L4.pt")
     snn = ParallelConverter("parallel", T=4, progress=False, fuse_bn=False).convert(copy.deepcopy(ann))
     ann_levels, snn_counts = [], []
-    hooks = [m.register_forward_hook(lambda m, i, o: ann_levels.append(torch.round(o / m.theta.view(
-        (-1,) + (1,) * (o.dim() - 2) if m.theta.numel() > 1 else ()) * m.L)))
+    hooks = [m.register_forward_hook(lambda m, i, o: ann_levels.append(
+        torch.round(o / channel_view(m.theta, o.dim(), m.channel_dim) * m.L)))
         for m in ann.modules() if isinstance(m, QCFS)]
     hooks += [m.register_forward_hook(lambda m, i, o: snn_counts.append(
         (o != 0).sum(0).to(torch.float32))) for m in snn.modules() if isinstance(m, ParallelConversionNode)]
@@ -153,16 +153,9 @@ def test_option_a_resnet20_converts_on_real_data(cifar):
     torch.testing.assert_close(c, s, rtol=1e-9, atol=1e-9)
 
 
-def _load_example(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_convert_cifar_example(cifar10_dir, tmp_path):
+def test_convert_cifar_example(cifar10_dir, tmp_path, load_example):
     out = tmp_path / "r.json"
-    _load_example("convert_cifar").main([
+    load_example("convert_cifar").main([
         "--checkpoint", str(CKPT / "cifar10_cnn_qcfs_L4.pt"), "--T", "4", "2", "--calib-batches", "2",
         "--limit-test", "200", "--data-root", str(cifar10_dir), "--count-domain", "--device", "cpu",
         "--json", str(out)])
@@ -172,7 +165,7 @@ def test_convert_cifar_example(cifar10_dir, tmp_path):
     assert rows[2]["calibrated"] and 0.3 < rows[2]["accuracy"] <= 1.0
 
 
-def test_imagenet_training_free_example_on_imagefolder(cifar10_dir, tmp_path):
+def test_imagenet_training_free_example_on_imagefolder(cifar10_dir, tmp_path, load_example):
     """The ImageNet example on a tiny ImageFolder made of CIFAR-10 images (no download)."""
     from PIL import Image
 
@@ -183,7 +176,7 @@ def test_imagenet_training_free_example_on_imagefolder(cifar10_dir, tmp_path):
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(d / f"{i}.png")
     out = tmp_path / "r.json"
-    _load_example("imagenet_training_free").main([
+    load_example("imagenet_training_free").main([
         "--data-root", str(tmp_path / "folder"), "--num-classes", "10", "--T", "8", "--batch-size", "20",
         "--calib-batches", "1", "--image-size", "64", "--count-domain", "--device", "cpu",
         "--json", str(out)])
@@ -192,9 +185,9 @@ def test_imagenet_training_free_example_on_imagefolder(cifar10_dir, tmp_path):
     assert 0.0 <= r["rows"][0]["accuracy"] <= 1.0
 
 
-def test_per_layer_T_example(cifar10_dir, tmp_path):
+def test_per_layer_T_example(cifar10_dir, tmp_path, load_example):
     out = tmp_path / "r.json"
-    rows = _load_example("per_layer_T").main([
+    rows = load_example("per_layer_T").main([
         "--checkpoint", str(CKPT / "cifar10_cnn_relu.pt"), "--T-max", "8", "--candidates", "2",
         "--calib-batches", "1", "--search-batches", "1", "--batch-size", "64", "--limit-test", "100",
         "--max-loss", "0.05", "--data-root", str(cifar10_dir), "--json", str(out)])

@@ -1,7 +1,6 @@
 """The model zoo, torchvision ResNets, checkpoints, and the training example end to end."""
 from __future__ import annotations
 
-import importlib.util
 import operator
 from pathlib import Path
 
@@ -209,15 +208,8 @@ def test_checked_in_checkpoints_load():
             assert m(torch.randn(2, 3, 32, 32)).shape == (2, meta["num_classes"])
 
 
-def _train_script():
-    spec = importlib.util.spec_from_file_location("train_cifar", ROOT / "examples" / "train_cifar.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_train_cifar_end_to_end_and_resume(cifar10_dir, tmp_path, capsys):
-    train = _train_script()
+def test_train_cifar_end_to_end_and_resume(cifar10_dir, tmp_path, capsys, load_example):
+    train = load_example("train_cifar")
     ck, ex = tmp_path / "state.pt", tmp_path / "final.pt"
     common = ["--model", "cnn", "--act", "qcfs", "--L", "4", "--theta", "2", "--limit-train", "256",
               "--limit-test", "128", "--batch-size", "64", "--data-root", str(cifar10_dir), "--no-progress",
