@@ -11,6 +11,7 @@ per-layer result's SOP-weighted mean (the same average cost spent evenly).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -20,9 +21,9 @@ from torch.utils.data import Subset
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from sj_parallel_conversion import count_inference, data, models  # noqa: E402
+from sj_parallel_conversion import ParallelConversionRecipe, ParallelConverter, count_inference, data, models  # noqa: E402
 from sj_parallel_conversion.compare import evaluate  # noqa: E402
-from sj_parallel_conversion.layerwise import _convert, search_layer_T  # noqa: E402
+from sj_parallel_conversion.layerwise import search_layer_T  # noqa: E402
 
 
 def main(argv=None):
@@ -52,7 +53,7 @@ def main(argv=None):
     print(res.to_text())
 
     def test_acc(T):
-        snn = _convert(ann, T, calib, None, "cpu", {})
+        snn = ParallelConverter(ParallelConversionRecipe(T, calib, progress=False)).convert(copy.deepcopy(ann))
         return evaluate(lambda b: count_inference(snn, b), test, progress=False)[0]
 
     weighted = max(1, round(res.weighted_T))

