@@ -199,23 +199,42 @@ def test_per_layer_T_example(cifar10_dir, tmp_path, load_example):
 
 
 def test_cli_stats_on_converted_resnet20(cifar10_dir, tmp_path, capsys):
-    """`sj-parallel stats` on a ResNet-20 (untrained weights: the statistics path does not depend
-    on accuracy) converted with CIFAR-10 calibration: per-layer rates and nonzero SOPs."""
+    """`sj-parallel stats` on the checked-in ResNet-20 converted with CIFAR-10 calibration:
+    per-layer rates and nonzero SOPs at every site."""
     from sj_parallel_conversion import cli
 
-    torch.manual_seed(0)
-    ann = models.build_model("resnet20", num_classes=10, act="relu")
-    ckpt = tmp_path / "r20.pt"
-    models.save_checkpoint(ckpt, ann, name="resnet20", act="relu", L=0, num_classes=10)
     out = tmp_path / "stats.json"
-    code = cli.main(["stats", "--checkpoint", str(ckpt), "--T", "8", "--images", "16", "--batch-size", "16",
-                     "--calib-batches", "2", "--data-root", str(cifar10_dir), "--no-progress", "--json", str(out)])
+    code = cli.main(["stats", "--checkpoint", str(CKPT / "cifar10_resnet20_relu.pt"), "--T", "8", "--images", "16",
+                     "--batch-size", "16", "--calib-batches", "2", "--data-root", str(cifar10_dir), "--no-progress",
+                     "--json", str(out)])
     printed = capsys.readouterr().out
     assert code == 0
     r = json.loads(out.read_text())
     neurons = [l for l in r["layers"] if l["kind"] == "neuron"]
     synapses = [l for l in r["layers"] if l["kind"] == "synapse"]
     assert len(neurons) == 19  # stem + 2 per block x 9 blocks
-    assert all(0.0 <= l["firing_rate"] <= 1.0 for l in neurons)
+    assert all(0.0 < l["firing_rate"] <= 1.0 for l in neurons)
     assert r["total_sops"] > 0 and sum(l["sops_per_image"] > 0 for l in synapses) >= 19
     assert neurons[0]["name"] in printed
+
+
+def test_cli_compare_on_resnet20_checkpoint(cifar10_dir, tmp_path, capsys):
+    """The acceptance run of `sj-parallel compare` on a CIFAR-10 ResNet-20, on a subset: the
+    table is printed, the plot and JSON are written, and the numbers tell the expected story
+    (parallel close to the ANN at T=16, far above SpikingJelly's IF conversion at the same T)."""
+    from sj_parallel_conversion import cli
+
+    png, js = tmp_path / "cmp.png", tmp_path / "cmp.json"
+    code = cli.main(["compare", "--checkpoint", str(CKPT / "cifar10_resnet20_relu.pt"), "--T", "8", "16",
+                     "--methods", "ann", "parallel-count", "rate-max", "--limit", "200", "--calib-batches", "4",
+                     "--data-root", str(cifar10_dir), "--no-progress", "--plot", str(png), "--json", str(js)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "parallel SNN (count-domain)" in printed and "SJ RateCodingRecipe max (IF)" in printed
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    rows = json.loads(js.read_text())["rows"]
+    acc = {(r["method"], r["T"]): r["accuracy"] for r in rows}
+    assert len(acc) == 5 and all(r["images"] == 200 for r in rows)
+    assert acc[("ann", None)] > 0.8
+    assert acc[("parallel-count", 16)] >= acc[("ann", None)] - 0.05
+    assert acc[("parallel-count", 16)] > acc[("rate-max", 16)] + 0.2
