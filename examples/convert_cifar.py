@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from sj_parallel_conversion import ParallelConversionRecipe, ParallelConverter, count_inference, spike_predictor  # noqa: E402
+from sj_parallel_conversion import ParallelConversionRecipe, ParallelConverter, predictor  # noqa: E402
 from sj_parallel_conversion import data, models  # noqa: E402
 from sj_parallel_conversion.compare import evaluate  # noqa: E402
 
@@ -65,7 +65,7 @@ def main(argv=None):
                                           calibrate=False if args.no_calibration else None)
         snn = ParallelConverter(recipe, device=args.device).convert(copy.deepcopy(ann))
         conv = time.perf_counter() - t0
-        pred = (lambda x, s=snn: count_inference(s, x)) if args.count_domain else spike_predictor(snn, T)
+        pred = predictor(snn, T, count_domain=args.count_domain)
         acc, n, sec = evaluate(pred, test_loader, device=args.device, desc=f"T={T}")
         rows.append({"T": T, "accuracy": acc, "calibrated": recipe.case["calibrate"], "convert_s": conv,
                      "eval_s": sec, "images": n})

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from sj_parallel_conversion import ParallelConversionRecipe, ParallelConverter, count_inference, spike_predictor  # noqa: E402
+from sj_parallel_conversion import ParallelConversionRecipe, ParallelConverter, predictor  # noqa: E402
 from sj_parallel_conversion import data, models  # noqa: E402
 from sj_parallel_conversion.compare import evaluate  # noqa: E402
 
@@ -64,7 +64,7 @@ def main(argv=None):
                                           analog_sites=["relu"] if args.keep_stem_analog else ())
         snn = ParallelConverter(recipe, device=args.device).convert(copy.deepcopy(ann))
         conv = time.perf_counter() - t0
-        pred = (lambda x, s=snn: count_inference(s, x)) if args.count_domain else spike_predictor(snn, T)
+        pred = predictor(snn, T, count_domain=args.count_domain)
         acc, n, sec = evaluate(pred, test_loader, device=args.device, desc=f"T={T}")
         rows.append({"T": T, "accuracy": acc, "loss": ann_acc - acc, "convert_s": conv, "eval_s": sec})
         print(f"T={T:3d}  SNN accuracy {100 * acc:6.2f}% ({100 * (acc - ann_acc):+.2f})  "

@@ -16,7 +16,6 @@ import json
 import os
 import sys
 
-import torch
 from torch.utils.data import Subset
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))

@@ -17,11 +17,11 @@ Conversion (SpikingJelly ``ann2snn`` flow)
 Evaluation
     :func:`count_inference`  time-mean output without materialising time steps.
     :func:`spike_inference`  spike-level run on a static input repeated T times.
-    :func:`spike_predictor`  ``x -> time-mean output`` for any multi-step SNN (also SpikingJelly's IF).
+    :func:`predictor`  ``x -> time-mean output``, spike-level (any multi-step SNN) or count-domain.
 """
 from .activation import DAQCFS, QCFS, ClipReLU
 from .graph import GraphConversionError
-from .inference import count_inference, spike_inference, spike_predictor
+from .inference import count_inference, predictor, spike_inference
 from .neuron import ParallelConversionNode
 from .recipe import ParallelConversionRecipe, ParallelConverter, parallel_neuron_factory
 from .registry import available_recipes, register_neuron, register_recipe
@@ -32,5 +32,5 @@ __all__ = [
     "ParallelConversionNode", "QCFS", "ClipReLU", "DAQCFS",
     "ParallelConversionRecipe", "ParallelConverter", "parallel_neuron_factory",
     "register_recipe", "register_neuron", "available_recipes", "GraphConversionError",
-    "count_inference", "spike_inference", "spike_predictor",
+    "count_inference", "spike_inference", "predictor",
 ]

@@ -253,9 +253,8 @@ def load_snn(path: str, device: str = "cpu"):
 
 def cmd_evaluate(args) -> int:
     from .compare import ComparisonRow, ComparisonTable
-    from .inference import spike_predictor
     from .distributed import distributed_evaluate as evaluate
-    from .inference import count_inference
+    from .inference import predictor
     from .recipe import ParallelConverter
 
     ev = dict(device=args.device, progress=not args.no_progress)
@@ -265,7 +264,7 @@ def cmd_evaluate(args) -> int:
         if args.T and args.T != [T]:
             raise CLIError(f"{args.snn} was converted for T={T}; convert again for other T")
         _, test_loader = _loaders(args, need_train=False)
-        pred = (lambda x: count_inference(snn, x)) if args.mode == "count" else spike_predictor(snn, T)
+        pred = predictor(snn, T, count_domain=args.mode == "count")
         acc, n, sec = evaluate(pred, test_loader, **ev)
         table.rows.append(ComparisonRow("parallel" if args.mode == "spike" else "parallel-count", T, acc, n, 0.0, sec))
     else:
@@ -282,7 +281,7 @@ def cmd_evaluate(args) -> int:
             t0 = time.perf_counter()
             snn = ParallelConverter(_recipe(args, T, calib_loader), device=args.device).convert(copy.deepcopy(ann))
             conv = time.perf_counter() - t0
-            pred = (lambda x, s=snn: count_inference(s, x)) if args.mode == "count" else spike_predictor(snn, T)
+            pred = predictor(snn, T, count_domain=args.mode == "count")
             acc, n, sec = evaluate(pred, test_loader, **ev)
             table.rows.append(ComparisonRow("parallel" if args.mode == "spike" else "parallel-count", T, acc, n,
                                             conv, sec))

@@ -21,7 +21,7 @@ from spikingjelly.activation_based import functional
 from tqdm.auto import tqdm
 
 from .calibration import iterate_inputs
-from .inference import count_inference, spike_predictor
+from .inference import predictor
 from .recipe import ParallelConversionRecipe, ParallelConverter
 
 __all__ = ["METHODS", "ComparisonRow", "ComparisonTable", "compare_converters", "convert_builtin", "evaluate"]
@@ -256,10 +256,10 @@ def compare_converters(
                 continue
             conv = time.perf_counter() - t0
             if want_spike:
-                acc, n, sec = evaluate(spike_predictor(snn, T), test_loader, desc=f"parallel T={T}", **ev)
+                acc, n, sec = evaluate(predictor(snn, T), test_loader, desc=f"parallel T={T}", **ev)
                 table.rows.append(ComparisonRow("parallel", T, acc, n, conv, sec))
             if want_count:
-                acc, n, sec = evaluate(lambda x: count_inference(snn, x), test_loader,
+                acc, n, sec = evaluate(predictor(snn, T, count_domain=True), test_loader,
                                        desc=f"count-domain T={T}", **ev)
                 table.rows.append(ComparisonRow("parallel-count", T, acc, n, conv, sec))
 
@@ -277,6 +277,6 @@ def compare_converters(
             continue
         conv = time.perf_counter() - t0
         for T in Ts:
-            acc, n, sec = evaluate(spike_predictor(snn, T), test_loader, desc=f"{m} T={T}", **ev)
+            acc, n, sec = evaluate(predictor(snn, T), test_loader, desc=f"{m} T={T}", **ev)
             table.rows.append(ComparisonRow(m, T, acc, n, conv, sec))
     return table

@@ -17,7 +17,7 @@ from spikingjelly.activation_based import functional
 
 from .neuron import ParallelConversionNode
 
-__all__ = ["count_inference", "count_domain", "spike_inference", "spike_predictor", "repeat_input"]
+__all__ = ["count_inference", "count_domain", "spike_inference", "predictor", "repeat_input"]
 
 
 def _nodes(model: nn.Module):
@@ -81,12 +81,16 @@ def spike_inference(model: nn.Module, x: torch.Tensor, T: Optional[int] = None) 
     return out
 
 
-def spike_predictor(model: nn.Module, T: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x -> time-mean output`` of a multi-step SNN run for ``T`` steps on static input ``x``.
+def predictor(model: nn.Module, T: int, count_domain: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> time-mean output`` of a converted model on static input ``x``.
 
-    Works for any multi-step SNN whose state ``functional.reset_net`` clears, so the same
-    predictor evaluates this plugin's networks and SpikingJelly's IF-neuron conversions.
+    ``count_domain=False``: a spike-level run of ``T`` steps (:func:`spike_inference`); this works
+    for any multi-step SNN whose state ``functional.reset_net`` clears, SpikingJelly's IF-neuron
+    conversions included. ``count_domain=True``: :func:`count_inference` (parallel neurons only;
+    each neuron uses its own ``T``).
     """
     if isinstance(T, bool) or not isinstance(T, int) or T < 1:
         raise ValueError(f"T must be an integer >= 1, got {T!r}")
+    if count_domain:
+        return lambda x: count_inference(model, x)
     return lambda x: spike_inference(model, x, T).mean(0)

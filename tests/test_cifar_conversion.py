@@ -17,7 +17,7 @@ from sj_parallel_conversion import ParallelConversionNode, ParallelConverter, co
 from sj_parallel_conversion import data, models
 from sj_parallel_conversion.activation import QCFS
 from sj_parallel_conversion.compare import convert_builtin
-from sj_parallel_conversion.inference import spike_predictor
+from sj_parallel_conversion.inference import predictor
 from sj_parallel_conversion.formulas import channel_view
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def test_relu_cnn_training_free_T32_within_1pt_and_beats_ltb_T16(cifar):
         acc32 = _acc(count_inference(snn32, x), y)
         acc16 = _acc(count_inference(snn16, x), y)
         ltb = convert_builtin("ltb", ann, calib, 10, "cpu")
-        ltb16 = _acc(spike_predictor(ltb, 16)(x), y)
+        ltb16 = _acc(predictor(ltb, 16)(x), y)
     assert acc32 >= ann_acc - 1.0, (ann_acc, acc32)
     assert acc16 > ltb16, (acc16, ltb16)
 
