@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--theta", type=float, default=8.0, help="initial QCFS threshold (with --act qcfs)")
     p.add_argument("--shortcut", choices=["A", "B"], default=None, help="resnet20..56 shortcut option")
     p.add_argument("--pool", choices=["avg", "max"], default=None, help="vgg16 pooling")
+    p.add_argument("--width", type=float, default=None, help="vgg16 channel multiplier (0.25: 16..128 channels)")
+    p.add_argument("--hidden", type=int, default=None, help="vgg16 classifier width (default 4096)")
     p.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10")
     p.add_argument("--data", choices=["npz", "torchvision"], default="npz",
                    help="npz: the project's CIFAR-10 files ($SJPC_CIFAR10_DIR); torchvision: CIFAR10/CIFAR100")
@@ -105,6 +107,10 @@ def main(argv=None) -> dict:
         kwargs["shortcut"] = args.shortcut
     if args.pool is not None:
         kwargs["pool"] = args.pool
+    if args.width is not None:
+        kwargs["width"] = args.width
+    if args.hidden is not None:
+        kwargs["hidden"] = args.hidden
 
     train_set, test_set, augment = _datasets(args)
     g = torch.Generator().manual_seed(args.seed)

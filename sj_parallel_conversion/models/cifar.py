@@ -68,24 +68,30 @@ _VGG16_CFG = (64, 64, "P", 128, 128, "P", 256, 256, 256, "P", 512, 512, 512, "P"
 
 class VGG16(nn.Module):
     """CIFAR VGG-16 with BN, as in the QCFS code: 13 conv-BN-act layers, 5 pools (``pool='avg'`` or
-    ``'max'``), classifier 512 -> 4096 -> 4096 -> classes with dropout."""
+    ``'max'``), classifier 512 -> 4096 -> 4096 -> classes with dropout.
+
+    ``width`` scales every convolution's channel count (``0.25``: 16 ... 128 channels, about 1/16
+    of the multiply-accumulates, trainable on a CPU); ``hidden`` sets the classifier's width."""
 
     def __init__(self, act: ActFactory, num_classes: int = 10, in_channels: int = 3, pool: str = "avg",
-                 dropout: float = 0.5, hidden: int = 4096):
+                 dropout: float = 0.5, hidden: int = 4096, width: float = 1.0):
         super().__init__()
         if pool not in ("avg", "max"):
             raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
+        if not (isinstance(width, (int, float)) and 0 < width <= 4):
+            raise ValueError(f"width must be a number in (0, 4], got {width!r}")
         layers: List[nn.Module] = []
         c = in_channels
         for v in _VGG16_CFG:
             if v == "P":
                 layers.append(nn.AvgPool2d(2) if pool == "avg" else nn.MaxPool2d(2))
             else:
+                v = max(1, int(round(v * width)))
                 layers += [*_conv_bn(c, v), act()]
                 c = v
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(
-            nn.Linear(512, hidden), act(), nn.Dropout(dropout),
+            nn.Linear(c, hidden), act(), nn.Dropout(dropout),
             nn.Linear(hidden, hidden), act(), nn.Dropout(dropout),
             nn.Linear(hidden, num_classes),
         )
