@@ -16,7 +16,7 @@ Conversion (SpikingJelly ``ann2snn`` flow)
 
 Evaluation
     :func:`count_inference`  time-mean output without materialising time steps.
-    :func:`spike_inference`  spike-level run on a static input repeated T times.
+    :func:`spike_inference`  spike-level run on a static input (fed once to parallel networks).
     :func:`predictor`  ``x -> time-mean output``, spike-level (any multi-step SNN) or count-domain.
 """
 from .activation import DAQCFS, QCFS, ClipReLU

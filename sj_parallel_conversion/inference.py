@@ -68,15 +68,24 @@ def repeat_input(x: torch.Tensor, T: int) -> torch.Tensor:
 
 
 def spike_inference(model: nn.Module, x: torch.Tensor, T: Optional[int] = None) -> torch.Tensor:
-    """Spike-level run of a converted model: ``[T, N, classes]`` for static input ``[N, ...]``.
+    """Spike-level run of a converted model on static input ``x`` of shape ``[N, ...]``.
 
-    ``T`` (the number of input steps) defaults to the largest ``T`` of the model's neurons.
+    Returns the output sequence ``[T_out, N, ...]``. With ``T=None`` (parallel networks only) the
+    image is fed once, as one input step (``T_in = 1``): every parallel neuron reads only the time
+    mean of its input, and the mean of ``T`` identical copies can round differently from the
+    image itself. With an int ``T`` the image is repeated ``T`` times (direct encoding), which
+    SpikingJelly's IF networks need.
     """
     if T is None:
-        T = max(n.T for n in _nodes(model))
+        _nodes(model)
+        steps = 1
+    else:
+        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+            raise ValueError(f"T must be None or an integer >= 1, got {T!r}")
+        steps = T
     functional.reset_net(model)
     with torch.no_grad():
-        out = model(repeat_input(x, T))
+        out = model(repeat_input(x, steps))
     functional.reset_net(model)
     return out
 
@@ -84,13 +93,16 @@ def spike_inference(model: nn.Module, x: torch.Tensor, T: Optional[int] = None) 
 def predictor(model: nn.Module, T: int, count_domain: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x -> time-mean output`` of a converted model on static input ``x``.
 
-    ``count_domain=False``: a spike-level run of ``T`` steps (:func:`spike_inference`); this works
-    for any multi-step SNN whose state ``functional.reset_net`` clears, SpikingJelly's IF-neuron
-    conversions included. ``count_domain=True``: :func:`count_inference` (parallel neurons only;
+    ``count_domain=False``: a spike-level run (:func:`spike_inference`): parallel networks get
+    the image once (each neuron emits its own ``T`` steps); any other multi-step SNN whose state
+    ``functional.reset_net`` clears, SpikingJelly's IF-neuron conversions included, gets it
+    repeated ``T`` times. ``count_domain=True``: :func:`count_inference` (parallel neurons only;
     each neuron uses its own ``T``).
     """
     if isinstance(T, bool) or not isinstance(T, int) or T < 1:
         raise ValueError(f"T must be an integer >= 1, got {T!r}")
     if count_domain:
         return lambda x: count_inference(model, x)
+    if any(isinstance(m, ParallelConversionNode) for m in model.modules()):
+        return lambda x: spike_inference(model, x).mean(0)
     return lambda x: spike_inference(model, x, T).mean(0)

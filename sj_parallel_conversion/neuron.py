@@ -128,10 +128,13 @@ class ParallelConversionNode(base.MemoryModule):
     def rate(self, mean_current: torch.Tensor) -> torch.Tensor:
         """Time mean of the output, ``spike_value * k / T``, for time-mean currents ``[N, ...]``."""
         k = self.count(mean_current)
-        sv = formulas.channel_view(self.spike_value.to(k.dtype), k.dim(), self.channel_dim)
-        if torch.is_grad_enabled() and (k.requires_grad or sv.requires_grad):
-            return sv * k / self.T
-        return k.mul_(sv).div_(self.T)
+        # (spike_value / T) * k, in this order: the same operations as QCFS's theta / L * q and
+        # DA-QCFS's (theta + phi_da) / T * k, so a lossless conversion (T == L) reproduces the
+        # ANN's activations bit for bit.
+        step = formulas.channel_view(self.spike_value.to(k.dtype) / self.T, k.dim(), self.channel_dim)
+        if torch.is_grad_enabled() and (k.requires_grad or step.requires_grad):
+            return step * k
+        return k.mul_(step)
 
     # -- checks ----------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor, time_axis: bool) -> None:

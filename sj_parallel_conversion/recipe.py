@@ -27,6 +27,7 @@ from torch import fx
 from . import calibration, kernels, registry
 from .activation import DAQCFS, QCFS, ClipReLU
 from .graph import activation_sites, keep_analog, prepare_graph, to_multistep
+from .joins import insert_time_joins
 from .neuron import ParallelConversionNode
 from .observers import MaxObserver
 
@@ -220,7 +221,7 @@ class ParallelConversionRecipe(FXConversionRecipe):
 
     def replace(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
         calibration.to_nodes(fx_model, backend=self.backend, spike_order=self.spike_order)
-        fx_model = to_multistep(fx_model)
+        fx_model = insert_time_joins(to_multistep(fx_model))
         return fx_model.to(converter.device)
 
     def finalize(self, converter: FXConverter, fx_model: fx.GraphModule) -> nn.Module:
