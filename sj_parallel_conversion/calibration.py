@@ -10,7 +10,7 @@ the module behind every activation site.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -21,34 +21,144 @@ from .activation import DAQCFS, QCFS, ClipReLU
 from .graph import AnalogReLU
 from .observers import DACalibrator, MaxObserver, Reducer
 
-__all__ = ["iterate_inputs", "record_thresholds", "calibrate_da", "to_daqcfs", "to_nodes", "replace_sites"]
+__all__ = ["extract_input", "check_input", "CalibrationData", "iterate_inputs", "record_thresholds", "calibrate_da", "to_daqcfs", "to_nodes", "replace_sites"]
+
+
+_INPUT_KEYS = ("input", "inputs", "image", "images", "img", "x", "data", "pixel_values")
+
+
+def extract_input(batch: Any) -> torch.Tensor:
+    """The input tensor of one calibration batch.
+
+    Accepts a tensor, a ``(x, y, ...)`` tuple or list (its first element), or a dict with one of
+    the keys ``input(s)``, ``image(s)``, ``img``, ``x``, ``data``, ``pixel_values``. Labels are
+    never used: calibration matches the ANN, not the targets.
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)):
+        if not batch:
+            raise ValueError("a calibration batch is an empty list/tuple")
+        return extract_input(batch[0])
+    if isinstance(batch, dict):
+        for key in _INPUT_KEYS:
+            if key in batch:
+                return extract_input(batch[key])
+        raise ValueError(f"a calibration batch is a dict without an input key (one of {_INPUT_KEYS}); "
+                         f"its keys are {sorted(map(str, batch))}")
+    raise TypeError(f"a calibration batch must be a tensor, an (x, y) tuple or a dict, got {type(batch).__name__}")
+
+
+def check_input(x: Any, where: str = "the first calibration batch") -> torch.Tensor:
+    """Raise a clear error unless ``x`` is a floating-point tensor with a batch axis."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where} must hold one input tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{where} holds a {x.dtype} tensor; convert the inputs to floating point "
+                        "(e.g. images scaled to [0, 1] and normalised as for the ANN)")
+    if x.dim() < 2 or x.shape[0] < 1:
+        raise ValueError(f"{where} has shape {tuple(x.shape)}; expected [N, ...] with a batch axis")
+    return x
+
+
+class CalibrationData:
+    """The calibration batches of a conversion, readable as often as the stages need.
+
+    A re-iterable loader (a list, a ``DataLoader``) is read anew on every pass. A one-shot
+    iterator (a generator) is read once and its input tensors are kept in memory, at most
+    ``max_cache_bytes``; beyond that it is refused with a message, since a second pass would
+    otherwise find it empty. ``num_batches`` caps every pass.
+    """
+
+    def __init__(self, loader: Iterable, num_batches: Optional[int] = None,
+                 max_cache_bytes: int = 4 << 30) -> None:
+        if loader is None:
+            raise ValueError("calibration data is None")
+        try:
+            it = iter(loader)
+        except TypeError:
+            raise TypeError(f"calibration data must be iterable (a DataLoader, a list of batches or a generator), "
+                            f"got {type(loader).__name__}") from None
+        self.loader = loader
+        self.num_batches = num_batches
+        self.max_cache_bytes = max_cache_bytes
+        self.one_shot = it is loader
+        self._iter = it if self.one_shot else None
+        self._cache: List[torch.Tensor] = []
+        self._cache_bytes = 0
+        self._exhausted = False
+
+    def _one_shot_next(self) -> Optional[torch.Tensor]:
+        if self._exhausted or (self.num_batches is not None and len(self._cache) >= self.num_batches):
+            self._exhausted = True
+            return None
+        try:
+            batch = next(self._iter)
+        except StopIteration:
+            self._exhausted = True
+            return None
+        x = check_input(extract_input(batch), f"calibration batch {len(self._cache)}").detach().cpu()
+        self._cache_bytes += x.numel() * x.element_size()
+        if self._cache_bytes > self.max_cache_bytes:
+            raise ValueError(
+                f"the calibration data is a one-shot iterator ({type(self.loader).__name__}) holding more than "
+                f"{self.max_cache_bytes / 2**30:.1f} GiB of inputs, which conversion would have to keep in memory "
+                "to read it more than once; pass num_batches=... or a re-iterable loader (a list or a DataLoader)")
+        self._cache.append(x)
+        return x
+
+    def first(self) -> torch.Tensor:
+        """The first batch's input tensor, checked (reads one batch; nothing else is consumed)."""
+        if self.one_shot:
+            x = self._cache[0] if self._cache else self._one_shot_next()
+        else:
+            x = next((extract_input(b) for b in self.loader), None)
+        if x is None:
+            raise ValueError("the calibration data yielded no batch")
+        return check_input(x)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self.one_shot:
+            i = 0
+            while True:
+                x = self._cache[i] if i < len(self._cache) else self._one_shot_next()
+                if x is None:
+                    return
+                yield x
+                i += 1
+        else:
+            for i, batch in enumerate(self.loader):
+                if self.num_batches is not None and i >= self.num_batches:
+                    return
+                yield check_input(extract_input(batch), f"calibration batch {i}")
+
+    def __len__(self) -> int:
+        if self.one_shot:
+            if not self._exhausted:
+                raise TypeError("the length of a one-shot calibration iterator is known only after one pass")
+            return len(self._cache)
+        n = len(self.loader)  # type: ignore[arg-type]
+        return n if self.num_batches is None else min(n, self.num_batches)
+
+    def length_hint(self) -> Optional[int]:
+        try:
+            return len(self)
+        except TypeError:
+            return self.num_batches
 
 
 def iterate_inputs(
     loader: Iterable, device: Union[str, torch.device], num_batches: Optional[int] = None,
     desc: str = "calibration", progress: bool = True,
 ) -> Iterator[torch.Tensor]:
-    """Input tensors from any iterable of batches (tensors, ``(x, y)`` tuples, dicts)."""
-    from spikingjelly.activation_based.ann2snn.recipes.rate_coding import _extract_batch_input
-
-    total = None
-    try:
-        total = len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        pass
-    if num_batches is not None:
-        total = num_batches if total is None else min(total, num_batches)
+    """Input tensors on ``device`` from any iterable of batches (tensors, ``(x, y)`` tuples, dicts)."""
+    data = loader if isinstance(loader, CalibrationData) else CalibrationData(loader, num_batches)
     seen = 0
-    for batch in tqdm(loader, total=total, desc=desc, disable=not progress, leave=False):
-        if num_batches is not None and seen >= num_batches:
-            break
-        x = _extract_batch_input(batch)
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"calibration batches must hold one input tensor, got {type(x).__name__}")
+    for x in tqdm(data, total=data.length_hint(), desc=desc, disable=not progress, leave=False):
         yield x.to(device)
         seen += 1
     if seen == 0:
-        raise ValueError("the calibration loader yielded no batch")
+        raise ValueError("the calibration data yielded no batch")
 
 
 def replace_sites(gm: fx.GraphModule, fn) -> fx.GraphModule:

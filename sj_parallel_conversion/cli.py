@@ -50,6 +50,16 @@ def _add_ckpt_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--checkpoint", required=required, help="ANN checkpoint written by save_checkpoint / train_cifar.py")
 
 
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration")
+    g.add_argument("--method", choices=["auto", "learned", "ema", "moment"], default="auto",
+                   help="auto (default): keep whichever of no calibration, Algorithm 1 and learned calibration "
+                        "agrees best with the ANN on held-out calibration images; learned: learn every neuron's "
+                        "per-channel thresholds and shift; ema: Algorithm 1 as published; moment: moment matching")
+    g.add_argument("--learn-steps", type=_positive_int, default=None,
+                   help="learned calibration: at most this many optimisation steps (default 300)")
+
+
 def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="also write the table as JSON")
     p.add_argument("--csv", default=None, help="also write the table as CSV")
@@ -74,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output file for the converted SNN")
     c.add_argument("--calibrate", choices=["auto", "yes", "no"], default="auto")
     c.add_argument("--alpha", type=float, default=0.99)
+    _add_method_args(c)
     _add_data_args(c)
     c.add_argument("--no-progress", action="store_true")
 
@@ -83,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--snn", help="SNN file written by 'convert' (its own T)")
     e.add_argument("--T", type=_positive_int, nargs="+", default=None)
     e.add_argument("--mode", choices=["spike", "count"], default="count")
+    _add_method_args(e)
     _add_data_args(e)
     _add_output_args(e)
 
@@ -92,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .compare import METHODS
     m.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     m.add_argument("--title", default=None)
+    _add_method_args(m)
     _add_data_args(m)
     _add_output_args(m)
 
@@ -100,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", help="ANN checkpoint (converted at --T)")
     src.add_argument("--snn", help="SNN file written by 'convert'")
     st.add_argument("--T", type=_positive_int, default=None)
+    _add_method_args(st)
     _add_data_args(st)
     st.add_argument("--images", type=_positive_int, default=256, help="test images to run (spike level)")
     st.add_argument("--json", default=None)
@@ -181,7 +195,16 @@ def _recipe(args, T, calib_loader, calibrate=None):
     reducer = distributed.allreduce_reducer() if distributed.is_distributed() else None
     return ParallelConversionRecipe(T, calib_loader, calibrate=calibrate, num_batches=args.calib_batches,
                                     progress=not args.no_progress, alpha=getattr(args, "alpha", 0.99),
-                                    reducer=reducer)
+                                    reducer=reducer, **_method_options(args))
+
+
+def _method_options(args) -> dict:
+    from .learned import LearnedCalibration
+
+    options = {"method": getattr(args, "method", "auto")}
+    if getattr(args, "learn_steps", None) is not None:
+        options["learned"] = LearnedCalibration(steps=args.learn_steps)
+    return options
 
 
 def _is_main_process() -> bool:
@@ -298,7 +321,7 @@ def cmd_compare(args) -> int:
                            f"{'all' if args.limit is None else args.limit} test images")
     table = compare_converters(ann, calib_loader, test_loader, args.T, methods=args.methods,
                                num_calib_batches=args.calib_batches, device=args.device,
-                               progress=not args.no_progress, title=title)
+                               progress=not args.no_progress, title=title, recipe_options=_method_options(args))
     _finish_table(table, args)
     return 0
 
@@ -366,6 +389,19 @@ COMMANDS = {"demo": cmd_demo, "convert": cmd_convert, "evaluate": cmd_evaluate, 
             "stats": cmd_stats, "search-t": cmd_search_t}
 
 
+def _show_calibration_log() -> None:
+    """Print the package's INFO lines (the calibration choice) on stderr, once."""
+    import logging
+
+    log = logging.getLogger("sj_parallel_conversion")
+    if not any(getattr(h, "_sjpc_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("sj-parallel: %(message)s"))
+        handler._sjpc_cli = True
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -377,6 +413,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if getattr(args, "no_progress", False) is False and not sys.stderr.isatty():
         args.no_progress = True
+    _show_calibration_log()
     try:
         return COMMANDS[args.command](args)
     except (CLIError, FileNotFoundError, ValueError, KeyError, TypeError, RuntimeError) as exc:

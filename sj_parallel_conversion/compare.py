@@ -27,13 +27,14 @@ from .recipe import ParallelConversionRecipe, ParallelConverter
 __all__ = ["METHODS", "ComparisonRow", "ComparisonTable", "compare_converters", "convert_builtin", "evaluate"]
 
 #: Method names :func:`compare_converters` accepts, in table order.
-METHODS = ("ann", "parallel", "parallel-count", "rate-max", "rate-99.9%", "ltb")
+METHODS = ("ann", "parallel", "parallel-count", "parallel-learned", "rate-max", "rate-99.9%", "ltb")
 _LABELS = {
     "ann": "ANN",
     "qcfs-ann": "QCFS ANN",
     "qcfs-parallel": "QCFS -> parallel SNN (T = L)",
     "parallel": "parallel SNN (spike-level)",
     "parallel-count": "parallel SNN (count-domain)",
+    "parallel-learned": "parallel SNN, learned calibration (count-domain)",
     "rate-max": "SJ RateCodingRecipe max (IF)",
     "rate-99.9%": "SJ RateCodingRecipe 99.9% (IF)",
     "ltb": "SJ LocalThresholdBalancing (IF)",
@@ -262,6 +263,23 @@ def compare_converters(
                 acc, n, sec = evaluate(predictor(snn, T, count_domain=True), test_loader,
                                        desc=f"count-domain T={T}", **ev)
                 table.rows.append(ComparisonRow("parallel-count", T, acc, n, conv, sec))
+
+    if "parallel-learned" in methods:
+        options = {**(recipe_options or {}), "method": "learned"}
+        for T in Ts:
+            t0 = time.perf_counter()
+            try:
+                snn = ParallelConverter(ParallelConversionRecipe(
+                    T, calib_loader, num_batches=num_calib_batches, progress=progress, **options),
+                    device=device).convert(copy.deepcopy(ann))
+            except Exception as exc:
+                table.rows.append(ComparisonRow("parallel-learned", T, None, 0, time.perf_counter() - t0, 0.0,
+                                                f"cannot convert: {exc}"))
+                continue
+            conv = time.perf_counter() - t0
+            acc, n, sec = evaluate(predictor(snn, T, count_domain=True), test_loader,
+                                   desc=f"learned T={T}", **ev)
+            table.rows.append(ComparisonRow("parallel-learned", T, acc, n, conv, sec))
 
     for m in ("rate-max", "rate-99.9%", "ltb"):
         if m not in methods:

@@ -69,22 +69,28 @@ def clip_relu(x: torch.Tensor, theta: Scalar) -> torch.Tensor:
 
 
 def da_qcfs(
-    x: torch.Tensor, theta: Scalar, T: int, psi_da: Scalar, phi_da: Scalar, psi: Scalar
+    x: torch.Tensor, theta: Scalar, T: int, psi_da: Scalar, phi_da: Scalar, psi: Scalar, ste: bool = False
 ) -> torch.Tensor:
-    """DA-QCFS (paper Eq. 9): ``(theta+phi_da)/T * clip(floor(((x+psi_da)*T + psi)/theta), 0, T)``."""
-    k = spike_count(x, T, theta, psi, psi_da)
+    """DA-QCFS (paper Eq. 9): ``(theta+phi_da)/T * clip(floor(((x+psi_da)*T + psi)/theta), 0, T)``.
+
+    With ``ste=True`` the floor passes gradients straight through (learned calibration).
+    """
+    k = spike_count(x, T, theta, psi, psi_da, ste=ste)
     return (theta + phi_da) / T * k
 
 
 def spike_count(
-    mean_current: torch.Tensor, T: int, theta_pre: Scalar, psi: Scalar, psi_da: Scalar = 0.0
+    mean_current: torch.Tensor, T: int, theta_pre: Scalar, psi: Scalar, psi_da: Scalar = 0.0, ste: bool = False
 ) -> torch.Tensor:
     """Closed-form spike count ``k = clip(floor(((m + psi_da)*T + psi)/theta_pre), 0, T)``.
 
     ``mean_current`` is the time mean of the neuron's input; the result has its dtype and holds
     integer values. This expression is the single definition both backends implement, operation
-    by operation, so that they agree bit for bit.
+    by operation, so that they agree bit for bit. ``ste=True`` gives the floor an identity
+    gradient (the values are unchanged).
     """
+    if ste:
+        return torch.clamp(floor_ste(((mean_current + psi_da) * T + psi) / theta_pre), 0, T)
     u = mean_current + psi_da
     params = [p for p in (psi, theta_pre) if torch.is_tensor(p)]
     out_of_place = (

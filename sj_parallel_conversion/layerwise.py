@@ -133,6 +133,9 @@ def search_layer_T(
     if not 0 <= max_loss < 1:
         raise ValueError(f"max_loss is a fraction in [0, 1), got {max_loss}")
     options = dict(recipe_options or {})
+    # Every trial is a full conversion: Algorithm 1 keeps the search affordable (the learned and
+    # auto methods fit for minutes each); convert the chosen assignment with any method afterwards.
+    options.setdefault("method", "ema")
     ann = ann.eval()
 
     def acc_of(snn):

@@ -15,7 +15,11 @@ replace              DA-QCFS -> :class:`~.ParallelConversionNode`; stateless lay
 """
 from __future__ import annotations
 
+import copy
+import inspect
+import logging
 import math
+import time
 from typing import Any, Callable, Dict, Iterable, Optional, Union
 
 import torch
@@ -28,12 +32,17 @@ from . import calibration, kernels, registry
 from .activation import DAQCFS, QCFS, ClipReLU
 from .graph import activation_sites, keep_analog, prepare_graph, to_multistep
 from .joins import insert_time_joins
+from .learned import LearnedCalibration, held_out_score, learn_calibration, split_holdout, take_images
 from .neuron import ParallelConversionNode
 from .observers import MaxObserver
+from .selection import CalibrationReport, choose
+
+logger = logging.getLogger("sj_parallel_conversion")
 
 __all__ = ["ParallelConversionRecipe", "ParallelConverter", "parallel_neuron_factory", "conversion_case"]
 
 MODES = ("auto", "qcfs", "relu")
+METHODS = ("auto", "ema", "moment", "learned")
 
 
 def conversion_case(gm: fx.GraphModule, T: Union[int, Callable[[str], int]], mode: str = "auto") -> Dict[str, Any]:
@@ -74,17 +83,26 @@ class ParallelConversionRecipe(FXConversionRecipe):
         dataloader: calibration batches (tensors, ``(x, y)`` tuples or dicts); needed unless the
             ANN is a QCFS network with ``L == T`` everywhere.
         mode: ``"auto"`` (QCFS if the model has QCFS modules, else ReLU), ``"qcfs"`` or ``"relu"``.
-        calibrate: run Algorithm 1; ``None`` (default) does so exactly when the case needs it.
+        calibrate: calibrate the neurons at ``T``; ``None`` (default) does so exactly when the
+            case needs it (always for ReLU networks, for QCFS networks when ``T != L``).
         alpha: EMA momentum of Algorithm 1 (paper: 0.99 over one epoch).
         bias_correction: divide the EMAs by ``1 - alpha**n`` (see :class:`~.observers.DACalibrator`).
         num_batches: at most this many calibration batches per pass.
-        fuse_bn: fold BatchNorm into the preceding convolution (SpikingJelly's fusion).
+        fuse_bn: fold BatchNorm into the preceding convolution; ``None`` (default) folds unless the
+            conversion is lossless (QCFS with ``T == L`` everywhere), where folding would change
+            the rounding of activations that lie on a level boundary.
         backend, spike_order: passed to every :class:`~.ParallelConversionNode`.
         progress: show tqdm progress bars.
         reducer: ``reducer(tensor, op)`` summing/maxing statistics across processes (distributed).
         default_T: T of sites missing from a per-layer ``T`` dict.
-        method: ``"ema"`` (Algorithm 1 as published) or ``"moment"`` (per-channel moment
-            matching of ``phi_da`` and ``psi_da``; an alternative at T <= 4, measured in the docs).
+        method: how to calibrate: ``"auto"`` (default) fits the candidates "none" (no
+            calibration), "ema" (Algorithm 1) and "learned" on part of the calibration images and
+            keeps the one whose predictions agree best with the ANN's on the rest (see
+            :class:`~.selection.CalibrationReport`, stored as ``snn.calibration_report``);
+            ``"learned"`` learns every neuron's per-channel ``theta_pre``, ``theta_post`` and
+            ``psi_da`` (:class:`~.learned.LearnedCalibration`); ``"ema"`` is Algorithm 1 as
+            published; ``"moment"`` per-channel moment matching of ``phi_da`` and ``psi_da``.
+        learned: options of the learned calibration (default ``LearnedCalibration()``).
     """
 
     def __init__(
@@ -96,14 +114,15 @@ class ParallelConversionRecipe(FXConversionRecipe):
         alpha: float = 0.99,
         bias_correction: bool = True,
         num_batches: Optional[int] = None,
-        fuse_bn: bool = True,
+        fuse_bn: Optional[bool] = None,
         backend: str = "auto",
         spike_order: str = "late",
         progress: bool = True,
         reducer: Optional[Callable] = None,
         default_T: Optional[int] = None,
-        method: str = "ema",
+        method: str = "auto",
         analog_sites=(),
+        learned: Optional[LearnedCalibration] = None,
     ) -> None:
         self.T = T
         self.dataloader = dataloader
@@ -119,8 +138,12 @@ class ParallelConversionRecipe(FXConversionRecipe):
         self.reducer = reducer
         self.default_T = default_T
         self.method = method
+        self.learned = LearnedCalibration() if learned is None else learned
         self.analog_sites = tuple(analog_sites)
         self.case: Optional[Dict[str, Any]] = None
+        self.report: Optional[CalibrationReport] = None
+        self._data: Optional[calibration.CalibrationData] = None
+        self._reference: Optional[nn.Module] = None
         self._check_options()
 
     # -- validation ------------------------------------------------------------------------------
@@ -151,8 +174,13 @@ class ParallelConversionRecipe(FXConversionRecipe):
             raise ValueError(f"backend must be one of {kernels.BACKENDS}, got {self.backend!r}")
         if self.spike_order not in ("late", "early"):
             raise ValueError(f"spike_order must be 'late' or 'early', got {self.spike_order!r}")
-        if self.method not in ("ema", "moment"):
-            raise ValueError(f"method must be 'ema' or 'moment', got {self.method!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not isinstance(self.learned, LearnedCalibration):
+            raise TypeError(f"learned must be a LearnedCalibration, got {type(self.learned).__name__}")
+        self.learned.check()
+        if self.fuse_bn not in (None, True, False):
+            raise ValueError(f"fuse_bn must be None, True or False, got {self.fuse_bn!r}")
 
     def T_of(self, site: str) -> int:
         """Time steps of the activation site ``site``."""
@@ -170,13 +198,18 @@ class ParallelConversionRecipe(FXConversionRecipe):
     # -- stages ----------------------------------------------------------------------------------
     def before_trace(self, converter: FXConverter, ann: nn.Module) -> nn.Module:
         ann.eval()
+        self.report = None
+        self._reference = None
+        self._data = None
+        if self.dataloader is not None:
+            self._data = calibration.CalibrationData(self.dataloader, self.num_batches)
+            check_model_input(ann, self._data.first(), converter.device)
         _trace_next_with_leaf_activations()
         return ann
 
     def after_trace(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
         from spikingjelly.activation_based.ann2snn.recipes.rate_coding import _fuse_conv_bn
 
-        fx_model = _fuse_conv_bn(fx_model, fuse_flag=self.fuse_bn)
         fx_model = prepare_graph(fx_model)
         if self.analog_sites:
             keep_analog(fx_model, self.analog_sites)
@@ -188,6 +221,9 @@ class ParallelConversionRecipe(FXConversionRecipe):
             for n in names:
                 self.T_of(n)
         case = conversion_case(fx_model, self.T_of, self.mode)
+        lossless = case["source"] == "qcfs" and not case["calibrate"]
+        if self.fuse_bn if self.fuse_bn is not None else not lossless:
+            fx_model = _fuse_conv_bn(fx_model, fuse_flag=True)
         if self.calibrate_option is not None:
             case["calibrate"] = self.calibrate_option
         if (case["calibrate"] or case["record_max"]) and self.dataloader is None:
@@ -198,6 +234,10 @@ class ParallelConversionRecipe(FXConversionRecipe):
         return fx_model.to(converter.device)
 
     def insert_observers(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
+        if self.case["calibrate"] and self.method in ("auto", "learned"):
+            # The ANN itself (original activations, BN folded as in the SNN) is what learned
+            # calibration matches; keep it before observers and calibration change the sites.
+            self._reference = copy.deepcopy(fx_model).eval()
         if self.case["record_max"]:
             calibration.replace_sites(
                 fx_model, lambda _, m: MaxObserver(m, reducer=self.reducer) if isinstance(m, (nn.ReLU, ClipReLU)) else m)
@@ -208,16 +248,54 @@ class ParallelConversionRecipe(FXConversionRecipe):
         if self.case["record_max"]:
             fx_model.eval()
             with torch.no_grad():
-                for x in calibration.iterate_inputs(self.dataloader, dev, self.num_batches,
-                                                    "recording thresholds", self.progress):
+                for x in calibration.iterate_inputs(self._data, dev, None, "recording thresholds", self.progress):
                     fx_model(x)
             calibration.replace_sites(fx_model, lambda _, m: m.to_clip_relu() if isinstance(m, MaxObserver) else m)
-        if self.case["calibrate"]:
-            calibration.calibrate_da(fx_model, self.dataloader, self.T_of, dev, self.num_batches, self.alpha,
+        if not self.case["calibrate"]:
+            return calibration.to_daqcfs(fx_model, self.T_of)
+        if self.method in ("ema", "moment"):
+            start = time.perf_counter()
+            calibration.calibrate_da(fx_model, self._data, self.T_of, dev, None, self.alpha,
                                      self.bias_correction, self.progress, self.reducer, self.method)
-        else:
-            calibration.to_daqcfs(fx_model, self.T_of)
-        return fx_model
+            self.report = CalibrationReport(requested=self.method, method=self.method,
+                                            seconds={self.method: time.perf_counter() - start})
+            return fx_model
+        return self._calibrate_by_measurement(fx_model, dev)
+
+    def _calibrate_by_measurement(self, fx_model: fx.GraphModule, dev) -> fx.GraphModule:
+        """``method="learned"`` / ``"auto"``: fit on part of the calibration images, measure on the rest."""
+        opts = self.learned
+        images = take_images(calibration.iterate_inputs(self._data, "cpu", None, "reading calibration data",
+                                                        self.progress), opts.max_images)
+        fit, held = split_holdout(images, opts.holdout)
+        sites = [n.target for n in activation_sites(fx_model)]
+        with torch.no_grad():
+            held_ref = [self._reference(x.to(dev)) for x in held]
+        candidates: Dict[str, fx.GraphModule] = {}
+        seconds: Dict[str, float] = {}
+        if self.method == "auto":
+            start = time.perf_counter()
+            candidates["none"] = calibration.to_daqcfs(copy.deepcopy(fx_model), self.T_of)
+            seconds["none"] = time.perf_counter() - start
+            start = time.perf_counter()
+            candidates["ema"] = calibration.calibrate_da(
+                copy.deepcopy(fx_model), fit, self.T_of, dev, None, self.alpha, self.bias_correction,
+                self.progress, self.reducer, "ema")
+            seconds["ema"] = time.perf_counter() - start
+        with torch.enable_grad():
+            learned_model, history = learn_calibration(
+                fx_model if self.method == "learned" else copy.deepcopy(fx_model), self._reference, fit, held,
+                self.T_of, sites, opts, dev, self.reducer, self.progress)
+        candidates["learned"] = learned_model
+        seconds["learned"] = history["seconds"]
+        scores = {name: held_out_score(m, held, held_ref, dev, self.reducer) for name, m in candidates.items()}
+        chosen = choose(scores) if self.method == "auto" else "learned"
+        self.report = CalibrationReport(
+            requested=self.method, method=chosen, scores=scores, seconds=seconds,
+            fit_images=history["fit_images"], held_out_images=history["held_out_images"], learned=history)
+        logger.info("%s", self.report.summary())
+        self._reference = None
+        return candidates[chosen]
 
     def replace(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
         calibration.to_nodes(fx_model, backend=self.backend, spike_order=self.spike_order)
@@ -227,7 +305,31 @@ class ParallelConversionRecipe(FXConversionRecipe):
     def finalize(self, converter: FXConverter, fx_model: fx.GraphModule) -> nn.Module:
         functional.set_step_mode(fx_model, "m")
         fx_model.eval()
+        fx_model.calibration_report = self.report
+        self._data = None
         return fx_model
+
+
+def check_model_input(ann: nn.Module, x: torch.Tensor, device) -> None:
+    """Before any conversion work: the model takes one input and runs on one calibration image."""
+    try:
+        params = inspect.signature(ann.forward).parameters.values()
+    except (TypeError, ValueError):
+        params = ()
+    required = [p.name for p in params if p.default is inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if len(required) > 1:
+        raise ValueError(f"{type(ann).__name__}.forward takes {len(required)} required inputs ({', '.join(required)}); "
+                         "calibration batches provide one input tensor, and parallel conversion supports "
+                         "single-input models")
+    # Run where the ANN's weights are: the converter moves the traced copy, not ``ann``.
+    where = next((t.device for t in ann.parameters()), None) or next((t.device for t in ann.buffers()), device)
+    try:
+        with torch.no_grad():
+            ann(x[:1].to(where))
+    except Exception as exc:
+        raise ValueError(f"{type(ann).__name__} cannot run on the first calibration batch "
+                         f"(input shape {tuple(x.shape)}, dtype {x.dtype}): {type(exc).__name__}: {exc}") from exc
 
 
 class _LeafActivationTracer(fx.Tracer):

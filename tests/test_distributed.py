@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from sj_parallel_conversion import ParallelConverter, count_inference
 from sj_parallel_conversion.distributed import allreduce_reducer, distributed_evaluate, shard_indices
+from sj_parallel_conversion.learned import LearnedCalibration
 
 BATCH = 16  # per rank
 
@@ -28,7 +29,13 @@ def _data():
     return x, y
 
 
-def _worker(rank, world, init_file, out_dir):
+def _options(method):
+    if method == "learned":
+        return dict(method="learned", learned=LearnedCalibration(steps=12, eval_every=4, patience=10, batch_size=BATCH))
+    return dict(method=method)
+
+
+def _worker(rank, world, init_file, out_dir, method):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -37,23 +44,27 @@ def _worker(rank, world, init_file, out_dir):
         xs, ys = x[idx], y[idx]
         loader = [(xs[i:i + BATCH], ys[i:i + BATCH]) for i in range(0, len(xs), BATCH)]
         snn = ParallelConverter("parallel", T=4, dataloader=loader, progress=False,
-                                reducer=allreduce_reducer()).convert(_model())
+                                reducer=allreduce_reducer(), **_options(method)).convert(_model())
         acc, n, _ = distributed_evaluate(lambda b: count_inference(snn, b), loader)
         torch.save({"state": snn.state_dict(), "acc": acc, "n": n}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_two_process_gloo_calibration_equals_single_process(tmp_path):
+@pytest.mark.parametrize("method", ["ema", "learned"])
+def test_two_process_gloo_calibration_equals_single_process(tmp_path, method):
     world = 2
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), method), nprocs=world, join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     # Single process on the union: step n sees rank 0's n-th batch and rank 1's n-th batch together.
     x, y = _data()
     shards = [x[list(shard_indices(len(x), r, world))] for r in range(world)]
     union = [torch.cat([s[i:i + BATCH] for s in shards]) for i in range(0, len(shards[0]), BATCH)]
-    ref = ParallelConverter("parallel", T=4, dataloader=union, progress=False).convert(_model()).state_dict()
+    options = _options(method)
+    if method == "learned":  # the single process's minibatches are the union of the ranks' minibatches
+        options["learned"] = LearnedCalibration(steps=12, eval_every=4, patience=10, batch_size=world * BATCH)
+    ref = ParallelConverter("parallel", T=4, dataloader=union, progress=False, **options).convert(_model()).state_dict()
     assert r0["state"].keys() == ref.keys()
     for k in ref:
         assert torch.equal(r0["state"][k], r1["state"][k]), f"ranks disagree on {k}"

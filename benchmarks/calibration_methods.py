@@ -1,0 +1,146 @@
+"""Calibration methods side by side: accuracy on held-out CIFAR-10 test images and calibration time.
+
+For each checkpoint and each T, the ANN is converted five ways (no calibration, Algorithm 1,
+moment matching, learned, auto) with the same calibration images, and each converted network is
+evaluated in the count domain on the same test images. Writes a Markdown table, a JSON file and a
+plot (accuracy vs T, one panel per checkpoint).
+
+    python benchmarks/calibration_methods.py \\
+        --checkpoint sj_parallel_conversion/checkpoints/cifar10_resnet20_relu.pt \\
+        --T 2 4 8 16 32 --calib-images 1024 --test-images 2000 --out docs/results/calibration_methods
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from sj_parallel_conversion import ParallelConverter, count_inference, data, models  # noqa: E402
+from sj_parallel_conversion.learned import LearnedCalibration  # noqa: E402
+
+METHODS = {
+    "none": dict(calibrate=False),
+    "ema": dict(method="ema"),
+    "moment": dict(method="moment"),
+    "learned": dict(method="learned"),
+    "auto": dict(method="auto"),
+}
+LABELS = {"none": "no calibration", "ema": "Algorithm 1 (EMA)", "moment": "moment matching",
+          "learned": "learned", "auto": "auto (default)"}
+
+
+def accuracy(snn, x, y, batch=500) -> float:
+    correct = 0
+    for i in range(0, x.shape[0], batch):
+        correct += int((count_inference(snn, x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
+    return 100.0 * correct / x.shape[0]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", nargs="+", required=True)
+    p.add_argument("--T", type=int, nargs="+", default=[2, 4, 8, 16, 32])
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--calib-images", type=int, default=1024, help="class-balanced training images (labels unused)")
+    p.add_argument("--test-images", type=int, default=2000, help="class-balanced test images")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=None, help="learned calibration: at most this many steps")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="docs/results/calibration_methods", help="output prefix (.md, .json, .png)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    calib = data.cifar10_npz("train", limit=args.calib_images).tensors[0]
+    test_x, test_y = data.cifar10_npz("test", limit=args.test_images).tensors
+    batches = list(torch.split(calib, args.batch_size))
+    learned = LearnedCalibration() if args.steps is None else LearnedCalibration(steps=args.steps)
+    results = []
+    for path in args.checkpoint:
+        ann, meta = models.load_checkpoint(path)
+        ann.eval()
+        name = os.path.splitext(os.path.basename(path))[0]
+        with torch.no_grad():
+            ann_acc = 100.0 * sum(int((ann(test_x[i:i + 500]).argmax(1) == test_y[i:i + 500]).sum())
+                                  for i in range(0, len(test_x), 500)) / len(test_x)
+        print(f"{name}: ANN {ann_acc:.2f} %", flush=True)
+        for T in args.T:
+            for method in args.methods:
+                start = time.perf_counter()
+                snn = ParallelConverter("parallel", T=T, dataloader=batches, progress=False, learned=learned,
+                                        **METHODS[method]).convert(copy.deepcopy(ann))
+                seconds = time.perf_counter() - start
+                acc = accuracy(snn, test_x, test_y)
+                report = snn.calibration_report
+                row = dict(model=name, T=T, method=method, accuracy=acc, ann_accuracy=ann_acc,
+                           calibration_seconds=seconds, chosen=report.method if report else "none",
+                           held_out=report.scores if report else {})
+                results.append(row)
+                print(f"  T={T:<3} {method:<8} {acc:6.2f} %  {seconds:7.1f} s  chosen={row['chosen']}", flush=True)
+    write(results, args)
+    return 0
+
+
+def write(results, args) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    cmd = "python benchmarks/calibration_methods.py " + " ".join(sys.argv[1:])
+    with open(args.out + ".json", "w") as f:
+        json.dump({"command": cmd, "machine": machine, "rows": results}, f, indent=1)
+    lines = [f"Command: `{cmd}`", "", f"Machine: {machine}. Count-domain accuracy (%) on {args.test_images} "
+             f"class-balanced CIFAR-10 test images; calibration on {args.calib_images} training images "
+             "(labels unused); calibration time in seconds (conversion included).", ""]
+    for model in dict.fromkeys(r["model"] for r in results):
+        rows = [r for r in results if r["model"] == model]
+        Ts = sorted({r["T"] for r in rows})
+        lines += [f"### {model} (ANN {rows[0]['ann_accuracy']:.2f} %)", "",
+                  "| method | " + " | ".join(f"T={t}" for t in Ts) + " | time (s) at each T |",
+                  "|---|" + "---|" * len(Ts) + "---|"]
+        for m in dict.fromkeys(r["method"] for r in rows):
+            cells, times = [], []
+            for t in Ts:
+                r = next((r for r in rows if r["method"] == m and r["T"] == t), None)
+                cells.append("" if r is None else f"{r['accuracy']:.2f}" + (f" ({r['chosen']})" if m == "auto" else ""))
+                times.append("" if r is None else f"{r['calibration_seconds']:.0f}")
+            lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " | " + " / ".join(times) + " |")
+        lines.append("")
+    with open(args.out + ".md", "w") as f:
+        f.write("\n".join(lines))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    models_ = list(dict.fromkeys(r["model"] for r in results))
+    fig, axes = plt.subplots(1, len(models_), figsize=(5 * len(models_), 3.8), squeeze=False)
+    markers = {"none": "o", "ema": "s", "moment": "^", "learned": "D", "auto": "x"}
+    for ax, model in zip(axes[0], models_):
+        rows = [r for r in results if r["model"] == model]
+        for i, m in enumerate(dict.fromkeys(r["method"] for r in rows)):
+            pts = sorted((r["T"], r["accuracy"]) for r in rows if r["method"] == m)
+            # A small horizontal offset per method keeps overlapping lines visible.
+            ax.plot([t * (1 + 0.03 * (i - 2)) for t, _ in pts], [a for _, a in pts], marker=markers[m],
+                    label=LABELS[m], linestyle="--" if m == "auto" else "-")
+        ax.axhline(rows[0]["ann_accuracy"], color="gray", linestyle=":", label="ANN")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["T"] for r in rows}))
+        ax.set_xticklabels(sorted({r["T"] for r in rows}))
+        ax.set_xlabel("T (time steps)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(model)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out + ".png", dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,341 @@
+"""Learned calibration: fit every neuron's per-channel parameters to the ANN's outputs.
+
+Algorithm 1 sets ``psi_da`` and ``phi_da`` layer by layer from mean errors. Here the same three
+per-channel quantities of every site, ``theta_pre`` (firing threshold), ``theta_post`` (spike
+value) and ``psi_da`` (input shift), are learned jointly, by gradient descent on a label-free loss
+between the converted network's logits and the ANN's on calibration images (the idea of
+post-training quantisation methods that learn step sizes and offsets from unlabeled data).
+
+The network being fitted computes exactly the count domain of the final spiking network: each
+site evaluates the DA-QCFS closed form ``theta_post / T * clip(floor(((x + psi_da) * T +
+theta_pre / 2) / theta_pre), 0, T)``, whose floor passes gradients straight through. After
+fitting, each site becomes an ordinary :class:`~sj_parallel_conversion.DAQCFS` and then the same
+:class:`~sj_parallel_conversion.ParallelConversionNode` as any other conversion: no extra modules.
+
+Thresholds are parameterised as ``theta0 * exp(a)`` with ``a`` clamped to ``[-LOG_RANGE,
+LOG_RANGE]``, so they stay positive and within a factor ``exp(LOG_RANGE)`` of where they started.
+The images are split into a fitting part and a held-out part; the held-out loss decides when to
+stop and which parameters to keep.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import fx
+from tqdm.auto import tqdm
+
+from . import formulas
+from .activation import DAQCFS, QCFS, ClipReLU
+from .observers import Reducer
+
+__all__ = ["LearnedCalibration", "LearnedSite", "take_images", "split_holdout", "learn_calibration", "held_out_score",
+           "LOSSES"]
+
+LOSSES = ("kl", "mse", "kl+sites")
+LOG_RANGE = math.log(100.0)
+
+
+@dataclass
+class LearnedCalibration:
+    """Options of ``method="learned"`` (and of the learned candidate of ``method="auto"``).
+
+    Args:
+        steps: at most this many Adam steps (one minibatch each).
+        lr: Adam learning rate of the log-thresholds and of ``psi_da / theta0``.
+        loss: ``"kl"`` (KL divergence from the ANN's softmax to the SNN's, the default), ``"mse"``
+            (squared error of the logits) or ``"kl+sites"`` (KL plus the normalised squared
+            error of every site's output against the ANN's activation there, which guides deep
+            networks layer by layer as block-wise reconstruction does).
+        batch_size: images per step (calibration batches are cut into chunks of at most this).
+        holdout: fraction of the calibration images kept out of fitting, for early stopping
+            (whole batches when there are at least 4, else the tail of every batch).
+        eval_every: steps between two evaluations of the held-out loss.
+        patience: stop after this many evaluations without improvement.
+        max_images: use at most this many calibration images (per process).
+        seed: seed of the minibatch order; the same seed gives the same parameters.
+    """
+
+    steps: int = 300
+    lr: float = 1e-2
+    loss: str = "kl"
+    batch_size: int = 128
+    holdout: float = 0.25
+    eval_every: int = 25
+    patience: int = 4
+    max_images: Optional[int] = 1024
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first invalid option."""
+        for name in ("steps", "batch_size", "eval_every", "patience"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"LearnedCalibration.{name} must be an integer >= 1, got {v!r}")
+        if self.max_images is not None and (isinstance(self.max_images, bool) or not isinstance(self.max_images, int)
+                                            or self.max_images < 2):
+            raise ValueError(f"LearnedCalibration.max_images must be None or an integer >= 2, got {self.max_images!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"LearnedCalibration.lr must be a positive number, got {self.lr!r}")
+        if not (isinstance(self.holdout, (int, float)) and 0 < self.holdout < 1):
+            raise ValueError(f"LearnedCalibration.holdout must be a fraction in (0, 1), got {self.holdout!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"LearnedCalibration.loss must be one of {LOSSES}, got {self.loss!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"LearnedCalibration.seed must be an int, got {self.seed!r}")
+
+
+class LearnedSite(nn.Module):
+    """One activation site during learned calibration (DA-QCFS with learnable per-channel parameters).
+
+    Built from the site's ClipReLU (recorded maxima) or QCFS (trained threshold); the starting
+    point is the uncalibrated DA-QCFS (``theta_pre = theta_post = theta0``, ``psi_da = 0``).
+    Per-channel parameters are created on the first forward, from the input's channel count.
+    """
+
+    def __init__(self, source: nn.Module, T: int) -> None:
+        super().__init__()
+        if not isinstance(source, (QCFS, ClipReLU)):
+            raise TypeError(f"learned calibration starts from QCFS or ClipReLU, got {type(source).__name__}")
+        self.T = T
+        self.channel_dim = source.channel_dim
+        self.shift = source.shift if isinstance(source, QCFS) else 0.5
+        self.register_buffer("theta0", source.theta.detach().clone().to(torch.float32))
+        self.log_pre = nn.Parameter(torch.zeros(0))
+        self.log_post = nn.Parameter(torch.zeros(0))
+        self.bias = nn.Parameter(torch.zeros(0))
+
+    def _materialise(self, x: torch.Tensor) -> None:
+        cd = self.channel_dim if self.channel_dim >= 0 else self.channel_dim + x.dim()
+        c = x.shape[cd] if x.dim() > 1 else 1
+        if self.theta0.numel() not in (1, c):
+            raise ValueError(f"site has {self.theta0.numel()} thresholds but its input has {c} channels")
+        dev = x.device
+        self.theta0 = self.theta0.to(dev).expand(c).clone() if self.theta0.numel() == 1 else self.theta0.to(dev)
+        for name in ("log_pre", "log_post", "bias"):
+            setattr(self, name, nn.Parameter(torch.zeros(c, device=dev)))
+
+    def parameters_now(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(theta_pre, theta_post, psi_da)``, per channel."""
+        theta_pre = self.theta0 * torch.exp(self.log_pre.clamp(-LOG_RANGE, LOG_RANGE))
+        theta_post = self.theta0 * torch.exp(self.log_post.clamp(-LOG_RANGE, LOG_RANGE))
+        return theta_pre, theta_post, self.bias * self.theta0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.log_pre.numel() == 0:
+            self._materialise(x)
+        nd = x.dim()
+        pre, post, psi_da = (formulas.channel_view(p.to(x.dtype), nd, self.channel_dim) for p in self.parameters_now())
+        return formulas.da_qcfs(x, pre, self.T, psi_da, post - pre, self.shift * pre, ste=True)
+
+    def to_daqcfs(self) -> DAQCFS:
+        """The fitted site as a plain DA-QCFS (and from there a parallel neuron)."""
+        if self.log_pre.numel() == 0:
+            raise RuntimeError("LearnedSite saw no data")
+        with torch.no_grad():
+            pre, post, psi_da = (p.detach().clone() for p in self.parameters_now())
+        return DAQCFS(self.T, pre, psi_da=psi_da, phi_da=post - pre, shift=self.shift, channel_dim=self.channel_dim)
+
+
+def split_holdout(batches: Sequence[torch.Tensor], fraction: float) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """``(fit, held_out)``: the last ``fraction`` of the batches, or of every batch's images."""
+    if not batches:
+        raise ValueError("no calibration batch to split")
+    n = len(batches)
+    if n >= 4:
+        k = min(n - 1, max(1, math.ceil(n * fraction)))
+        return list(batches[:n - k]), list(batches[n - k:])
+    fit, held = [], []
+    for i, b in enumerate(batches):
+        if b.shape[0] < 2:
+            raise ValueError(f"calibration batch {i} holds {b.shape[0]} image; learned calibration needs at least "
+                             "2 images per batch (or 4 batches) to hold some out for early stopping")
+        k = min(b.shape[0] - 1, max(1, math.ceil(b.shape[0] * fraction)))
+        fit.append(b[:b.shape[0] - k])
+        held.append(b[b.shape[0] - k:])
+    return fit, held
+
+
+def _chunks(batches: Sequence[torch.Tensor], size: int) -> List[torch.Tensor]:
+    return [c for b in batches for c in torch.split(b, size)]
+
+
+def take_images(batches: Iterable[torch.Tensor], max_images: Optional[int]) -> List[torch.Tensor]:
+    """The first ``max_images`` images of ``batches`` (all of them for ``None``), batch by batch, on the CPU."""
+    out: List[torch.Tensor] = []
+    n = 0
+    for b in batches:
+        if max_images is not None and n >= max_images:
+            break
+        b = b if max_images is None else b[:max_images - n]
+        out.append(b.detach().cpu())
+        n += b.shape[0]
+    return out
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"learned calibration needs a model returning one tensor of logits, got {type(out).__name__}")
+    return out.flatten(1) if out.dim() > 2 else out
+
+
+def _kl(ref: torch.Tensor, out: torch.Tensor, reduction: str = "batchmean") -> torch.Tensor:
+    return F.kl_div(F.log_softmax(out.float(), dim=1), F.log_softmax(ref.float(), dim=1), log_target=True,
+                    reduction=reduction)
+
+
+@torch.no_grad()
+def held_out_score(model: nn.Module, held: Sequence[torch.Tensor], ref_logits: Sequence[torch.Tensor], device,
+                   reducer: Reducer = None) -> Dict[str, float]:
+    """Agreement of ``model``'s top-1 predictions with the ANN's, and the mean KL, on held-out images.
+
+    Returns ``{"agreement": fraction, "kl": mean KL per image, "images": n}``, summed over
+    processes when ``reducer`` is given.
+    """
+    agree = kl = n = 0.0
+    for x, ref in zip(held, ref_logits):
+        out = _logits(model, x.to(device))
+        ref = ref.to(out.device)
+        agree += float((out.argmax(1) == ref.argmax(1)).sum())
+        kl += float(_kl(ref, out, reduction="sum"))
+        n += x.shape[0]
+    totals = torch.tensor([agree, kl, n], dtype=torch.float64)
+    if reducer is not None:
+        totals = reducer(totals, "sum")
+    agree, kl, n = (float(v) for v in totals)
+    return {"agreement": agree / n, "kl": kl / n, "images": int(n)}
+
+
+def _site_outputs(model: nn.Module, names: Sequence[str]) -> Tuple[Dict[str, torch.Tensor], List]:
+    store: Dict[str, torch.Tensor] = {}
+    hooks = []
+    for name in names:
+        def hook(mod, inp, out, name=name):
+            store[name] = out
+        hooks.append(model.get_submodule(name).register_forward_hook(hook))
+    return store, hooks
+
+
+def learn_calibration(
+    gm: fx.GraphModule,
+    reference: nn.Module,
+    fit: Sequence[torch.Tensor],
+    held: Sequence[torch.Tensor],
+    T_of: Callable[[str], int],
+    site_names: Sequence[str],
+    options: LearnedCalibration,
+    device,
+    reducer: Reducer = None,
+    progress: bool = True,
+) -> Tuple[fx.GraphModule, Dict]:
+    """Learn the per-channel parameters of every site of ``gm`` (ClipReLU/QCFS sites) in place.
+
+    ``reference`` is the ANN (same graph, original activations); ``fit`` and ``held`` are input
+    tensors (on any device). Returns ``gm`` with DA-QCFS sites and a history dict (held-out KL
+    per evaluation, the step kept, the number of steps run, seconds).
+    """
+    options.check()
+    start = time.perf_counter()
+    sites: Dict[str, LearnedSite] = {}
+    for name in site_names:
+        parent, _, child = name.rpartition(".")
+        owner = gm.get_submodule(parent) if parent else gm
+        sites[name] = LearnedSite(getattr(owner, child), T_of(name))
+        setattr(owner, child, sites[name])
+    gm.eval()
+    reference.eval()
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    chunks = _chunks(fit, options.batch_size)
+    held_chunks = _chunks(held, options.batch_size)
+    with torch.no_grad():
+        gm(chunks[0][:1].to(device))  # materialise the per-channel parameters
+        fit_ref = [_logits(reference, c.to(device)) for c in chunks]
+        held_ref = [_logits(reference, c.to(device)) for c in held_chunks]
+    params = [p for s in sites.values() for p in (s.log_pre, s.log_post, s.bias)]
+    for p in params:
+        p.requires_grad_(True)
+    world = 1.0
+    if reducer is not None:
+        counts = reducer(torch.tensor([1.0, float(len(chunks))], dtype=torch.float64), "sum")
+        world = float(counts[0])
+        if float(counts[1]) != world * len(chunks):
+            raise ValueError("learned calibration under torch.distributed needs the same number of calibration "
+                             f"minibatches on every process (this one has {len(chunks)}); shard the data evenly")
+    opt = torch.optim.Adam(params, lr=options.lr)
+    gen = torch.Generator().manual_seed(options.seed)
+    site_store, hooks, ref_store, ref_hooks = {}, [], {}, []
+    if options.loss == "kl+sites":
+        site_store, hooks = _site_outputs(gm, list(sites))
+        ref_store, ref_hooks = _site_outputs(reference, list(sites))
+
+    def snapshot():
+        return [p.detach().clone() for p in params]
+
+    best = held_out_score(gm, held_chunks, held_ref, device, reducer)
+    best_state, best_step = snapshot(), 0
+    history = {"held_out_kl": [(0, best["kl"])], "held_out_agreement": [(0, best["agreement"])]}
+    order: List[int] = []
+    bad = 0
+    step = 0
+    bar = tqdm(range(options.steps), desc="learned calibration", disable=not progress, leave=False)
+    try:
+        for step in bar:
+            if not order:
+                order = torch.randperm(len(chunks), generator=gen).tolist()
+            i = order.pop()
+            x = chunks[i].to(device)
+            out = _logits(gm, x)
+            if options.loss == "mse":
+                loss = F.mse_loss(out.float(), fit_ref[i].float())
+            else:
+                loss = _kl(fit_ref[i], out)
+            if options.loss == "kl+sites":
+                with torch.no_grad():
+                    reference(x)
+                terms = [F.mse_loss(site_store[n], ref_store[n]) / ref_store[n].pow(2).mean().clamp(min=1e-12)
+                         for n in sites]
+                loss = loss + torch.stack(terms).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if reducer is not None:
+                for p in params:
+                    p.grad = reducer(p.grad, "sum") / world
+            opt.step()
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", held_kl=f"{best['kl']:.4f}")
+            if (step + 1) % options.eval_every == 0 or step + 1 == options.steps:
+                score = held_out_score(gm, held_chunks, held_ref, device, reducer)
+                history["held_out_kl"].append((step + 1, score["kl"]))
+                history["held_out_agreement"].append((step + 1, score["agreement"]))
+                if score["kl"] < best["kl"]:
+                    best, best_state, best_step, bad = score, snapshot(), step + 1, 0
+                else:
+                    bad += 1
+                    if bad >= options.patience:
+                        break
+    finally:
+        bar.close()
+        for h in hooks + ref_hooks:
+            h.remove()
+    with torch.no_grad():
+        for p, v in zip(params, best_state):
+            p.copy_(v)
+    for name, site in sites.items():
+        parent, _, child = name.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, child, site.to_daqcfs())
+    history.update(kept_step=best_step, steps_run=step + 1, seconds=time.perf_counter() - start,
+                   fit_images=sum(int(c.shape[0]) for c in chunks),
+                   held_out_images=sum(int(c.shape[0]) for c in held_chunks), options=asdict(options))
+    return gm, history

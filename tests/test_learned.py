@@ -1,0 +1,239 @@
+"""Learned calibration, the auto default, and calibration data handling (synthetic models)."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+
+from sj_parallel_conversion import ParallelConversionNode, ParallelConverter, count_inference, spike_inference
+from sj_parallel_conversion import formulas
+from sj_parallel_conversion.activation import DAQCFS, QCFS, ClipReLU
+from sj_parallel_conversion.learned import LearnedCalibration, LearnedSite, held_out_score, split_holdout
+from sj_parallel_conversion.recipe import ParallelConversionRecipe
+from sj_parallel_conversion.selection import CalibrationReport, choose
+
+FAST = LearnedCalibration(steps=40, eval_every=10, patience=10, batch_size=32)
+
+
+def _net(act=nn.ReLU):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), act(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), act(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(16, 10)).eval()
+
+
+def _batches(n=6, size=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(size, 3, 8, 8, generator=g) for _ in range(n)]
+
+
+# -- the learnable site ----------------------------------------------------------------------------
+def test_learned_site_starts_at_uncalibrated_daqcfs_and_has_straight_through_gradients():
+    theta = torch.tensor([0.5, 1.0, 2.0])
+    site = LearnedSite(ClipReLU(theta), T=4)
+    x = torch.linspace(-1, 3, 3 * 40).reshape(40, 3)
+    y = site(x)
+    # Independent formulation: theta/T * clip(floor((x*T + theta/2)/theta), 0, T) per channel.
+    ref = theta / 4 * torch.clamp(torch.floor((x * 4 + theta / 2) / theta), 0, 4)
+    assert torch.equal(y, ref)
+    y.sum().backward()
+    for p in (site.log_pre, site.log_post, site.bias):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_learned_site_from_qcfs_broadcasts_its_scalar_threshold_per_channel():
+    site = LearnedSite(QCFS(L=8, theta=3.0), T=4)
+    x = torch.randn(5, 6, 2, 2)
+    site(x)
+    assert site.log_pre.shape == (6,)
+    da = site.to_daqcfs()
+    assert isinstance(da, DAQCFS) and da.theta.shape == (6,) and torch.allclose(da.theta, torch.full((6,), 3.0))
+    assert torch.equal(da(x), site(x).detach())
+
+
+def test_thresholds_stay_positive_and_bounded_whatever_the_learning_rate():
+    batches = _batches()
+    snn = ParallelConverter("parallel", T=2, dataloader=batches, progress=False, method="learned",
+                            learned=LearnedCalibration(steps=20, lr=50.0, eval_every=5, patience=20)).convert(_net())
+    for m in snn.modules():
+        if isinstance(m, ParallelConversionNode):
+            assert bool((m.v_threshold > 0).all()) and bool((m.spike_value > 0).all())
+            assert bool(torch.isfinite(m.v_threshold).all()) and bool(torch.isfinite(m.bias).all())
+
+
+# -- the converted result ---------------------------------------------------------------------------
+def test_learned_result_is_the_parallel_snn_and_improves_the_held_out_fit():
+    batches = _batches()
+    ann = _net()
+    snn = ParallelConverter("parallel", T=2, dataloader=batches, progress=False, method="learned",
+                            learned=FAST).convert(ann)
+    assert not any(isinstance(m, LearnedSite) for m in snn.modules())
+    nodes = [m for m in snn.modules() if isinstance(m, ParallelConversionNode)]
+    assert len(nodes) == 2 and all(n.v_threshold.numel() > 1 for n in nodes)
+    hist = snn.calibration_report.learned
+    start_kl = hist["held_out_kl"][0][1]
+    kept_kl = dict(hist["held_out_kl"])[hist["kept_step"]]
+    assert hist["kept_step"] > 0 and kept_kl < 0.9 * start_kl
+    # The kept KL is that of the final spiking network, measured independently here.
+    fit, held = split_holdout(batches, FAST.holdout)
+    with torch.no_grad():
+        kl = sum(float(nn.functional.kl_div(count_inference(snn, x).log_softmax(1), ann(x).log_softmax(1),
+                                            log_target=True, reduction="sum")) for x in held)
+    assert kl / sum(x.shape[0] for x in held) == pytest.approx(kept_kl, rel=1e-3, abs=1e-6)
+    # Spike level equals the count domain (float64: no rounding ties).
+    snn64 = snn.double()
+    x = held[0].double()
+    torch.testing.assert_close(spike_inference(snn64, x).mean(0), count_inference(snn64, x), rtol=0, atol=1e-10)
+
+
+def test_learned_is_deterministic_for_a_seed():
+    batches = _batches()
+    a = ParallelConverter("parallel", T=2, dataloader=batches, progress=False, method="learned",
+                          learned=FAST).convert(_net()).state_dict()
+    b = ParallelConverter("parallel", T=2, dataloader=batches, progress=False, method="learned",
+                          learned=FAST).convert(_net()).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_learned_calibration_of_a_qcfs_network_at_T_not_L():
+    batches = _batches()
+    snn = ParallelConverter("parallel", T=2, dataloader=batches, progress=False, method="learned",
+                            learned=FAST).convert(_net(lambda: QCFS(L=8, theta=2.0)))
+    report = snn.calibration_report
+    assert report.method == "learned" and report.scores["learned"]["images"] == 64
+
+
+def test_kl_plus_sites_loss_runs_and_mse_differs_from_kl():
+    batches = _batches()
+    out = {}
+    for loss in ("kl", "mse", "kl+sites"):
+        opts = LearnedCalibration(steps=10, eval_every=5, patience=10, batch_size=32, loss=loss)
+        snn = ParallelConverter("parallel", T=2, dataloader=batches, progress=False, method="learned",
+                                learned=opts).convert(_net())
+        out[loss] = torch.cat([m.v_threshold for m in snn.modules() if isinstance(m, ParallelConversionNode)])
+    assert not torch.equal(out["kl"], out["mse"]) and not torch.equal(out["kl"], out["kl+sites"])
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(steps=0), "steps"), (dict(lr=-1.0), "lr"), (dict(loss="l1"), "loss"), (dict(holdout=1.0), "holdout"),
+    (dict(max_images=1), "max_images"),
+])
+def test_learned_options_are_validated(kw, match):
+    with pytest.raises(ValueError, match=match):
+        LearnedCalibration(**kw)
+
+
+def test_split_holdout_whole_batches_or_batch_tails():
+    fit, held = split_holdout([torch.zeros(8, 1)] * 8, 0.25)
+    assert len(fit) == 6 and len(held) == 2
+    fit, held = split_holdout([torch.zeros(8, 1)] * 2, 0.25)
+    assert [b.shape[0] for b in fit] == [6, 6] and [b.shape[0] for b in held] == [2, 2]
+    with pytest.raises(ValueError, match="at least 2 images"):
+        split_holdout([torch.zeros(1, 1)], 0.25)
+
+
+# -- auto ---------------------------------------------------------------------------------------------
+def test_choose_prefers_agreement_then_kl_then_the_simpler_method():
+    s = lambda a, k: {"agreement": a, "kl": k, "images": 10}  # noqa: E731
+    assert choose({"none": s(0.8, 0.1), "ema": s(0.9, 0.5), "learned": s(0.85, 0.01)}) == "ema"
+    assert choose({"none": s(0.9, 0.3), "ema": s(0.9, 0.2), "learned": s(0.9, 0.25)}) == "ema"
+    assert choose({"none": s(0.9, 0.2), "learned": s(0.9, 0.2)}) == "none"
+
+
+def test_auto_is_the_default_reports_its_choice_and_keeps_the_chosen_network(caplog):
+    assert ParallelConversionRecipe(4).method == "auto"
+    batches = _batches()
+    ann = _net()
+    with caplog.at_level(logging.INFO, logger="sj_parallel_conversion"):
+        snn = ParallelConverter("parallel", T=2, dataloader=batches, progress=False, learned=FAST).convert(ann)
+    report = snn.calibration_report
+    assert isinstance(report, CalibrationReport) and report.requested == "auto"
+    assert set(report.scores) == {"none", "ema", "learned"}
+    assert report.method == choose(report.scores)
+    assert report.scores[report.method]["agreement"] >= report.scores["none"]["agreement"]
+    lines = [r.getMessage() for r in caplog.records if "calibration (auto)" in r.getMessage()]
+    assert len(lines) == 1 and f"kept {report.method}" in lines[0]
+    # The network returned is the one that was scored: re-measure it on the held-out images.
+    _, held = split_holdout(batches, FAST.holdout)
+    with torch.no_grad():
+        refs = [ann(x) for x in held]
+    measured = held_out_score(lambda x: count_inference(snn, x), held, refs, "cpu")
+    assert measured["agreement"] == report.scores[report.method]["agreement"]
+    assert measured["kl"] == pytest.approx(report.scores[report.method]["kl"], rel=1e-4, abs=1e-7)
+
+
+def test_lossless_qcfs_needs_no_calibration_and_no_report():
+    snn = ParallelConverter("parallel", T=8, progress=False).convert(_net(lambda: QCFS(L=8, theta=2.0)))
+    assert snn.calibration_report is None
+
+
+# -- calibration data ----------------------------------------------------------------------------------
+def test_a_one_shot_generator_is_read_once_and_gives_the_same_network_as_a_list():
+    batches = _batches()
+    from_list = ParallelConverter("parallel", T=4, dataloader=batches, progress=False, method="ema").convert(_net())
+    gen = (b for b in batches)
+    from_gen = ParallelConverter("parallel", T=4, dataloader=gen, progress=False, method="ema").convert(_net())
+    a, b = from_list.state_dict(), from_gen.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_one_shot_iterator_beyond_the_cache_limit_is_refused_with_advice():
+    from sj_parallel_conversion.calibration import CalibrationData
+
+    data = CalibrationData(iter(_batches()), max_cache_bytes=10_000)
+    with pytest.raises(ValueError, match="num_batches"):
+        list(data)
+
+
+@pytest.mark.parametrize("batch, err, match", [
+    (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), TypeError, "floating point"),
+    (torch.zeros(3 * 8 * 8), ValueError, "batch axis"),
+    ({"label": torch.zeros(4)}, ValueError, "input key"),
+    ("images.npz", TypeError, "tensor"),
+])
+def test_the_first_batch_is_checked_before_any_work(batch, err, match, monkeypatch):
+    from sj_parallel_conversion import calibration
+
+    def no_work(*a, **k):
+        raise AssertionError("calibration started before the data was checked")
+
+    monkeypatch.setattr(calibration, "calibrate_da", no_work)
+    with pytest.raises(err, match=match):
+        ParallelConverter("parallel", T=4, dataloader=[batch], progress=False, method="ema").convert(_net())
+
+
+def test_a_model_with_two_inputs_or_the_wrong_input_shape_is_refused_up_front():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+            self.relu = nn.ReLU()
+
+        def forward(self, x, y):
+            return self.relu(self.fc(x + y))
+
+    with pytest.raises(ValueError, match="2 required inputs"):
+        ParallelConverter("parallel", T=4, dataloader=[torch.randn(4, 4)], progress=False).convert(TwoInputs())
+    with pytest.raises(ValueError, match=r"cannot run on the first calibration batch \(input shape \(4, 5, 8, 8\)"):
+        ParallelConverter("parallel", T=4, dataloader=[torch.randn(4, 5, 8, 8)], progress=False).convert(_net())
+
+
+def test_empty_calibration_data_is_refused():
+    with pytest.raises(ValueError, match="yielded no batch"):
+        ParallelConverter("parallel", T=4, dataloader=iter([]), progress=False).convert(_net())
+
+
+def test_learned_formula_matches_the_node_count_domain():
+    """The fitted DA-QCFS and the node built from it compute the same rate (the count domain)."""
+    g = torch.Generator().manual_seed(0)
+    da = DAQCFS(4, torch.rand(5, generator=g) + 0.5, psi_da=torch.randn(5, generator=g) * 0.1,
+                phi_da=torch.randn(5, generator=g) * 0.1)
+    node = da.to_node()
+    x = torch.randn(7, 5, 3, generator=g)
+    assert torch.equal(da(x), node.rate(x.clone()))
+    k = formulas.spike_count(x, 4, formulas.channel_view(da.theta, 3), formulas.channel_view(0.5 * da.theta, 3),
+                             formulas.channel_view(da.psi_da, 3), ste=True)
+    assert torch.equal(k, node.count(x.clone()))
