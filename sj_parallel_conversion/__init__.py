@@ -13,6 +13,8 @@ Conversion (SpikingJelly ``ann2snn`` flow)
     :func:`parallel_neuron_factory`  drop-in ``neuron_factory`` for SpikingJelly's ``RateCodingRecipe``.
     :func:`register_recipe`, :func:`register_neuron`, :func:`available_recipes`  the registry.
     :class:`GraphConversionError`  raised, before calibration, for unsupported graph patterns.
+    :class:`LearnedCalibration`  options of the learned calibration (``method="learned"``/``"auto"``).
+    :class:`CalibrationReport`  what calibration chose and measured (``snn.calibration_report``).
 
 Evaluation
     :func:`count_inference`  time-mean output without materialising time steps.
@@ -22,9 +24,11 @@ Evaluation
 from .activation import DAQCFS, QCFS, ClipReLU
 from .graph import GraphConversionError
 from .inference import count_inference, predictor, spike_inference
+from .learned import LearnedCalibration
 from .neuron import ParallelConversionNode
 from .recipe import ParallelConversionRecipe, ParallelConverter, parallel_neuron_factory
 from .registry import available_recipes, register_neuron, register_recipe
+from .selection import CalibrationReport
 
 __version__ = "0.1.0"
 
@@ -32,5 +36,6 @@ __all__ = [
     "ParallelConversionNode", "QCFS", "ClipReLU", "DAQCFS",
     "ParallelConversionRecipe", "ParallelConverter", "parallel_neuron_factory",
     "register_recipe", "register_neuron", "available_recipes", "GraphConversionError",
+    "LearnedCalibration", "CalibrationReport",
     "count_inference", "spike_inference", "predictor",
 ]

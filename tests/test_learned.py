@@ -237,3 +237,28 @@ def test_learned_formula_matches_the_node_count_domain():
     k = formulas.spike_count(x, 4, formulas.channel_view(da.theta, 3), formulas.channel_view(0.5 * da.theta, 3),
                              formulas.channel_view(da.psi_da, 3), ste=True)
     assert torch.equal(k, node.count(x.clone()))
+
+
+@pytest.mark.parametrize("shape, cd", [((6, 3, 4, 4), 1), ((5, 3), 1), ((2, 4, 3), -1)])
+def test_fused_fit_function_matches_autograd_of_the_straight_through_formula(shape, cd):
+    from sj_parallel_conversion.learned import daqcfs_fit
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(*shape, generator=g, dtype=torch.float64) * 1.5).requires_grad_()
+    pre = (torch.rand(3, generator=g, dtype=torch.float64) + 0.3).requires_grad_()
+    post = (torch.rand(3, generator=g, dtype=torch.float64) + 0.3).requires_grad_()
+    psi = (torch.randn(3, generator=g, dtype=torch.float64) * 0.2).requires_grad_()
+    w = torch.randn(*shape, generator=g, dtype=torch.float64)
+    out = daqcfs_fit(x, pre, post, psi, 4, 0.5, cd)
+    grads = torch.autograd.grad((out * w).sum(), (x, pre, post, psi))
+    # Independent formulation: plain autograd through the closed form, with a floor whose gradient
+    # is 1 wherever the count is not clipped (0 <= floor(u) <= T, both ends included, as LSQ does).
+    v = lambda p: formulas.channel_view(p, x.dim(), cd)  # noqa: E731
+    u = ((x + v(psi)) * 4 + 0.5 * v(pre)) / v(pre)
+    inside = ((torch.floor(u) >= 0) & (torch.floor(u) <= 4)).detach()
+    k = torch.where(inside, formulas.floor_ste(u), torch.floor(u).clamp(0, 4).detach())
+    ref = (v(pre) + (v(post) - v(pre))) / 4 * k
+    ref_grads = torch.autograd.grad((ref * w).sum(), (x, pre, post, psi))
+    assert torch.equal(out, ref)
+    for a, b, name in zip(grads, ref_grads, ("x", "theta_pre", "theta_post", "psi_da")):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
