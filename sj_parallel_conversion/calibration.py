@@ -127,3 +127,19 @@ def to_nodes(gm: fx.GraphModule, **node_kwargs) -> fx.GraphModule:
             raise ValueError(f"activation site {name!r}: {exc}") from exc
 
     return replace_sites(gm, swap)
+
+
+def extract_input(batch) -> torch.Tensor:
+    """The input tensor of one batch: the batch itself, the first item of a ``(x, y, ...)``
+    tuple/list, or the ``"input"``/``"image"``/``"x"`` entry of a dict. Raises :class:`TypeError`
+    naming the batch's type otherwise."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, dict):
+        for key in ("input", "image", "x"):
+            if isinstance(batch.get(key), torch.Tensor):
+                return batch[key]
+    raise TypeError(f"cannot find the input tensor in a batch of type {type(batch).__name__}; pass tensors, "
+                    "(x, y) tuples or dicts with an 'input', 'image' or 'x' tensor")

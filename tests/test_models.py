@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sj_parallel_conversion import QCFS, models
+from sj_parallel_conversion.tracing import activation_calls_to_modules
 
 ACT_TYPES = (nn.ReLU, QCFS)
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,17 +28,10 @@ def _build(name, act="relu", **kw):
     return models.build_model(name, num_classes=7, act=act, L=4, theta=2.0, in_channels=in_ch, **kw)
 
 
-class _LeafQCFSTracer(fx.Tracer):
-    """QCFS validates its input shape in Python, so converters trace it as a leaf (as recipe.py does)."""
-
-    def is_leaf_module(self, m, qualname):
-        return isinstance(m, QCFS) or super().is_leaf_module(m, qualname)
-
-
 def _trace(m: nn.Module) -> fx.GraphModule:
-    if any(isinstance(mod, QCFS) for mod in m.modules()):
-        return fx.GraphModule(m, _LeafQCFSTracer().trace(m))
-    return fx.symbolic_trace(m)  # ReLU networks trace with the plain tracer
+    # The plain tracer records each QCFS as one activation_call node; the recipe's first pass
+    # turns those into call_module nodes.
+    return activation_calls_to_modules(fx.symbolic_trace(m))
 
 
 def _activation_calls(gm: fx.GraphModule):
