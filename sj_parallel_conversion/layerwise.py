@@ -16,6 +16,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 import torch.nn as nn
 from torch import fx
+from torch.utils.data import RandomSampler
 
 from .compare import evaluate
 from .inference import count_inference
@@ -126,10 +127,17 @@ def search_layer_T(
     """Greedy per-layer ``T`` for at most ``max_loss`` (fraction) accuracy loss vs uniform ``T_max``.
 
     Sites are visited in decreasing order of the synaptic work they drive; for each, the smallest
-    candidate below its current ``T`` that keeps the loss within budget is kept.
+    candidate below its current ``T`` that keeps the loss within budget is kept. Both loaders must
+    yield the same batches on every pass (a shuffling ``DataLoader`` is rejected), so every trial
+    is calibrated and scored on the same images and the search is reproducible.
     """
     if any(t < 1 for t in candidates) or T_max < 1:
         raise ValueError("time steps must be >= 1")
+    for name, loader in (("calib_loader", calib_loader), ("search_loader", search_loader)):
+        if isinstance(getattr(loader, "sampler", None), RandomSampler):
+            raise ValueError(f"{name} shuffles on every pass, so each trial would see different images; pass a "
+                             "loader with a fixed order (shuffle once, e.g. with a seeded permutation, then "
+                             "shuffle=False)")
     if not 0 <= max_loss < 1:
         raise ValueError(f"max_loss is a fraction in [0, 1), got {max_loss}")
     options = dict(recipe_options or {})

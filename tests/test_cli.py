@@ -83,6 +83,7 @@ def test_convert_evaluate_stats_compare_on_digits(tmp_path, capsys):
     spike_acc = json.loads((tmp_path / "e.json").read_text())["rows"][0]["accuracy"]
     code, out, err = _run(["evaluate", "--snn", str(snn_file), "--mode", "count", "--json", str(tmp_path / "c.json"),
                            *common], capsys)
+    assert code == 0, err
     count_acc = json.loads((tmp_path / "c.json").read_text())["rows"][0]["accuracy"]
     assert abs(spike_acc - count_acc) <= 2 / 450 and spike_acc > 0.5
     code, out, err = _run(["stats", "--snn", str(snn_file), "--images", "64", "--plot", str(tmp_path / "s.png"),
