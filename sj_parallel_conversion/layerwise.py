@@ -22,6 +22,7 @@ from .compare import evaluate
 from .inference import count_inference
 from .neuron import ParallelConversionNode
 from .recipe import ParallelConversionRecipe, ParallelConverter
+from .stats import macs
 
 __all__ = ["LayerTSearch", "search_layer_T", "effective_T", "site_weights"]
 
@@ -53,25 +54,19 @@ def site_weights(snn: fx.GraphModule, x: torch.Tensor) -> Dict[str, float]:
     for node in snn.graph.nodes:
         if node.op == "call_module" and isinstance(modules.get(node.target), ParallelConversionNode):
             consumers[node.target] = feeds(node)
-    macs: Dict[str, float] = {}
+    layer_macs: Dict[str, float] = {}
     hooks = []
     for name, m in snn.named_modules():
         if isinstance(m, _SYNAPTIC):
             def hook(mod, inp, out, name=name):
-                if isinstance(mod, nn.Linear):
-                    macs[name] = mod.in_features * mod.out_features * (out.numel() // out.shape[-1])
-                else:
-                    k = mod.in_channels // mod.groups
-                    for s in mod.kernel_size:
-                        k *= s
-                    macs[name] = out.numel() * k
+                layer_macs[name] = macs(mod, out)
             hooks.append(m.register_forward_hook(hook))
     try:
         count_inference(snn, x[:1])  # one image: the MACs are per image
     finally:
         for h in hooks:
             h.remove()
-    return {site: float(sum(macs.get(c, 0.0) for c in cs)) for site, cs in consumers.items()}
+    return {site: float(sum(layer_macs.get(c, 0.0) for c in cs)) for site, cs in consumers.items()}
 
 
 def effective_T(T: Dict[str, int], weights: Optional[Dict[str, float]] = None) -> float:

@@ -266,4 +266,3 @@ def parallel_neuron_factory(T: int, **node_kwargs: Any) -> Callable[[float], Par
 
 
 registry.register_recipe("parallel", ParallelConversionRecipe)
-registry.register_neuron("parallel", ParallelConversionNode)

@@ -12,6 +12,8 @@ import torch.nn as nn
 from sj_parallel_conversion import ParallelConverter, count_inference
 from sj_parallel_conversion.distributed import allreduce_reducer, distributed_evaluate, shard_indices
 
+pytestmark = pytest.mark.slow  # spawns two processes
+
 BATCH = 16  # per rank
 
 

@@ -202,6 +202,7 @@ def test_checked_in_checkpoints_load():
             assert m(torch.randn(2, 3, 32, 32)).shape == (2, meta["num_classes"])
 
 
+@pytest.mark.slow  # runs the training example
 def test_train_cifar_end_to_end_and_resume(cifar10_dir, tmp_path, capsys, load_example):
     train = load_example("train_cifar")
     ck, ex = tmp_path / "state.pt", tmp_path / "final.pt"

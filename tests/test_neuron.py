@@ -271,6 +271,7 @@ def _compile_works() -> str | None:
     return None
 
 
+@pytest.mark.slow  # compiles with inductor
 @pytest.mark.skipif(_compile_works() is not None, reason=str(_compile_works()))
 def test_torch_compile_matches_eager():
     # Takes about 10-25 s on a 2-core CPU box (inductor compiles C++), hence check_nan=False,
