@@ -395,8 +395,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"sj-parallel: error: '{args.command}' does not run under torchrun; use convert or evaluate",
               file=sys.stderr)
         return 2
-    if getattr(args, "no_progress", False) is False and not sys.stderr.isatty():
-        args.no_progress = True
     try:
         return COMMANDS[args.command](args)
     except (CLIError, FileNotFoundError, ValueError, KeyError, TypeError, RuntimeError) as exc:
