@@ -101,6 +101,7 @@ def test_convert_evaluate_stats_compare_on_digits(tmp_path, capsys):
     assert len(rows) == 1 + 1 + 2 * 2 + 2
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and SpikingJelly
 def test_module_entry_point_runs():
     res = subprocess.run([sys.executable, "-m", "sj_parallel_conversion", "--help"], capture_output=True, text=True,
                          timeout=120)

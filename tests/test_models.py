@@ -39,7 +39,12 @@ def _activation_calls(gm: fx.GraphModule):
     return [n.target for n in gm.graph.nodes if n.op == "call_module" and isinstance(mods[n.target], ACT_TYPES)]
 
 
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
+# The deeper CIFAR ResNets repeat resnet20's blocks; they run with the slow tests.
+_DEEP = ("resnet32", "resnet44", "resnet56")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _DEEP else n
+                                  for n in models.MODEL_NAMES])
 @pytest.mark.parametrize("act", ["relu", "qcfs"])
 def test_zoo_model_builds_runs_and_traces(name, act):
     torch.manual_seed(0)
@@ -118,7 +123,7 @@ def test_unknown_model_and_activation():
         models.build_model("cnn", act="gelu")
 
 
-@pytest.mark.parametrize("depth, size", [(18, 64), (50, 64)])
+@pytest.mark.parametrize("depth, size", [(18, 64), pytest.param(50, 64, marks=pytest.mark.slow)])
 def test_torchvision_resnet_matches_original(depth, size):
     import torchvision
 
