@@ -155,10 +155,9 @@ def main(argv=None) -> dict:
     for epoch in range(start_epoch, args.epochs):
         model.train()
         t0 = time.perf_counter()
-        from tqdm.auto import tqdm
+        from sj_parallel_conversion.progress import progress
 
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=args.no_progress,
-                   leave=False, mininterval=5.0)
+        bar = progress(train_loader, f"epoch {epoch + 1}/{args.epochs}", not args.no_progress)
         loss_sum = correct = seen = 0
         for x, y in bar:
             x, y = x.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True)

@@ -11,7 +11,7 @@ Conversion (SpikingJelly ``ann2snn`` flow)
     :class:`ParallelConversionRecipe`  an ``ann2snn.FXConversionRecipe`` for the paper's three cases.
     :class:`ParallelConverter`  ``ann2snn.FXConverter`` accepting registered names (``"parallel"``).
     :func:`parallel_neuron_factory`  drop-in ``neuron_factory`` for SpikingJelly's ``RateCodingRecipe``.
-    :func:`register_recipe`, :func:`register_neuron`, :func:`available_recipes`  the registry.
+    :func:`register_recipe`, :func:`available_recipes`  the recipe registry.
     :class:`GraphConversionError`  raised, before calibration, for unsupported graph patterns.
     :class:`LearnedCalibration`  options of the learned calibration (``method="learned"``/``"auto"``).
     :class:`CalibrationReport`  what calibration chose and measured (``snn.calibration_report``).
@@ -27,7 +27,7 @@ from .inference import count_inference, predictor, spike_inference
 from .learned import LearnedCalibration
 from .neuron import ParallelConversionNode
 from .recipe import ParallelConversionRecipe, ParallelConverter, parallel_neuron_factory
-from .registry import available_recipes, register_neuron, register_recipe
+from .registry import available_recipes, register_recipe
 from .selection import CalibrationReport
 
 __version__ = "0.1.0"
@@ -35,7 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ParallelConversionNode", "QCFS", "ClipReLU", "DAQCFS",
     "ParallelConversionRecipe", "ParallelConverter", "parallel_neuron_factory",
-    "register_recipe", "register_neuron", "available_recipes", "GraphConversionError",
+    "register_recipe", "available_recipes", "GraphConversionError",
     "LearnedCalibration", "CalibrationReport",
     "count_inference", "spike_inference", "predictor",
 ]

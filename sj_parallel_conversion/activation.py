@@ -10,13 +10,30 @@ from typing import Optional, Union
 
 import torch
 import torch.nn as nn
+from torch import fx
 
 from . import formulas
 from .neuron import ParallelConversionNode, _param
 
 ParamLike = Union[float, int, torch.Tensor]
 
-__all__ = ["QCFS", "ClipReLU", "DAQCFS"]
+__all__ = ["QCFS", "ClipReLU", "DAQCFS", "activation_call"]
+
+
+def activation_call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply one of this package's activations (``QCFS``, ``ClipReLU``, ``DAQCFS``) to ``x``.
+
+    Their ``forward`` goes through this function, which is registered with :func:`torch.fx.wrap`:
+    every FX tracer, SpikingJelly's plain one included, records it as a single ``call_function``
+    node taking the module (a ``get_attr`` node) and the input, instead of tracing into the
+    Python shape checks. :func:`~sj_parallel_conversion.tracing.activation_calls_to_modules` turns
+    those nodes back into ``call_module`` nodes.
+    """
+    return module.activate(x)
+
+
+# Registered by name so that tracing patches the global the forwards below look up.
+fx.wrap("activation_call")
 
 
 def _check_level(name: str, value: int) -> int:
@@ -52,6 +69,10 @@ class QCFS(nn.Module):
         self.theta = nn.Parameter(_param("theta", theta, positive=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return activation_call(self, x)
+
+    def activate(self, x: torch.Tensor) -> torch.Tensor:
+        """The activation itself (``forward`` routes through :func:`activation_call`)."""
         _check_channels(self, x, [self.theta])
         th = formulas.channel_view(self.theta, x.dim(), self.channel_dim)
         return formulas.qcfs(x, th, self.L, self.shift * th, ste=True)
@@ -74,6 +95,10 @@ class ClipReLU(nn.Module):
         self.register_buffer("theta", _param("theta", theta, positive=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return activation_call(self, x)
+
+    def activate(self, x: torch.Tensor) -> torch.Tensor:
+        """The activation itself (``forward`` routes through :func:`activation_call`)."""
         _check_channels(self, x, [self.theta])
         return formulas.clip_relu(x, formulas.channel_view(self.theta.to(x.dtype), x.dim(), self.channel_dim))
 
@@ -112,6 +137,10 @@ class DAQCFS(nn.Module):
         self.register_buffer("phi_da", _param("phi_da", phi_da))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return activation_call(self, x)
+
+    def activate(self, x: torch.Tensor) -> torch.Tensor:
+        """The activation itself (``forward`` routes through :func:`activation_call`)."""
         params = (self.theta, self.psi_da, self.phi_da)
         _check_channels(self, x, params)
         th, pda, fda = (formulas.channel_view(p.to(x.dtype), x.dim(), self.channel_dim) for p in params)

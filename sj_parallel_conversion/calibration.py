@@ -15,11 +15,11 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional, Union
 import torch
 import torch.nn as nn
 from torch import fx
-from tqdm.auto import tqdm
 
 from .activation import DAQCFS, QCFS, ClipReLU
 from .graph import AnalogReLU
 from .observers import DACalibrator, MaxObserver, Reducer
+from .progress import progress as progress_bar
 
 __all__ = ["extract_input", "check_input", "CalibrationData", "iterate_inputs", "record_thresholds", "calibrate_da", "to_daqcfs", "to_nodes", "replace_sites"]
 
@@ -154,7 +154,7 @@ def iterate_inputs(
     """Input tensors on ``device`` from any iterable of batches (tensors, ``(x, y)`` tuples, dicts)."""
     data = loader if isinstance(loader, CalibrationData) else CalibrationData(loader, num_batches)
     seen = 0
-    for x in tqdm(data, total=data.length_hint(), desc=desc, disable=not progress, leave=False):
+    for x in progress_bar(data, desc, progress, total=data.length_hint()):
         yield x.to(device)
         seen += 1
     if seen == 0:
@@ -237,3 +237,4 @@ def to_nodes(gm: fx.GraphModule, **node_kwargs) -> fx.GraphModule:
             raise ValueError(f"activation site {name!r}: {exc}") from exc
 
     return replace_sites(gm, swap)
+

@@ -125,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--T-max", type=_positive_int, default=16)
     lt.add_argument("--candidates", type=_positive_int, nargs="+", default=[1, 2, 4, 8])
     lt.add_argument("--max-loss", type=float, default=0.01, help="allowed accuracy loss (fraction)")
-    lt.add_argument("--search-batches", type=_positive_int, default=4)
+    lt.add_argument("--search-batches", type=_positive_int, default=4,
+                    help="batches of training images held out (never calibrated on) to score candidates")
+    lt.add_argument("--seed", type=int, default=0, help="seed of the search/calibration split")
     _add_data_args(lt)
     lt.add_argument("--json", default=None)
     lt.add_argument("--no-progress", action="store_true")
@@ -367,12 +369,30 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def _search_loaders(args):
+    """Calibration and search loaders over disjoint parts of the training split, both in a fixed
+    order drawn from ``--seed``: the search is reproducible and scores on images it never calibrated on."""
+    from torch.utils.data import Subset
+
+    from . import data
+
+    train, _ = _datasets(args, need_train=True)
+    n_search = args.search_batches * args.batch_size
+    if len(train) <= n_search:
+        raise CLIError(f"--search-batches {args.search_batches} x --batch-size {args.batch_size} holds out all "
+                       f"{len(train)} training images; none would be left for calibration")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    search = data.make_loader(Subset(train, order[:n_search]), args.batch_size)
+    calib = data.make_loader(Subset(train, order[n_search:]), args.batch_size)
+    return calib, search
+
+
 def cmd_search_t(args) -> int:
     from .layerwise import search_layer_T
 
     ann, meta = _load_ann(args.checkpoint, args.device)
-    calib_loader, _ = _loaders(args, need_train=True)
-    res = search_layer_T(ann, calib_loader, calib_loader, T_max=args.T_max, candidates=args.candidates,
+    calib_loader, search_loader = _search_loaders(args)
+    res = search_layer_T(ann, calib_loader, search_loader, T_max=args.T_max, candidates=args.candidates,
                          max_loss=args.max_loss, num_calib_batches=args.calib_batches,
                          num_search_batches=args.search_batches, device=args.device)
     print(res.to_text())
@@ -411,8 +431,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"sj-parallel: error: '{args.command}' does not run under torchrun; use convert or evaluate",
               file=sys.stderr)
         return 2
-    if getattr(args, "no_progress", False) is False and not sys.stderr.isatty():
-        args.no_progress = True
     _show_calibration_log()
     try:
         return COMMANDS[args.command](args)

@@ -8,20 +8,19 @@ from __future__ import annotations
 
 import copy
 import csv
-import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
-from unittest import mock
 
 import torch
 import torch.nn as nn
 from spikingjelly.activation_based import functional
-from tqdm.auto import tqdm
 
 from .calibration import iterate_inputs
 from .inference import predictor
+from .progress import progress as progress_bar
+from .progress import quiet_stderr
 from .recipe import ParallelConversionRecipe, ParallelConverter
 
 __all__ = ["METHODS", "ComparisonRow", "ComparisonTable", "compare_converters", "convert_builtin", "evaluate"]
@@ -146,14 +145,14 @@ class ComparisonTable:
 
 
 def _batches(loader: Iterable, device, num_batches: Optional[int]):
-    from spikingjelly.activation_based.ann2snn.recipes.rate_coding import _extract_batch_input
+    from .calibration import extract_input
 
     for i, batch in enumerate(loader):
         if num_batches is not None and i >= num_batches:
             break
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise TypeError("evaluation batches must be (inputs, labels) pairs")
-        yield _extract_batch_input(batch).to(device), batch[1].to(device)
+        yield extract_input(batch).to(device), batch[1].to(device)
 
 
 @torch.no_grad()
@@ -167,7 +166,7 @@ def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, 
     correct = total = 0
     seconds = 0.0
     warm = False
-    for x, y in tqdm(_batches(loader, device, num_batches), desc=desc, disable=not progress, leave=False):
+    for x, y in progress_bar(_batches(loader, device, num_batches), desc, progress):
         if not warm:
             predict(x)
             warm = True
@@ -189,20 +188,18 @@ def convert_builtin(method: str, ann: nn.Module, calib: Iterable, num_calib_batc
     (``LocalThresholdBalancingRecipe``). ``ann`` is not modified.
     """
     from spikingjelly.activation_based import ann2snn
-    from spikingjelly.activation_based.ann2snn.recipes import local_threshold_balancing, rate_coding
 
     if method == "rate-max":
-        make, module = (lambda data: ann2snn.RateCodingRecipe(data, mode="max")), rate_coding
+        make = lambda data: ann2snn.RateCodingRecipe(data, mode="max")
     elif method == "rate-99.9%":
-        make, module = (lambda data: ann2snn.RateCodingRecipe(data, mode="99.9%")), rate_coding
+        make = lambda data: ann2snn.RateCodingRecipe(data, mode="99.9%")
     elif method == "ltb":
-        make, module = ann2snn.LocalThresholdBalancingRecipe, local_threshold_balancing
+        make = ann2snn.LocalThresholdBalancingRecipe
     else:
         raise ValueError(f"method must be one of 'rate-max', 'rate-99.9%', 'ltb', got {method!r}")
     loader = list(iterate_inputs(calib, device, num_calib_batches, progress=False))
-    # SpikingJelly's recipes draw their own tqdm bar with no switch; silence it when asked to.
-    bar = module.tqdm if progress else functools.partial(module.tqdm, disable=True)
-    with mock.patch.object(module, "tqdm", bar):
+    # SpikingJelly's recipes draw their own bar with no switch; keep it off the screen with ours.
+    with quiet_stderr(progress):
         snn = ann2snn.Converter(make(loader), device=device).convert(copy.deepcopy(ann))
     functional.set_step_mode(snn, "m")
     return snn.eval()

@@ -167,15 +167,21 @@ def prepare_graph(gm: fx.GraphModule) -> fx.GraphModule:
 
 def to_multistep(gm: fx.GraphModule) -> fx.GraphModule:
     """Wrap stateless layers as SpikingJelly step modules (SpikingJelly's own adapter)."""
-    from spikingjelly.activation_based.ann2snn.recipes.step_mode_adapters import (
-        _RATE_CODING_STATELESS_MODULE_TYPES,
-        adapt_step_mode_graph,
-    )
+    from spikingjelly.activation_based.ann2snn.recipes.step_mode_adapters import adapt_step_mode_graph
 
+    # The torch layers that have a SpikingJelly step-module twin in ``layer`` (the adapter
+    # swaps each for its twin); our own table, so no SpikingJelly internals are read.
+    stateless = (
+        nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+        nn.Linear, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+        nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+        nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.Upsample,
+        nn.Flatten, nn.Dropout, nn.Dropout2d,
+    )
     return adapt_step_mode_graph(
         gm,
         context="ParallelConversionRecipe step-mode adapter",
-        wrap_module_types=_RATE_CODING_STATELESS_MODULE_TYPES,
+        wrap_module_types=stateless,
         safe_module_types=ACTIVATION_TYPES,
         safe_call_functions=(F.dropout,),
     )

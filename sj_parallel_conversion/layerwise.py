@@ -16,11 +16,13 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 import torch.nn as nn
 from torch import fx
+from torch.utils.data import RandomSampler
 
 from .compare import evaluate
 from .inference import count_inference
 from .neuron import ParallelConversionNode
 from .recipe import ParallelConversionRecipe, ParallelConverter
+from .stats import macs
 
 __all__ = ["LayerTSearch", "search_layer_T", "effective_T", "site_weights"]
 
@@ -52,25 +54,19 @@ def site_weights(snn: fx.GraphModule, x: torch.Tensor) -> Dict[str, float]:
     for node in snn.graph.nodes:
         if node.op == "call_module" and isinstance(modules.get(node.target), ParallelConversionNode):
             consumers[node.target] = feeds(node)
-    macs: Dict[str, float] = {}
+    layer_macs: Dict[str, float] = {}
     hooks = []
     for name, m in snn.named_modules():
         if isinstance(m, _SYNAPTIC):
             def hook(mod, inp, out, name=name):
-                if isinstance(mod, nn.Linear):
-                    macs[name] = mod.in_features * mod.out_features * (out.numel() // out.shape[-1])
-                else:
-                    k = mod.in_channels // mod.groups
-                    for s in mod.kernel_size:
-                        k *= s
-                    macs[name] = out.numel() * k
+                layer_macs[name] = macs(mod, out)
             hooks.append(m.register_forward_hook(hook))
     try:
         count_inference(snn, x[:1])  # one image: the MACs are per image
     finally:
         for h in hooks:
             h.remove()
-    return {site: float(sum(macs.get(c, 0.0) for c in cs)) for site, cs in consumers.items()}
+    return {site: float(sum(layer_macs.get(c, 0.0) for c in cs)) for site, cs in consumers.items()}
 
 
 def effective_T(T: Dict[str, int], weights: Optional[Dict[str, float]] = None) -> float:
@@ -126,10 +122,17 @@ def search_layer_T(
     """Greedy per-layer ``T`` for at most ``max_loss`` (fraction) accuracy loss vs uniform ``T_max``.
 
     Sites are visited in decreasing order of the synaptic work they drive; for each, the smallest
-    candidate below its current ``T`` that keeps the loss within budget is kept.
+    candidate below its current ``T`` that keeps the loss within budget is kept. Both loaders must
+    yield the same batches on every pass (a shuffling ``DataLoader`` is rejected), so every trial
+    is calibrated and scored on the same images and the search is reproducible.
     """
     if any(t < 1 for t in candidates) or T_max < 1:
         raise ValueError("time steps must be >= 1")
+    for name, loader in (("calib_loader", calib_loader), ("search_loader", search_loader)):
+        if isinstance(getattr(loader, "sampler", None), RandomSampler):
+            raise ValueError(f"{name} shuffles on every pass, so each trial would see different images; pass a "
+                             "loader with a fixed order (shuffle once, e.g. with a seeded permutation, then "
+                             "shuffle=False)")
     if not 0 <= max_loss < 1:
         raise ValueError(f"max_loss is a fraction in [0, 1), got {max_loss}")
     options = dict(recipe_options or {})

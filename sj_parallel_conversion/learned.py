@@ -29,11 +29,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
-from tqdm.auto import tqdm
 
 from . import formulas
 from .activation import DAQCFS, QCFS, ClipReLU
 from .observers import Reducer
+from .progress import progress as progress_bar
 
 __all__ = ["LearnedCalibration", "LearnedSite", "daqcfs_fit", "take_images", "split_holdout", "learn_calibration", "held_out_score",
            "LOSSES"]
@@ -337,7 +337,7 @@ def learn_calibration(
     order: List[int] = []
     bad = 0
     step = 0
-    bar = tqdm(range(options.steps), desc="learned calibration", disable=not progress, leave=False)
+    bar = progress_bar(range(options.steps), "learned calibration", progress)
     try:
         for step in bar:
             if not order:

@@ -5,8 +5,9 @@ SpikingJelly's ``FXConverter`` runs a fixed template (validate, before_trace, tr
 insert_observers, calibrate, replace, finalize); the recipe fills it with the paper's stages:
 
 ===================  ==========================================================================
-after_trace          fold BN into conv (SpikingJelly's fusion), canonicalise and validate the
-                     graph, decide the conversion case (paper Table 2)
+after_trace          activation calls back to modules, fold BN into conv (torch's fusion),
+                     canonicalise and validate the graph, decide the conversion case
+                     (paper Table 2)
 insert_observers     ReLU sites get a :class:`~.observers.MaxObserver` (training-free case)
 calibrate            record maxima (ReLU -> ClipReLU), then Algorithm 1 (-> DA-QCFS at T)
 replace              DA-QCFS -> :class:`~.ParallelConversionNode`; stateless layers become
@@ -38,6 +39,7 @@ from .observers import MaxObserver
 from .selection import CalibrationReport, choose
 
 logger = logging.getLogger("sj_parallel_conversion")
+from .tracing import activation_calls_to_modules, fold_bn
 
 __all__ = ["ParallelConversionRecipe", "ParallelConverter", "parallel_neuron_factory", "conversion_case"]
 
@@ -88,7 +90,7 @@ class ParallelConversionRecipe(FXConversionRecipe):
         alpha: EMA momentum of Algorithm 1 (paper: 0.99 over one epoch).
         bias_correction: divide the EMAs by ``1 - alpha**n`` (see :class:`~.observers.DACalibrator`).
         num_batches: at most this many calibration batches per pass.
-        fuse_bn: fold BatchNorm into the preceding convolution; ``None`` (default) folds unless the
+        fuse_bn: fold BatchNorm into the preceding convolution (:func:`~.tracing.fold_bn`); ``None`` (default) folds unless the
             conversion is lossless (QCFS with ``T == L`` everywhere), where folding would change
             the rounding of activations that lie on a level boundary.
         backend, spike_order: passed to every :class:`~.ParallelConversionNode`.
@@ -197,6 +199,8 @@ class ParallelConversionRecipe(FXConversionRecipe):
 
     # -- stages ----------------------------------------------------------------------------------
     def before_trace(self, converter: FXConverter, ann: nn.Module) -> nn.Module:
+        # Only the model changes here: SpikingJelly's plain tracer keeps the package's
+        # activations whole on its own (see activation.activation_call).
         ann.eval()
         self.report = None
         self._reference = None
@@ -204,12 +208,10 @@ class ParallelConversionRecipe(FXConversionRecipe):
         if self.dataloader is not None:
             self._data = calibration.CalibrationData(self.dataloader, self.num_batches)
             check_model_input(ann, self._data.first(), converter.device)
-        _trace_next_with_leaf_activations()
         return ann
 
     def after_trace(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
-        from spikingjelly.activation_based.ann2snn.recipes.rate_coding import _fuse_conv_bn
-
+        fx_model = activation_calls_to_modules(fx_model)
         fx_model = prepare_graph(fx_model)
         if self.analog_sites:
             keep_analog(fx_model, self.analog_sites)
@@ -223,7 +225,7 @@ class ParallelConversionRecipe(FXConversionRecipe):
         case = conversion_case(fx_model, self.T_of, self.mode)
         lossless = case["source"] == "qcfs" and not case["calibrate"]
         if self.fuse_bn if self.fuse_bn is not None else not lossless:
-            fx_model = _fuse_conv_bn(fx_model, fuse_flag=True)
+            fx_model = fold_bn(fx_model)
         if self.calibrate_option is not None:
             case["calibrate"] = self.calibrate_option
         if (case["calibrate"] or case["record_max"]) and self.dataloader is None:
@@ -332,36 +334,6 @@ def check_model_input(ann: nn.Module, x: torch.Tensor, device) -> None:
                          f"(input shape {tuple(x.shape)}, dtype {x.dtype}): {type(exc).__name__}: {exc}") from exc
 
 
-class _LeafActivationTracer(fx.Tracer):
-    """FX tracer that keeps this package's activations as single ``call_module`` nodes."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (QCFS, ClipReLU, DAQCFS)) or super().is_leaf_module(m, qualname)
-
-
-def _trace_next_with_leaf_activations() -> None:
-    """Make SpikingJelly's converter trace the next model with :class:`_LeafActivationTracer`.
-
-    ``FXConverter.convert`` traces with a plain ``fx.Tracer``, which would inline QCFS/ClipReLU
-    (whose forward has Python control flow) instead of keeping them as modules. The recipe's
-    ``before_trace`` runs right before that call, so it swaps in a one-shot tracing function that
-    restores SpikingJelly's own before doing anything else.
-    """
-    from spikingjelly.activation_based.ann2snn import converter as sj_converter
-
-    original = getattr(sj_converter._symbolic_trace, "_sjpc_original", sj_converter._symbolic_trace)
-
-    def trace_once(root: nn.Module) -> fx.GraphModule:
-        sj_converter._symbolic_trace = original
-        with sj_converter._FX_TRACE_LOCK:
-            tracer = _LeafActivationTracer()
-            graph = tracer.trace(root)
-        return fx.GraphModule(tracer.root, graph)
-
-    trace_once._sjpc_original = original
-    sj_converter._symbolic_trace = trace_once
-
-
 class ParallelConverter(FXConverter):
     """``ann2snn.FXConverter`` that also accepts registered recipe names.
 
@@ -395,4 +367,3 @@ def parallel_neuron_factory(T: int, **node_kwargs: Any) -> Callable[[float], Par
 
 
 registry.register_recipe("parallel", ParallelConversionRecipe)
-registry.register_neuron("parallel", ParallelConversionNode)

@@ -29,7 +29,7 @@ from torch import fx
 from .inference import spike_inference
 from .neuron import ParallelConversionNode
 
-__all__ = ["LayerStats", "StatsReport", "spike_statistics", "E_MAC_PJ", "E_AC_PJ"]
+__all__ = ["LayerStats", "StatsReport", "spike_statistics", "macs", "E_MAC_PJ", "E_AC_PJ"]
 
 #: Energy of one 32-bit float multiply-accumulate in pJ (Horowitz, ISSCC 2014, 45 nm).
 E_MAC_PJ = 4.6
@@ -37,9 +37,6 @@ E_MAC_PJ = 4.6
 E_AC_PJ = 0.9
 
 _SYNAPTIC = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_PASS_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten, nn.Dropout,
-                 nn.Dropout2d, nn.Identity)
 
 
 @dataclass
@@ -187,11 +184,14 @@ def _events_fanout(module: nn.Module, x: torch.Tensor) -> float:
     return float(occupancy.sum(dtype=torch.float64)) * (module.out_channels // g)
 
 
-def _macs(module: nn.Module, out: torch.Tensor, per: int) -> float:
+def macs(module: nn.Module, out: torch.Tensor, per: int = 1) -> float:
+    """Multiply-accumulates of a conv or linear ``module`` that produced ``out``, divided by ``per``
+    (e.g. images x time steps): one per output value and input it is connected to."""
     if isinstance(module, nn.Linear):
-        return float(module.in_features * module.out_features * (out.numel() // out.shape[-1]) / per)
-    k = math.prod(module.kernel_size) * module.in_channels // module.groups
-    return float(out.numel() * k / per)
+        return float(module.in_features * (out.numel() // out.shape[-1]) * module.out_features / per)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return float(out.numel() * (math.prod(module.kernel_size) * module.in_channels // module.groups) / per)
+    raise TypeError(f"MACs are defined for Conv1d/2d/3d and Linear, got {type(module).__name__}")
 
 
 @torch.no_grad()
@@ -223,7 +223,7 @@ def spike_statistics(model: nn.Module, x: torch.Tensor, T: Optional[int] = None,
                 if name not in order:
                     order.append(name)
                 s.input = "spikes" if spike_in.get(name, False) else "analog"
-                s.macs_per_image = _macs(mod, out, n * steps)
+                s.macs_per_image = macs(mod, out, n * steps)
                 if s.input == "spikes":
                     s.sops_per_image += _events_fanout(mod, flat) / n
             hooks.append(m.register_forward_hook(hook))

@@ -7,7 +7,8 @@ from typing import Iterable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+
+from .progress import progress as progress_bar
 
 __all__ = ["train_classifier"]
 
@@ -39,7 +40,7 @@ def train_classifier(
     sched = scheduler or torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     for epoch in range(start_epoch, epochs):
         model.train()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        bar = progress_bar(loader, f"epoch {epoch + 1}/{epochs}", progress)
         for x, y in bar:
             x, y = x.to(device), y.to(device)
             if augment is not None:

@@ -20,6 +20,8 @@ from sj_parallel_conversion.compare import convert_builtin
 from sj_parallel_conversion.inference import predictor
 from sj_parallel_conversion.formulas import channel_view
 
+pytestmark = pytest.mark.slow  # real CIFAR-10 conversions, examples and CLI runs
+
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "sj_parallel_conversion" / "checkpoints"
 

@@ -59,6 +59,7 @@ def test_unknown_model_and_mismatched_checkpoint(tmp_path, capsys):
     assert code == 2 and "does not match" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # every subcommand, a comparison included
 def test_convert_evaluate_stats_compare_on_digits(tmp_path, capsys):
     """A digits CNN trained for one epoch goes through every subcommand."""
     from torch.utils.data import DataLoader
@@ -83,6 +84,7 @@ def test_convert_evaluate_stats_compare_on_digits(tmp_path, capsys):
     spike_acc = json.loads((tmp_path / "e.json").read_text())["rows"][0]["accuracy"]
     code, out, err = _run(["evaluate", "--snn", str(snn_file), "--mode", "count", "--json", str(tmp_path / "c.json"),
                            *common], capsys)
+    assert code == 0, err
     count_acc = json.loads((tmp_path / "c.json").read_text())["rows"][0]["accuracy"]
     assert abs(spike_acc - count_acc) <= 2 / 450 and spike_acc > 0.5
     code, out, err = _run(["stats", "--snn", str(snn_file), "--images", "64", "--plot", str(tmp_path / "s.png"),
@@ -99,7 +101,55 @@ def test_convert_evaluate_stats_compare_on_digits(tmp_path, capsys):
     assert len(rows) == 1 + 1 + 2 * 2 + 2
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and SpikingJelly
 def test_module_entry_point_runs():
     res = subprocess.run([sys.executable, "-m", "sj_parallel_conversion", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0 and "demo" in res.stdout and "compare" in res.stdout
+
+
+def test_search_t_split_is_fixed_disjoint_and_seeded():
+    """search-t scores on held-out training images in an order fixed by --seed."""
+    def split(seed, batches=2):
+        args = cli.build_parser().parse_args(["search-t", "--checkpoint", "x.pt", "--data", "digits", "--batch-size",
+                                              "32", "--search-batches", str(batches), "--seed", str(seed)])
+        calib, search = cli._search_loaders(args)
+        return calib.dataset.indices, search.dataset.indices, calib, search
+
+    c0, s0, calib, search = split(0)
+    assert len(s0) == 64 and not set(c0) & set(s0) and len(c0) + len(s0) == len(calib.dataset.dataset)
+    c1, s1, _, _ = split(0)
+    assert (c0, s0) == (c1, s1)
+    assert split(1)[1] != s0
+    # Each pass yields the same batches (no reshuffling between trials).
+    first = [x for x, _ in search]
+    assert all(torch.equal(a, b) for a, b in zip(first, [x for x, _ in search]))
+    args = cli.build_parser().parse_args(["search-t", "--checkpoint", "x.pt", "--data", "digits", "--batch-size", "64",
+                                          "--search-batches", "100"])
+    with pytest.raises(cli.CLIError, match="none would be left for calibration"):
+        cli._search_loaders(args)
+
+
+@pytest.mark.slow  # two per-layer searches
+def test_search_t_is_reproducible(tmp_path, capsys):
+    from torch.utils.data import DataLoader
+
+    from sj_parallel_conversion import data, models
+    from sj_parallel_conversion.training import train_classifier
+
+    torch.manual_seed(0)
+    m = models.build_model("digits_cnn", in_channels=1, act="relu")
+    train_classifier(m, DataLoader(data.digits("train"), batch_size=64, shuffle=True), 1, lr=0.05, progress=False)
+    ckpt = tmp_path / "digits.pt"
+    models.save_checkpoint(str(ckpt), m, name="digits_cnn", act="relu", L=8, num_classes=10, in_channels=1,
+                           extra={"input_size": (8, 8)})
+    results = []
+    for i in range(2):
+        out = tmp_path / f"s{i}.json"
+        code, _, err = _run(["search-t", "--checkpoint", str(ckpt), "--data", "digits", "--batch-size", "64",
+                             "--calib-batches", "2", "--search-batches", "3", "--T-max", "8", "--candidates", "2",
+                             "4", "--json", str(out)], capsys)
+        assert code == 0, err
+        results.append(json.loads(out.read_text()))
+    assert results[0] == results[1]
+    assert len(results[0]["trials"]) > 1

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # Sphinx build and the tutorial script
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 

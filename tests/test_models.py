@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sj_parallel_conversion import QCFS, models
+from sj_parallel_conversion.tracing import activation_calls_to_modules
 
 ACT_TYPES = (nn.ReLU, QCFS)
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,17 +28,10 @@ def _build(name, act="relu", **kw):
     return models.build_model(name, num_classes=7, act=act, L=4, theta=2.0, in_channels=in_ch, **kw)
 
 
-class _LeafQCFSTracer(fx.Tracer):
-    """QCFS validates its input shape in Python, so converters trace it as a leaf (as recipe.py does)."""
-
-    def is_leaf_module(self, m, qualname):
-        return isinstance(m, QCFS) or super().is_leaf_module(m, qualname)
-
-
 def _trace(m: nn.Module) -> fx.GraphModule:
-    if any(isinstance(mod, QCFS) for mod in m.modules()):
-        return fx.GraphModule(m, _LeafQCFSTracer().trace(m))
-    return fx.symbolic_trace(m)  # ReLU networks trace with the plain tracer
+    # The plain tracer records each QCFS as one activation_call node; the recipe's first pass
+    # turns those into call_module nodes.
+    return activation_calls_to_modules(fx.symbolic_trace(m))
 
 
 def _activation_calls(gm: fx.GraphModule):
@@ -45,7 +39,12 @@ def _activation_calls(gm: fx.GraphModule):
     return [n.target for n in gm.graph.nodes if n.op == "call_module" and isinstance(mods[n.target], ACT_TYPES)]
 
 
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
+# The deeper CIFAR ResNets repeat resnet20's blocks; they run with the slow tests.
+_DEEP = ("resnet32", "resnet44", "resnet56")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _DEEP else n
+                                  for n in models.MODEL_NAMES])
 @pytest.mark.parametrize("act", ["relu", "qcfs"])
 def test_zoo_model_builds_runs_and_traces(name, act):
     torch.manual_seed(0)
@@ -124,7 +123,7 @@ def test_unknown_model_and_activation():
         models.build_model("cnn", act="gelu")
 
 
-@pytest.mark.parametrize("depth, size", [(18, 64), (50, 64)])
+@pytest.mark.parametrize("depth, size", [(18, 64), pytest.param(50, 64, marks=pytest.mark.slow)])
 def test_torchvision_resnet_matches_original(depth, size):
     import torchvision
 
@@ -208,6 +207,7 @@ def test_checked_in_checkpoints_load():
             assert m(torch.randn(2, 3, 32, 32)).shape == (2, meta["num_classes"])
 
 
+@pytest.mark.slow  # runs the training example
 def test_train_cifar_end_to_end_and_resume(cifar10_dir, tmp_path, capsys, load_example):
     train = load_example("train_cifar")
     ck, ex = tmp_path / "state.pt", tmp_path / "final.pt"

@@ -211,15 +211,12 @@ def _net(T=4):
     )
 
 
-def test_reset_net_and_set_step_mode():
+def test_set_step_mode():
     torch.manual_seed(0)
     net = _net()
     x = torch.randn(4, 10, 6)
     with torch.no_grad():
         y1 = net(x)
-        functional.reset_net(net)
-        y2 = net(x)
-    assert torch.equal(y1, y2)  # stateless across calls: reset changes nothing
     assert y1.shape == (4, 10, 3) and y1.abs().sum() > 0
     functional.set_step_mode(net, "s")
     assert net[1].step_mode == "s" and net[0].step_mode == "s"
@@ -274,6 +271,7 @@ def _compile_works() -> str | None:
     return None
 
 
+@pytest.mark.slow  # compiles with inductor
 @pytest.mark.skipif(_compile_works() is not None, reason=str(_compile_works()))
 def test_torch_compile_matches_eager():
     # Takes about 10-25 s on a 2-core CPU box (inductor compiles C++), hence check_nan=False,
