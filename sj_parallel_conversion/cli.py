@@ -6,12 +6,13 @@ Errors a user can cause (bad paths, unknown models, mismatched checkpoints, bad 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import List, Optional
 
 import torch
+
+from .fileio import write_json
 
 __all__ = ["main", "build_parser"]
 
@@ -247,7 +248,9 @@ def cmd_convert(args) -> int:
     snn = ParallelConverter(recipe, device=args.device).convert(ann)
     if not _is_main_process():
         return 0
-    torch.save({"format": SNN_FORMAT, "checkpoint_meta": meta, "T": args.T, "case": recipe.case,
+    from .fileio import save_tensors
+
+    save_tensors({"format": SNN_FORMAT, "checkpoint_meta": meta, "T": args.T, "case": recipe.case,
                 "state_dict": snn.state_dict()}, args.out)
     print(f"converted {meta.get('name', '?')} ({recipe.case['source']} source, "
           f"calibrated={recipe.case['calibrate']}) at T={args.T}: wrote {args.out}")
@@ -259,9 +262,9 @@ def load_snn(path: str, device: str = "cpu"):
     from . import models
     from .recipe import ParallelConversionRecipe, ParallelConverter
 
-    if not os.path.isfile(path):
-        raise CLIError(f"SNN file {path!r} does not exist")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    from .fileio import load_tensor_file
+
+    blob = load_tensor_file(path, what="SNN file")
     if not isinstance(blob, dict) or blob.get("format") != SNN_FORMAT:
         raise CLIError(f"{path!r} is not an SNN file written by 'sj-parallel convert'")
     meta = blob["checkpoint_meta"]
@@ -360,8 +363,7 @@ def cmd_stats(args) -> int:
     print(f"{meta.get('name', 'model')} at T={T}, {len(x)} test images")
     print(report.to_text())
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report.as_dict(), f, indent=2)
+        write_json(args.json, report.as_dict())
         print(f"wrote {args.json}")
     if args.plot:
         report.plot(args.plot)
@@ -397,10 +399,9 @@ def cmd_search_t(args) -> int:
                          num_search_batches=args.search_batches, device=args.device)
     print(res.to_text())
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"T": res.T, "accuracy": res.accuracy, "uniform_T": res.uniform_T,
-                       "uniform_accuracy": res.uniform_accuracy, "mean_T": res.mean_T,
-                       "weighted_T": res.weighted_T, "trials": res.trials}, f, indent=2)
+        write_json(args.json, {"T": res.T, "accuracy": res.accuracy, "uniform_T": res.uniform_T,
+                               "uniform_accuracy": res.uniform_accuracy, "mean_T": res.mean_T,
+                               "weighted_T": res.weighted_T, "trials": res.trials})
         print(f"wrote {args.json}")
     return 0
 

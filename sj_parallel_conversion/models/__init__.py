@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..activation import QCFS
+from ..fileio import load_tensor_file, save_tensors
 from .cifar import BasicBlock, CifarCNN, CifarResNet, DigitsCNN, OptionABlock, ResNet18, VGG16
 from .tv import make_convertible, torchvision_resnet
 
@@ -79,17 +80,13 @@ def save_checkpoint(path, model: nn.Module, *, name: str, act: str, L: int, num_
     d = os.path.dirname(os.fspath(path))
     if d:
         os.makedirs(d, exist_ok=True)
-    tmp = f"{os.fspath(path)}.tmp"
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    save_tensors(blob, path)
 
 
 def load_checkpoint(path, map_location="cpu") -> Tuple[nn.Module, Dict[str, Any]]:
     """Rebuild the model saved by :func:`save_checkpoint`; returns ``(model in eval mode, meta)``
     where ``meta`` is everything but the ``state_dict``."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} does not exist")
-    blob = torch.load(path, map_location=map_location, weights_only=False)
+    blob = load_tensor_file(path, what="checkpoint", map_location=map_location)
     if not isinstance(blob, dict) or "state_dict" not in blob or "name" not in blob:
         raise ValueError(f"{os.fspath(path)!r} is not a model checkpoint (no 'name' / 'state_dict')")
     meta = {k: v for k, v in blob.items() if k != "state_dict"}
