@@ -171,8 +171,27 @@ class ParallelConversionNode(base.MemoryModule):
                     error_msgs.append(f"{prefix}{name}: expected a scalar or 1-D tensor, got shape {tuple(saved.shape)}")
                     continue
                 setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+        except ValueError as exc:  # from set_extra_state: report it with the node's name, as torch does
+            error_msgs.append(f"{prefix}_extra_state: {exc}")
+
+    # T, spike order and channel axis are part of what a state means: thresholds calibrated for
+    # T=8 silently change predictions at T=4, so they travel with the state and must match.
+    _STRUCTURE = ("T", "spike_order", "channel_dim")
+
+    def get_extra_state(self) -> dict:
+        return {name: getattr(self, name) for name in self._STRUCTURE}
+
+    def set_extra_state(self, state: dict) -> None:
+        if not isinstance(state, dict):
+            raise ValueError(f"expected a dict of {self._STRUCTURE}, got {type(state).__name__}")
+        for name in self._STRUCTURE:
+            if name in state and state[name] != getattr(self, name):
+                raise ValueError(f"the state was saved with {name}={state[name]!r} but this "
+                                 f"{self._get_name()} has {name}={getattr(self, name)!r}; build it with "
+                                 f"{name}={state[name]!r} to load this state")
 
     @property
     def channel_count(self) -> int:
