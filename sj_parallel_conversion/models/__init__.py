@@ -5,6 +5,8 @@
 * :func:`torchvision_resnet` -- torchvision ResNet-18/34/50/101 with one ReLU module per site.
 * :func:`save_checkpoint` / :func:`load_checkpoint` -- ``state_dict`` + the metadata that
   :func:`build_model` needs.
+* :func:`load_user_model` -- any model (zoo name, ``torchvision:NAME``, ``MODULE:CALLABLE``) with
+  weights from a plain or wrapped state_dict file.
 
 Every activation site is a distinct module made by :func:`make_act`, so converters that replace
 activation modules one by one see every site.
@@ -21,10 +23,12 @@ from ..activation import QCFS
 from ..fileio import load_tensor_file, save_tensors
 from .cifar import BasicBlock, CifarCNN, CifarResNet, DigitsCNN, OptionABlock, ResNet18, VGG16
 from .tv import make_convertible, torchvision_resnet
+from .user import build_user_model, extract_state_dict, load_user_model
 
 __all__ = [
     "MODEL_NAMES", "ACTIVATIONS", "build_model", "make_act", "torchvision_resnet", "make_convertible",
     "save_checkpoint", "load_checkpoint", "CHECKPOINT_FORMAT",
+    "load_user_model", "build_user_model", "extract_state_dict",
     "CifarCNN", "DigitsCNN", "VGG16", "ResNet18", "CifarResNet", "BasicBlock", "OptionABlock",
 ]
 
