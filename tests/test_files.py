@@ -111,3 +111,23 @@ def test_check_output_path(tmp_path):
             fileio.check_output_path("./in.pt", inputs=[str(inp)])
     finally:
         os.chdir(here)
+
+
+def test_user_weights_layouts_and_prefixes(tmp_path):
+    from sj_parallel_conversion import load_user_model
+
+    ref = models.build_model("digits_cnn", in_channels=1).state_dict()
+    layouts = {
+        "plain": ref,
+        "public": {"state_dict": {f"module.{k}": v for k, v in ref.items()}, "best_prec1": 91.2},
+        "model": {"model": {f"_orig_mod.{k}": v for k, v in ref.items()}, "epoch": 4},
+        "nested": {"model_state_dict": {"state_dict": ref}},
+    }
+    for name, blob in layouts.items():
+        torch.save(blob, tmp_path / f"{name}.pth")
+        m = load_user_model("digits_cnn", tmp_path / f"{name}.pth", in_channels=1)
+        assert all(torch.equal(m.state_dict()[k], v) for k, v in ref.items()), name
+        assert not m.training
+    torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "none.pth")
+    with pytest.raises(ValueError, match=r"holds no state_dict \(top-level keys \['epoch', 'lr'\]\)"):
+        load_user_model("digits_cnn", tmp_path / "none.pth", in_channels=1)
