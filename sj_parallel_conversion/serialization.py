@@ -249,9 +249,21 @@ def _describe(model: nn.Module) -> Dict[str, Any]:
             key = f"{path}.{n}" if path else n
             if b is not None and key not in state:
                 loose[key] = b.detach().cpu().clone()
-    return {"modules": modules, "graph": graph,
+    # Tensors the graph reads as plain attributes (constants fx made while tracing).
+    constants = {}
+    if isinstance(model, fx.GraphModule):
+        for node in model.graph.nodes:
+            if node.op == "get_attr" and node.target not in state and node.target not in loose:
+                owner, _, n = node.target.rpartition(".")
+                value = getattr(model.get_submodule(owner), n, None)
+                if not torch.is_tensor(value):
+                    raise ValueError(f"save_snn: graph node {node.name!r} reads {node.target!r}, a "
+                                     f"{type(value).__name__}; only tensors can be saved")
+                if n not in model.get_submodule(owner)._parameters:
+                    constants[node.target] = value.detach().cpu().clone()
+    return {"modules": modules, "graph": graph, "class_name": type(model).__name__,
             "state_dict": {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in state.items()},
-            "loose_buffers": loose}
+            "loose_buffers": loose, "constants": constants}
 
 
 # -- rebuilding ------------------------------------------------------------------------------------
@@ -296,6 +308,11 @@ def _build(desc: Dict[str, Any], source: str) -> nn.Module:
             built[parent].add_module(name, m)
         built[path] = m
     root = built[""]
+    for key, value in desc.get("constants", {}).items():
+        owner, _, n = key.rpartition(".")
+        if owner not in built or not torch.is_tensor(value):
+            raise ValueError(f"{source}: constant {key!r} has no owner module or is not a tensor")
+        setattr(built[owner], n, value)
     if desc["graph"] is not None:
         graph = fx.Graph()
         nodes: Dict[str, fx.Node] = {}
@@ -316,7 +333,10 @@ def _build(desc: Dict[str, Any], source: str) -> nn.Module:
                 raise ValueError(f"{source}: duplicate graph node name {rec['name']!r}")
             nodes[rec["name"]] = node
         graph.lint()
-        gm = fx.GraphModule(root, graph)
+        class_name = desc.get("class_name", "GraphModule")
+        if not (isinstance(class_name, str) and class_name.isidentifier()):
+            raise ValueError(f"{source}: bad class name {class_name!r}")
+        gm = fx.GraphModule(root, graph, class_name=class_name)
         # Keep the saved tree itself, in its order (also modules the graph does not call).
         gm._modules.clear()
         for name, child in root.named_children():
@@ -398,6 +418,9 @@ def load_snn(path: Union[str, "os.PathLike[str]"], map_location: Optional[Union[
     blob = load_tensor_file(p, what="SNN file", instead=_HINT)
     if not isinstance(blob, dict) or blob.get("format") != SNN_FORMAT:
         found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+        if found == "sj-parallel-conversion/snn-v1":
+            raise FileError(f"SNN file {p!r} was written by an earlier version (a state without the network's "
+                            "structure); convert the ANN again")
         raise FileError(f"SNN file {p!r} is not a network saved by save_snn / 'sj-parallel convert' "
                         f"(format {found!r}, expected {SNN_FORMAT!r})")
     try:

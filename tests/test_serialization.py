@@ -128,3 +128,19 @@ def test_file_naming_a_type_outside_the_allowlist_is_refused(tmp_path):
     torch.save(blob, tmp_path / "m.pt")
     with pytest.raises(fileio.FileError, match="'os.system', which is not in the allowlist"):
         load_snn(tmp_path / "m.pt")
+
+
+def test_traced_tensor_constants_round_trip(tmp_path):
+    class WithConstant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.fc(x) * torch.tensor([1.0, 2.0, 3.0])
+
+    gm = torch.fx.symbolic_trace(WithConstant())
+    assert any(n.op == "get_attr" for n in gm.graph.nodes)
+    save_snn(gm, tmp_path / "c.pt")
+    x = torch.randn(2, 3)
+    assert torch.equal(load_snn(tmp_path / "c.pt")(x), gm(x))
