@@ -207,3 +207,15 @@ def test_entry_point_refuses_crafted_snn(tmp_path):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "only pickle can load" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not marker.exists()
+
+
+def test_debug_shows_the_traceback_and_bugs_exit_1(tmp_path, capsys, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        cli.main(["--debug", "evaluate", "--snn", str(tmp_path / "missing.pt")])
+
+    def buggy(args):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setitem(cli.COMMANDS, "evaluate", buggy)
+    code, _, err = _run(["evaluate", "--snn", tmp_path / "x.pt"], capsys)
+    assert code == 1 and "internal error: ZeroDivisionError" in _one_error_line(err) and "--debug" in err
