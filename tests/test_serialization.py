@@ -144,3 +144,18 @@ def test_traced_tensor_constants_round_trip(tmp_path):
     save_snn(gm, tmp_path / "c.pt")
     x = torch.randn(2, 3)
     assert torch.equal(load_snn(tmp_path / "c.pt")(x), gm(x))
+
+
+@pytest.mark.slow  # torchvision-sized networks
+@pytest.mark.parametrize("name", ["resnet18", "densenet121", "regnet_x_400mf"])
+def test_torchvision_families_round_trip(tmp_path, name):
+    import torchvision
+
+    torch.manual_seed(0)
+    ann = models.make_convertible(torchvision.models.get_model(name, weights=None))
+    x = torch.rand(2, 3, 64, 64)
+    snn = _convert(ann, 4, x, method="ema")
+    save_snn(snn, tmp_path / "tv.pt")
+    back = load_snn(tmp_path / "tv.pt")
+    assert torch.equal(count_inference(snn, x), count_inference(back, x))
+    assert torch.equal(spike_inference(snn, x[:1]), spike_inference(back, x[:1]))
