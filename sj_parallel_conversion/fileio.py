@@ -116,7 +116,8 @@ def _new_file_mode() -> int:
 def atomic_path(path: PathLike) -> Iterator[str]:
     """Yield a temporary path next to ``path``; when the block succeeds, flush it to disk and
     rename it over ``path``. On any error (``KeyboardInterrupt`` included) the temporary file is
-    removed and ``path`` keeps its previous content."""
+    removed and ``path`` keeps its previous content; an ``OSError`` (disk full, ...) is raised
+    again as :class:`FileError` naming ``path``."""
     p = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(p))
     base = os.path.basename(p)
@@ -131,9 +132,11 @@ def atomic_path(path: PathLike) -> Iterator[str]:
         mode = os.stat(p).st_mode & 0o777 if os.path.exists(p) else _new_file_mode()
         os.chmod(tmp, mode)
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):  # disk full, quota, file-size limit: say which file
+            raise FileError(f"cannot write {p!r} (previous content kept): {exc.strerror or exc}") from exc
         raise
     # The rename itself is durable only once the folder entry is on disk (POSIX).
     with contextlib.suppress(OSError):
