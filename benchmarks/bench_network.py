@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -32,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from spikingjelly.activation_based import ann2snn, functional  # noqa: E402
 
 from sj_parallel_conversion import ParallelConverter, count_inference  # noqa: E402
+from sj_parallel_conversion.fileio import write_json  # noqa: E402
 from sj_parallel_conversion.inference import repeat_input  # noqa: E402
 from sj_parallel_conversion.models import build_model  # noqa: E402
 
@@ -131,8 +131,7 @@ def main(argv=None):
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "results": results}, f, indent=2)
+        write_json(args.json, {"env": env, "results": results})
         print(f"wrote {args.json}")
     return results
 

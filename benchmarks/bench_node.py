@@ -30,6 +30,7 @@ from spikingjelly.activation_based import functional, neuron  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from sj_parallel_conversion import ParallelConversionNode  # noqa: E402
+from sj_parallel_conversion.fileio import write_json  # noqa: E402
 from sj_parallel_conversion.kernels import cupy_backend  # noqa: E402
 
 SWEEP_T = (4, 8, 16, 32, 64)
@@ -128,8 +129,7 @@ def main(argv=None) -> int:
                 "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "cpu_count": os.cpu_count(), "argv": sys.argv[1:]}
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=2)
+        write_json(args.json, {"meta": meta, "results": results})
         print(f"wrote {args.json}")
     return 0
 

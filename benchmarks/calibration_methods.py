@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import sys
@@ -24,6 +23,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from sj_parallel_conversion import ParallelConverter, count_inference, data, models  # noqa: E402
+from sj_parallel_conversion.fileio import save_figure, write_json, write_text  # noqa: E402
 from sj_parallel_conversion.learned import LearnedCalibration  # noqa: E402
 
 METHODS = {
@@ -92,8 +92,7 @@ def write(results, args) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     cmd = "python benchmarks/calibration_methods.py " + " ".join(sys.argv[1:])
-    with open(args.out + ".json", "w") as f:
-        json.dump({"command": cmd, "machine": machine, "rows": results}, f, indent=1)
+    write_json(args.out + ".json", {"command": cmd, "machine": machine, "rows": results}, indent=1)
     lines = [f"Command: `{cmd}`", "", f"Machine: {machine}. Count-domain accuracy (%) on {args.test_images} "
              f"class-balanced CIFAR-10 test images; calibration on {args.calib_images} training images "
              "(labels unused); calibration time in seconds (conversion included).", ""]
@@ -111,8 +110,7 @@ def write(results, args) -> None:
                 times.append("" if r is None else f"{r['calibration_seconds']:.0f}")
             lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " | " + " / ".join(times) + " |")
         lines.append("")
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines))
+    write_text(args.out + ".md", "\n".join(lines))
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -139,7 +137,7 @@ def write(results, args) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(args.out + ".png", dpi=120)
+    save_figure(fig, args.out + ".png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -24,6 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from sj_parallel_conversion import ParallelConversionRecipe, ParallelConverter, predictor  # noqa: E402
 from sj_parallel_conversion import data, models  # noqa: E402
 from sj_parallel_conversion.compare import evaluate  # noqa: E402
+from sj_parallel_conversion.fileio import write_json  # noqa: E402
 
 
 def main(argv=None):
@@ -72,9 +72,8 @@ def main(argv=None):
         print(f"T={T:3d}  SNN accuracy {100 * acc:6.2f}%  (calibrated: {recipe.case['calibrate']}, "
               f"conversion {conv:.1f}s, evaluation {sec:.1f}s on {n} images)", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"checkpoint": args.checkpoint, "meta": meta, "ann_accuracy": ann_acc, "rows": rows}, f,
-                      indent=2, default=str)
+        write_json(args.json, {"checkpoint": args.checkpoint, "meta": meta, "ann_accuracy": ann_acc, "rows": rows},
+                   default=str)
     return {"ann_accuracy": ann_acc, "rows": rows}
 
 

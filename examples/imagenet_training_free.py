@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -25,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from sj_parallel_conversion import ParallelConversionRecipe, ParallelConverter, predictor  # noqa: E402
 from sj_parallel_conversion import data, models  # noqa: E402
 from sj_parallel_conversion.compare import evaluate  # noqa: E402
+from sj_parallel_conversion.fileio import write_json  # noqa: E402
 
 
 def main(argv=None):
@@ -70,8 +70,7 @@ def main(argv=None):
         print(f"T={T:3d}  SNN accuracy {100 * acc:6.2f}% ({100 * (acc - ann_acc):+.2f})  "
               f"conversion {conv:.1f}s, evaluation {sec:.1f}s on {n} images", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"depth": args.depth, "ann_accuracy": ann_acc, "rows": rows}, f, indent=2)
+        write_json(args.json, {"depth": args.depth, "ann_accuracy": ann_acc, "rows": rows})
     return {"ann_accuracy": ann_acc, "rows": rows}
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 
@@ -22,6 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from sj_parallel_conversion import ParallelConversionRecipe, ParallelConverter, count_inference, data, models  # noqa: E402
 from sj_parallel_conversion.compare import evaluate  # noqa: E402
+from sj_parallel_conversion.fileio import write_json  # noqa: E402
 from sj_parallel_conversion.layerwise import search_layer_T  # noqa: E402
 
 
@@ -65,9 +65,8 @@ def main(argv=None):
     for name, t, acc in rows:
         print(f"| {name} | {t} | {100 * acc:.2f} |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"T": res.T, "weighted_T": res.weighted_T, "mean_T": res.mean_T,
-                       "rows": [{"setting": n, "T": t, "accuracy": a} for n, t, a in rows]}, f, indent=2)
+        write_json(args.json, {"T": res.T, "weighted_T": res.weighted_T, "mean_T": res.mean_T,
+                               "rows": [{"setting": n, "T": t, "accuracy": a} for n, t, a in rows]})
     return rows
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from sj_parallel_conversion import data, models  # noqa: E402
+from sj_parallel_conversion.fileio import load_tensor_file  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,9 +130,10 @@ def main(argv=None) -> dict:
     start_epoch, history = 0, []
 
     if args.resume:
-        if not os.path.isfile(args.checkpoint):
-            raise SystemExit(f"--resume: checkpoint {args.checkpoint!r} does not exist")
-        blob = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+        try:
+            blob = load_tensor_file(args.checkpoint, what="--resume checkpoint")
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"train_cifar.py: error: {exc}") from None
         model.load_state_dict(blob["state_dict"])
         if "optimizer" in blob:
             opt.load_state_dict(blob["optimizer"])

@@ -20,15 +20,23 @@ Evaluation
     :func:`count_inference`  time-mean output without materialising time steps.
     :func:`spike_inference`  spike-level run on a static input (fed once to parallel networks).
     :func:`predictor`  ``x -> time-mean output``, spike-level (any multi-step SNN) or count-domain.
+
+Files
+    :func:`save_snn`, :func:`load_snn`  save a converted network and rebuild it without the ANN,
+    data or pickle (tensors and plain containers, loaded with ``weights_only=True``).
+    :func:`load_user_model`  any model (zoo name, ``torchvision:NAME``, ``MODULE:CALLABLE``) with
+    its weights from a state_dict file, as the CLI's ``--model NAME --weights FILE``.
 """
 from .activation import DAQCFS, QCFS, ClipReLU
 from .graph import GraphConversionError
 from .inference import count_inference, predictor, spike_inference
 from .learned import LearnedCalibration
+from .models.user import load_user_model
 from .neuron import ParallelConversionNode
 from .recipe import ParallelConversionRecipe, ParallelConverter, parallel_neuron_factory
 from .registry import available_recipes, register_recipe
 from .selection import CalibrationReport
+from .serialization import load_snn, save_snn
 
 __version__ = "0.1.0"
 
@@ -38,4 +46,5 @@ __all__ = [
     "register_recipe", "available_recipes", "GraphConversionError",
     "LearnedCalibration", "CalibrationReport",
     "count_inference", "spike_inference", "predictor",
+    "save_snn", "load_snn", "load_user_model",
 ]

@@ -1,22 +1,24 @@
 """``sj-parallel`` / ``python -m sj_parallel_conversion``: demo, convert, evaluate, compare, stats.
 
-Errors a user can cause (bad paths, unknown models, mismatched checkpoints, bad T) print one line
-``sj-parallel: error: ...`` and exit with status 2; ``--debug`` shows the traceback instead.
+Error contract: errors a user can cause (missing, corrupt, empty or pickle-only files, directories
+given as files, unknown models, mismatched weights, bad T, unwritable outputs) print one line
+``sj-parallel: error: ...`` naming the file or argument and exit with status 2; output paths are
+checked before any loading or conversion. Ctrl-C prints one line and exits with 130; every file
+is written to a temporary file and renamed, so an interrupted or failed write leaves no partial
+file and keeps the previous one. ``--debug`` shows the traceback instead of the line.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import List, Optional
 
 import torch
 
+from .fileio import write_json
+
 __all__ = ["main", "build_parser"]
-
-SNN_FORMAT = "sj-parallel-conversion/snn-v1"
-
 
 class CLIError(Exception):
     """An error whose message is shown to the user as one line."""
@@ -44,10 +46,26 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-batches", type=_positive_int, default=None,
                    help="at most this many calibration batches (from the training split)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--mean", type=float, nargs="+", default=None, metavar="M",
+                   help="input normalisation mean per channel of the built-in datasets (default: the dataset's "
+                        "usual one); give with --std, e.g. for a model trained with other preprocessing")
+    g.add_argument("--std", type=float, nargs="+", default=None, metavar="S", help="normalisation std per channel")
 
 
-def _add_ckpt_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--checkpoint", required=required, help="ANN checkpoint written by save_checkpoint / train_cifar.py")
+def _add_source_args(p: argparse.ArgumentParser, snn: bool = False) -> None:
+    """Where the network comes from: the project's checkpoint, any model + weights, or an SNN file."""
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--checkpoint", help="ANN checkpoint written by save_checkpoint / train_cifar.py")
+    g.add_argument("--model", metavar="NAME",
+                   help="any model, with --weights: a zoo name (resnet20, ...), torchvision:NAME or MODULE:CALLABLE "
+                        "(a factory importable from PYTHONPATH or the working directory)")
+    if snn:
+        g.add_argument("--snn", help="SNN file written by 'convert' / save_snn (its own T)")
+    p.add_argument("--weights", metavar="FILE",
+                   help="state_dict file for --model (also wrapped under state_dict/model/model_state_dict; "
+                        "'module.' prefixes are stripped)")
+    p.add_argument("--num-classes", type=_positive_int, default=None,
+                   help="passed to the --model factory as num_classes")
 
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
@@ -79,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true")
 
     c = sub.add_parser("convert", help="convert an ANN checkpoint into a parallel SNN file")
-    _add_ckpt_args(c)
+    _add_source_args(c)
     c.add_argument("--T", type=_positive_int, required=True)
     c.add_argument("--out", required=True, help="output file for the converted SNN")
     c.add_argument("--calibrate", choices=["auto", "yes", "no"], default="auto")
@@ -89,9 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true")
 
     e = sub.add_parser("evaluate", help="accuracy at a list of T, spike-level or count-domain")
-    src = e.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="ANN checkpoint (converted at each T)")
-    src.add_argument("--snn", help="SNN file written by 'convert' (its own T)")
+    _add_source_args(e, snn=True)
     e.add_argument("--T", type=_positive_int, nargs="+", default=None)
     e.add_argument("--mode", choices=["spike", "count"], default="count")
     _add_method_args(e)
@@ -99,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_args(e)
 
     m = sub.add_parser("compare", help="table against SpikingJelly's built-in converters")
-    _add_ckpt_args(m)
+    _add_source_args(m)
     m.add_argument("--T", type=_positive_int, nargs="+", default=[4, 8, 16, 32])
     from .compare import METHODS
     m.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
@@ -109,9 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_args(m)
 
     st = sub.add_parser("stats", help="per-layer firing rates, SOPs and an energy estimate of a converted model")
-    src = st.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="ANN checkpoint (converted at --T)")
-    src.add_argument("--snn", help="SNN file written by 'convert'")
+    _add_source_args(st, snn=True)
     st.add_argument("--T", type=_positive_int, default=None)
     _add_method_args(st)
     _add_data_args(st)
@@ -121,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--no-progress", action="store_true")
 
     lt = sub.add_parser("search-t", help="search per-layer time steps for an accuracy budget")
-    _add_ckpt_args(lt)
+    _add_source_args(lt)
     lt.add_argument("--T-max", type=_positive_int, default=16)
     lt.add_argument("--candidates", type=_positive_int, nargs="+", default=[1, 2, 4, 8])
     lt.add_argument("--max-loss", type=float, default=0.01, help="allowed accuracy loss (fraction)")
@@ -139,18 +153,20 @@ def _datasets(args, need_train: bool):
     from . import data
 
     root = args.data_root
+    norm = {"mean": args.mean, "std": args.std}
     try:
         if args.data == "npz":
-            test = data.cifar10_npz("test", root=root)
-            train = data.cifar10_npz("train", root=root) if need_train else None
+            test = data.cifar10_npz("test", root=root, **norm)
+            train = data.cifar10_npz("train", root=root, **norm) if need_train else None
         elif args.data == "digits":
             test = data.digits("test")
             train = data.digits("train") if need_train else None
         else:
             if root is None:
                 raise CLIError(f"--data {args.data} needs --data-root")
-            test = data.torchvision_dataset(args.data, root, "test", download=args.download)
-            train = data.torchvision_dataset(args.data, root, "train", download=args.download) if need_train else None
+            test = data.torchvision_dataset(args.data, root, "test", download=args.download, **norm)
+            train = (data.torchvision_dataset(args.data, root, "train", download=args.download, **norm)
+                     if need_train else None)
     except FileNotFoundError as exc:
         raise CLIError(str(exc)) from exc
     return train, test
@@ -181,13 +197,17 @@ def _loaders(args, need_train: bool):
     return calib_loader, test_loader
 
 
-def _load_ann(path: str, device: str):
+def _load_ann(args):
+    """The ANN from --checkpoint, or --model built and loaded from --weights; ``(model, meta)``."""
     from . import models
 
-    if not os.path.isfile(path):
-        raise CLIError(f"checkpoint {path!r} does not exist")
-    model, meta = models.load_checkpoint(path, map_location="cpu")
-    return model.to(device).eval(), meta
+    if args.checkpoint is not None:
+        model, meta = models.load_checkpoint(args.checkpoint, map_location="cpu")
+    else:
+        kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+        model = models.load_user_model(args.model, args.weights, **kwargs)
+        meta = {"name": args.model, "weights": os.path.abspath(args.weights), **kwargs}
+    return model.to(args.device).eval(), meta
 
 
 def _recipe(args, T, calib_loader, calibrate=None):
@@ -240,40 +260,37 @@ def cmd_demo(args) -> int:
 def cmd_convert(args) -> int:
     from .recipe import ParallelConverter
 
-    ann, meta = _load_ann(args.checkpoint, args.device)
+    ann, meta = _load_ann(args)
     calib_loader, _ = _loaders(args, need_train=True)
     calibrate = {"auto": None, "yes": True, "no": False}[args.calibrate]
     recipe = _recipe(args, args.T, calib_loader, calibrate)
     snn = ParallelConverter(recipe, device=args.device).convert(ann)
     if not _is_main_process():
         return 0
-    torch.save({"format": SNN_FORMAT, "checkpoint_meta": meta, "T": args.T, "case": recipe.case,
-                "state_dict": snn.state_dict()}, args.out)
+    from .serialization import save_snn
+
+    save_snn(snn, args.out, metadata={"T": args.T, "model": meta, "case": recipe.case})
     print(f"converted {meta.get('name', '?')} ({recipe.case['source']} source, "
           f"calibrated={recipe.case['calibrate']}) at T={args.T}: wrote {args.out}")
     return 0
 
 
-def load_snn(path: str, device: str = "cpu"):
-    """Rebuild a converted model saved by ``sj-parallel convert`` (no calibration data needed)."""
-    from . import models
-    from .recipe import ParallelConversionRecipe, ParallelConverter
+def _read_snn(path: str, device: str):
+    """A network saved by 'convert' / save_snn: ``(model, meta of its ANN, T)``."""
+    from .neuron import ParallelConversionNode
+    from .serialization import load_snn
 
-    if not os.path.isfile(path):
-        raise CLIError(f"SNN file {path!r} does not exist")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(blob, dict) or blob.get("format") != SNN_FORMAT:
-        raise CLIError(f"{path!r} is not an SNN file written by 'sj-parallel convert'")
-    meta = blob["checkpoint_meta"]
-    ann = models.build_model(meta["name"], num_classes=meta["num_classes"], act=meta["act"], L=meta.get("L", 8),
-                             in_channels=meta.get("in_channels", 3), **meta.get("kwargs", {}))
-    # The structure only: thresholds come from the saved state. A ReLU source needs a ClipReLU
-    # shape per site, so one batch of zeros stands in for the calibration data.
-    zeros = [torch.zeros(2, meta.get("in_channels", 3), *meta.get("input_size", (32, 32)))]
-    recipe = ParallelConversionRecipe(blob["T"], zeros, calibrate=False, progress=False)
-    snn = ParallelConverter(recipe, device=device).convert(ann.eval())
-    snn.load_state_dict(blob["state_dict"])
-    return snn.to(device), meta, blob["T"]
+    snn = load_snn(path, map_location=device)
+    info = getattr(snn, "snn_metadata", None) or {}
+    T = info.get("T")
+    if not isinstance(T, int):
+        # Saved from Python without metadata: the input steps a parallel network needs are its
+        # neurons' own; with per-layer T the largest is what a spike-level run emits at most.
+        ts = [m.T for m in snn.modules() if isinstance(m, ParallelConversionNode)]
+        if not ts:
+            raise CLIError(f"SNN file {path!r} holds no ParallelConversionNode and no T in its metadata")
+        T = max(ts)
+    return snn, info.get("model", {}), T
 
 
 def cmd_evaluate(args) -> int:
@@ -285,7 +302,7 @@ def cmd_evaluate(args) -> int:
     ev = dict(device=args.device, progress=not args.no_progress)
     table = ComparisonTable(title=f"evaluate ({args.mode}-level)")
     if args.snn:
-        snn, meta, T = load_snn(args.snn, args.device)
+        snn, meta, T = _read_snn(args.snn, args.device)
         if args.T and args.T != [T]:
             raise CLIError(f"{args.snn} was converted for T={T}; convert again for other T")
         _, test_loader = _loaders(args, need_train=False)
@@ -294,8 +311,8 @@ def cmd_evaluate(args) -> int:
         table.rows.append(ComparisonRow("parallel" if args.mode == "spike" else "parallel-count", T, acc, n, 0.0, sec))
     else:
         if not args.T:
-            raise CLIError("--T is required with --checkpoint")
-        ann, meta = _load_ann(args.checkpoint, args.device)
+            raise CLIError("--T is required with --checkpoint / --model")
+        ann, meta = _load_ann(args)
         calib_loader, test_loader = _loaders(args, need_train=True)
         acc, n, sec = evaluate(ann, test_loader, **ev)
         table.rows.append(ComparisonRow("ann", None, acc, n, 0.0, sec))
@@ -317,7 +334,7 @@ def cmd_evaluate(args) -> int:
 def cmd_compare(args) -> int:
     from .compare import compare_converters
 
-    ann, meta = _load_ann(args.checkpoint, args.device)
+    ann, meta = _load_ann(args)
     calib_loader, test_loader = _loaders(args, need_train=True)
     title = args.title or (f"{meta.get('name', 'model')} ({meta.get('act', '?')}) on {args.data}, "
                            f"{'all' if args.limit is None else args.limit} test images")
@@ -329,15 +346,15 @@ def cmd_compare(args) -> int:
 
 
 def _snn_for(args):
-    """The converted model a command works on: from --snn, or --checkpoint converted at --T."""
+    """The converted model a command works on: from --snn, or the ANN converted at --T."""
     from .recipe import ParallelConverter
 
     if args.snn:
-        snn, meta, T = load_snn(args.snn, args.device)
+        snn, meta, T = _read_snn(args.snn, args.device)
         return snn, meta, T
     if not args.T:
-        raise CLIError("--T is required with --checkpoint")
-    ann, meta = _load_ann(args.checkpoint, args.device)
+        raise CLIError("--T is required with --checkpoint / --model")
+    ann, meta = _load_ann(args)
     calib_loader, _ = _loaders(args, need_train=True)
     snn = ParallelConverter(_recipe(args, args.T, calib_loader), device=args.device).convert(ann)
     return snn, meta, args.T
@@ -360,8 +377,7 @@ def cmd_stats(args) -> int:
     print(f"{meta.get('name', 'model')} at T={T}, {len(x)} test images")
     print(report.to_text())
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report.as_dict(), f, indent=2)
+        write_json(args.json, report.as_dict())
         print(f"wrote {args.json}")
     if args.plot:
         report.plot(args.plot)
@@ -390,17 +406,16 @@ def _search_loaders(args):
 def cmd_search_t(args) -> int:
     from .layerwise import search_layer_T
 
-    ann, meta = _load_ann(args.checkpoint, args.device)
+    ann, meta = _load_ann(args)
     calib_loader, search_loader = _search_loaders(args)
     res = search_layer_T(ann, calib_loader, search_loader, T_max=args.T_max, candidates=args.candidates,
                          max_loss=args.max_loss, num_calib_batches=args.calib_batches,
                          num_search_batches=args.search_batches, device=args.device)
     print(res.to_text())
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"T": res.T, "accuracy": res.accuracy, "uniform_T": res.uniform_T,
-                       "uniform_accuracy": res.uniform_accuracy, "mean_T": res.mean_T,
-                       "weighted_T": res.weighted_T, "trials": res.trials}, f, indent=2)
+        write_json(args.json, {"T": res.T, "accuracy": res.accuracy, "uniform_T": res.uniform_T,
+                               "uniform_accuracy": res.uniform_accuracy, "mean_T": res.mean_T,
+                               "weighted_T": res.weighted_T, "trials": res.trials})
         print(f"wrote {args.json}")
     return 0
 
@@ -422,24 +437,74 @@ def _show_calibration_log() -> None:
         log.setLevel(logging.INFO)
 
 
+def _check_args(args) -> None:
+    """Argument checks that need no file contents, and every output path: before any work."""
+    from .fileio import check_output_path
+
+    model = getattr(args, "model", None)
+    if model is not None and not args.weights:
+        raise CLIError("--model needs --weights FILE (a state_dict file for that model)")
+    if getattr(args, "weights", None) and model is None:
+        raise CLIError("--weights goes with --model NAME (--checkpoint files hold their own weights)")
+    if getattr(args, "num_classes", None) is not None and model is None:
+        raise CLIError("--num-classes goes with --model NAME")
+    mean, std = getattr(args, "mean", None), getattr(args, "std", None)
+    if (mean is None) != (std is None):
+        raise CLIError("--mean and --std go together")
+    if mean is not None:
+        if len(mean) != len(std):
+            raise CLIError(f"--mean has {len(mean)} values but --std has {len(std)}")
+        if not all(v > 0 for v in std):
+            raise CLIError(f"--std values must be positive, got {std}")
+        if args.data == "digits":
+            raise CLIError("--mean/--std do not apply to --data digits (standardised by its own training split)")
+    inputs = [getattr(args, k, None) for k in ("checkpoint", "weights", "snn")]
+    outputs = {} if args.command == "demo" else {
+        f"--{k}": getattr(args, k) for k in ("out", "json", "csv", "plot") if getattr(args, k, None)}
+    seen = {}
+    for flag, path in outputs.items():
+        check_output_path(path, inputs=inputs, what=flag)
+        real = os.path.realpath(path)
+        if real in seen:
+            raise CLIError(f"{flag} and {seen[real]} name the same file {path!r}")
+        seen[real] = flag
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the CLI; returns the exit status (0, 2 for bad input, 130 for Ctrl-C, 1 for a bug)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     from . import distributed
 
-    if distributed.init_from_env() and args.command not in ("convert", "evaluate"):
-        print(f"sj-parallel: error: '{args.command}' does not run under torchrun; use convert or evaluate",
-              file=sys.stderr)
-        return 2
-    _show_calibration_log()
     try:
+        _check_args(args)
+        if distributed.init_from_env() and args.command not in ("convert", "evaluate"):
+            raise CLIError(f"'{args.command}' does not run under torchrun; use convert or evaluate")
+        _show_calibration_log()
         return COMMANDS[args.command](args)
-    except (CLIError, FileNotFoundError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+    except KeyboardInterrupt:
         if args.debug:
             raise
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"sj-parallel: error: {msg}", file=sys.stderr)
+        print("sj-parallel: interrupted (no output file was written or changed)", file=sys.stderr)
+        return 130
+    except (CLIError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        if args.debug:
+            raise
+        print(f"sj-parallel: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a bug, not bad input: still one line, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"sj-parallel: internal error: {type(exc).__name__}: {_one_line(exc)} "
+              "(run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, KeyError) and exc.args:
+        text = f"missing key {exc.args[0]!r}"
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
+import io
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
@@ -18,6 +18,7 @@ import torch.nn as nn
 from spikingjelly.activation_based import functional
 
 from .calibration import iterate_inputs
+from .fileio import save_figure, write_json, write_text
 from .inference import predictor
 from .progress import progress as progress_bar
 from .progress import quiet_stderr
@@ -87,15 +88,15 @@ class ComparisonTable:
         return self.to_text()
 
     def to_json(self, path: str) -> None:
-        with open(path, "w") as f:
-            json.dump({"title": self.title, "rows": self.as_dicts()}, f, indent=2)
+        write_json(path, {"title": self.title, "rows": self.as_dicts()})
 
     def to_csv(self, path: str) -> None:
         rows = self.as_dicts()
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else ["method"])
-            w.writeheader()
-            w.writerows(rows)
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, fieldnames=list(rows[0].keys()) if rows else ["method"])
+        w.writeheader()
+        w.writerows(rows)
+        write_text(path, buf.getvalue())
 
     def accuracy(self, method: str, T: Optional[int] = None) -> Optional[float]:
         for r in self.rows:
@@ -139,8 +140,10 @@ class ComparisonTable:
         if self.title:
             fig.suptitle(self.title, fontsize=10)
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        try:
+            save_figure(fig, path, dpi=120)
+        finally:
+            plt.close(fig)
         return path
 
 

@@ -73,9 +73,11 @@ def balanced_indices(labels: Union[np.ndarray, torch.Tensor], limit: int) -> np.
 
 
 def cifar10_npz(split: str, root: Optional[Union[str, Path]] = None, limit: Optional[int] = None,
-                normalize: bool = True) -> TensorDataset:
+                normalize: bool = True, mean: Optional[Sequence[float]] = None,
+                std: Optional[Sequence[float]] = None) -> TensorDataset:
     """CIFAR-10 from the project's npz files as float32 NCHW images in [0, 1] (normalised with
-    :data:`CIFAR10_MEAN` / :data:`CIFAR10_STD` if ``normalize``) and int64 labels.
+    ``mean`` / ``std``, default :data:`CIFAR10_MEAN` / :data:`CIFAR10_STD`, if ``normalize``) and
+    int64 labels.
 
     ``limit`` keeps a deterministic class-balanced subset (:func:`balanced_indices`): the first
     ``limit // 10`` images of each class, in the original order.
@@ -94,9 +96,9 @@ def cifar10_npz(split: str, root: Optional[Union[str, Path]] = None, limit: Opti
         x, y = x[idx], y[idx]
     xt = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
     if normalize:
-        mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
-        xt.sub_(mean).div_(std)
+        m = torch.tensor(CIFAR10_MEAN if mean is None else tuple(mean), dtype=torch.float32).view(1, -1, 1, 1)
+        s = torch.tensor(CIFAR10_STD if std is None else tuple(std), dtype=torch.float32).view(1, -1, 1, 1)
+        xt.sub_(m).div_(s)
     return TensorDataset(xt, torch.from_numpy(np.asarray(y, dtype=np.int64)))
 
 
@@ -118,12 +120,14 @@ def digits(split: str, test_fraction: float = 0.25, seed: int = 0) -> TensorData
 
 
 def torchvision_dataset(kind: str, root: Union[str, Path], split: str, download: bool = False,
-                        train_transform: bool = False, image_size: int = 224) -> Dataset:
+                        train_transform: bool = False, image_size: int = 224,
+                        mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> Dataset:
     """torchvision CIFAR-10/100 (``root`` as for torchvision) or an ``ImageFolder``.
 
     For ``imagefolder`` the folder is ``root/<split>`` when it exists (``train``, ``val`` or
     ``test``; ``test`` also tries ``val``), else ``root`` itself. Transforms: ToTensor + Normalize;
-    ImageNet: Resize(image_size * 256 / 224), CenterCrop(image_size). ``train_transform`` adds
+    ImageNet: Resize(image_size * 256 / 224), CenterCrop(image_size). ``mean`` / ``std`` replace the
+    dataset's usual normalisation (CIFAR's, or ImageNet's for folders). ``train_transform`` adds
     random crop + flip. Never downloads unless ``download=True``.
     """
     import torchvision
@@ -132,7 +136,8 @@ def torchvision_dataset(kind: str, root: Union[str, Path], split: str, download:
     name = _split(split)
     root = Path(root)
     if kind in ("cifar10", "cifar100"):
-        mean, std = (CIFAR10_MEAN, CIFAR10_STD) if kind == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
+        dm, ds = (CIFAR10_MEAN, CIFAR10_STD) if kind == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
+        mean, std = dm if mean is None else mean, ds if std is None else std
         aug = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if train_transform else []
         tf = T.Compose(aug + [T.ToTensor(), T.Normalize(mean, std)])
         cls = torchvision.datasets.CIFAR10 if kind == "cifar10" else torchvision.datasets.CIFAR100
@@ -142,16 +147,17 @@ def torchvision_dataset(kind: str, root: Union[str, Path], split: str, download:
             raise FileNotFoundError(
                 f"{kind} not found under {str(root)!r} ({exc}); pass download=True (--download) to fetch it") from exc
     if kind == "imagefolder":
+        mean, std = IMAGENET_MEAN if mean is None else mean, IMAGENET_STD if std is None else std
         candidates = [root / split, root / name] + ([root / "val"] if name == "test" else [])
         folder = next((c for c in candidates if c.is_dir()), root)
         if not folder.is_dir():
             raise FileNotFoundError(f"ImageFolder root {str(folder)!r} does not exist")
         if train_transform:
             tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(),
-                            T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                            T.Normalize(mean, std)])
         else:
             tf = T.Compose([T.Resize(int(round(image_size * 256 / 224))), T.CenterCrop(image_size), T.ToTensor(),
-                            T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                            T.Normalize(mean, std)])
         return torchvision.datasets.ImageFolder(str(folder), transform=tf)
     raise ValueError(f"kind must be 'cifar10', 'cifar100' or 'imagefolder', got {kind!r}")
 

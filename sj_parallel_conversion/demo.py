@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import data, models
+from .fileio import write_text
 from .compare import ComparisonRow, ComparisonTable, compare_converters, evaluate
 from .inference import count_inference, spike_inference
 from .recipe import ParallelConverter
@@ -67,8 +68,7 @@ def run_demo(out_dir: str = "runs/demo", T_list: Sequence[int] = (2, 4, 8, 16, 3
     print(table.to_text())
     print()
     table.to_json(os.path.join(out_dir, "table.json"))
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(table.to_text() + "\n")
+    write_text(os.path.join(out_dir, "table.md"), table.to_text() + "\n")
     plot = table.plot(os.path.join(out_dir, "accuracy_speed.png"))
     log(f"wrote {os.path.join(out_dir, 'table.md')}, table.json and the plot {plot}")
     return table

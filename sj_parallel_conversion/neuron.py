@@ -171,8 +171,31 @@ class ParallelConversionNode(base.MemoryModule):
                     error_msgs.append(f"{prefix}{name}: expected a scalar or 1-D tensor, got shape {tuple(saved.shape)}")
                     continue
                 setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+        except ValueError as exc:  # from set_extra_state: report it with the node's name, as torch does
+            error_msgs.append(f"{prefix}_extra_state: {exc}")
+
+    # T, spike order and channel axis are part of what a state means: thresholds calibrated for
+    # T=8 silently change predictions at T=4, so they travel with the state and must match. One
+    # int64 tensor [T, order, channel_dim] keeps every state_dict entry a tensor (tools that map
+    # over state dicts, torch.equal comparisons) while load_state_dict still checks it.
+    _ORDERS = ("late", "early")
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor([self.T, self._ORDERS.index(self.spike_order), self.channel_dim], dtype=torch.int64)
+
+    def set_extra_state(self, state) -> None:
+        if not (torch.is_tensor(state) and state.shape == (3,) and not state.is_floating_point()):
+            raise ValueError(f"expected an int64 tensor [T, spike order, channel_dim], got {state!r:.80}")
+        T, order, channel_dim = (int(v) for v in state.tolist())
+        saved = {"T": T, "spike_order": self._ORDERS[order] if 0 <= order < 2 else f"<code {order}>",
+                 "channel_dim": channel_dim}
+        for name, value in saved.items():
+            if value != getattr(self, name):
+                raise ValueError(f"the state was saved with {name}={value!r} but this {self._get_name()} has "
+                                 f"{name}={getattr(self, name)!r}; build it with {name}={value!r} to load this state")
 
     @property
     def channel_count(self) -> int:

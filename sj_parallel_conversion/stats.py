@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
+from .fileio import save_figure
 from .inference import spike_inference
 from .neuron import ParallelConversionNode
 
@@ -134,8 +135,10 @@ class StatsReport:
         b.set_title("per-layer operations per image")
         b.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        try:
+            save_figure(fig, path, dpi=120)
+        finally:
+            plt.close(fig)
         return path
 
 

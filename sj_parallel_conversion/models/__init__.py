@@ -5,6 +5,8 @@
 * :func:`torchvision_resnet` -- torchvision ResNet-18/34/50/101 with one ReLU module per site.
 * :func:`save_checkpoint` / :func:`load_checkpoint` -- ``state_dict`` + the metadata that
   :func:`build_model` needs.
+* :func:`load_user_model` -- any model (zoo name, ``torchvision:NAME``, ``MODULE:CALLABLE``) with
+  weights from a plain or wrapped state_dict file.
 
 Every activation site is a distinct module made by :func:`make_act`, so converters that replace
 activation modules one by one see every site.
@@ -18,12 +20,15 @@ import torch
 import torch.nn as nn
 
 from ..activation import QCFS
+from ..fileio import load_tensor_file, save_tensors
 from .cifar import BasicBlock, CifarCNN, CifarResNet, DigitsCNN, OptionABlock, ResNet18, VGG16
 from .tv import make_convertible, torchvision_resnet
+from .user import build_user_model, extract_state_dict, load_user_model
 
 __all__ = [
     "MODEL_NAMES", "ACTIVATIONS", "build_model", "make_act", "torchvision_resnet", "make_convertible",
     "save_checkpoint", "load_checkpoint", "CHECKPOINT_FORMAT",
+    "load_user_model", "build_user_model", "extract_state_dict",
     "CifarCNN", "DigitsCNN", "VGG16", "ResNet18", "CifarResNet", "BasicBlock", "OptionABlock",
 ]
 
@@ -79,17 +84,13 @@ def save_checkpoint(path, model: nn.Module, *, name: str, act: str, L: int, num_
     d = os.path.dirname(os.fspath(path))
     if d:
         os.makedirs(d, exist_ok=True)
-    tmp = f"{os.fspath(path)}.tmp"
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    save_tensors(blob, path)
 
 
 def load_checkpoint(path, map_location="cpu") -> Tuple[nn.Module, Dict[str, Any]]:
     """Rebuild the model saved by :func:`save_checkpoint`; returns ``(model in eval mode, meta)``
     where ``meta`` is everything but the ``state_dict``."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} does not exist")
-    blob = torch.load(path, map_location=map_location, weights_only=False)
+    blob = load_tensor_file(path, what="checkpoint", map_location=map_location)
     if not isinstance(blob, dict) or "state_dict" not in blob or "name" not in blob:
         raise ValueError(f"{os.fspath(path)!r} is not a model checkpoint (no 'name' / 'state_dict')")
     meta = {k: v for k, v in blob.items() if k != "state_dict"}

@@ -70,11 +70,9 @@ def torchvision_resnet(depth: int, num_classes: int = 1000, weights_path: Option
         raise ValueError(f"depth must be one of {sorted(builders)}, got {depth!r}")
     model = builders[depth](weights=None, num_classes=num_classes)
     if weights_path is not None:
-        import os
+        from ..fileio import load_tensor_file
 
-        if not os.path.isfile(weights_path):
-            raise FileNotFoundError(f"weights file {weights_path!r} does not exist")
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        state = load_tensor_file(weights_path, what="weights file")
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         own = model.state_dict()

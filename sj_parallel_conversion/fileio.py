@@ -1,0 +1,173 @@
+"""Reading and writing files: no unpickling of code, no file ever half-written.
+
+* :func:`load_tensor_file` reads a PyTorch file with ``torch.load(weights_only=True)``: tensors
+  and plain containers only, so a crafted file cannot run code. Missing, empty, corrupt files,
+  directories and files that would need pickle are refused with one line naming the file.
+* :func:`atomic_path` / :func:`save_tensors` / :func:`write_text` / :func:`write_json` /
+  :func:`save_figure` write to a temporary file in the target's folder, flush it to disk and
+  rename it over the target, so an interrupted or failing write (disk full, Ctrl-C) leaves the
+  previous file as it was and no partial file behind.
+* :func:`check_output_path` checks an output path before any work: not a directory, its folder
+  exists and is writable, and it is not one of the inputs.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from typing import Any, Iterable, Iterator, Optional, Union
+
+import torch
+
+__all__ = ["FileError", "load_tensor_file", "check_output_path", "atomic_path", "save_tensors",
+           "write_text", "write_json", "save_figure"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+STATE_DICT_HINT = "save tensors and plain containers instead, e.g. torch.save(model.state_dict(), path)"
+
+
+class FileError(ValueError):
+    """A file that cannot be read or written as asked; the message names the file."""
+
+
+# -- reading ---------------------------------------------------------------------------------------
+def load_tensor_file(path: PathLike, what: str = "file", map_location: Any = "cpu",
+                     instead: str = STATE_DICT_HINT) -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line errors naming ``what`` and the file.
+
+    Raises :class:`FileNotFoundError` for a missing file and :class:`FileError` for a directory,
+    an empty, unreadable or corrupt file, and a file holding Python objects that only pickle could
+    rebuild (refused because unpickling can run arbitrary code; ``instead`` says what to save).
+    """
+    p = os.fspath(path)
+    if not os.path.lexists(p):
+        raise FileNotFoundError(f"{what} {p!r} does not exist")
+    if os.path.isdir(p):
+        raise FileError(f"{what} {p!r} is a directory, not a file")
+    try:
+        size = os.path.getsize(p)
+    except OSError as exc:
+        raise FileError(f"{what} {p!r} cannot be read: {exc.strerror or exc}") from None
+    if size == 0:
+        raise FileError(f"{what} {p!r} is empty")
+    try:
+        return torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found:
+            # The weights-only unpickler names the first class or function the file refers to.
+            raise FileError(f"{what} {p!r} holds Python objects that only pickle can load ({found.group(1)}); refused "
+                            f"because unpickling can run arbitrary code: {instead}") from None
+        raise FileError(f"{what} {p!r} is not a PyTorch file or is corrupt (cannot unpickle)") from None
+    except PermissionError as exc:
+        raise FileError(f"{what} {p!r} cannot be read: {exc.strerror or exc}") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, IndexError,
+            AttributeError, TypeError) as exc:
+        # torch.load reports truncated archives, garbage bytes and legacy-format damage through
+        # many exception types; the user needs to know only that the file is unreadable.
+        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise FileError(f"{what} {p!r} is not a PyTorch file or is corrupt/truncated ({first})") from None
+
+
+# -- checking outputs ------------------------------------------------------------------------------
+def _same_file(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        try:
+            return os.path.samefile(a, b)
+        except OSError:
+            pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_output_path(path: PathLike, inputs: Iterable[Optional[PathLike]] = (), what: str = "output") -> str:
+    """Check, before any work, that ``path`` can be written: it is not a directory, its folder
+    exists and is writable, and it is not the same file as any of ``inputs`` (``None`` entries are
+    ignored). Returns the path as a string; raises :class:`FileError` naming ``what``."""
+    p = os.fspath(path)
+    if not p:
+        raise FileError(f"{what}: empty path")
+    if os.path.isdir(p):
+        raise FileError(f"{what} {p!r} is a directory; give a file name")
+    parent = os.path.dirname(os.path.abspath(p))
+    if not os.path.isdir(parent):
+        raise FileError(f"{what} {p!r}: folder {parent!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise FileError(f"{what} {p!r}: folder {parent!r} is not writable")
+    for inp in inputs:
+        if inp is not None and _same_file(p, os.fspath(inp)):
+            raise FileError(f"{what} {p!r} is the same file as the input {os.fspath(inp)!r}; "
+                            "writing it would destroy the input")
+    return p
+
+
+# -- writing ---------------------------------------------------------------------------------------
+def _new_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[str]:
+    """Yield a temporary path next to ``path``; when the block succeeds, flush it to disk and
+    rename it over ``path``. On any error (``KeyboardInterrupt`` included) the temporary file is
+    removed and ``path`` keeps its previous content; an ``OSError`` (disk full, ...) is raised
+    again as :class:`FileError` naming ``path``."""
+    p = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(p))
+    base = os.path.basename(p)
+    # Keep the extension last so writers that choose a format by extension (matplotlib) agree.
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{os.path.splitext(base)[1]}", dir=parent)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            f.flush()
+            os.fsync(f.fileno())
+        mode = os.stat(p).st_mode & 0o777 if os.path.exists(p) else _new_file_mode()
+        os.chmod(tmp, mode)
+        os.replace(tmp, p)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):  # disk full, quota, file-size limit: say which file
+            raise FileError(f"cannot write {p!r} (previous content kept): {exc.strerror or exc}") from exc
+        raise
+    # The rename itself is durable only once the folder entry is on disk (POSIX).
+    with contextlib.suppress(OSError):
+        dfd = os.open(parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def save_tensors(obj: Any, path: PathLike) -> None:
+    """``torch.save(obj, path)`` through :func:`atomic_path`."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def write_text(path: PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_path`."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+
+
+def write_json(path: PathLike, obj: Any, indent: int = 2, **dumps_kwargs: Any) -> None:
+    """Write ``obj`` as JSON (``json.dumps(obj, indent=indent, **dumps_kwargs)``) to ``path``
+    through :func:`atomic_path`."""
+    write_text(path, json.dumps(obj, indent=indent, **dumps_kwargs) + "\n")
+
+
+def save_figure(fig: Any, path: PathLike, **kwargs: Any) -> None:
+    """``fig.savefig(path)`` through :func:`atomic_path` (format from ``path``'s extension, else PNG)."""
+    ext = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=ext or "png", **kwargs)

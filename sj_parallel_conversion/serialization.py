@@ -1,0 +1,443 @@
+"""Saving and loading converted networks without pickle: :func:`save_snn` / :func:`load_snn`.
+
+A converted network is a ``torch.fx.GraphModule`` whose leaves are SpikingJelly step modules,
+:class:`~sj_parallel_conversion.ParallelConversionNode` and a few others. The file describes it
+with tensors and plain containers only (so ``torch.load(weights_only=True)`` reads it and a
+crafted file cannot run code):
+
+* ``modules``: every module of the tree, by path, as a name from an allowlist
+  (:data:`SAVABLE_MODULES`) and its constructor arguments read from the module's attributes;
+* ``graph``: the fx graph, node by node, with function targets named from an allowlist
+  (:data:`SAVABLE_FUNCTIONS`) and method targets from :data:`SAVABLE_METHODS`;
+* ``state_dict``: the weights, thresholds and the neurons' extra state (``T``, spike order,
+  channel axis).
+
+Loading rebuilds the tree from the allowlist, the graph node by node, and loads the state
+strictly: no ANN, data or calibration is needed. :func:`save_snn` rebuilds the network in memory
+before writing and compares it with the original, so a model that would not come back exactly
+(an unknown module type, a function outside the allowlist, state a constructor does not restore)
+is refused at save time, naming the module or node.
+"""
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import inspect
+import operator
+import os
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from spikingjelly.activation_based import layer as sj_layer
+from torch import fx
+
+from .activation import DAQCFS, QCFS, ClipReLU
+from .fileio import FileError, load_tensor_file, save_tensors
+from .joins import TimeMean
+from .neuron import ParallelConversionNode
+
+__all__ = ["save_snn", "load_snn", "SNN_FORMAT", "SAVABLE_MODULES", "SAVABLE_FUNCTIONS", "SAVABLE_METHODS"]
+
+SNN_FORMAT = "sj-parallel-conversion/snn-v2"
+_HINT = "save converted networks with sj_parallel_conversion.save_snn(model, path)"
+
+# -- allowlists ------------------------------------------------------------------------------------
+_TORCH_NN = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Linear",
+             "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
+             "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool1d",
+             "AdaptiveMaxPool2d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "Upsample", "Flatten",
+             "Unflatten", "Dropout", "Dropout2d", "Identity", "ReLU", "ZeroPad2d", "ConstantPad2d",
+             "ChannelShuffle", "Module", "Sequential", "ModuleList", "ModuleDict")
+_SJ_LAYER = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Linear",
+             "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
+             "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "BatchNorm1d", "BatchNorm2d",
+             "BatchNorm3d", "GroupNorm", "Upsample", "Flatten", "Dropout", "Dropout2d")
+
+#: Module types :func:`load_snn` may construct, by the name written in the file. Exact types
+#: only: a subclass could run other code in ``forward``.
+SAVABLE_MODULES: Dict[str, type] = {}
+SAVABLE_MODULES.update({f"torch.nn.{n}": getattr(nn, n) for n in _TORCH_NN if hasattr(nn, n)})
+SAVABLE_MODULES.update({f"spikingjelly.layer.{n}": getattr(sj_layer, n) for n in _SJ_LAYER if hasattr(sj_layer, n)})
+SAVABLE_MODULES.update({
+    "sj_parallel_conversion.ParallelConversionNode": ParallelConversionNode,
+    "sj_parallel_conversion.TimeMean": TimeMean,
+    "sj_parallel_conversion.QCFS": QCFS,
+    "sj_parallel_conversion.ClipReLU": ClipReLU,
+    "sj_parallel_conversion.DAQCFS": DAQCFS,
+})
+
+
+def _late_module_types() -> None:
+    """Types that importing here would make circular (graph.py) or that SpikingJelly creates
+    without exporting (its step-mode tensor-op wrapper, found through its public adapter)."""
+    if "sj_parallel_conversion.StepPad" in SAVABLE_MODULES:
+        return
+    from .graph import AnalogReLU, StepPad
+
+    SAVABLE_MODULES["sj_parallel_conversion.StepPad"] = StepPad
+    SAVABLE_MODULES["sj_parallel_conversion.AnalogReLU"] = AnalogReLU
+    from spikingjelly.activation_based.ann2snn.recipes.step_mode_adapters import adapt_step_mode_graph
+
+    class _Probe(nn.Module):
+        def forward(self, x):
+            return torch.flatten(x, 1)
+
+    probe = adapt_step_mode_graph(fx.symbolic_trace(_Probe()), context="save_snn probe",
+                                  wrap_module_types=(), safe_module_types=(), safe_call_functions=())
+    for m in probe.modules():
+        if m is not probe and type(m) is not nn.Module:
+            SAVABLE_MODULES["spikingjelly.StepModeTensorOp"] = type(m)
+
+
+#: Functions a graph node may call, by the name written in the file.
+SAVABLE_FUNCTIONS: Dict[str, Callable] = {}
+SAVABLE_FUNCTIONS.update({f"operator.{n}": getattr(operator, n) for n in (
+    "add", "sub", "mul", "truediv", "floordiv", "mod", "neg", "pos", "getitem", "iadd", "imul")})
+SAVABLE_FUNCTIONS["builtins.getattr"] = builtins.getattr
+SAVABLE_FUNCTIONS.update({f"torch.{n}": getattr(torch, n) for n in (
+    "cat", "concat", "stack", "flatten", "reshape", "transpose", "permute", "chunk", "split", "squeeze",
+    "unsqueeze", "add", "sub", "mul", "div", "mean", "sum", "relu", "clamp", "narrow", "channel_shuffle")
+    if hasattr(torch, n)})
+SAVABLE_FUNCTIONS.update({f"torch.nn.functional.{n}": getattr(F, n) for n in (
+    "relu", "pad", "dropout", "interpolate", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+    "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d", "channel_shuffle")
+    if hasattr(F, n)})
+
+#: Tensor methods a graph node may call.
+SAVABLE_METHODS = frozenset((
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "size", "dim", "mean", "sum", "permute",
+    "transpose", "t", "unsqueeze", "squeeze", "expand", "expand_as", "contiguous", "chunk", "split", "add", "sub",
+    "mul", "div", "clamp", "clamp_min", "relu", "narrow", "select", "repeat", "flip", "float", "double", "type_as",
+    "amax", "max", "min"))
+
+
+# -- values inside the graph and constructor arguments ---------------------------------------------
+def _encode(value: Any, where: str, fn_names: Dict[int, str]) -> Any:
+    """A plain-container form of a node argument or constructor argument (tagged dicts for what
+    weights-only loading cannot hold: nodes, functions, slices, Ellipsis, non-string-keyed dicts)."""
+    if isinstance(value, fx.Node):
+        return {"$node": value.name}
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device, torch.memory_format)):
+        return value
+    if isinstance(value, torch.Size):
+        return {"$size": [int(v) for v in value]}
+    if isinstance(value, torch.Tensor):
+        return {"$tensor": value.detach().cpu().clone()}
+    if isinstance(value, tuple):
+        return tuple(_encode(v, where, fn_names) for v in value)
+    if isinstance(value, list):
+        return [_encode(v, where, fn_names) for v in value]
+    if isinstance(value, dict):
+        return {"$dict": [[_encode(k, where, fn_names), _encode(v, where, fn_names)] for k, v in value.items()]}
+    if isinstance(value, slice):
+        return {"$slice": [_encode(v, where, fn_names) for v in (value.start, value.stop, value.step)]}
+    if value is Ellipsis:
+        return {"$ellipsis": True}
+    if callable(value) and id(value) in fn_names:
+        return {"$fn": fn_names[id(value)]}
+    raise ValueError(f"save_snn: {where} holds a {type(value).__name__} ({value!r:.60}), which a saved network "
+                     "cannot describe without pickle")
+
+
+def _decode(value: Any, nodes: Dict[str, fx.Node]) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_decode(v, nodes) for v in value)
+    if isinstance(value, list):
+        return [_decode(v, nodes) for v in value]
+    if isinstance(value, dict):
+        if len(value) != 1:
+            raise ValueError(f"malformed value {sorted(value)!r}")
+        (tag, inner), = value.items()
+        if tag == "$node":
+            if inner not in nodes:
+                raise ValueError(f"graph refers to unknown node {inner!r}")
+            return nodes[inner]
+        if tag == "$size":
+            return torch.Size(inner)
+        if tag == "$tensor":
+            return inner
+        if tag == "$dict":
+            return {_decode(k, nodes): _decode(v, nodes) for k, v in inner}
+        if tag == "$slice":
+            return slice(*(_decode(v, nodes) for v in inner))
+        if tag == "$ellipsis":
+            return Ellipsis
+        if tag == "$fn":
+            if inner not in SAVABLE_FUNCTIONS:
+                raise ValueError(f"function {inner!r} is not in the allowlist of saved networks")
+            return SAVABLE_FUNCTIONS[inner]
+        raise ValueError(f"unknown value tag {tag!r}")
+    return value
+
+
+# -- describing a model ----------------------------------------------------------------------------
+def _type_name(module: nn.Module, path: str) -> str:
+    _late_module_types()
+    if isinstance(module, fx.GraphModule):
+        return "torch.fx.GraphModule"
+    for name, cls in SAVABLE_MODULES.items():
+        if type(module) is cls:
+            return name
+    what = f"module {path!r}" if path else "the model"
+    raise ValueError(f"save_snn: {what} is a {type(module).__module__}.{type(module).__qualname__}, which saved "
+                     "networks do not support (no pickle: only known module types are rebuilt)")
+
+
+def _ctor_args(module: nn.Module, path: str, fn_names: Dict[int, str]) -> Dict[str, Any]:
+    """Constructor arguments read back from the module's attributes of the same names."""
+    if type(module) in (nn.Module, nn.Sequential, nn.ModuleList, nn.ModuleDict) or isinstance(module, fx.GraphModule):
+        return {}  # containers: children are attached by path
+    args: Dict[str, Any] = {}
+    for p in inspect.signature(type(module).__init__).parameters.values():
+        if p.name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in ("device", "dtype"):
+            continue
+        if not hasattr(module, p.name):
+            if p.default is p.empty:
+                raise ValueError(f"save_snn: module {path!r} ({type(module).__name__}) has no attribute "
+                                 f"{p.name!r} to rebuild it from")
+            continue
+        value = getattr(module, p.name)
+        own = value is not None and any(value is t for t in (*module._parameters.values(), *module._buffers.values()))
+        if isinstance(p.default, bool) and (own or value is None):
+            value = value is not None  # ``bias=True`` style flags stored as a parameter or None
+        elif own and p.default is not p.empty:
+            continue  # the state dict restores it
+        args[p.name] = _encode(value, f"module {path!r} argument {p.name!r}", fn_names)
+    return args
+
+
+def _describe(model: nn.Module) -> Dict[str, Any]:
+    fn_names = {id(fn): name for name, fn in SAVABLE_FUNCTIONS.items()}
+    modules: List[Dict[str, Any]] = []
+    for path, m in model.named_modules():
+        record = {"path": path, "type": _type_name(m, path), "args": _ctor_args(m, path, fn_names),
+                  "training": m.training,
+                  "parameters": {n: p.requires_grad for n, p in m._parameters.items() if p is not None},
+                  "buffers": [n for n, b in m._buffers.items() if b is not None]}
+        modules.append(record)
+    graph = None
+    if isinstance(model, fx.GraphModule):
+        if type(model.graph._codegen) is not fx.graph.CodeGen:
+            raise ValueError("save_snn: the graph uses a custom code generator (pytree inputs), which saved "
+                             "networks do not support")
+        graph = []
+        for node in model.graph.nodes:
+            where = f"graph node {node.name!r} ({node.op} {node.target})"
+            if node.op == "call_function":
+                if id(node.target) not in fn_names:
+                    raise ValueError(f"save_snn: {where} calls {getattr(node.target, '__module__', '?')}."
+                                     f"{getattr(node.target, '__name__', node.target)}, which is not in the "
+                                     "allowlist of saved networks")
+                target: Any = {"$fn": fn_names[id(node.target)]}
+            elif node.op == "call_method":
+                if node.target not in SAVABLE_METHODS:
+                    raise ValueError(f"save_snn: {where} calls the tensor method {node.target!r}, which is not "
+                                     "in the allowlist of saved networks")
+                target = node.target
+            else:
+                target = node.target
+            graph.append({"op": node.op, "name": node.name, "target": target,
+                          "args": _encode(node.args, where, fn_names),
+                          "kwargs": _encode(dict(node.kwargs), where, fn_names)})
+    # Tensors held by modules outside their state dict (non-persistent buffers).
+    state = model.state_dict()
+    loose = {}
+    for path, m in model.named_modules():
+        for n, b in m._buffers.items():
+            key = f"{path}.{n}" if path else n
+            if b is not None and key not in state:
+                loose[key] = b.detach().cpu().clone()
+    # Tensors the graph reads as plain attributes (constants fx made while tracing).
+    constants = {}
+    if isinstance(model, fx.GraphModule):
+        for node in model.graph.nodes:
+            if node.op == "get_attr" and node.target not in state and node.target not in loose:
+                owner, _, n = node.target.rpartition(".")
+                value = getattr(model.get_submodule(owner), n, None)
+                if not torch.is_tensor(value):
+                    raise ValueError(f"save_snn: graph node {node.name!r} reads {node.target!r}, a "
+                                     f"{type(value).__name__}; only tensors can be saved")
+                if n not in model.get_submodule(owner)._parameters:
+                    constants[node.target] = value.detach().cpu().clone()
+    return {"modules": modules, "graph": graph, "class_name": type(model).__name__,
+            "state_dict": {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in state.items()},
+            "loose_buffers": loose, "constants": constants}
+
+
+# -- rebuilding ------------------------------------------------------------------------------------
+def _build(desc: Dict[str, Any], source: str) -> nn.Module:
+    _late_module_types()
+    state = desc["state_dict"]
+    loose = desc.get("loose_buffers", {})
+    built: Dict[str, nn.Module] = {}
+    for rec in desc["modules"]:
+        path, type_name = rec["path"], rec["type"]
+        if type_name == "torch.fx.GraphModule":
+            if path:
+                raise ValueError(f"{source}: nested GraphModule at {path!r} is not supported")
+            cls: type = nn.Module
+        elif type_name in SAVABLE_MODULES:
+            cls = SAVABLE_MODULES[type_name]
+        else:
+            raise ValueError(f"{source}: module {path!r} has type {type_name!r}, which is not in the allowlist "
+                             "of saved networks")
+        args = {k: _decode(v, {}) for k, v in rec["args"].items()}
+        try:
+            m = cls(**args)
+        except Exception as exc:
+            raise ValueError(f"{source}: cannot rebuild module {path!r} ({type_name}): {exc}") from None
+        # Drop children the constructor made: the saved tree attaches its own below.
+        for child in list(m._modules):
+            del m._modules[child]
+        for n, requires_grad in rec["parameters"].items():
+            if getattr(m, n, None) is None or n not in m._parameters:
+                key = f"{path}.{n}" if path else n
+                m.register_parameter(n, nn.Parameter(torch.empty_like(state[key]), requires_grad=requires_grad))
+        for n in rec["buffers"]:
+            if n not in m._buffers or m._buffers[n] is None:
+                key = f"{path}.{n}" if path else n
+                persistent = key in state
+                m.register_buffer(n, torch.empty_like(state[key] if persistent else loose[key]), persistent=persistent)
+        m.train(rec["training"])
+        if path:
+            parent, _, name = path.rpartition(".")
+            if parent not in built:
+                raise ValueError(f"{source}: module {path!r} comes before its parent")
+            built[parent].add_module(name, m)
+        built[path] = m
+    root = built[""]
+    for key, value in desc.get("constants", {}).items():
+        owner, _, n = key.rpartition(".")
+        if owner not in built or not torch.is_tensor(value):
+            raise ValueError(f"{source}: constant {key!r} has no owner module or is not a tensor")
+        setattr(built[owner], n, value)
+    if desc["graph"] is not None:
+        graph = fx.Graph()
+        nodes: Dict[str, fx.Node] = {}
+        for rec in desc["graph"]:
+            op, target = rec["op"], rec["target"]
+            if op == "call_function":
+                target = _decode(target, {})
+            elif op == "call_method" and target not in SAVABLE_METHODS:
+                raise ValueError(f"{source}: graph node {rec['name']!r} calls the tensor method {target!r}, "
+                                 "which is not in the allowlist of saved networks")
+            elif op not in ("placeholder", "get_attr", "call_module", "call_method", "output"):
+                raise ValueError(f"{source}: graph node {rec['name']!r} has unknown op {op!r}")
+            if not isinstance(target, str) and op != "call_function":
+                raise ValueError(f"{source}: graph node {rec['name']!r} has a non-string target")
+            node = graph.create_node(op, target, _decode(rec["args"], nodes), _decode(rec["kwargs"], nodes),
+                                     name=rec["name"])
+            if node.name != rec["name"]:
+                raise ValueError(f"{source}: duplicate graph node name {rec['name']!r}")
+            nodes[rec["name"]] = node
+        graph.lint()
+        class_name = desc.get("class_name", "GraphModule")
+        if not (isinstance(class_name, str) and class_name.isidentifier()):
+            raise ValueError(f"{source}: bad class name {class_name!r}")
+        gm = fx.GraphModule(root, graph, class_name=class_name)
+        # Keep the saved tree itself, in its order (also modules the graph does not call).
+        gm._modules.clear()
+        for name, child in root.named_children():
+            gm.add_module(name, child)
+        gm.training = root.training  # not train(): that would reset every child's own mode
+        root = gm
+    for key, value in loose.items():
+        owner, _, n = key.rpartition(".")
+        root.get_submodule(owner)._buffers[n] = value
+    try:
+        root.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"{source}: the saved state does not fit the saved structure: "
+                         f"{' '.join(str(exc).split())[:300]}") from None
+    return root
+
+
+def _fingerprint(model: nn.Module) -> Tuple:
+    """What a rebuilt model must share with the original: tree, reprs, graph and state layout."""
+    mods = tuple((p, type(m).__name__, m.extra_repr(), m.training) for p, m in model.named_modules())
+    graph = None
+    if isinstance(model, fx.GraphModule):
+        graph = tuple((n.op, n.name, str(n.target), str(n.args), str(n.kwargs)) for n in model.graph.nodes)
+    state = tuple((k, tuple(v.shape), v.dtype) if torch.is_tensor(v) else (k, repr(v))
+                  for k, v in model.state_dict().items())
+    return mods, graph, state
+
+
+# -- public ----------------------------------------------------------------------------------------
+def save_snn(model: nn.Module, path: Union[str, "os.PathLike[str]"], metadata: Optional[Dict[str, Any]] = None) -> None:
+    """Save a converted network so :func:`load_snn` can rebuild it without the ANN, data or calibration.
+
+    The file holds tensors and plain containers only (see the module documentation) and is
+    written atomically (a failed write leaves a previous file intact). ``metadata`` is an optional
+    dict of plain values (numbers, strings, lists, dicts) stored alongside, returned by
+    :func:`load_snn` as ``model.snn_metadata``.
+
+    Raises ``ValueError`` naming the module or graph node when the model holds something a saved
+    network cannot describe (an unknown module type, a function outside the allowlist) or when the
+    rebuilt network would differ from ``model``; nothing is written then.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save_snn expects an nn.Module, got {type(model).__name__}")
+    desc = _describe(model)
+    fn_names = {id(fn): name for name, fn in SAVABLE_FUNCTIONS.items()}
+    meta = _encode(dict(metadata or {}), "metadata", {}) if metadata is not None else None
+    report = getattr(model, "calibration_report", None)
+    if report is not None and dataclasses.is_dataclass(report):
+        try:
+            desc["calibration_report"] = _encode(dataclasses.asdict(report), "calibration_report", fn_names)
+        except ValueError:
+            pass  # a report is informative only; a network without it is still the same network
+    rebuilt = _build(desc, "save_snn")
+    if _fingerprint(rebuilt) != _fingerprint(model):
+        diff = _first_difference(_fingerprint(model), _fingerprint(rebuilt))
+        raise ValueError(f"save_snn: the network would not be rebuilt exactly ({diff}); refusing to write {os.fspath(path)!r}")
+    save_tensors({"format": SNN_FORMAT, "torch": str(torch.__version__), "metadata": meta, **desc}, path)
+
+
+def _first_difference(a: Tuple, b: Tuple) -> str:
+    for part, xa, xb in zip(("modules", "graph", "state"), a, b):
+        if xa != xb:
+            for ia, ib in zip(xa or (), xb or ()):
+                if ia != ib:
+                    return f"{part}: {ia} became {ib}"
+            return f"{part}: {len(xa or ())} entries became {len(xb or ())}"
+    return "unknown"
+
+
+def load_snn(path: Union[str, "os.PathLike[str]"], map_location: Optional[Union[str, torch.device]] = None) -> nn.Module:
+    """Rebuild a network saved by :func:`save_snn` (weights-only loading, no pickle).
+
+    Returns the model in the mode it was saved in (converted networks: eval, multi-step), moved to
+    ``map_location`` if given. Raises :class:`FileNotFoundError` or ``ValueError`` (one line naming
+    the file) for missing, corrupt or foreign files and for files naming module types or functions
+    outside the allowlist.
+    """
+    p = os.fspath(path)
+    blob = load_tensor_file(p, what="SNN file", instead=_HINT)
+    if not isinstance(blob, dict) or blob.get("format") != SNN_FORMAT:
+        found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+        if found == "sj-parallel-conversion/snn-v1":
+            raise FileError(f"SNN file {p!r} was written by an earlier version (a state without the network's "
+                            "structure); convert the ANN again")
+        raise FileError(f"SNN file {p!r} is not a network saved by save_snn / 'sj-parallel convert' "
+                        f"(format {found!r}, expected {SNN_FORMAT!r})")
+    try:
+        model = _build(blob, f"SNN file {p!r}")
+    except (KeyError, TypeError) as exc:
+        raise FileError(f"SNN file {p!r} is malformed ({type(exc).__name__}: {exc})") from None
+    except ValueError as exc:
+        raise FileError(str(exc)) from None
+    if blob.get("metadata") is not None:
+        model.snn_metadata = _decode(blob["metadata"], {})
+    if blob.get("calibration_report") is not None:
+        from .selection import CalibrationReport
+
+        try:
+            model.calibration_report = CalibrationReport(**_decode(blob["calibration_report"], {}))
+        except TypeError:
+            pass  # written by another version of the report; the network itself is complete
+    if map_location is not None:
+        model = model.to(map_location)
+    return model

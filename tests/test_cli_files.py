@@ -1,0 +1,224 @@
+"""The CLI's file contract: no unpickling, outputs checked first and never destroyed, one-line
+errors with exit 2, Ctrl-C exits 130, and any user model through --model/--weights."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sj_parallel_conversion import cli, load_snn, models
+
+from cli_user_models import public_layout_weights
+from test_files import crafted_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def digits_ckpt(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "digits.pt"
+    models.save_checkpoint(str(path), models.build_model("digits_cnn", in_channels=1), name="digits_cnn",
+                           act="relu", L=8, num_classes=10, in_channels=1)
+    return path
+
+
+DIGITS = ["--data", "digits", "--calib-batches", "1", "--batch-size", "32", "--no-progress", "--method", "ema"]
+
+
+def test_crafted_file_runs_nothing_through_any_subcommand(tmp_path, capsys):
+    evil, marker = crafted_file(tmp_path)
+    out = tmp_path / "out.pt"
+    commands = [
+        ["convert", "--checkpoint", evil, "--T", "4", "--out", out],
+        ["convert", "--model", "digits_cnn", "--weights", evil, "--T", "4", "--out", out],
+        ["evaluate", "--checkpoint", evil, "--T", "4"],
+        ["evaluate", "--snn", evil],
+        ["evaluate", "--model", "torchvision:resnet18", "--weights", evil, "--T", "4"],
+        ["compare", "--checkpoint", evil],
+        ["compare", "--model", "cli_user_models:factory", "--weights", evil],
+        ["stats", "--checkpoint", evil, "--T", "4"],
+        ["stats", "--snn", evil],
+        ["search-t", "--checkpoint", evil],
+        ["search-t", "--model", "resnet20", "--weights", evil],
+    ]
+    for argv in commands:
+        code, _, err = _run([*argv, "--data", "digits"], capsys)
+        line = _one_error_line(err)
+        assert code == 2 and "only pickle can load" in line and str(evil) in line, (argv, err)
+    assert not marker.exists() and not out.exists()
+
+
+def test_out_equal_to_input_is_refused(digits_ckpt, tmp_path, capsys):
+    before = digits_ckpt.read_bytes()
+    code, _, err = _run(["convert", "--checkpoint", digits_ckpt, "--T", "4", "--out", digits_ckpt, *DIGITS], capsys)
+    assert code == 2 and "same file as the input" in _one_error_line(err)
+    assert digits_ckpt.read_bytes() == before
+    os.symlink(digits_ckpt, tmp_path / "alias.pt")
+    code, _, err = _run(["convert", "--checkpoint", digits_ckpt, "--T", "4", "--out", tmp_path / "alias.pt", *DIGITS],
+                        capsys)
+    assert code == 2 and "same file" in err and digits_ckpt.read_bytes() == before
+
+
+@pytest.mark.parametrize("flag", ["--json", "--csv", "--plot"])
+def test_output_paths_are_checked_before_loading(tmp_path, capsys, flag):
+    # The checkpoint does not exist: an error about the output proves it was checked first.
+    code, _, err = _run(["evaluate", "--checkpoint", tmp_path / "missing.pt", "--T", "4", flag, tmp_path], capsys)
+    assert code == 2 and f"{flag} '{tmp_path}' is a directory" in _one_error_line(err)
+    code, _, err = _run(["evaluate", "--checkpoint", tmp_path / "missing.pt", "--T", "4", flag,
+                         tmp_path / "no" / "x"], capsys)
+    assert code == 2 and "does not exist" in err and "missing.pt" not in err
+
+
+@pytest.mark.parametrize("kind", ["empty", "garbage", "directory", "state_dict_only"])
+def test_bad_input_files_one_line_exit_2(tmp_path, capsys, kind):
+    path = tmp_path / "ckpt.pt"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "garbage":
+        path.write_bytes(os.urandom(256))
+    elif kind == "directory":
+        path.mkdir()
+    else:  # a plain state_dict given where the project's checkpoint is expected
+        torch.save(models.build_model("digits_cnn", in_channels=1).state_dict(), path)
+    code, _, err = _run(["stats", "--checkpoint", path, "--T", "4", *DIGITS], capsys)
+    assert code == 2 and str(path) in _one_error_line(err)
+    code, _, err = _run(["evaluate", "--snn", path, *DIGITS], capsys)
+    assert code == 2 and str(path) in _one_error_line(err)
+
+
+@pytest.mark.parametrize("failure", ["disk full", "ctrl-c"])
+def test_failed_or_interrupted_convert_keeps_previous_output(digits_ckpt, tmp_path, capsys, monkeypatch, failure):
+    out = tmp_path / "snn.pt"
+    code, _, err = _run(["convert", "--checkpoint", digits_ckpt, "--T", "4", "--out", out, *DIGITS], capsys)
+    assert code == 0, err
+    before = out.read_bytes()
+    real_save = torch.save
+
+    def failing_save(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        raise OSError(28, "No space left on device") if failure == "disk full" else KeyboardInterrupt()
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    code, _, err = _run(["convert", "--checkpoint", digits_ckpt, "--T", "8", "--out", out, *DIGITS], capsys)
+    line = _one_error_line(err)
+    if failure == "disk full":
+        assert code == 2 and "No space left" in line and str(out) in line
+    else:
+        assert code == 130 and "interrupted" in line
+    assert out.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["digits.pt", "snn.pt"]  # no temporary file left
+    assert load_snn(out).snn_metadata["T"] == 4
+
+
+def _tiny_cifar_npz(folder: Path) -> np.ndarray:
+    """A CIFAR-10-format npz pair (uint8 NHWC images, int64 labels) with a known label mix."""
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    labels = np.array([0] * 12 + [9] * 4 + [3] * 24, dtype=np.int64)
+    for split, n in (("train", 64), ("test", len(labels))):
+        y = labels if split == "test" else rng.integers(0, 10, n)
+        np.savez(folder / f"{split}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), y=y)
+    return labels
+
+
+def test_evaluate_user_model_with_public_layout_weights(tmp_path, capsys):
+    labels = _tiny_cifar_npz(tmp_path / "cifar")
+    weights = tmp_path / "public_layout.pth"
+    torch.save(public_layout_weights(), weights)
+    common = ["evaluate", "--model", "cli_user_models:factory", "--weights", weights, "--T", "8",
+              "--data", "npz", "--data-root", tmp_path / "cifar", "--limit", "40", "--calib-batches", "1",
+              "--batch-size", "32", "--no-progress", "--method", "ema"]
+    # With mean 1 and std 1 every normalised image is negative, and the model answers class 0.
+    code, out, err = _run([*common, "--mean", "1", "1", "1", "--std", "1", "1", "1", "--json", tmp_path / "e.json"],
+                          capsys)
+    assert code == 0, err
+    rows = {r["method"]: r for r in json.loads((tmp_path / "e.json").read_text())["rows"]}
+    assert rows["ann"]["accuracy"] == pytest.approx(np.mean(labels == 0))
+    assert rows["parallel-count"]["accuracy"] == pytest.approx(np.mean(labels == 0))
+    # The dataset's own normalisation leaves the random images mostly positive: class 9.
+    code, out, err = _run([*common, "--json", tmp_path / "d.json"], capsys)
+    assert code == 0, err
+    rows = {r["method"]: r for r in json.loads((tmp_path / "d.json").read_text())["rows"]}
+    assert rows["ann"]["accuracy"] != pytest.approx(np.mean(labels == 0))
+
+
+def test_user_model_errors_are_one_line(tmp_path, capsys):
+    weights = tmp_path / "w.pth"
+    blob = public_layout_weights()
+    blob["state_dict"]["module.fc.weight"] = torch.zeros(5, 2)
+    del blob["state_dict"]["module.conv.bias"]
+    torch.save(blob, weights)
+    code, _, err = _run(["evaluate", "--model", "cli_user_models:factory", "--weights", weights, "--T", "4",
+                         "--data", "digits"], capsys)
+    line = _one_error_line(err)
+    assert code == 2 and "missing keys ['conv.bias']" in line and "fc.weight: file (5, 2) vs model (10, 2)" in line
+    for spec, pattern in (("no_such_module:f", "cannot import module 'no_such_module'"),
+                          ("cli_user_models:nope", "has no attribute 'nope'"),
+                          ("torchvision:resnet7", "unknown torchvision model 'resnet7'"),
+                          ("resnet21", "unknown model 'resnet21'")):
+        code, _, err = _run(["compare", "--model", spec, "--weights", weights, "--data", "digits"], capsys)
+        assert code == 2 and pattern in _one_error_line(err), err
+    code, _, err = _run(["compare", "--model", "resnet20", "--data", "digits"], capsys)
+    assert code == 2 and "--model needs --weights" in err
+    code, _, err = _run(["compare", "--checkpoint", weights, "--mean", "0.5", "--data", "digits"], capsys)
+    assert code == 2 and "--mean and --std go together" in err
+
+
+def test_factory_found_in_the_working_directory(tmp_path, capsys, monkeypatch):
+    (tmp_path / "my_wd_models.py").write_text(
+        "import torch.nn as nn\n"
+        "def tiny(num_classes=10):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, num_classes))\n")
+    state = {"1.weight": torch.randn(16, 64), "1.bias": torch.zeros(16), "3.weight": torch.randn(3, 16),
+             "3.bias": torch.zeros(3)}
+    torch.save({"model": state, "epoch": 1}, tmp_path / "w.pt")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "my_wd_models", raising=False)
+    code, out, err = _run(["evaluate", "--model", "my_wd_models:tiny", "--num-classes", "3", "--weights", "w.pt",
+                           "--T", "2", "--limit", "8", *DIGITS], capsys)
+    assert code == 0, err
+    assert "parallel" in out
+    assert str(tmp_path) not in sys.path  # the working directory was searched, not added for good
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and SpikingJelly
+def test_entry_point_refuses_crafted_snn(tmp_path):
+    """A fresh interpreter through ``python -m``: exit 2, one line, nothing run."""
+    evil, marker = crafted_file(tmp_path, "evil_snn.pt")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "sj_parallel_conversion", "stats", "--snn", str(evil)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "only pickle can load" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not marker.exists()
+
+
+def test_debug_shows_the_traceback_and_bugs_exit_1(tmp_path, capsys, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        cli.main(["--debug", "evaluate", "--snn", str(tmp_path / "missing.pt")])
+
+    def buggy(args):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setitem(cli.COMMANDS, "evaluate", buggy)
+    code, _, err = _run(["evaluate", "--snn", tmp_path / "x.pt"], capsys)
+    assert code == 1 and "internal error: ZeroDivisionError" in _one_error_line(err) and "--debug" in err
