@@ -113,7 +113,9 @@ class _DAQCFSFit(torch.autograd.Function):
     def forward(ctx, x, pre, post, psi, T: int, shift: float, channel_dim: int):
         nd = x.dim()
         pre_v, post_v, psi_v = (formulas.channel_view(p, nd, channel_dim) for p in (pre, post, psi))
-        k = formulas.spike_count(x, T, pre_v, shift * pre_v, psi_v, ste=True)
+        # Gradients are written out in backward, so the forward is the plain count (no
+        # straight-through bookkeeping), the very expression the neuron evaluates.
+        k = formulas.spike_count(x, T, pre_v, shift * pre_v, psi_v)
         ctx.save_for_backward(x, pre, post, psi)
         ctx.T, ctx.shift, ctx.channel_dim = T, shift, channel_dim
         return (pre_v + (post_v - pre_v)) / T * k
