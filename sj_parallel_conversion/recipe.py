@@ -145,6 +145,7 @@ class ParallelConversionRecipe(FXConversionRecipe):
         self.case: Optional[Dict[str, Any]] = None
         self.report: Optional[CalibrationReport] = None
         self._data: Optional[calibration.CalibrationData] = None
+        self._ann_name = "model"
         self._reference: Optional[nn.Module] = None
         self._check_options()
 
@@ -205,9 +206,8 @@ class ParallelConversionRecipe(FXConversionRecipe):
         self.report = None
         self._reference = None
         self._data = None
-        if self.dataloader is not None:
-            self._data = calibration.CalibrationData(self.dataloader, self.num_batches)
-            check_model_input(ann, self._data.first(), converter.device)
+        self._ann_name = type(ann).__name__
+        check_model_arity(ann)
         return ann
 
     def after_trace(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
@@ -233,7 +233,13 @@ class ParallelConversionRecipe(FXConversionRecipe):
                 "calibrates DA-QCFS because T differs from the QCFS level L"
             raise ValueError(f"ParallelConversionRecipe {why}: pass dataloader=... with calibration data")
         self.case = case
-        return fx_model.to(converter.device)
+        fx_model = fx_model.to(converter.device)
+        if case["calibrate"] or case["record_max"]:
+            # Data is read only once the graph is known to convert: a refused model costs no
+            # calibration pass, and a one-shot iterator is not consumed for nothing.
+            self._data = calibration.CalibrationData(self.dataloader, self.num_batches)
+            check_model_input(fx_model, self._data.first(), self._ann_name)
+        return fx_model
 
     def insert_observers(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
         if self.case["calibrate"] and self.method in ("auto", "learned"):
@@ -312,8 +318,8 @@ class ParallelConversionRecipe(FXConversionRecipe):
         return fx_model
 
 
-def check_model_input(ann: nn.Module, x: torch.Tensor, device) -> None:
-    """Before any conversion work: the model takes one input and runs on one calibration image."""
+def check_model_arity(ann: nn.Module) -> None:
+    """Before tracing: calibration batches provide one input tensor, so ``forward`` takes one."""
     try:
         params = inspect.signature(ann.forward).parameters.values()
     except (TypeError, ValueError):
@@ -324,13 +330,17 @@ def check_model_input(ann: nn.Module, x: torch.Tensor, device) -> None:
         raise ValueError(f"{type(ann).__name__}.forward takes {len(required)} required inputs ({', '.join(required)}); "
                          "calibration batches provide one input tensor, and parallel conversion supports "
                          "single-input models")
-    # Run where the ANN's weights are: the converter moves the traced copy, not ``ann``.
-    where = next((t.device for t in ann.parameters()), None) or next((t.device for t in ann.buffers()), device)
+
+
+def check_model_input(model: nn.Module, x: torch.Tensor, name: str) -> None:
+    """Before calibrating: the (traced) model runs on one calibration image."""
+    # Run where the weights are: the converter may have moved the traced copy.
+    where = next((t.device for t in model.parameters()), None) or next((t.device for t in model.buffers()), x.device)
     try:
         with torch.no_grad():
-            ann(x[:1].to(where))
+            model(x[:1].to(where))
     except Exception as exc:
-        raise ValueError(f"{type(ann).__name__} cannot run on the first calibration batch "
+        raise ValueError(f"{name} cannot run on the first calibration batch "
                          f"(input shape {tuple(x.shape)}, dtype {x.dtype}): {type(exc).__name__}: {exc}") from exc
 
 

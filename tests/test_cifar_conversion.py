@@ -120,7 +120,7 @@ def test_bias_correction_changes_short_calibration_runs(cifar):
     (batch-weighted); bias correction must undo that, so uncorrected offsets are about 30x smaller."""
     _, calib = cifar
     ann = _ckpt("cifar10_cnn_qcfs_L4.pt")
-    kw = dict(T=2, dataloader=calib, num_batches=3, progress=False, fuse_bn=False)
+    kw = dict(T=2, dataloader=calib, num_batches=3, progress=False, fuse_bn=False, method="ema")
     a = ParallelConverter("parallel", **kw).convert(copy.deepcopy(ann))
     b = ParallelConverter("parallel", bias_correction=False, **kw).convert(copy.deepcopy(ann))
     na = [m for m in a.modules() if isinstance(m, ParallelConversionNode)]

@@ -59,7 +59,7 @@ def test_search_keeps_accuracy_within_budget_and_lowers_T():
     assert res.trials[0]["T"] == {k: 16 for k in res.T}
     # The reported accuracies are those of the networks the search settled on, recomputed here.
     for T, acc in ((res.T, res.accuracy), ({k: 16 for k in res.T}, res.uniform_accuracy)):
-        snn = ParallelConverter("parallel", T=T, dataloader=loader, progress=False).convert(_net())
+        snn = ParallelConverter("parallel", T=T, dataloader=loader, progress=False, method="ema").convert(_net())
         assert acc == sum(int((count_inference(snn, xb).argmax(1) == yb).sum()) for xb, yb in loader) / 256
 
 
