@@ -357,6 +357,10 @@ def _canonicalise(gm: fx.GraphModule) -> None:
                 rep = _relu_like(mod.min_val, mod.max_val)
             elif type(mod) is nn.ReLU and mod.inplace:
                 rep = nn.ReLU()
+            elif type(mod) in (nn.Dropout, nn.Dropout2d) and mod.inplace:
+                # In-place dropout (MNASNet's classifier) is the identity in eval mode, as is its
+                # out-of-place twin, which SpikingJelly's step-mode adapter accepts.
+                rep = type(mod)(mod.p).train(mod.training)
             if rep is not None:
                 # same name, canonical module (shared calls are split below)
                 parent, _, child = node.target.rpartition(".")
