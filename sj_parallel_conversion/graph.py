@@ -710,7 +710,8 @@ def _check_node(node: fx.Node, modules: Dict[str, nn.Module], kinds: Dict[fx.Nod
     if target in _SCALE_FUNCTIONS or target in _SCALE_METHODS or target in (operator.floordiv, torch.floor_divide):
         # Scaling by a constant became a ConstantScale module in _canonicalise; what is left
         # multiplies two tensors, divides by a tensor, or rounds.
-        if len(data) > 1:
+        operands = [a for a in node.args if isinstance(a, fx.Node) and kinds.get(a) in (_TENSOR, _UNKNOWN)]
+        if len(operands) > 1:  # h * h: one input node, two tensor operands
             return result, "product of tensors", "the product of two tensors does not commute with the time mean"
         return result, f"function {name}", f"{name} by a tensor or with rounding is not linear"
     if name == "chunk":
