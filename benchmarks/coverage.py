@@ -21,7 +21,7 @@ import platform
 import re
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -84,18 +84,24 @@ def _reason(exc: BaseException) -> str:
     return line if len(line) <= REASON_CHARS else line[:REASON_CHARS - 3] + "..."
 
 
-def try_parallel(family: str) -> Optional[str]:
-    """None if ``family`` converts with the parallel recipe and is exact in the count domain, else why not."""
+def unsupported_kinds(exc: BaseException) -> List[str]:
+    """The kinds of operation a :class:`GraphConversionError` lists, in order of appearance."""
+    return list(dict.fromkeys(p.kind for p in getattr(exc, "problems", ())))
+
+
+def try_parallel(family: str) -> Tuple[Optional[str], List[str]]:
+    """``(None, [])`` if ``family`` converts with the parallel recipe and is exact in the count domain,
+    else ``(why not, unsupported kinds of operation)``."""
     x = _images(family)
     try:
         snn = ParallelConverter("parallel", T=T, dataloader=[x], method="ema", progress=False).convert(build(family))
         spikes = spike_inference(snn, x).mean(0)
         counts = count_inference(snn, x)
     except Exception as exc:  # the table records every failure, whatever its kind
-        return _reason(exc)
+        return _reason(exc), unsupported_kinds(exc)
     if not torch.allclose(spikes, counts, rtol=1e-4, atol=1e-5):
-        return f"spike level differs from the count domain by {float((spikes - counts).abs().max()):.3g}"
-    return None
+        return f"spike level differs from the count domain by {float((spikes - counts).abs().max()):.3g}", []
+    return None, []
 
 
 def try_rate_coding(family: str) -> Optional[str]:
@@ -118,10 +124,11 @@ def try_rate_coding(family: str) -> Optional[str]:
 
 
 def coverage_row(family: str, rate_coding: bool = True) -> dict:
-    """One table row: ``{"family", "parallel", "parallel_reason", "rate", "rate_reason", "seconds"}``."""
+    """One table row: ``{"family", "parallel", "parallel_reason", "parallel_kinds", "rate", "rate_reason",
+    "seconds"}``."""
     start = time.perf_counter()
-    why = try_parallel(family)
-    row = {"family": family, "parallel": why is None, "parallel_reason": why or ""}
+    why, kinds = try_parallel(family)
+    row = {"family": family, "parallel": why is None, "parallel_reason": why or "", "parallel_kinds": kinds}
     if rate_coding:
         why = try_rate_coding(family)
         row.update(rate=why is None, rate_reason=why or "")

@@ -6,11 +6,13 @@
   ``torch.relu`` / ``clamp(min=0)`` become :class:`nn.ReLU`; ``nn.ReLU6`` / ``clamp(0, c)`` /
   ``hardtanh(0, c)`` become :class:`~sj_parallel_conversion.ClipReLU`; a module called twice is
   copied so that each call gets its own neuron);
-* functional pools, padding and dropout are modules the step-mode adapter understands;
+* functional pools, padding and dropout, scaling by a constant (:class:`ConstantScale`) and
+  channel chunks (:class:`ChunkPart`) are modules the step-mode adapter understands;
 * a max pool placed before an activation is moved after it (exact on the ANN side, since the
   activations are monotone, and exact on sorted spike trains, which pooling of currents is not);
-* anything that does not commute with the time mean is rejected, before calibration starts,
-  with an error naming the graph node and the module it came from.
+* anything that does not commute with the time mean, or that touches the batch axis (through
+  which a converted network runs its time steps), is rejected before calibration starts, with one
+  :class:`GraphConversionError` listing every such node and the module it came from.
 """
 from __future__ import annotations
 
@@ -95,7 +97,8 @@ class GraphConversionError(ValueError):
             by_kind.setdefault(p.kind, []).append(p)
         parts = []
         for kind, ps in by_kind.items():
-            where = sorted({p.module or "<root>" for p in ps}, key=[p.module or "<root>" for p in ps].index)
+            where = sorted({p.module or "the top-level forward" for p in ps},
+                           key=[p.module or "the top-level forward" for p in ps].index)
             more = f", +{len(where) - 2} more" if len(where) > 2 else ""
             parts.append(f"{kind} x{len(ps)} (in {', '.join(where[:2])}{more})")
         kinds = f"{len(by_kind)} kind" + ("s" if len(by_kind) > 1 else "")
@@ -396,6 +399,11 @@ def _canonicalise(gm: fx.GraphModule) -> None:
                 value = _arg(node, 3, "value", None)
                 if mode == "constant" and not isinstance(pad, fx.Node) and all(isinstance(p, int) for p in pad):
                     _to_module_node(gm, node, StepPad(pad, mode, value), "pad", node.args[:1])
+            elif (getattr(t, "__name__", "") == "stochastic_depth" and getattr(t, "__module__", "").startswith(
+                    "torchvision.ops") and _arg(node, 3, "training") is False):
+                # torchvision's stochastic depth traced in eval mode: the identity.
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
             elif t is F.dropout:
                 _to_module_node(gm, node, nn.Dropout(p=_arg(node, 1, "p", 0.5)), "dropout", node.args[:1])
             elif t is F.adaptive_avg_pool2d:
