@@ -45,7 +45,7 @@ EXPECTED = {
 }
 
 # A few seconds together on one CPU thread; the rest take up to tens of seconds each.
-FAST_PARALLEL = ["squeezenet1_1", "shufflenet_v2_x0_5", "mnasnet0_5", "mobilenet_v3_small"]
+FAST_PARALLEL = ["mnasnet0_5", "mobilenet_v3_small"]  # squeezenet, googlenet, shufflenet: test_graph_coverage.py
 FAST_RATE = ["mobilenet_v3_small", "squeezenet1_1"]
 
 
