@@ -38,6 +38,7 @@ __all__ = [
     "GraphProblem",
     "StepPad",
     "activation_sites",
+    "check_batch_axis",
     "is_activation_site",
     "prepare_graph",
 ]
@@ -238,6 +239,7 @@ def describe(node: fx.Node) -> str:
         path, (_, cls) = list(stack.items())[-1]
         owner = f"{path.split('@')[0] or '<root>'} ({getattr(cls, '__name__', cls)})"
     tgt = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", repr(node.target))
+    tgt = node.meta.get("sjpc_written_as", tgt)
     where = f" in module {owner}" if owner else " in the model's own forward"
     return f"graph node '{node.name}' ({node.op} {tgt}){where}"
 
@@ -442,6 +444,7 @@ def _views_to_reshapes(gm: fx.GraphModule) -> None:
         if node.op == "call_method" and node.target == "view" and not node.kwargs and not any(
                 isinstance(a, torch.dtype) for a in node.args[1:]):
             node.target = "reshape"
+            node.meta["sjpc_written_as"] = "view"  # error messages show what the user wrote
 
 
 def _static_nodes(gm: fx.GraphModule) -> set:
@@ -756,3 +759,52 @@ def validate_graph(gm: fx.GraphModule) -> None:
             problems.append(GraphProblem(node.name, problem, _owner_path(node), f"{describe(node)}: {reason}"))
     if problems:
         raise GraphConversionError.from_problems(problems)
+
+
+def _value_kinds(gm: fx.GraphModule) -> Dict[fx.Node, str]:
+    modules = dict(gm.named_modules())
+    kinds: Dict[fx.Node, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "output":
+            kinds[node] = _check_node(node, modules, kinds)[0]
+    return kinds
+
+
+class _BatchAxisChecker(fx.Interpreter):
+    """Runs a prepared graph and records per-sample tensors whose axis 0 is not the batch."""
+
+    def __init__(self, gm: fx.GraphModule, batch: int):
+        super().__init__(gm)
+        self.batch = batch
+        self.kinds = _value_kinds(gm)
+        self.problems: List[GraphProblem] = []
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if (self.kinds.get(n) == _TENSOR and n.op != "placeholder" and torch.is_tensor(out)
+                and (out.dim() == 0 or out.shape[0] != self.batch)):
+            shape = tuple(out.shape)
+            self.problems.append(GraphProblem(
+                n.name, "batch axis", _owner_path(n),
+                f"{describe(n)}: turns a batch of {self.batch} into shape {shape}; {_BATCH_AXIS_HINT}"))
+        return out
+
+
+def check_batch_axis(gm: fx.GraphModule, x: torch.Tensor) -> None:
+    """Run ``gm`` on (at least) two images of ``x`` and refuse any op that changes the batch axis.
+
+    The static check in :func:`validate_graph` does not know shapes, so it takes a leading ``-1``
+    in a reshape and negative axes on trust; this catches those where they do reach the batch
+    axis, before calibration. Raises :class:`GraphConversionError` listing every such node.
+    """
+    if not torch.is_tensor(x) or x.dim() < 1 or x.shape[0] < 1:
+        raise ValueError(f"check_batch_axis expects a batch tensor [N, ...], got {getattr(x, 'shape', type(x))}")
+    # Two different images (the first one and its negation where the batch has one): a batch of 1
+    # would hide an op that merges the batch into another axis.
+    x = x[:3] if x.shape[0] >= 2 else torch.cat([x[:1], -x[:1]])
+    where = next((t.device for t in gm.parameters()), None) or next((t.device for t in gm.buffers()), x.device)
+    checker = _BatchAxisChecker(gm, x.shape[0])
+    with torch.no_grad():
+        checker.run(x.to(where))
+    if checker.problems:
+        raise GraphConversionError.from_problems(checker.problems)

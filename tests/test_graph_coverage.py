@@ -184,6 +184,26 @@ def test_batch_axis_operations_refused_at_conversion_naming_node_and_module(op, 
     assert f"graph node '{node}" in str(err) and "in module head (Head)" in str(err) and "batch axis" in str(err)
 
 
+@pytest.mark.parametrize("op, node", [
+    (lambda h: h.view(-1, 36), "view"),             # [N, 4, 6, 6] -> [4N, 36]: a leading -1 that is not N
+    (lambda h: h.transpose(-4, -3), "transpose"),   # a negative axis that is the batch axis
+    (lambda h: h.mean(-4), "mean"),
+])
+def test_batch_axis_operations_the_static_check_cannot_see_are_refused_before_calibration(op, node):
+    x = torch.randn(4, 3, 8, 8)
+
+    class FirstBatchOnly:
+        """The model checks read the first batch; calibration would read the second."""
+
+        def __iter__(self):
+            yield x
+            raise AssertionError("calibration started on a model with a batch-axis operation")
+
+    with pytest.raises(GraphConversionError, match=rf"graph node '{node}'.*in module head \(Head\).*batch axis"):
+        ParallelConverter("parallel", T=4, dataloader=FirstBatchOnly(), method="ema", progress=False).convert(
+            Headed(op).eval())
+
+
 @pytest.mark.parametrize("op", [
     lambda h: h.view(h.size(0), -1),
     lambda h: h.reshape(h.shape[0], 2, -1),
