@@ -82,7 +82,9 @@ class GraphConversionError(ValueError):
     """A model that parallel conversion cannot handle exactly, found before any calibration.
 
     ``problems`` lists every unsupported operation (:class:`GraphProblem`); the message's first
-    line summarises them, one further line per problem follows.
+    line summarises them, one further line per problem follows. Errors that are not about single
+    graph nodes (SpikingJelly's step-mode adapter refusing the model) hold one problem with an
+    empty ``node``.
     """
 
     def __init__(self, message: str, problems: Sequence[GraphProblem] = ()) -> None:
@@ -181,9 +183,9 @@ def keep_analog(gm: fx.GraphModule, names) -> fx.GraphModule:
                 continue
             seen.add(node)
             if node.op == "call_module" and node.target in sites and node.target not in names:
-                raise GraphConversionError(
-                    f"activation site {name!r} cannot stay analog: spiking site {node.target!r} precedes it, so "
-                    "its input changes over time")
+                msg = (f"activation site {name!r} cannot stay analog: spiking site {node.target!r} precedes it, "
+                       "so its input changes over time")
+                raise GraphConversionError(msg, [GraphProblem(sites[name].name, "analog site", name, msg)])
             stack.extend(node.all_input_nodes)
     for name in names:
         parent, _, child = name.rpartition(".")
@@ -265,7 +267,8 @@ def prepare_graph(gm: fx.GraphModule) -> fx.GraphModule:
     try:
         to_multistep(copy.deepcopy(gm))
     except (ValueError, TypeError) as exc:
-        raise GraphConversionError(f"SpikingJelly's step-mode adapter rejects this model: {exc}") from exc
+        msg = f"SpikingJelly's step-mode adapter rejects this model: {exc}"
+        raise GraphConversionError(msg, [GraphProblem("", "step-mode adapter", "", msg)]) from exc
     return gm
 
 
