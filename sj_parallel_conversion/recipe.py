@@ -31,7 +31,7 @@ from torch import fx
 
 from . import calibration, kernels, registry
 from .activation import DAQCFS, QCFS, ClipReLU
-from .graph import activation_sites, keep_analog, prepare_graph, to_multistep
+from .graph import activation_sites, check_batch_axis, keep_analog, prepare_graph, to_multistep
 from .joins import insert_time_joins
 from .learned import LearnedCalibration, held_out_score, learn_calibration, split_holdout, take_images
 from .neuron import ParallelConversionNode
@@ -238,7 +238,10 @@ class ParallelConversionRecipe(FXConversionRecipe):
             # Data is read only once the graph is known to convert: a refused model costs no
             # calibration pass, and a one-shot iterator is not consumed for nothing.
             self._data = calibration.CalibrationData(self.dataloader, self.num_batches)
-            check_model_input(fx_model, self._data.first(), self._ann_name)
+            first = self._data.first()
+            check_model_input(fx_model, first, self._ann_name)
+            # What the static graph check took on trust (a leading -1, negative axes), measured.
+            check_batch_axis(fx_model, first)
         return fx_model
 
     def insert_observers(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
