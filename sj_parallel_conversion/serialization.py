@@ -74,10 +74,12 @@ def _late_module_types() -> None:
     without exporting (its step-mode tensor-op wrapper, found through its public adapter)."""
     if "sj_parallel_conversion.StepPad" in SAVABLE_MODULES:
         return
-    from .graph import AnalogReLU, StepPad
+    from .graph import AnalogReLU, ChunkPart, ConstantScale, StepPad
 
     SAVABLE_MODULES["sj_parallel_conversion.StepPad"] = StepPad
     SAVABLE_MODULES["sj_parallel_conversion.AnalogReLU"] = AnalogReLU
+    SAVABLE_MODULES["sj_parallel_conversion.ConstantScale"] = ConstantScale
+    SAVABLE_MODULES["sj_parallel_conversion.ChunkPart"] = ChunkPart
     from spikingjelly.activation_based.ann2snn.recipes.step_mode_adapters import adapt_step_mode_graph
 
     class _Probe(nn.Module):

@@ -147,7 +147,7 @@ def test_traced_tensor_constants_round_trip(tmp_path):
 
 
 @pytest.mark.slow  # torchvision-sized networks
-@pytest.mark.parametrize("name", ["resnet18", "densenet121", "regnet_x_400mf"])
+@pytest.mark.parametrize("name", ["resnet18", "densenet121", "regnet_x_400mf", "shufflenet_v2_x0_5", "squeezenet1_1"])
 def test_torchvision_families_round_trip(tmp_path, name):
     import torchvision
 
@@ -159,3 +159,37 @@ def test_torchvision_families_round_trip(tmp_path, name):
     back = load_snn(tmp_path / "tv.pt")
     assert torch.equal(count_inference(snn, x), count_inference(back, x))
     assert torch.equal(spike_inference(snn, x[:1]), spike_inference(back, x[:1]))
+
+
+class ScaleChunk(nn.Module):
+    """Constant scaling and a channel split then a concatenation (ShuffleNet patterns)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.relu2 = nn.ReLU()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.relu(self.conv(x) * 2.0)
+        a, b = h.chunk(2, dim=1)
+        y = torch.cat([a, self.relu2(self.conv2(b) / 4.0)], dim=1)
+        y = nn.functional.avg_pool2d(y, 2)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+def test_constant_scaling_and_channel_split_round_trip(tmp_path):
+    from sj_parallel_conversion.graph import ChunkPart, ConstantScale
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 8, 8)
+    snn = _convert(ScaleChunk(), 4, x, method="ema")
+    kinds = {type(m) for m in snn.modules()}
+    assert ConstantScale in kinds and ChunkPart in kinds
+    save_snn(snn, tmp_path / "sc.pt")
+    back = load_snn(tmp_path / "sc.pt")
+    assert {type(m) for m in back.modules()} >= {ConstantScale, ChunkPart}
+    assert torch.equal(count_inference(snn, x), count_inference(back, x))
+    assert torch.equal(spike_inference(snn, x), spike_inference(back, x))
