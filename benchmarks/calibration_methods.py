@@ -7,11 +7,14 @@ plot (accuracy vs T, one panel per checkpoint).
 
     python benchmarks/calibration_methods.py \\
         --checkpoint sj_parallel_conversion/checkpoints/cifar10_resnet20_relu.pt \\
-        --T 2 4 8 16 32 --calib-images 1024 --test-images 2000 --out docs/results/calibration_methods
+        --T 2 4 8 16 32 --calib-images 1024 --test-images 2000 --out docs/results/calibration_methods_resnet20
+    python benchmarks/calibration_methods.py --combine docs/results/calibration_methods_*.json \\
+        --out docs/results/calibration_methods
 """
 from __future__ import annotations
 
 import argparse
+import json
 import copy
 import os
 import platform
@@ -46,7 +49,9 @@ def accuracy(snn, x, y, batch=500) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", nargs="+", required=True)
+    p.add_argument("--checkpoint", nargs="+")
+    p.add_argument("--combine", nargs="+", metavar="JSON",
+                   help="instead of measuring: merge the .json files of earlier runs into one table and plot")
     p.add_argument("--T", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--calib-images", type=int, default=1024, help="class-balanced training images (labels unused)")
@@ -56,6 +61,14 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="docs/results/calibration_methods", help="output prefix (.md, .json, .png)")
     args = p.parse_args(argv)
+    if bool(args.checkpoint) == bool(args.combine):
+        p.error("give either --checkpoint (measure) or --combine (merge earlier runs)")
+    if args.combine:
+        runs = [json.load(open(f)) for f in args.combine]
+        write([r for run in runs for r in run["rows"]], args.out, [run["command"] for run in runs],
+              sorted({run["machine"] for run in runs}),
+              runs[0].get("images", dict(test=args.test_images, calibration=args.calib_images)))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     calib = data.cifar10_npz("train", limit=args.calib_images).tensors[0]
@@ -80,22 +93,30 @@ def main(argv=None) -> int:
                 acc = accuracy(snn, test_x, test_y)
                 report = snn.calibration_report
                 row = dict(model=name, T=T, method=method, accuracy=acc, ann_accuracy=ann_acc,
-                           calibration_seconds=seconds, chosen=report.method if report else "none",
+                           calibration_seconds=seconds, load_average=os.getloadavg()[0], chosen=report.method if report else "none",
                            held_out=report.scores if report else {})
                 results.append(row)
                 print(f"  T={T:<3} {method:<8} {acc:6.2f} %  {seconds:7.1f} s  chosen={row['chosen']}", flush=True)
-    write(results, args)
+                # After every row: a long sweep cut short keeps what it measured.
+                write(results, args.out, ["python benchmarks/calibration_methods.py " + " ".join(sys.argv[1:])],
+                      [_machine()], dict(test=args.test_images, calibration=args.calib_images))
     return 0
 
 
-def write(results, args) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    cmd = "python benchmarks/calibration_methods.py " + " ".join(sys.argv[1:])
-    write_json(args.out + ".json", {"command": cmd, "machine": machine, "rows": results}, indent=1)
-    lines = [f"Command: `{cmd}`", "", f"Machine: {machine}. Count-domain accuracy (%) on {args.test_images} "
-             f"class-balanced CIFAR-10 test images; calibration on {args.calib_images} training images "
-             "(labels unused); calibration time in seconds (conversion included).", ""]
+def _machine() -> str:
+    return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def write(results, out, commands, machines, images) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    write_json(out + ".json", {"command": commands[0] if len(commands) == 1 else commands,
+                               "machine": "; ".join(machines), "images": images, "rows": results}, indent=1)
+    lines = ["Commands:", ""] + [f"    {c}" for c in commands] + [
+        "", f"Machine: {'; '.join(machines)}. Count-domain accuracy (%) on {images['test']} "
+        f"class-balanced CIFAR-10 test images; calibration on {images['calibration']} training images "
+        "(labels unused); calibration time in seconds (conversion included), measured with a 1-minute "
+        f"load average of up to {max(r.get('load_average', float('nan')) for r in results):.1f} on the machine "
+        "(times are comparable only at a low load).", ""]
     for model in dict.fromkeys(r["model"] for r in results):
         rows = [r for r in results if r["model"] == model]
         Ts = sorted({r["T"] for r in rows})
@@ -110,7 +131,7 @@ def write(results, args) -> None:
                 times.append("" if r is None else f"{r['calibration_seconds']:.0f}")
             lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " | " + " / ".join(times) + " |")
         lines.append("")
-    write_text(args.out + ".md", "\n".join(lines))
+    write_text(out + ".md", "\n".join(lines))
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -137,7 +158,7 @@ def write(results, args) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    save_figure(fig, args.out + ".png", dpi=120)
+    save_figure(fig, out + ".png", dpi=120)
 
 
 if __name__ == "__main__":
