@@ -80,28 +80,31 @@ def da_qcfs(
 
 
 def spike_count(
-    mean_current: torch.Tensor, T: int, theta_pre: Scalar, psi: Scalar, psi_da: Scalar = 0.0, ste: bool = False
+    mean_current: torch.Tensor, T: int, theta_pre: Scalar, psi: Scalar, psi_da: Scalar = 0.0, ste: bool = False,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Closed-form spike count ``k = clip(floor(((m + psi_da)*T + psi)/theta_pre), 0, T)``.
 
     ``mean_current`` is the time mean of the neuron's input; the result has its dtype and holds
     integer values. This expression is the single definition both backends implement, operation
     by operation, so that they agree bit for bit. ``ste=True`` gives the floor an identity
-    gradient (the values are unchanged).
+    gradient (the values are unchanged). ``inplace=True`` lets the result overwrite
+    ``mean_current`` (when no gradient is needed and the parameters broadcast into it).
     """
     if ste:
         return torch.clamp(floor_ste(((mean_current + psi_da) * T + psi) / theta_pre), 0, T)
-    u = mean_current + psi_da
-    params = [p for p in (psi, theta_pre) if torch.is_tensor(p)]
+    m = mean_current
+    params = [p for p in (psi_da, psi, theta_pre) if torch.is_tensor(p)]
     out_of_place = (
-        (torch.is_grad_enabled() and (u.requires_grad or any(p.requires_grad for p in params)))
-        or any(p.dtype != u.dtype for p in params)
-        or torch.broadcast_shapes(u.shape, *(p.shape for p in params)) != u.shape
+        (torch.is_grad_enabled() and (m.requires_grad or any(p.requires_grad for p in params)))
+        or any(p.dtype != m.dtype for p in params)
+        or torch.broadcast_shapes(m.shape, *(p.shape for p in params)) != m.shape
     )
     if out_of_place:
-        return torch.clamp(torch.floor((u * T + psi) / theta_pre), 0, T)
-    # Same operations in the same order, in place: one buffer instead of five (count-domain
-    # inference is bound by memory traffic on CPU).
+        return torch.clamp(torch.floor(((m + psi_da) * T + psi) / theta_pre), 0, T)
+    # Same operations in the same order, each in place on one buffer: count-domain inference is
+    # bound by memory traffic on CPU, and every fresh buffer costs an allocation and page faults.
+    u = m.add_(psi_da) if inplace else torch.add(m, psi_da)
     return u.mul_(T).add_(psi).div_(theta_pre).floor_().clamp_(0, T)
 
 

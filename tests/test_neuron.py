@@ -161,10 +161,15 @@ def test_bad_inputs():
         node(torch.ones(2, 3, dtype=torch.bool))
     x = torch.randn(3, 4)
     x[1, 2] = float("nan")
+    checked = ParallelConversionNode(4, check_nan=True)
     with pytest.raises(ValueError, match="NaN input currents"):
-        node(x)
+        checked(x)
     with pytest.raises(ValueError, match="NaN input currents"):
-        node.count(torch.tensor([0.0, float("nan")]))
+        checked.count(torch.tensor([0.0, float("nan")]))
+    # Unchecked (the default, no host synchronisation): the NaN neuron is silent, the others fire.
+    out = node(x)
+    assert torch.equal(out[:, 2], torch.zeros(4))
+    assert torch.equal(out[:, [0, 1, 3]], checked(x[:, [0, 1, 3]]))
     with pytest.raises(ValueError, match="needs a CUDA tensor"):
         ParallelConversionNode(4, backend="cupy")(torch.randn(2, 3))
     node_bad = ParallelConversionNode(4)
@@ -174,13 +179,16 @@ def test_bad_inputs():
 
 
 def test_single_step_mode_is_refused():
-    node = ParallelConversionNode(4, step_mode="s")
-    with pytest.raises(RuntimeError, match="count_inference"):
-        node(torch.randn(3, 5))
+    assert ParallelConversionNode(4).supported_step_mode() == ("m",)
+    with pytest.raises(ValueError, match="supports only step_mode 'm'.*count_domain_model"):
+        ParallelConversionNode(4, step_mode="s")
     net = nn.Sequential(layer.Linear(5, 5), ParallelConversionNode(4))
-    functional.set_step_mode(net, "s")
-    with pytest.raises(RuntimeError, match="count_inference"):
-        net(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="supports only step_mode 'm'"):
+        functional.set_step_mode(net, "s")
+    node = ParallelConversionNode(4)
+    with pytest.raises(ValueError, match="supports only step_mode 'm'"):
+        node.step_mode = "s"
+    assert node.step_mode == "m"
 
 
 def test_infinite_currents_saturate():
@@ -188,7 +196,7 @@ def test_infinite_currents_saturate():
     # -inf current: -inf clipped to 0 -> silent. A train mixing +inf and -inf has no time mean:
     # that is an error, not a silent zero.
     T = 5
-    node = ParallelConversionNode(T, v_threshold=0.7, bias=0.2)
+    node = ParallelConversionNode(T, v_threshold=0.7, bias=0.2, check_nan=True)
     x = torch.tensor([[float("inf"), float("-inf"), 0.3]])
     out = node(x)
     assert out[:, 0].tolist() == [pytest.approx(0.7)] * T
@@ -218,10 +226,8 @@ def test_set_step_mode():
     with torch.no_grad():
         y1 = net(x)
     assert y1.shape == (4, 10, 3) and y1.abs().sum() > 0
-    functional.set_step_mode(net, "s")
-    assert net[1].step_mode == "s" and net[0].step_mode == "s"
-    with pytest.raises(RuntimeError, match="count_inference"):
-        net(x[0])
+    with pytest.raises(ValueError, match="supports only step_mode 'm'"):
+        functional.set_step_mode(net, "s")
     functional.set_step_mode(net, "m")
     with torch.no_grad():
         assert torch.equal(net(x), y1)

@@ -20,7 +20,7 @@ def time_mean(x_seq: torch.Tensor) -> torch.Tensor:
     acc = x_seq[0].to(accumulation_dtype(x_seq.dtype), copy=True)
     for t in range(1, x_seq.shape[0]):
         acc += x_seq[t]
-    return acc / x_seq.shape[0]
+    return acc.div_(x_seq.shape[0])  # acc is our own buffer: divide in place
 
 
 def fire(
@@ -46,6 +46,7 @@ def fire(
     def cv(p: torch.Tensor):
         return formulas.channel_view(p.to(dtype=acc, device=m.device), nd, channel_dim)
 
-    k = formulas.spike_count(m, T, cv(theta_pre), cv(psi), cv(psi_da))
+    # m is this function's own buffer, so the count may overwrite it.
+    k = formulas.spike_count(m, T, cv(theta_pre), cv(psi), cv(psi_da), inplace=True)
     out = formulas.spikes_from_count(k, T, cv(spike_value), order)
     return out if out.dtype == x_seq.dtype else out.to(x_seq.dtype)
