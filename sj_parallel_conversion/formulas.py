@@ -26,6 +26,7 @@ __all__ = [
     "da_qcfs",
     "spike_count",
     "spikes_from_count",
+    "step_strides",
     "parallel_conversion_matrix",
     "shift_vector",
     "matrix_form_spikes",
@@ -125,12 +126,22 @@ def spikes_from_count(
     # spike value: the same values as torch.where(fired, sv, 0) (a NaN count never fires) in
     # about half the time on CPU, where writing the [T, ...] output dominates the node's cost.
     shape = torch.broadcast_shapes(steps.shape, k.shape)
-    out = torch.empty(shape, dtype=k.dtype, device=k.device)
+    out = torch.empty_strided(shape, step_strides(k, T), dtype=k.dtype, device=k.device)
     if order == "late":
         torch.ge(steps, T - k, out=out)
     else:
         torch.lt(steps, k, out=out)
     return out.mul_(sv) if torch.broadcast_shapes(shape, sv.shape) == shape else out * sv
+
+
+def step_strides(step: torch.Tensor, T: int) -> tuple:
+    """Strides of a dense ``[T, *step.shape]`` tensor whose every step has ``step``'s memory layout.
+
+    A channels-last step gives channels-last steps, so the next convolution keeps the fast layout;
+    a step that is not dense gets the contiguous layout (``torch.empty_like``'s rule).
+    """
+    inner = torch.empty_like(step, device="meta").stride()
+    return (step.numel(),) + tuple(inner)
 
 
 def parallel_conversion_matrix(T: int, dtype=torch.float64, device=None) -> torch.Tensor:

@@ -13,6 +13,7 @@ import warnings
 
 import torch
 
+from .. import formulas
 from . import cupy_backend, torch_backend
 
 BACKENDS = ("auto", "torch", "cupy")
@@ -81,7 +82,8 @@ _LIB.impl("fire", _fire_impl, "CUDA")
 
 
 def _fire_fake(x_seq, T, theta_pre, psi, psi_da, spike_value, channel_dim, late, backend, check_nan):
-    return x_seq.new_empty((T,) + tuple(x_seq.shape[1:]))
+    # Every step of the output has the memory layout of the input's steps (both backends).
+    return x_seq.new_empty_strided((T,) + tuple(x_seq.shape[1:]), formulas.step_strides(x_seq[0], T))
 
 
 torch.library.register_fake(OP_NAME, _fire_fake, lib=_LIB)
