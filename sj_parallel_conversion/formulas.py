@@ -127,11 +127,15 @@ def spikes_from_count(
     # about half the time on CPU, where writing the [T, ...] output dominates the node's cost.
     shape = torch.broadcast_shapes(steps.shape, k.shape)
     out = torch.empty_strided(shape, step_strides(k, T), dtype=k.dtype, device=k.device)
+    if torch.broadcast_shapes(shape, sv.shape) != shape:
+        bound = T - k if order == "late" else k
+        (torch.ge if order == "late" else torch.lt)(steps, bound, out=out)
+        return out * sv
     if order == "late":
         torch.ge(steps, T - k, out=out)
     else:
         torch.lt(steps, k, out=out)
-    return out.mul_(sv) if torch.broadcast_shapes(shape, sv.shape) == shape else out * sv
+    return out.mul_(sv)
 
 
 def step_strides(step: torch.Tensor, T: int) -> tuple:

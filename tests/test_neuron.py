@@ -330,3 +330,22 @@ def test_deepcopy_and_repr():
     x = torch.randn(2, 4, 3)
     assert torch.equal(node(x), node2(x))
     assert "T=4" in repr(node) and "[3 channels]" in repr(node)
+
+
+def test_blocked_time_mean_adds_in_the_canonical_order():
+    # Above BLOCK elements per step the torch backend sums block by block (cache reuse); every
+    # element must still see the same additions in the same order as the step-by-step sum.
+    from sj_parallel_conversion.kernels import torch_backend
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 3, torch_backend.BLOCK // 2 + 5, 2, generator=g) * 1e3
+    step_by_step = x[0].clone()
+    for t in range(1, 7):
+        step_by_step += x[t]
+    want = step_by_step / 7
+    assert torch.equal(torch_backend.time_mean(x), want)
+    # permuted dense steps (blocked in memory order) and a non-dense view (step by step)
+    assert torch_backend.flat_steps(x.transpose(2, 3)) is not None
+    assert torch.equal(torch_backend.time_mean(x.transpose(2, 3)), want.transpose(1, 2))
+    assert torch_backend.flat_steps(x[:, :, ::2]) is None
+    assert torch.equal(torch_backend.time_mean(x[:, :, ::2]), want[:, ::2])
