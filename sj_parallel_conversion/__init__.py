@@ -17,8 +17,7 @@ Conversion (SpikingJelly ``ann2snn`` flow)
     :class:`CalibrationReport`  what calibration chose and measured (``snn.calibration_report``).
 
 Evaluation
-    :func:`count_domain_model`  the converted network as a one-pass ``[N, ...] -> time-mean output``
-        module (no time steps materialised; ``torch.compile``-able).
+    :func:`count_domain_model`  the converted network as a one-pass module, ``[N, ...]`` -> time mean.
     :func:`count_inference`  ``count_domain_model(snn)(x)`` under ``no_grad``, in one call.
     :func:`spike_inference`  spike-level run on a static input (fed once to parallel networks).
     :func:`predictor`  ``x -> time-mean output``, spike-level (any multi-step SNN) or count-domain.
