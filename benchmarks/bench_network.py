@@ -176,8 +176,13 @@ def main(argv=None):
 
     rows = [[r["model"], r["T"], r["batch"], *(f"{r['images_per_s'][k]:.1f}" for k in ("ann", "count", "spike", "if")),
              *(f"{r['ratios'][k]:.2f}" for k in ("if/count", "if/spike", "count/ann"))] for r in results]
-    print(tabulate(rows, headers=["model", "T", "batch", "ANN img/s", "count img/s", "spike img/s", "IF img/s",
-                                  "IF/count", "IF/spike", "count/ANN"], tablefmt="github"))
+    headers = ["model", "T", "batch", "ANN img/s", "count img/s", "spike img/s", "IF img/s",
+               "IF/count", "IF/spike", "count/ANN"]
+    if args.compile:
+        headers += ["compiled count/ANN", "compiled count/compiled ANN"]
+        for row, r in zip(rows, results):
+            row += [f"{r['ratios']['count_c/ann']:.2f}", f"{r['ratios']['count_c/ann_c']:.2f}"]
+    print(tabulate(rows, headers=headers, tablefmt="github"))
     env = {"argv": sys.argv[1:], "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     if args.json:
