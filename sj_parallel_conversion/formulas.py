@@ -12,7 +12,7 @@ broadcast along ``channel_dim`` of the per-step tensor ``[N, C, ...]``.
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -82,7 +82,7 @@ def da_qcfs(
 
 def spike_count(
     mean_current: torch.Tensor, T: int, theta_pre: Scalar, psi: Scalar, psi_da: Scalar = 0.0, ste: bool = False,
-    inplace: bool = False,
+    inplace: bool = False, scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Closed-form spike count ``k = clip(floor(((m + psi_da)*T + psi)/theta_pre), 0, T)``.
 
@@ -91,22 +91,57 @@ def spike_count(
     by operation, so that they agree bit for bit. ``ste=True`` gives the floor an identity
     gradient (the values are unchanged). ``inplace=True`` lets the result overwrite
     ``mean_current`` (when no gradient is needed and the parameters broadcast into it).
+    ``scale`` (a tensor, no gradient) returns ``k * scale`` instead, multiplied in the same pass
+    over memory (the count domain's rate).
     """
     if ste:
+        if scale is not None:
+            raise ValueError("spike_count: scale is for inference; with ste=True multiply the result instead")
         return torch.clamp(floor_ste(((mean_current + psi_da) * T + psi) / theta_pre), 0, T)
     m = mean_current
-    params = [p for p in (psi_da, psi, theta_pre) if torch.is_tensor(p)]
+    params = [p for p in (psi_da, psi, theta_pre, scale) if torch.is_tensor(p)]
     out_of_place = (
         (torch.is_grad_enabled() and (m.requires_grad or any(p.requires_grad for p in params)))
         or any(p.dtype != m.dtype for p in params)
         or torch.broadcast_shapes(m.shape, *(p.shape for p in params)) != m.shape
     )
     if out_of_place:
-        return torch.clamp(torch.floor(((m + psi_da) * T + psi) / theta_pre), 0, T)
+        k = torch.clamp(torch.floor(((m + psi_da) * T + psi) / theta_pre), 0, T)
+        return k if scale is None else k * scale
     # Same operations in the same order, each in place on one buffer: count-domain inference is
     # bound by memory traffic on CPU, and every fresh buffer costs an allocation and page faults.
-    u = m.add_(psi_da) if inplace else torch.add(m, psi_da)
-    return u.mul_(T).add_(psi).div_(theta_pre).floor_().clamp_(0, T)
+    rows = _rows_per_chunk(m, params)
+    if rows is None:
+        u = m.add_(psi_da) if inplace else torch.add(m, psi_da)
+        k = u.mul_(T).add_(psi).div_(theta_pre).floor_().clamp_(0, T)
+        return k if scale is None else k.mul_(scale)
+    u = m if inplace else torch.empty_like(m)
+    # Large CPU tensors: the six passes run over one cache-sized slice of the batch at a time, so
+    # each slice is read from memory once instead of six times (the same operations per element).
+    for s in range(0, m.shape[0], rows):
+        src, dst = m[s:s + rows], u[s:s + rows]
+        k = torch.add(src, psi_da, out=dst).mul_(T).add_(psi).div_(theta_pre).floor_().clamp_(0, T)
+        if scale is not None:
+            k.mul_(scale)
+    return u
+
+
+# Bytes of one slice of the chunked in-place count (a share of a typical L2 cache).
+_CHUNK_BYTES = 1 << 19
+
+
+def _rows_per_chunk(m: torch.Tensor, params):
+    """Rows of the leading axis per cache-sized slice, or ``None`` to run unchunked (GPU tensors,
+    small tensors, parameters that vary along the leading axis, or while ``torch.compile``
+    traces, which fuses the passes itself)."""
+    if m.device.type != "cpu" or m.dim() < 2 or torch.compiler.is_compiling():
+        return None
+    if any(p.dim() == m.dim() and p.shape[0] != 1 for p in params):
+        return None
+    row_bytes = m[0].numel() * m.element_size()
+    if m.numel() * m.element_size() <= 2 * _CHUNK_BYTES or row_bytes == 0:
+        return None
+    return max(1, _CHUNK_BYTES // row_bytes)
 
 
 def spikes_from_count(

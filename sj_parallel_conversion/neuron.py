@@ -131,30 +131,34 @@ class ParallelConversionNode(base.MemoryModule):
 
         ``inplace=True`` lets ``k`` overwrite ``mean_current`` (see :func:`.formulas.spike_count`).
         """
-        self._check_input(mean_current, time_axis=False)
-        nd = mean_current.dim()
-        cv = lambda p: formulas.channel_view(p.to(mean_current.dtype), nd, self.channel_dim)  # noqa: E731
-        k = formulas.spike_count(mean_current, self.T, cv(self.v_threshold), cv(self.shift), cv(self.bias),
-                                 inplace=inplace)
-        # k is NaN exactly where the input is NaN and otherwise lies in [0, T], so a NaN sum is a
-        # cheaper test than a separate pass over the input.
-        if self.check_nan and bool(torch.isnan(k.sum())):
-            raise ValueError(NAN_MESSAGE.format(name=self._get_name()))
-        return k
+        return self._count(mean_current, inplace, scale=None)
 
     def rate(self, mean_current: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """Time mean of the output, ``(spike_value / T) * k``, for time-mean currents ``[N, ...]``.
 
         ``inplace=True`` lets the result overwrite ``mean_current``.
         """
-        k = self.count(mean_current, inplace=inplace)
         # (spike_value / T) * k, in this order: the same operations as QCFS's theta / L * q and
         # DA-QCFS's (theta + phi_da) / T * k, so a lossless conversion (T == L) reproduces the
         # ANN's activations bit for bit.
-        step = formulas.channel_view(self.spike_value.to(k.dtype) / self.T, k.dim(), self.channel_dim)
-        if torch.is_grad_enabled() and (k.requires_grad or step.requires_grad):
-            return step * k
-        return k.mul_(step)
+        step = formulas.channel_view(self.spike_value.to(mean_current.dtype) / self.T, mean_current.dim(),
+                                     self.channel_dim)
+        if torch.is_grad_enabled() and (mean_current.requires_grad or step.requires_grad):
+            return step * self.count(mean_current)
+        # Inference: the multiply joins the count's in-place passes (one pass over memory on CPU).
+        return self._count(mean_current, inplace, scale=step)
+
+    def _count(self, mean_current: torch.Tensor, inplace: bool, scale: Optional[torch.Tensor]) -> torch.Tensor:
+        self._check_input(mean_current, time_axis=False)
+        nd = mean_current.dim()
+        cv = lambda p: formulas.channel_view(p.to(mean_current.dtype), nd, self.channel_dim)  # noqa: E731
+        out = formulas.spike_count(mean_current, self.T, cv(self.v_threshold), cv(self.shift), cv(self.bias),
+                                   inplace=inplace, scale=scale)
+        # The result is NaN exactly where the input is NaN (k lies in [0, T], scale is finite and
+        # positive), so a NaN sum is a cheaper test than a separate pass over the input.
+        if self.check_nan and bool(torch.isnan(out.sum())):
+            raise ValueError(NAN_MESSAGE.format(name=self._get_name()))
+        return out
 
     # -- checks ----------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor, time_axis: bool) -> None:
