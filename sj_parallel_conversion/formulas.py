@@ -127,7 +127,7 @@ def spike_count(
 
 
 # Bytes of one slice of the chunked in-place count (a share of a typical L2 cache).
-_CHUNK_BYTES = 1 << 19
+_CHUNK_BYTES = 1 << 21
 
 
 def _rows_per_chunk(m: torch.Tensor, params):

@@ -321,7 +321,8 @@ def test_spike_count_chunked_in_place_path_equals_the_formula(inplace, layout):
     # Large CPU tensors take the chunked in-place path (the passes run slice by slice over the
     # batch); each element must see the same operations as the plain formula.
     g = torch.Generator().manual_seed(11)
-    m = torch.randn(40, 6, 40, 40, generator=g) * 3
+    rows = 3 * formulas._CHUNK_BYTES // (6 * 40 * 40 * 4) + 1  # three slices and a bit
+    m = torch.randn(rows, 6, 40, 40, generator=g) * 3
     if layout == "channels_last":
         m = m.contiguous(memory_format=torch.channels_last)
     theta = (torch.rand(6, generator=g) + 0.5).view(1, 6, 1, 1)
