@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sj_parallel_conversion import ParallelConverter, count_inference, data, models  # noqa: E402
+from sj_parallel_conversion import ParallelConverter, count_domain_model, data, models  # noqa: E402
 from sj_parallel_conversion.fileio import save_figure, write_json, write_text  # noqa: E402
 from sj_parallel_conversion.learned import LearnedCalibration  # noqa: E402
 
@@ -42,8 +42,10 @@ LABELS = {"none": "no calibration", "ema": "Algorithm 1 (EMA)", "moment": "momen
 
 def accuracy(snn, x, y, batch=500) -> float:
     correct = 0
-    for i in range(0, x.shape[0], batch):
-        correct += int((count_inference(snn, x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
+    counted = count_domain_model(snn)  # built once for all batches
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch):
+            correct += int((counted(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
     return 100.0 * correct / x.shape[0]
 
 

@@ -19,7 +19,7 @@ from torch.utils.data import Subset
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from sj_parallel_conversion import ParallelConversionRecipe, ParallelConverter, count_inference, data, models  # noqa: E402
+from sj_parallel_conversion import ParallelConversionRecipe, ParallelConverter, data, models, predictor  # noqa: E402
 from sj_parallel_conversion.compare import evaluate  # noqa: E402
 from sj_parallel_conversion.fileio import write_json  # noqa: E402
 from sj_parallel_conversion.layerwise import search_layer_T  # noqa: E402
@@ -53,7 +53,7 @@ def main(argv=None):
 
     def test_acc(T):
         snn = ParallelConverter(ParallelConversionRecipe(T, calib, progress=False)).convert(copy.deepcopy(ann))
-        return evaluate(lambda b: count_inference(snn, b), test, progress=False)[0]
+        return evaluate(predictor(snn, T, count_domain=True), test, progress=False)[0]  # built once
 
     weighted = max(1, round(res.weighted_T))
     rows = [("ANN", "-", evaluate(ann, test, progress=False)[0]),

@@ -17,7 +17,8 @@ Conversion (SpikingJelly ``ann2snn`` flow)
     :class:`CalibrationReport`  what calibration chose and measured (``snn.calibration_report``).
 
 Evaluation
-    :func:`count_inference`  time-mean output without materialising time steps.
+    :func:`count_domain_model`  the converted network as a one-pass module, ``[N, ...]`` -> time mean.
+    :func:`count_inference`  ``count_domain_model(snn)(x)`` under ``no_grad``, in one call.
     :func:`spike_inference`  spike-level run on a static input (fed once to parallel networks).
     :func:`predictor`  ``x -> time-mean output``, spike-level (any multi-step SNN) or count-domain.
 
@@ -29,7 +30,7 @@ Files
 """
 from .activation import DAQCFS, QCFS, ClipReLU
 from .graph import GraphConversionError
-from .inference import count_inference, predictor, spike_inference
+from .inference import count_domain_model, count_inference, predictor, spike_inference
 from .learned import LearnedCalibration
 from .models.user import load_user_model
 from .neuron import ParallelConversionNode
@@ -45,6 +46,6 @@ __all__ = [
     "ParallelConversionRecipe", "ParallelConverter", "parallel_neuron_factory",
     "register_recipe", "available_recipes", "GraphConversionError",
     "LearnedCalibration", "CalibrationReport",
-    "count_inference", "spike_inference", "predictor",
+    "count_domain_model", "count_inference", "spike_inference", "predictor",
     "save_snn", "load_snn", "load_user_model",
 ]

@@ -189,7 +189,7 @@ def record_thresholds(
     gm.eval()
     for x in iterate_inputs(loader, device, num_batches, "recording thresholds", progress):
         gm(x)
-    return replace_sites(gm, lambda _, m: m.to_clip_relu() if isinstance(m, MaxObserver) else m)
+    return replace_sites(gm, lambda name, m: m.to_clip_relu(site=name) if isinstance(m, MaxObserver) else m)
 
 
 @torch.no_grad()

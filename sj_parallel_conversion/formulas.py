@@ -12,7 +12,7 @@ broadcast along ``channel_dim`` of the per-step tensor ``[N, C, ...]``.
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -26,6 +26,7 @@ __all__ = [
     "da_qcfs",
     "spike_count",
     "spikes_from_count",
+    "step_strides",
     "parallel_conversion_matrix",
     "shift_vector",
     "matrix_form_spikes",
@@ -80,29 +81,67 @@ def da_qcfs(
 
 
 def spike_count(
-    mean_current: torch.Tensor, T: int, theta_pre: Scalar, psi: Scalar, psi_da: Scalar = 0.0, ste: bool = False
+    mean_current: torch.Tensor, T: int, theta_pre: Scalar, psi: Scalar, psi_da: Scalar = 0.0, ste: bool = False,
+    inplace: bool = False, scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Closed-form spike count ``k = clip(floor(((m + psi_da)*T + psi)/theta_pre), 0, T)``.
 
     ``mean_current`` is the time mean of the neuron's input; the result has its dtype and holds
     integer values. This expression is the single definition both backends implement, operation
     by operation, so that they agree bit for bit. ``ste=True`` gives the floor an identity
-    gradient (the values are unchanged).
+    gradient (the values are unchanged). ``inplace=True`` lets the result overwrite
+    ``mean_current`` (when no gradient is needed and the parameters broadcast into it).
+    ``scale`` (a tensor, no gradient) returns ``k * scale`` instead, multiplied in the same pass
+    over memory (the count domain's rate).
     """
     if ste:
+        if scale is not None:
+            raise ValueError("spike_count: scale is for inference; with ste=True multiply the result instead")
         return torch.clamp(floor_ste(((mean_current + psi_da) * T + psi) / theta_pre), 0, T)
-    u = mean_current + psi_da
-    params = [p for p in (psi, theta_pre) if torch.is_tensor(p)]
+    m = mean_current
+    params = [p for p in (psi_da, psi, theta_pre, scale) if torch.is_tensor(p)]
     out_of_place = (
-        (torch.is_grad_enabled() and (u.requires_grad or any(p.requires_grad for p in params)))
-        or any(p.dtype != u.dtype for p in params)
-        or torch.broadcast_shapes(u.shape, *(p.shape for p in params)) != u.shape
+        (torch.is_grad_enabled() and (m.requires_grad or any(p.requires_grad for p in params)))
+        or any(p.dtype != m.dtype for p in params)
+        or torch.broadcast_shapes(m.shape, *(p.shape for p in params)) != m.shape
     )
     if out_of_place:
-        return torch.clamp(torch.floor((u * T + psi) / theta_pre), 0, T)
-    # Same operations in the same order, in place: one buffer instead of five (count-domain
-    # inference is bound by memory traffic on CPU).
-    return u.mul_(T).add_(psi).div_(theta_pre).floor_().clamp_(0, T)
+        k = torch.clamp(torch.floor(((m + psi_da) * T + psi) / theta_pre), 0, T)
+        return k if scale is None else k * scale
+    # Same operations in the same order, each in place on one buffer: count-domain inference is
+    # bound by memory traffic on CPU, and every fresh buffer costs an allocation and page faults.
+    rows = _rows_per_chunk(m, params)
+    if rows is None:
+        u = m.add_(psi_da) if inplace else torch.add(m, psi_da)
+        k = u.mul_(T).add_(psi).div_(theta_pre).floor_().clamp_(0, T)
+        return k if scale is None else k.mul_(scale)
+    u = m if inplace else torch.empty_like(m)
+    # Large CPU tensors: the six passes run over one cache-sized slice of the batch at a time, so
+    # each slice is read from memory once instead of six times (the same operations per element).
+    for s in range(0, m.shape[0], rows):
+        src, dst = m[s:s + rows], u[s:s + rows]
+        k = torch.add(src, psi_da, out=dst).mul_(T).add_(psi).div_(theta_pre).floor_().clamp_(0, T)
+        if scale is not None:
+            k.mul_(scale)
+    return u
+
+
+# Bytes of one slice of the chunked in-place count (a share of a typical L2 cache).
+_CHUNK_BYTES = 1 << 21
+
+
+def _rows_per_chunk(m: torch.Tensor, params):
+    """Rows of the leading axis per cache-sized slice, or ``None`` to run unchunked (GPU tensors,
+    small tensors, parameters that vary along the leading axis, or while ``torch.compile``
+    traces, which fuses the passes itself)."""
+    if m.device.type != "cpu" or m.dim() < 2 or torch.compiler.is_compiling():
+        return None
+    if any(p.dim() == m.dim() and p.shape[0] != 1 for p in params):
+        return None
+    row_bytes = m[0].numel() * m.element_size()
+    if m.numel() * m.element_size() <= 2 * _CHUNK_BYTES or row_bytes == 0:
+        return None
+    return max(1, _CHUNK_BYTES // row_bytes)
 
 
 def spikes_from_count(
@@ -122,12 +161,26 @@ def spikes_from_count(
     # spike value: the same values as torch.where(fired, sv, 0) (a NaN count never fires) in
     # about half the time on CPU, where writing the [T, ...] output dominates the node's cost.
     shape = torch.broadcast_shapes(steps.shape, k.shape)
-    out = torch.empty(shape, dtype=k.dtype, device=k.device)
+    out = torch.empty_strided(shape, step_strides(k, T), dtype=k.dtype, device=k.device)
+    if torch.broadcast_shapes(shape, sv.shape) != shape:
+        bound = T - k if order == "late" else k
+        (torch.ge if order == "late" else torch.lt)(steps, bound, out=out)
+        return out * sv
     if order == "late":
         torch.ge(steps, T - k, out=out)
     else:
         torch.lt(steps, k, out=out)
-    return out.mul_(sv) if torch.broadcast_shapes(shape, sv.shape) == shape else out * sv
+    return out.mul_(sv)
+
+
+def step_strides(step: torch.Tensor, T: int) -> tuple:
+    """Strides of a dense ``[T, *step.shape]`` tensor whose every step has ``step``'s memory layout.
+
+    A channels-last step gives channels-last steps, so the next convolution keeps the fast layout;
+    a step that is not dense gets the contiguous layout (``torch.empty_like``'s rule).
+    """
+    inner = torch.empty_like(step, device="meta").stride()
+    return (step.numel(),) + tuple(inner)
 
 
 def parallel_conversion_matrix(T: int, dtype=torch.float64, device=None) -> torch.Tensor:

@@ -1,23 +1,28 @@
-"""Evaluating converted models: spike-level runs and the count-domain shortcut.
+"""Evaluating converted models: spike-level runs and the count domain.
 
 Every layer between two parallel neurons is linear (convolution, pooling, BN folded, residual
 sums, padding, reshaping) or a max pool of sorted trains, so it commutes with the time mean; each
-neuron needs only the mean of its input. :func:`count_inference` therefore runs the converted
-network once on ``[N, ...]`` input, with every neuron returning its rate ``spike_value * k / T``,
-and gets what the spike-level run's time mean would give at about the cost of one ANN forward.
+neuron needs only the mean of its input. :func:`count_domain_model` therefore builds a separate
+module that runs the converted network once on ``[N, ...]`` input, with every neuron replaced by
+its rate ``(spike_value / T) * k``, and gets what the spike-level run's time mean would give at
+about the cost of one ANN forward.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator, Optional
+import copy
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
-from spikingjelly.activation_based import functional
+from spikingjelly.activation_based import base, functional
+from spikingjelly.activation_based import neuron as sj_neuron
+from torch import fx
 
+from .joins import TimeMean
 from .neuron import ParallelConversionNode
 
-__all__ = ["count_inference", "count_domain", "spike_inference", "predictor", "repeat_input"]
+__all__ = ["count_domain_model", "CountDomainNeuron", "count_inference", "spike_inference", "predictor",
+           "repeat_input"]
 
 
 def _nodes(model: nn.Module):
@@ -27,39 +32,96 @@ def _nodes(model: nn.Module):
     return nodes
 
 
-def _step_modes(model: nn.Module):
-    return {m: m.step_mode for m in model.modules() if hasattr(m, "step_mode")}
+class CountDomainNeuron(nn.Module):
+    """A :class:`ParallelConversionNode` in the count domain: ``[N, ...]`` time-mean currents in,
+    time-mean output ``(spike_value / T) * k`` out (:meth:`ParallelConversionNode.rate`).
+
+    ``inplace=True`` lets it overwrite its input (:func:`count_domain_model` sets it where the
+    graph shows the neuron is the input's only reader), which saves a buffer and a pass over it.
+    """
+
+    def __init__(self, node: ParallelConversionNode, inplace: bool = False):
+        super().__init__()
+        if not isinstance(node, ParallelConversionNode):
+            raise TypeError(f"CountDomainNeuron wraps a ParallelConversionNode, got {type(node).__name__}")
+        self.node = node
+        self.inplace = bool(inplace)
+
+    def forward(self, mean_current: torch.Tensor) -> torch.Tensor:
+        return self.node.rate(mean_current, inplace=self.inplace)
+
+    def extra_repr(self) -> str:
+        return f"inplace={self.inplace}"
 
 
-@contextlib.contextmanager
-def count_domain(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block the model takes ``[N, ...]`` input and returns time-mean outputs."""
-    nodes = _nodes(model)
-    saved = _step_modes(model)
-    functional.set_step_mode(model, "s")
-    for n in nodes:
-        n._count_domain = True
-    try:
-        yield model
-    finally:
-        for n in nodes:
-            n._count_domain = False
-        for m, mode in saved.items():
-            m.step_mode = mode
+def _sole_reader(gm: fx.GraphModule, name: str) -> bool:
+    """Whether every call of submodule ``name`` reads an intermediate tensor nobody else reads."""
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
+    return bool(calls) and all(
+        len(c.args) == 1 and isinstance(c.args[0], fx.Node) and c.args[0].op != "placeholder"
+        and len(c.args[0].users) == 1 for c in calls)
+
+
+def count_domain_model(snn: nn.Module) -> nn.Module:
+    """The count-domain form of a converted network: ``[N, ...]`` input, time-mean output, one pass.
+
+    Returns a new module (a copy: parameters and buffers are copied, ``snn`` is not modified)
+    in which every :class:`ParallelConversionNode` is a :class:`CountDomainNeuron` computing
+    ``(spike_value / T) * k`` with the node's own operations, each per-layer-``T`` join
+    (:class:`~sj_parallel_conversion.joins.TimeMean`) is the identity (its input already is a time
+    mean), and every other SpikingJelly layer is in single-step mode. Its output equals the time
+    mean of the spike-level output up to floating-point summation order (see
+    :func:`count_inference`); for a lossless QCFS conversion (``T == L``) it reproduces the ANN bit
+    for bit. Build it once, after conversion, and call it like the ANN; it works with
+    ``torch.compile(..., fullgraph=True)``.
+
+    Raises ``ValueError`` when ``snn`` holds no parallel neuron, or holds another spiking neuron
+    (whose state the count domain cannot represent).
+    """
+    if not isinstance(snn, nn.Module):
+        raise TypeError(f"count_domain_model expects an nn.Module, got {type(snn).__name__}")
+    _nodes(snn)
+    others = sorted({type(m).__name__ for m in snn.modules() if isinstance(m, sj_neuron.BaseNode)})
+    if others:
+        raise ValueError(f"count_domain_model: the model holds spiking neurons other than "
+                         f"ParallelConversionNode ({', '.join(others)}); it has no count domain")
+    model = copy.deepcopy(snn)
+    # Collect first, replace after: replacing while iterating named_modules would skip siblings.
+    swaps = []
+    for name, m in model.named_modules():
+        if isinstance(m, ParallelConversionNode):
+            inplace = isinstance(model, fx.GraphModule) and _sole_reader(model, name)
+            swaps.append((name, CountDomainNeuron(m, inplace=inplace)))
+        elif isinstance(m, TimeMean):
+            swaps.append((name, nn.Identity()))
+    for name, new in swaps:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+    for name, m in model.named_modules():
+        if isinstance(m, ParallelConversionNode) or not isinstance(m, base.StepModule):
+            continue
+        if "s" not in m.supported_step_mode():
+            raise ValueError(f"count_domain_model: module {name!r} ({type(m).__name__}) has no "
+                             "single-step mode, so the network has no count domain")
+        m.step_mode = "s"
+    return model.eval() if not snn.training else model
 
 
 def count_inference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Time-mean output of a converted model for direct-encoded input ``x`` of shape ``[N, ...]``.
 
-    Equals ``spike_inference(model, x, T).mean(0)`` up to floating-point summation order: the
-    spike-level run sums ``T`` per-step currents where this one multiplies a rate, so values agree
-    to about ``1e-5`` relative in float32, and a count can differ by one where a neuron's input
-    lies within rounding distance of a firing boundary (rare; predictions agree).
+    Runs :func:`count_domain_model` ``(model)`` under ``torch.no_grad()``; for repeated evaluation
+    build that module once instead (this builds it at every call). Equals
+    ``spike_inference(model, x).mean(0)`` up to floating-point summation order: the spike-level
+    run sums ``T`` per-step currents where this one multiplies a rate, so values agree to about
+    ``1e-5`` relative in float32, and a count can differ by one where a neuron's input lies within
+    rounding distance of a firing boundary (rare; predictions agree).
     """
     if not torch.is_tensor(x) or x.dim() < 2:
         raise ValueError(f"count_inference expects input of shape [N, ...], got {getattr(x, 'shape', type(x))}")
-    with torch.no_grad(), count_domain(model):
-        return model(x)
+    counted = count_domain_model(model)
+    with torch.no_grad():
+        return counted(x)
 
 
 def repeat_input(x: torch.Tensor, T: int) -> torch.Tensor:
@@ -96,13 +158,18 @@ def predictor(model: nn.Module, T: int, count_domain: bool = False) -> Callable[
     ``count_domain=False``: a spike-level run (:func:`spike_inference`): parallel networks get
     the image once (each neuron emits its own ``T`` steps); any other multi-step SNN whose state
     ``functional.reset_net`` clears, SpikingJelly's IF-neuron conversions included, gets it
-    repeated ``T`` times. ``count_domain=True``: :func:`count_inference` (parallel neurons only;
-    each neuron uses its own ``T``).
+    repeated ``T`` times. ``count_domain=True``: the :func:`count_domain_model` of ``model``, built
+    once here (parallel neurons only; each neuron uses its own ``T``).
     """
     if isinstance(T, bool) or not isinstance(T, int) or T < 1:
         raise ValueError(f"T must be an integer >= 1, got {T!r}")
     if count_domain:
-        return lambda x: count_inference(model, x)
+        counted = count_domain_model(model)
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return counted(x)
+        return run
     if any(isinstance(m, ParallelConversionNode) for m in model.modules()):
         return lambda x: spike_inference(model, x).mean(0)
     return lambda x: spike_inference(model, x, T).mean(0)

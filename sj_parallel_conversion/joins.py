@@ -7,8 +7,9 @@ mean, and every parallel neuron reads only the time mean of its input, so a join
 each of its operands by its time mean (a one-step train, ``[1, N, ...]``) without changing what
 any neuron downstream computes. :func:`insert_time_joins` finds such joins by propagating the
 time length of every tensor through the graph and puts a :class:`TimeMean` in front of each
-operand of a join whose operands' lengths differ. In the count domain (single-step mode) a
-:class:`TimeMean` passes its input through, so the count domain is unchanged.
+operand of a join whose operands' lengths differ. In the count domain
+(:func:`~sj_parallel_conversion.count_domain_model`) every tensor already is a time mean, so a
+:class:`TimeMean` there becomes the identity.
 """
 from __future__ import annotations
 
@@ -30,9 +31,9 @@ _NON_TENSOR_METHODS = {"size", "dim"}
 
 
 class TimeMean(nn.Module, base.StepModule):
-    """Multi-step: the time mean of a train, kept as one step (``[T, N, ...] -> [1, N, ...]``).
+    """The time mean of a train, kept as one step (``[T, N, ...] -> [1, N, ...]``); multi-step only.
 
-    Single-step (the count domain, where tensors already are time means): the identity.
+    :func:`~sj_parallel_conversion.count_domain_model` replaces it by the identity.
     """
 
     def __init__(self, step_mode: str = "m"):
@@ -40,11 +41,9 @@ class TimeMean(nn.Module, base.StepModule):
         self.step_mode = step_mode
 
     def supported_step_mode(self):
-        return ("s", "m")
+        return ("m",)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.step_mode == "s":
-            return x
         return x.mean(0, keepdim=True)
 
     def extra_repr(self) -> str:

@@ -19,7 +19,7 @@ from torch import fx
 from torch.utils.data import RandomSampler
 
 from .compare import evaluate
-from .inference import count_inference
+from .inference import count_domain_model, count_inference
 from .neuron import ParallelConversionNode
 from .recipe import ParallelConversionRecipe, ParallelConverter
 from .stats import macs
@@ -142,8 +142,10 @@ def search_layer_T(
     ann = ann.eval()
 
     def acc_of(snn):
-        return evaluate(lambda b: count_inference(snn, b), search_loader, device=device,
-                        num_batches=num_search_batches, progress=False)[0]
+        counted = count_domain_model(snn)  # one per candidate network, not one per batch
+        with torch.no_grad():
+            return evaluate(counted, search_loader, device=device, num_batches=num_search_batches,
+                            progress=False)[0]
 
     uniform = _convert(ann, T_max, calib_loader, num_calib_batches, device, options)
     base_acc = acc_of(uniform)

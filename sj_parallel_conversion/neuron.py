@@ -38,12 +38,17 @@ class ParallelConversionNode(base.MemoryModule):
         spike_order: ``"late"`` (the paper's text, default) or ``"early"`` (the authors' code);
             counts are identical.
         check_nan: raise ``ValueError`` when a neuron's time-mean current is NaN (a NaN input, or
-            ``+inf`` and ``-inf`` in one train); checked on the mean, so it costs 1/T of a pass
-            over the input. ``+inf`` / ``-inf`` alone saturate to ``T`` spikes / no spike.
+            ``+inf`` and ``-inf`` in one train). Off by default: the check reads a flag back to
+            the host at every call (a synchronisation, and a graph break under ``torch.compile``).
+            Unchecked, a NaN neuron emits no spike. ``+inf`` / ``-inf`` alone saturate to ``T``
+            spikes / no spike.
+        step_mode: only ``"m"``.
 
-    Only multi-step mode is supported: a single step carries no information about the other
-    ``T - 1``. For evaluation without materialising time steps use
-    :func:`sj_parallel_conversion.count_inference`.
+    The spikes come from the custom operator ``sj_parallel_conversion::fire`` (CPU: torch,
+    CUDA: the fused cupy kernel), which has a fake implementation, so ``torch.compile(net,
+    fullgraph=True)`` traces converted networks in one graph. Only multi-step mode is supported: a
+    single step carries no information about the other ``T - 1``. For ``[N, ...]`` input use
+    :func:`sj_parallel_conversion.count_domain_model` (or :func:`~sj_parallel_conversion.count_inference`).
     """
 
     def __init__(
@@ -56,7 +61,7 @@ class ParallelConversionNode(base.MemoryModule):
         channel_dim: int = 1,
         backend: str = "auto",
         spike_order: str = "late",
-        check_nan: bool = True,
+        check_nan: bool = False,
         step_mode: str = "m",
     ) -> None:
         super().__init__()
@@ -90,51 +95,70 @@ class ParallelConversionNode(base.MemoryModule):
 
     # -- SpikingJelly step-mode protocol -------------------------------------------------------
     def supported_step_mode(self):
-        return ("s", "m")
+        return ("m",)
 
-    def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if getattr(self, "_count_domain", False):
-            return self.rate(x)
-        raise RuntimeError(
-            f"{self._get_name()} computes all T={self.T} steps at once and has no single-step "
-            "form: call functional.set_step_mode(net, 'm') and feed [T, N, ...] input, or use "
-            "sj_parallel_conversion.count_inference(net, x) for [N, ...] input"
-        )
+    @property
+    def step_mode(self) -> str:
+        return self._step_mode
+
+    @step_mode.setter
+    def step_mode(self, value: str) -> None:
+        # One step carries no information about the other T - 1, so there is no single-step form;
+        # say where [N, ...] input goes instead of SpikingJelly's generic message.
+        if value != "m":
+            raise ValueError(
+                f"{self._get_name()} computes all T={self.T} steps at once and supports only "
+                f"step_mode 'm', got {value!r}: feed [T, N, ...] input, or evaluate [N, ...] input "
+                "with sj_parallel_conversion.count_domain_model(net) or count_inference(net, x)"
+            )
+        self._step_mode = value
 
     def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         self._check_input(x_seq, time_axis=True)
+        args = (x_seq, self.T, self.v_threshold, self.shift, self.bias, self.spike_value)
+        kwargs = dict(channel_dim=self.channel_dim, order=self.spike_order, backend=self.backend)
+        if not self.check_nan:
+            # The default path: one operator call, no host synchronisation (compile-friendly).
+            return kernels.fire(*args, **kwargs)
         try:
-            return kernels.fire(
-                x_seq, self.T, self.v_threshold, self.shift, self.bias, self.spike_value,
-                channel_dim=self.channel_dim, order=self.spike_order, backend=self.backend,
-                check_nan=self.check_nan,
-            )
+            return kernels.fire(*args, **kwargs, check_nan=True)
         except kernels.NaNMeanError:
             raise ValueError(NAN_MESSAGE.format(name=self._get_name())) from None
 
     # -- the same neuron in the count domain ---------------------------------------------------
-    def count(self, mean_current: torch.Tensor) -> torch.Tensor:
-        """Spike counts ``k`` (integer-valued, input dtype) for time-mean currents ``[N, ...]``."""
-        self._check_input(mean_current, time_axis=False)
-        nd = mean_current.dim()
-        cv = lambda p: formulas.channel_view(p.to(mean_current.dtype), nd, self.channel_dim)  # noqa: E731
-        k = formulas.spike_count(mean_current, self.T, cv(self.v_threshold), cv(self.shift), cv(self.bias))
-        # k is NaN exactly where the input is NaN and otherwise lies in [0, T], so a NaN sum is a
-        # cheaper test than a separate pass over the input.
-        if self.check_nan and bool(torch.isnan(k.sum())):
-            raise ValueError(NAN_MESSAGE.format(name=self._get_name()))
-        return k
+    def count(self, mean_current: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """Spike counts ``k`` (integer-valued, input dtype) for time-mean currents ``[N, ...]``.
 
-    def rate(self, mean_current: torch.Tensor) -> torch.Tensor:
-        """Time mean of the output, ``spike_value * k / T``, for time-mean currents ``[N, ...]``."""
-        k = self.count(mean_current)
+        ``inplace=True`` lets ``k`` overwrite ``mean_current`` (see :func:`.formulas.spike_count`).
+        """
+        return self._count(mean_current, inplace, scale=None)
+
+    def rate(self, mean_current: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """Time mean of the output, ``(spike_value / T) * k``, for time-mean currents ``[N, ...]``.
+
+        ``inplace=True`` lets the result overwrite ``mean_current``.
+        """
         # (spike_value / T) * k, in this order: the same operations as QCFS's theta / L * q and
         # DA-QCFS's (theta + phi_da) / T * k, so a lossless conversion (T == L) reproduces the
         # ANN's activations bit for bit.
-        step = formulas.channel_view(self.spike_value.to(k.dtype) / self.T, k.dim(), self.channel_dim)
-        if torch.is_grad_enabled() and (k.requires_grad or step.requires_grad):
-            return step * k
-        return k.mul_(step)
+        step = formulas.channel_view(self.spike_value.to(mean_current.dtype) / self.T, mean_current.dim(),
+                                     self.channel_dim)
+        if torch.is_grad_enabled() and (mean_current.requires_grad or step.requires_grad):
+            return step * self.count(mean_current)
+        # Inference: the multiply joins the count's in-place passes (one pass over memory on CPU).
+        return self._count(mean_current, inplace, scale=step)
+
+    def _count(self, mean_current: torch.Tensor, inplace: bool, scale: Optional[torch.Tensor]) -> torch.Tensor:
+        self._check_input(mean_current, time_axis=False)
+        nd = mean_current.dim()
+        cv = lambda p: formulas.channel_view(p.to(mean_current.dtype), nd, self.channel_dim)  # noqa: E731
+        out = formulas.spike_count(mean_current, self.T, cv(self.v_threshold), cv(self.shift), cv(self.bias),
+                                   inplace=inplace, scale=scale)
+        # The result is NaN exactly where the input is NaN (k lies in [0, T], scale is finite and
+        # positive), so a NaN sum is a cheaper test than a separate pass over the input.
+        if self.check_nan and bool(torch.isnan(out.sum())):
+            raise ValueError(NAN_MESSAGE.format(name=self._get_name()))
+        return out
 
     # -- checks ----------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor, time_axis: bool) -> None:

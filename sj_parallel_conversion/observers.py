@@ -57,10 +57,18 @@ class MaxObserver(nn.Module):
         self.max_val = m if self.max_val.numel() == 0 else torch.maximum(self.max_val, m)
         return y
 
-    def to_clip_relu(self, eps: float = 1e-4) -> ClipReLU:
-        """ClipReLU with the recorded maxima; dead channels (max 0) get ``eps`` so theta stays positive."""
+    def to_clip_relu(self, eps: float = 1e-4, site: Optional[str] = None) -> ClipReLU:
+        """ClipReLU with the recorded maxima; dead channels (max 0) get ``eps`` so theta stays positive.
+
+        Raises ``ValueError`` when a recorded maximum is NaN: the network produced NaN activations
+        on the calibration data, and the converted neurons (which do not check for NaN at run time
+        by default) would silently stay silent there.
+        """
         if self.max_val.numel() == 0:
             raise RuntimeError("MaxObserver saw no data: the calibration loader yielded no batch")
+        if bool(torch.isnan(self.max_val).any()):
+            where = f" at activation site {site!r}" if site else ""
+            raise ValueError(f"NaN activations{where} on the calibration data: check the model and the inputs")
         return ClipReLU(torch.clamp(self.max_val, min=eps), channel_dim=self.channel_dim)
 
 

@@ -261,7 +261,7 @@ class ParallelConversionRecipe(FXConversionRecipe):
             with torch.no_grad():
                 for x in calibration.iterate_inputs(self._data, dev, None, "recording thresholds", self.progress):
                     fx_model(x)
-            calibration.replace_sites(fx_model, lambda _, m: m.to_clip_relu() if isinstance(m, MaxObserver) else m)
+            calibration.replace_sites(fx_model, lambda name, m: m.to_clip_relu(site=name) if isinstance(m, MaxObserver) else m)
         if not self.case["calibrate"]:
             return calibration.to_daqcfs(fx_model, self.T_of)
         if self.method in ("ema", "moment"):

@@ -313,3 +313,29 @@ def test_theorem_4_1_ii_expected_error_zero(T, L):
     se0 = d0.std().item() / math.sqrt(N)
     assert abs(d0.mean().item()) > 10 * tol
     assert abs(d0.mean().item() - (-theta / (6 * T))) <= 6 * se0 + 1e-12
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_spike_count_chunked_in_place_path_equals_the_formula(inplace, layout):
+    # Large CPU tensors take the chunked in-place path (the passes run slice by slice over the
+    # batch); each element must see the same operations as the plain formula.
+    g = torch.Generator().manual_seed(11)
+    rows = 3 * formulas._CHUNK_BYTES // (6 * 40 * 40 * 4) + 1  # three slices and a bit
+    m = torch.randn(rows, 6, 40, 40, generator=g) * 3
+    if layout == "channels_last":
+        m = m.contiguous(memory_format=torch.channels_last)
+    theta = (torch.rand(6, generator=g) + 0.5).view(1, 6, 1, 1)
+    psi, psi_da, scale = theta / 2, torch.tensor(0.1), theta / 8
+    want = torch.clamp(torch.floor(((m + psi_da) * 8 + psi) / theta), 0, 8)
+    assert m.numel() * 4 > 2 * formulas._CHUNK_BYTES and formulas._rows_per_chunk(m, [theta]) < m.shape[0]
+    src = m.clone()
+    got = formulas.spike_count(src, 8, theta, psi, psi_da, inplace=inplace)
+    assert torch.equal(got, want) and (got.data_ptr() == src.data_ptr()) == inplace
+    assert torch.equal(formulas.spike_count(m.clone(), 8, theta, psi, psi_da, inplace=inplace, scale=scale),
+                       want * scale)
+    # a parameter that varies along the batch axis cannot be sliced with it: unchunked, same values
+    full = torch.rand(m.shape, generator=g)
+    assert formulas._rows_per_chunk(m, [full]) is None
+    assert torch.equal(formulas.spike_count(m.clone(), 8, theta, full, psi_da, inplace=inplace),
+                       torch.clamp(torch.floor(((m + psi_da) * 8 + full) / theta), 0, 8))

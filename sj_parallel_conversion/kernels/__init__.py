@@ -1,7 +1,10 @@
-"""Backend dispatch for the parallel conversion neuron.
+"""Backend dispatch for the parallel conversion neuron, as a ``torch.library`` custom operator.
 
-One entry point, :func:`fire`, picks a backend (``"torch"``, ``"cupy"`` or ``"auto"``) and runs
-it inside an autograd function whose backward raises: the node is an inference operator and
+The neuron is the operator ``sj_parallel_conversion::fire`` (as SpikingJelly 2.0 registers its own
+neurons): the torch backend is its CPU implementation, the fused cupy kernel its CUDA one (the
+torch backend where ``backend="torch"`` or cupy is unavailable), and a fake implementation gives
+its output's shape and dtype, so ``torch.compile(..., fullgraph=True)`` traces a converted network
+without a graph break. The operator's backward raises: the node is an inference operator and
 silently returning zero gradients through ``floor`` would be wrong.
 """
 from __future__ import annotations
@@ -10,13 +13,17 @@ import warnings
 
 import torch
 
+from .. import formulas
 from . import cupy_backend, torch_backend
 
 BACKENDS = ("auto", "torch", "cupy")
+OP_NAME = "sj_parallel_conversion::fire"
 
 
 class NaNMeanError(ArithmeticError):
     """A neuron's time-mean input is NaN (raised by a backend when asked to check)."""
+
+
 _warned_fallback = False
 
 
@@ -52,17 +59,52 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
 _IMPL = {"torch": torch_backend.fire, "cupy": cupy_backend.fire}
 
 
-class _Fire(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_seq, theta_pre, psi, psi_da, spike_value, T, channel_dim, order, impl, check_nan):
-        return _IMPL[impl](x_seq, T, theta_pre, psi, psi_da, spike_value, channel_dim, order, check_nan)
+# The operator is defined through torch.library.Library rather than the custom_op decorator: the
+# decorator wraps every implementation so that its first eager call imports torch._dynamo
+# (seconds), a cost an inference-only op need not charge to eager users.
+_LIB = torch.library.Library("sj_parallel_conversion", "DEF")
+_LIB.define(
+    "fire(Tensor x_seq, int T, Tensor theta_pre, Tensor psi, Tensor psi_da, Tensor spike_value, "
+    "int channel_dim, bool late, str backend, bool check_nan) -> Tensor"
+)
 
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            "ParallelConversionNode is an inference-only operator: its spikes are a step function "
-            "of the input and have no useful gradient. Train the ANN (QCFS/ReLU) and convert it."
-        )
+
+def _fire_impl(x_seq, T, theta_pre, psi, psi_da, spike_value, channel_dim, late, backend, check_nan):
+    # CPU: resolve_backend gives "torch" (or rejects "cupy"); CUDA: the fused cupy kernel unless
+    # backend="torch" or cupy is unavailable.
+    impl = resolve_backend(backend, x_seq)
+    return _IMPL[impl](x_seq, T, theta_pre, psi, psi_da, spike_value, channel_dim,
+                       "late" if late else "early", check_nan)
+
+
+_LIB.impl("fire", _fire_impl, "CPU")
+_LIB.impl("fire", _fire_impl, "CUDA")
+
+
+def _fire_fake(x_seq, T, theta_pre, psi, psi_da, spike_value, channel_dim, late, backend, check_nan):
+    # Every step of the output has the memory layout of the input's steps (both backends).
+    return x_seq.new_empty_strided((T,) + tuple(x_seq.shape[1:]), formulas.step_strides(x_seq[0], T))
+
+
+torch.library.register_fake(OP_NAME, _fire_fake, lib=_LIB)
+
+
+def _fire_setup_context(ctx, inputs, output):
+    pass
+
+
+def _fire_backward(ctx, grad):
+    raise RuntimeError(
+        "ParallelConversionNode is an inference-only operator: its spikes are a step function "
+        "of the input and have no useful gradient. Train the ANN (QCFS/ReLU) and convert it."
+    )
+
+
+torch.library.register_autograd(OP_NAME, _fire_backward, setup_context=_fire_setup_context, lib=_LIB)
+
+#: The operator ``sj_parallel_conversion::fire`` (``torch.ops.sj_parallel_conversion.fire``):
+#: spikes ``[T, N, ...]`` for currents ``[T_in, N, ...]``; see :func:`fire` for the arguments.
+fire_op = torch.ops.sj_parallel_conversion.fire.default
 
 
 def fire(
@@ -79,12 +121,12 @@ def fire(
 ) -> torch.Tensor:
     """Spikes ``[T, N, ...]`` of parallel conversion neurons for currents ``[T_in, N, ...]``.
 
-    With ``check_nan`` a NaN time mean raises :class:`NaNMeanError`.
+    Arguments are checked here, before the operator runs. With ``check_nan`` a NaN time mean
+    raises :class:`NaNMeanError` (a host synchronisation; off by default).
     """
-    impl = resolve_backend(backend, x_seq)
-    needs_graph = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (x_seq, theta_pre, psi, psi_da, spike_value)
-    )
-    if needs_graph:
-        return _Fire.apply(x_seq, theta_pre, psi, psi_da, spike_value, T, channel_dim, order, impl, check_nan)
-    return _IMPL[impl](x_seq, T, theta_pre, psi, psi_da, spike_value, channel_dim, order, check_nan)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if order not in ("late", "early"):
+        raise ValueError(f"order must be 'late' or 'early', got {order!r}")
+    return fire_op(x_seq, T, theta_pre, psi, psi_da, spike_value, channel_dim, order == "late",
+                   backend, check_nan)

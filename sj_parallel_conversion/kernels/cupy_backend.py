@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from .. import formulas
 from .torch_backend import accumulation_dtype
 
 _SOURCE = r"""
@@ -156,4 +157,9 @@ def fire(
         from . import NaNMeanError
 
         raise NaNMeanError("NaN time-mean current")
+    strides = formulas.step_strides(x_seq[0], T)
+    if out.stride() != strides and out.numel() > 0:
+        # The kernel indexes the contiguous layout; give the output the input's step layout (for
+        # example channels-last), as the torch backend and the operator's fake implementation do.
+        out = torch.empty_strided(out.shape, strides, dtype=out.dtype, device=out.device).copy_(out)
     return out

@@ -11,16 +11,39 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Elements per block of the blocked loops below: the running sum (or output rows) of one block
+# stay in the CPU cache across the T steps, instead of one pass over memory per step.
+BLOCK = 1 << 15
+
+
+def flat_steps(x: torch.Tensor):
+    """``x`` ``[T, ...]`` as a ``[T, M]`` view in memory order, or ``None`` when its steps are not
+    dense with one shared layout (then the callers work step by step)."""
+    if x.dim() < 2 or x.stride() != formulas.step_strides(x[0], x.shape[0]):
+        return None
+    return x.as_strided((x.shape[0], x[0].numel()), (x[0].numel(), 1))
+
+
 def time_mean(x_seq: torch.Tensor) -> torch.Tensor:
     """Mean over the leading time axis, summed step after step in the accumulation dtype.
 
     The sequential order is the canonical one: the cupy kernel sums in the same order, so the
-    two backends produce the same bits.
+    two backends produce the same bits. Dense inputs are summed block by block (the same
+    additions, in the same order for every element) so that the running sum stays in cache.
     """
+    n = x_seq.shape[0]
     acc = x_seq[0].to(accumulation_dtype(x_seq.dtype), copy=True)
-    for t in range(1, x_seq.shape[0]):
-        acc += x_seq[t]
-    return acc / x_seq.shape[0]
+    flat_x, flat_acc = flat_steps(x_seq), flat_steps(acc.unsqueeze(0))
+    if n > 1 and flat_x is not None and flat_acc is not None and acc.numel() > BLOCK:
+        flat_acc = flat_acc[0]
+        for s in range(0, flat_acc.numel(), BLOCK):
+            a = flat_acc[s:s + BLOCK]
+            for t in range(1, n):
+                a += flat_x[t, s:s + BLOCK]
+    else:
+        for t in range(1, n):
+            acc += x_seq[t]
+    return acc.div_(n)  # acc is our own buffer: divide in place
 
 
 def fire(
@@ -46,6 +69,7 @@ def fire(
     def cv(p: torch.Tensor):
         return formulas.channel_view(p.to(dtype=acc, device=m.device), nd, channel_dim)
 
-    k = formulas.spike_count(m, T, cv(theta_pre), cv(psi), cv(psi_da))
+    # m is this function's own buffer, so the count may overwrite it.
+    k = formulas.spike_count(m, T, cv(theta_pre), cv(psi), cv(psi_da), inplace=True)
     out = formulas.spikes_from_count(k, T, cv(spike_value), order)
     return out if out.dtype == x_seq.dtype else out.to(x_seq.dtype)
