@@ -96,8 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--baselines", nargs="+", choices=list(BUILTIN), default=["rate-cw-99.9%"],
                    help="cifar10: SpikingJelly converters to compare with, each evaluated at every T from one "
                         "IF run of the largest T (default rate-cw-99.9%%: RateCodingRecipe's strongest setting)")
+    d.add_argument("--learned-T", type=_positive_int, nargs="+", default=[],
+                   help="cifar10: also try learned calibration at these T (method auto: keep whichever of none, "
+                        "Algorithm 1 and learned agrees best with the ANN); slow on a CPU, a minute or more per T")
     d.add_argument("--learn-steps", type=_positive_int, default=20,
-                   help="cifar10: optimisation steps of the learned calibration tried at T=4 (default 20)")
+                   help="cifar10: optimisation steps of each learned calibration (default 20)")
     d.add_argument("--epochs", type=_positive_int, default=15,
                    help="digits: training epochs of each tiny CNN (default 15)")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -273,7 +276,8 @@ def cmd_demo(args) -> int:
     if args.data == "cifar10" and args.calib_images > 1024:
         raise CLIError(f"--calib-images {args.calib_images}: the shipped CIFAR-10 subset holds 1024 training images")
     run_demo(out_dir=args.out, data=args.data, T_list=args.T, test_images=args.images,
-             calib_images=args.calib_images, baselines=args.baselines, learn_steps=args.learn_steps,
+             calib_images=args.calib_images, baselines=args.baselines, learned_T=args.learned_T,
+             learn_steps=args.learn_steps,
              epochs=args.epochs, progress=not args.no_progress)
     return 0
 

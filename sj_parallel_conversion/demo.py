@@ -47,7 +47,7 @@ def _check_T_list(T_list: Sequence[int]) -> list:
 
 def run_demo(out_dir: str = "runs/demo", data: str = "cifar10", T_list: Optional[Sequence[int]] = None,
              test_images: int = 256, calib_images: int = 256,
-             baselines: Sequence[str] = CIFAR_BASELINES, learned_T: Sequence[int] = (4,),
+             baselines: Sequence[str] = CIFAR_BASELINES, learned_T: Sequence[int] = (),
              learn_steps: int = 20,
              epochs: int = 15, seed: int = 0, progress: bool = True, L: int = 4) -> ComparisonTable:
     """Convert, evaluate, compare; print the table and write ``table.md``, ``table.json`` and
@@ -61,9 +61,11 @@ def run_demo(out_dir: str = "runs/demo", data: str = "cifar10", T_list: Optional
         baselines: CIFAR-10: SpikingJelly converters to compare with (keys of
             :data:`~sj_parallel_conversion.compare.BUILTIN`), each evaluated at every ``T`` from one
             IF run of the largest ``T``.
-        learned_T: CIFAR-10: the ``T`` at which calibration may also choose learned thresholds
-            (``method="auto"`` with a :class:`~.learned.LearnedCalibration` of ``learn_steps``
-            steps); the other ``T`` choose between no calibration and Algorithm 1.
+        learned_T: CIFAR-10: the ``T`` at which calibration also fits learned thresholds and keeps
+            whichever of none, Algorithm 1 and learned agrees best with the ANN (``method="auto"``
+            with a :class:`~.learned.LearnedCalibration` of ``learn_steps`` steps on at most 256
+            images); elsewhere Algorithm 1 (``method="ema"``). Off by default: on 2 CPU cores a
+            learned fit of ResNet-20 takes a minute or more per ``T``, twice the rest of the demo.
         epochs: digits only: training epochs of each tiny CNN.
         L: digits only: QCFS levels of the QCFS CNN.
     """
@@ -80,8 +82,11 @@ def run_demo(out_dir: str = "runs/demo", data: str = "cifar10", T_list: Optional
     unknown = [b for b in baselines if b not in BUILTIN]
     if unknown:
         raise ValueError(f"run_demo: unknown baselines {unknown}; choose from {sorted(BUILTIN)}")
-    return _run_cifar10(out_dir, _check_T_list(T_list or (4, 8, 16, 32)), test_images, calib_images,
-                        list(baselines), set(learned_T), learn_steps, progress)
+    Ts = _check_T_list(T_list or (4, 8, 16, 32))
+    if not set(learned_T) <= set(Ts):
+        raise ValueError(f"run_demo: learned_T {sorted(set(learned_T) - set(Ts))} not among the T converted for {Ts}")
+    return _run_cifar10(out_dir, Ts, test_images, calib_images, list(baselines), set(learned_T), learn_steps,
+                        progress)
 
 
 def _logger(t_start: float):

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
     (dict(calib_images=0), "calib_images must be an integer in 2..1024"),
     (dict(baselines=("rate-cw",)), "unknown baselines"),
     (dict(T_list=[4, 0]), "T_list must hold integers >= 1"),
+    (dict(learned_T=[2]), r"learned_T \[2\] not among the T"),
 ])
 def test_run_demo_rejects_bad_arguments_before_any_work(kwargs, pattern, tmp_path):
     with pytest.raises(ValueError, match=pattern):
