@@ -127,15 +127,21 @@ class ComparisonTable:
 
         fig, (ax_acc, ax_speed) = plt.subplots(1, 2, figsize=(11, 4.2))
         methods = [m for m in dict.fromkeys(r.method for r in self.rows) if m != "ann"]
-        for m in methods:
+        # Methods can coincide (spike-level and count-domain rows agree by construction): give each
+        # its own marker, line style and a small horizontal offset so that no line hides another.
+        markers, styles = "osD^vPX*", ("-", "--", ":", "-.")
+        for i, m in enumerate(methods):
             pts = sorted((r.T, r.accuracy, r.images_per_s) for r in self.rows
                          if r.method == m and r.accuracy is not None and r.T is not None)
             if not pts:
                 continue
-            ts = [p[0] for p in pts]
-            ax_acc.plot(ts, [100 * p[1] for p in pts], marker="o", label=_LABELS.get(m, m))
+            nudge = 2 ** (0.04 * (i - (len(methods) - 1) / 2))  # log-x axis: a multiplicative offset
+            ts = [p[0] * nudge for p in pts]
+            style = dict(marker=markers[i % len(markers)], ls=styles[i % len(styles)], ms=6,
+                         mfc="none" if i % 2 else None, label=_LABELS.get(m, m))
+            ax_acc.plot(ts, [100 * p[1] for p in pts], **style)
             if all(p[2] for p in pts):
-                ax_speed.plot(ts, [p[2] for p in pts], marker="o", label=_LABELS.get(m, m))
+                ax_speed.plot(ts, [p[2] for p in pts], **style)
         for r in self.rows:
             if r.method == "ann" and r.accuracy is not None:
                 ax_acc.axhline(100 * r.accuracy, color="k", ls="--", lw=1, label="ANN")
