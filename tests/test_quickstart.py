@@ -62,3 +62,20 @@ def test_quickstart_runs_as_one_script(tmp_path):
     assert snn > ann - 4.0, out
     accs = {int(t): float(a) for t, a in re.findall(r"^T=(\d+): ([\d.]+) %$", out, flags=re.M)}
     assert set(accs) == {4, 8, 32} and accs[32] > accs[4], out
+
+
+def test_readme_python_snippet_runs_as_written(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert len(blocks) == 1
+    script = tmp_path / "readme.py"
+    script.write_text(blocks[0])
+    env = dict(os.environ)
+    env.pop("SJPC_CIFAR10_DIR", None)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    res = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    spike_acc, count_acc = (float(v) for v in res.stdout.split()[-2:])
+    assert spike_acc == count_acc and spike_acc > 0.7, res.stdout
