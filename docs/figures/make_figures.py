@@ -45,9 +45,12 @@ def sorted_trains(path: str) -> None:
     b = formulas.shift_vector(T, theta / 2)                                 # [T]
     v_step = T / (T - x + 1)[:, None] * means[None, :] + b[:, None]         # [T, N]
 
-    if_node = neuron.IFNode(v_threshold=theta, v_reset=None, step_mode="m").double()
+    # The IF neuron gets the same input and starts at half the threshold, as SpikingJelly's
+    # RateCodingRecipe(half_threshold=True) sets it: its counts are then comparable with the
+    # parallel neuron's (both round m*T to the nearest integer), and only the spike order differs.
+    if_node = neuron.HalfThresholdIFNode(v_threshold=theta, step_mode="m").double()
     functional.reset_net(if_node)
-    if_spikes = if_node(means[None, :].expand(T, -1).contiguous())          # constant input, for contrast
+    if_spikes = if_node(current)
     functional.reset_net(if_node)
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.9), gridspec_kw={"width_ratios": [1, 1.25, 1]})
@@ -55,9 +58,10 @@ def sorted_trains(path: str) -> None:
     for n in range(len(means)):
         t_on = np.nonzero(spikes[:, n].numpy() > 0)[0] + 1
         ax.scatter(t_on, np.full(len(t_on), n), marker="|", s=220, color="tab:blue")
+        ax.text(T + 0.6, n, f"k={len(t_on)}", va="center", fontsize=7)
     ax.set_yticks(range(len(means)), [f"m={m:.2f}" for m in means.tolist()])
     ax.set_xticks(range(1, T + 1))
-    ax.set_xlim(0.5, T + 0.5)
+    ax.set_xlim(0.5, T + 1.5)
     ax.set_xlabel("time step x")
     ax.set_title(f"ParallelConversionNode, T={T}, theta={theta:g}\n(sorted, back-loaded trains)", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
@@ -82,11 +86,12 @@ def sorted_trains(path: str) -> None:
     for n in range(len(means)):
         t_on = np.nonzero(if_spikes[:, n].numpy() > 0)[0] + 1
         ax.scatter(t_on, np.full(len(t_on), n), marker="|", s=220, color="tab:red")
+        ax.text(T + 0.6, n, f"k={len(t_on)}", va="center", fontsize=7)
     ax.set_yticks(range(len(means)), [f"m={m:.2f}" for m in means.tolist()])
     ax.set_xticks(range(1, T + 1))
-    ax.set_xlim(0.5, T + 0.5)
+    ax.set_xlim(0.5, T + 1.5)
     ax.set_xlabel("time step t")
-    ax.set_title("IFNode (soft reset, v0 = 0), same mean input\n(spikes spread over time)", fontsize=9)
+    ax.set_title("IF neuron, soft reset, v0 = theta/2, same input\n(spikes spread over time)", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
