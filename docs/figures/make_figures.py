@@ -1,10 +1,11 @@
-"""Generate the figures of the theory page (run from the repository root, a few seconds):
+"""Generate the figures of the theory and quickstart pages (run from the repository root, a few seconds):
 
     python docs/figures/make_figures.py
 
 * ``sorted_trains.png``: spike rasters of a ParallelConversionNode for neurons with different
   input means, the paper's step form ``V[x] = T/(T-x+1) m + b[x]`` for the same neurons, and an
-  IF neuron (soft reset) fed the same constant currents for contrast;
+  IF neuron (soft reset, membrane starting at half the threshold) fed the same currents;
+* ``pipeline.png`` and ``one_layer.png``: diagrams of the conversion chain and of one layer;
 * ``qcfs_staircase.png``: QCFS rate vs SNN firing rate as a function of the mean input current,
   for ``T == L`` (identical staircases, Theorem 4.1 (i)) and ``T != L`` (Theorem 4.1 (ii)).
 
@@ -135,9 +136,62 @@ def staircases(path: str) -> None:
     plt.close(fig)
 
 
+def _boxes(ax, labels, y, colors, arrow_labels=()):
+    """Boxes left to right at height y joined by arrows (optionally labelled)."""
+    n = len(labels)
+    xs = np.linspace(0.1, 0.9, n)
+    for i, (x, text, c) in enumerate(zip(xs, labels, colors)):
+        ax.text(x, y, text, ha="center", va="center", fontsize=8.5,
+                bbox=dict(boxstyle="round,pad=0.5", fc=c, ec="0.3"))
+        if i + 1 < n:
+            ax.annotate("", xy=(xs[i + 1] - 0.085, y), xytext=(x + 0.085, y),
+                        arrowprops=dict(arrowstyle="->", lw=1.2))
+            if i < len(arrow_labels) and arrow_labels[i]:
+                ax.text((x + xs[i + 1]) / 2, y + 0.13, arrow_labels[i], ha="center", va="bottom", fontsize=7,
+                        color="0.25")
+
+
+def pipeline(path: str) -> None:
+    """The conversion chain of one activation site, for both sources."""
+    fig, ax = plt.subplots(figsize=(11, 2.9))
+    ax.set_axis_off()
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ann, mid, snn = "#dbe9f6", "#fdebd0", "#d5f5e3"
+    _boxes(ax, ["ReLU\n(trained ANN)", "ClipReLU\nclip(x, 0, theta)", "DA-QCFS\nT levels, psi_DA, phi_DA",
+                "ParallelConversionNode\ntheta_pre, theta_post, psi_DA"], 0.68, [ann, mid, mid, snn],
+           ["record per-channel\nmax on data", "Algorithm 1 / learned\ncalibration on data", "same rates,\nexact"])
+    _boxes(ax, ["QCFS, L levels\n(trained ANN)", "(already clipped\nat its theta)", "DA-QCFS\nT levels",
+                "ParallelConversionNode"], 0.2, ["#dbe9f6", "white", mid, snn], ["", "", "same rates,\nexact"])
+    ax.text(0.5, 0.36, "T = L: nothing to calibrate, no data (lossless);   T != L: calibrated like the ReLU path",
+            ha="center", fontsize=7.5, color="0.25")
+    ax.set_title("What the recipe does to every activation site (ann2snn.Converter + ParallelConversionRecipe)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def one_layer(path: str) -> None:
+    """What one parallel neuron layer computes, with shapes."""
+    fig, ax = plt.subplots(figsize=(12, 1.9))
+    ax.set_axis_off()
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    _boxes(ax, ["input currents\n[T_in, N, C, ...]", "time mean m\n[N, C, ...]",
+                "spike count k =\nfloor((m + psi_DA) T\n/ theta_pre + 1/2),\nclipped to 0..T",
+                "sorted train [T, N, C, ...]\nlast k steps = theta_post"], 0.5,
+           ["#dbe9f6", "#fdebd0", "#fdebd0", "#d5f5e3"], ["mean over\nsteps", "closed form,\nO(1) per neuron",
+                                                           "write T steps\nat once"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     torch.set_num_threads(1)
-    for name, fn in (("sorted_trains.png", sorted_trains), ("qcfs_staircase.png", staircases)):
+    for name, fn in (("sorted_trains.png", sorted_trains), ("qcfs_staircase.png", staircases),
+                     ("pipeline.png", pipeline), ("one_layer.png", one_layer)):
         out = os.path.join(HERE, name)
         fn(out)
         print(f"wrote {os.path.relpath(out)}")
