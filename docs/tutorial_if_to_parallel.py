@@ -78,8 +78,11 @@ print(f"ReLU ANN test accuracy: {100 * ann_acc:.2f}% on {len(x_test)} images")
 # [/model]
 
 # [if-convert] ---------------------------------------------------------------------------------
-# SpikingJelly's own converter: ReLU -> VoltageScaler(1/s) -> IFNode -> VoltageScaler(s).
-if_snn = ann2snn.Converter(ann2snn.RateCodingRecipe(calib_loader, mode="max")).convert(copy.deepcopy(ann))
+# SpikingJelly's own converter: ReLU -> VoltageScaler(1/s) -> IFNode -> VoltageScaler(s), in its
+# strongest setting: one threshold per channel (99.9th percentile of the activations) and membrane
+# potentials that start at half the threshold.
+if_snn = ann2snn.Converter(ann2snn.RateCodingRecipe(calib_loader, mode="99.9%", channel_wise=True,
+                                                    half_threshold=True)).convert(copy.deepcopy(ann))
 functional.set_step_mode(if_snn, "m")         # feed [T, N, ...] sequences
 
 
@@ -115,7 +118,7 @@ for T in T_LIST:
 
 print()
 print(f"comparison on {len(x_test)} test digits (ReLU ANN: {100 * ann_acc:.2f}%)")
-print("|  T | IF (RateCodingRecipe) | parallel, spike-level | parallel, count-domain "
+print("|  T | IF (RateCodingRecipe, channel-wise, half threshold) | parallel, spike-level | parallel, count-domain "
       "| IF ms | spike ms | count ms |")
 print("|---:|---:|---:|---:|---:|---:|---:|")
 for T, a, b, c, ta, tb, tc in rows:
@@ -127,9 +130,10 @@ print()
 # [neurons] ------------------------------------------------------------------------------------
 T = 8
 snn = pc_snns[T]
-if_nodes = [n for n, m in if_snn.named_modules() if isinstance(m, neuron.IFNode)]
+IF_TYPES = (neuron.IFNode, neuron.HalfThresholdIFNode)   # half_threshold=True uses the latter
+if_nodes = [n for n, m in if_snn.named_modules() if isinstance(m, IF_TYPES)]
 pc_nodes = [(n, m) for n, m in snn.named_modules() if isinstance(m, ParallelConversionNode)]
-print(f"IF model: {len(if_nodes)} IFNode layers, e.g. {if_nodes[0]!r}")
+print(f"IF model: {len(if_nodes)} IF neuron layers, e.g. {if_nodes[0]!r}")
 for name, node in pc_nodes:
     print(f"parallel model: {name}: {node}")
 # [/neurons]
@@ -147,7 +151,7 @@ print(f"parallel neuron trains are sorted (0...0 1...1): {sorted_ok}")
 examples = [spikes[counts == k][0] for k in range(0, T + 1, 2) if bool((counts == k).any())]
 print("  parallel trains with 0, 2, 4, ... spikes:", [''.join(map(str, r.tolist())) for r in examples])
 
-mon_if = monitor.OutputMonitor(if_snn, neuron.IFNode)
+mon_if = monitor.OutputMonitor(if_snn, IF_TYPES)
 functional.reset_net(if_snn)
 with torch.no_grad():
     if_snn(x_few.unsqueeze(0).repeat(T, 1, 1, 1, 1))

@@ -1,4 +1,4 @@
-"""``sj-parallel`` / ``python -m sj_parallel_conversion``: demo, convert, evaluate, compare, stats.
+"""sj-parallel (also python -m sj_parallel_conversion): demo, convert, evaluate, compare, stats, search-t.
 
 Error contract: errors a user can cause (missing, corrupt, empty or pickle-only files, directories
 given as files, unknown models, mismatched weights, bad T, unwritable outputs) print one line
@@ -41,11 +41,12 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                         "torchvision datasets; imagefolder: an ImageNet-style folder; digits: scikit-learn 8x8")
     g.add_argument("--data-root", default=None, help="dataset folder (npz dir, torchvision root or ImageFolder root)")
     g.add_argument("--download", action="store_true", help="let torchvision download CIFAR (never by default)")
-    g.add_argument("--batch-size", type=_positive_int, default=128)
+    g.add_argument("--batch-size", type=_positive_int, default=128, help="images per batch (default 128)")
     g.add_argument("--limit", type=_positive_int, default=None, help="evaluate on at most this many test images")
     g.add_argument("--calib-batches", type=_positive_int, default=None,
                    help="at most this many calibration batches (from the training split)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device to run on (default: cuda when available, else cpu)")
     g.add_argument("--mean", type=float, nargs="+", default=None, metavar="M",
                    help="input normalisation mean per channel of the built-in datasets (default: the dataset's "
                         "usual one); give with --std, e.g. for a model trained with other preprocessing")
@@ -90,61 +91,98 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="train tiny CNNs on 8x8 digits, convert three ways, print the table")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--T", type=_positive_int, nargs="+", default=[2, 4, 8, 16, 32])
-    d.add_argument("--epochs", type=_positive_int, default=15)
-    d.add_argument("--no-progress", action="store_true")
+    d = sub.add_parser("demo", help="the main job: convert the shipped CIFAR-10 ResNet-20 with the parallel "
+                                    "recipe and SpikingJelly's converters, print the table, write the plot",
+                       description="Convert the shipped CIFAR-10 ResNet-20 (ReLU) at several T with the parallel "
+                                   "recipe and with SpikingJelly's RateCodingRecipe (by default its strongest "
+                                   "setting: channel-wise thresholds, half-threshold start), evaluate on the shipped "
+                                   "CIFAR-10 test subset, print the table and write table.md, table.json and "
+                                   "accuracy_speed.png. No download, no SJPC_CIFAR10_DIR. --data digits runs the "
+                                   "small 8x8-digits demo instead (trains two tiny CNNs).")
+    d.add_argument("--data", choices=["cifar10", "digits"], default="cifar10",
+                   help="cifar10 (default): the shipped ResNet-20 and CIFAR-10 subset; digits: tiny CNNs "
+                        "trained on scikit-learn's 8x8 digits")
+    d.add_argument("--out", default="runs/demo", help="folder for table.md, table.json and the plot "
+                                                      "(default runs/demo, relative to the current folder)")
+    d.add_argument("--T", type=_positive_int, nargs="+", default=None,
+                   help="time steps to convert for (default 4 8 16 32; digits: 2 4 8 16 32)")
+    d.add_argument("--images", type=_positive_int, default=256,
+                   help="cifar10: test images to evaluate on, at most 1000 (default 256)")
+    d.add_argument("--calib-images", type=_positive_int, default=256,
+                   help="cifar10: training images to calibrate on, at most 1024 (default 256)")
+    from .compare import BUILTIN
+    d.add_argument("--baselines", nargs="+", choices=list(BUILTIN), default=["rate-cw-99.9%"],
+                   help="cifar10: SpikingJelly converters to compare with, each evaluated at every T from one "
+                        "IF run of the largest T (default rate-cw-99.9%%: RateCodingRecipe's strongest setting)")
+    d.add_argument("--learned-T", type=_positive_int, nargs="+", default=[],
+                   help="cifar10: also try learned calibration at these T (method auto: keep whichever of none, "
+                        "Algorithm 1 and learned agrees best with the ANN); slow on a CPU, a minute or more per T")
+    d.add_argument("--learn-steps", type=_positive_int, default=20,
+                   help="cifar10: optimisation steps of each learned calibration (default 20)")
+    d.add_argument("--epochs", type=_positive_int, default=15,
+                   help="digits: training epochs of each tiny CNN (default 15)")
+    d.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     c = sub.add_parser("convert", help="convert an ANN checkpoint into a parallel SNN file")
     _add_source_args(c)
-    c.add_argument("--T", type=_positive_int, required=True)
+    c.add_argument("--T", type=_positive_int, required=True, help="time steps of the converted network")
     c.add_argument("--out", required=True, help="output file for the converted SNN")
-    c.add_argument("--calibrate", choices=["auto", "yes", "no"], default="auto")
-    c.add_argument("--alpha", type=float, default=0.99)
+    c.add_argument("--calibrate", choices=["auto", "yes", "no"], default="auto",
+                   help="calibrate DA-QCFS: auto (default) where the conversion case needs it (ReLU source, "
+                        "or QCFS at T != L), yes always, no never")
+    c.add_argument("--alpha", type=float, default=0.99,
+                   help="momentum of Algorithm 1's moving average (default 0.99)")
     _add_method_args(c)
     _add_data_args(c)
-    c.add_argument("--no-progress", action="store_true")
+    c.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     e = sub.add_parser("evaluate", help="accuracy at a list of T, spike-level or count-domain")
     _add_source_args(e, snn=True)
-    e.add_argument("--T", type=_positive_int, nargs="+", default=None)
-    e.add_argument("--mode", choices=["spike", "count"], default="count")
+    e.add_argument("--T", type=_positive_int, nargs="+", default=None,
+                   help="time steps to convert for and evaluate (required with --checkpoint)")
+    e.add_argument("--mode", choices=["spike", "count"], default="count",
+                   help="count (default): count-domain evaluation, one pass; spike: a spike-level run")
     _add_method_args(e)
     _add_data_args(e)
     _add_output_args(e)
 
     m = sub.add_parser("compare", help="table against SpikingJelly's built-in converters")
     _add_source_args(m)
-    m.add_argument("--T", type=_positive_int, nargs="+", default=[4, 8, 16, 32])
+    m.add_argument("--T", type=_positive_int, nargs="+", default=[4, 8, 16, 32],
+                   help="time steps to compare at (default 4 8 16 32)")
     from .compare import METHODS
-    m.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    m.add_argument("--title", default=None)
+    m.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+                   help="methods to compare (default all); rate-cw-*: SpikingJelly's RateCodingRecipe with "
+                        "channel_wise=True, half_threshold=True, its strongest setting; rate-*: its defaults; "
+                        "ltb: LocalThresholdBalancingRecipe")
+    m.add_argument("--title", default=None, help="title of the table and plot")
     _add_method_args(m)
     _add_data_args(m)
     _add_output_args(m)
 
     st = sub.add_parser("stats", help="per-layer firing rates, SOPs and an energy estimate of a converted model")
     _add_source_args(st, snn=True)
-    st.add_argument("--T", type=_positive_int, default=None)
+    st.add_argument("--T", type=_positive_int, default=None, help="time steps (required with --checkpoint)")
     _add_method_args(st)
     _add_data_args(st)
     st.add_argument("--images", type=_positive_int, default=256, help="test images to run (spike level)")
-    st.add_argument("--json", default=None)
+    st.add_argument("--json", default=None, help="also write the statistics as JSON")
     st.add_argument("--plot", default=None, help="per-layer PNG plot")
-    st.add_argument("--no-progress", action="store_true")
+    st.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     lt = sub.add_parser("search-t", help="search per-layer time steps for an accuracy budget")
     _add_source_args(lt)
-    lt.add_argument("--T-max", type=_positive_int, default=16)
-    lt.add_argument("--candidates", type=_positive_int, nargs="+", default=[1, 2, 4, 8])
+    lt.add_argument("--T-max", type=_positive_int, default=16,
+                    help="uniform time steps the search starts from and never exceeds (default 16)")
+    lt.add_argument("--candidates", type=_positive_int, nargs="+", default=[1, 2, 4, 8],
+                    help="smaller time steps tried per layer (default 1 2 4 8)")
     lt.add_argument("--max-loss", type=float, default=0.01, help="allowed accuracy loss (fraction)")
     lt.add_argument("--search-batches", type=_positive_int, default=4,
                     help="batches of training images held out (never calibrated on) to score candidates")
     lt.add_argument("--seed", type=int, default=0, help="seed of the search/calibration split")
     _add_data_args(lt)
-    lt.add_argument("--json", default=None)
-    lt.add_argument("--no-progress", action="store_true")
+    lt.add_argument("--json", default=None, help="also write the result as JSON")
+    lt.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 
 
@@ -253,7 +291,14 @@ def _finish_table(table, args) -> None:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(out_dir=args.out, T_list=args.T, epochs=args.epochs, progress=not args.no_progress)
+    if args.data == "cifar10" and args.images > 1000:
+        raise CLIError(f"--images {args.images}: the shipped CIFAR-10 subset holds 1000 test images")
+    if args.data == "cifar10" and args.calib_images > 1024:
+        raise CLIError(f"--calib-images {args.calib_images}: the shipped CIFAR-10 subset holds 1024 training images")
+    run_demo(out_dir=args.out, data=args.data, T_list=args.T, test_images=args.images,
+             calib_images=args.calib_images, baselines=args.baselines, learned_T=args.learned_T,
+             learn_steps=args.learn_steps,
+             epochs=args.epochs, progress=not args.no_progress)
     return 0
 
 

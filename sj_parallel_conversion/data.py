@@ -3,6 +3,7 @@
 Nothing here downloads unless asked to (``torchvision_dataset(..., download=True)``).
 
 * :func:`cifar10_npz` -- CIFAR-10 from ``train.npz`` / ``test.npz`` (``$SJPC_CIFAR10_DIR``).
+* :func:`cifar10_subset` -- 1,000 test and 1,024 training CIFAR-10 images shipped inside the package.
 * :func:`digits` -- scikit-learn's 8x8 digits as ``[N, 1, 8, 8]`` tensors (bundled, no download).
 * :func:`torchvision_dataset` -- torchvision CIFAR-10/100 or an ImageNet-style ``ImageFolder``.
 * :func:`make_loader` -- a ``DataLoader`` with optional, batched CIFAR-style augmentation.
@@ -20,7 +21,7 @@ from torch.utils.data._utils.collate import default_collate
 
 __all__ = [
     "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD",
-    "cifar10_dir", "cifar10_npz", "digits", "torchvision_dataset", "make_loader", "random_crop_flip",
+    "cifar10_dir", "cifar10_npz", "cifar10_subset", "CIFAR10_SUBSET_PATH", "digits", "torchvision_dataset", "make_loader", "random_crop_flip",
     "balanced_indices",
 ]
 
@@ -32,6 +33,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 ENV_VAR = "SJPC_CIFAR10_DIR"
+#: The CIFAR-10 subset shipped as package data (see ``data_files/README.md`` next to it).
+CIFAR10_SUBSET_PATH = Path(__file__).resolve().parent / "data_files" / "cifar10_subset.npz"
 _SPLITS = {"train": "train", "test": "test", "val": "test"}
 
 
@@ -91,6 +94,11 @@ def cifar10_npz(split: str, root: Optional[Union[str, Path]] = None, limit: Opti
             f"{ENV_VAR} to the folder holding train.npz and test.npz")
     with np.load(path) as z:
         x, y = z["x"], z["y"]
+    return _uint8_nhwc_dataset(x, y, limit, normalize)
+
+
+def _uint8_nhwc_dataset(x: np.ndarray, y: np.ndarray, limit: Optional[int], normalize: bool) -> TensorDataset:
+    """uint8 NHWC images and labels -> float32 NCHW TensorDataset (optionally a balanced subset)."""
     if limit is not None:
         idx = balanced_indices(y, limit)
         x, y = x[idx], y[idx]
@@ -100,6 +108,27 @@ def cifar10_npz(split: str, root: Optional[Union[str, Path]] = None, limit: Opti
         s = torch.tensor(CIFAR10_STD if std is None else tuple(std), dtype=torch.float32).view(1, -1, 1, 1)
         xt.sub_(m).div_(s)
     return TensorDataset(xt, torch.from_numpy(np.asarray(y, dtype=np.int64)))
+
+
+def cifar10_subset(split: str, limit: Optional[int] = None, normalize: bool = True) -> TensorDataset:
+    """A small CIFAR-10 subset shipped inside the package: no download, no ``$SJPC_CIFAR10_DIR``.
+
+    ``split='test'``: 1,000 test images (the first 100 of every class of the official test set);
+    ``split='train'``: 1,024 training images (the first 102 of every class, plus the next 4), meant
+    for calibration. Images come as float32 ``[N, 3, 32, 32]`` normalised with
+    :data:`CIFAR10_MEAN` / :data:`CIFAR10_STD`, the normalisation the shipped checkpoints were
+    trained with (``normalize=False`` keeps them in [0, 1]); labels as int64. ``limit`` keeps a
+    class-balanced part (:func:`balanced_indices`).
+    """
+    name = _split(split)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"cifar10_subset: limit must be a positive integer or None, got {limit!r}")
+    if not CIFAR10_SUBSET_PATH.is_file():
+        raise FileNotFoundError(
+            f"cifar10_subset: package data file {str(CIFAR10_SUBSET_PATH)!r} is missing; reinstall the package")
+    with np.load(CIFAR10_SUBSET_PATH) as z:
+        x, y = z[f"x_{name}"], z[f"y_{name}"]
+    return _uint8_nhwc_dataset(x, y, limit, normalize)
 
 
 def digits(split: str, test_fraction: float = 0.25, seed: int = 0) -> TensorDataset:

@@ -1,14 +1,20 @@
-"""The README's main job: train two tiny CNNs on scikit-learn's 8x8 digits, convert them three ways
-and print the comparison table (no download, about a minute on 2 CPU cores).
+"""The main job (``sj-parallel demo``, ``bash tools/run.sh``): convert the shipped CIFAR-10 ResNet-20
+with the parallel recipe and with SpikingJelly's own converters, print the table, write the plot.
 
-1. a QCFS CNN (L = 4) converted at T = L: lossless, no calibration data;
-2. a ReLU CNN converted training-free (max recording + DA-QCFS calibration) at several T;
-3. the same ReLU CNN through SpikingJelly's own IF-neuron converters at the same T.
+Everything it reads ships inside the package: the ReLU ResNet-20 checkpoint
+(``checkpoints/cifar10_resnet20_relu.pt``) and the CIFAR-10 subset
+(:func:`~sj_parallel_conversion.data.cifar10_subset`); nothing is downloaded and
+``$SJPC_CIFAR10_DIR`` is not needed. About a minute on 2 CPU cores.
+
+``data="digits"`` runs the earlier, smaller demo instead: two tiny CNNs trained on scikit-learn's
+8x8 digits (a QCFS CNN converted losslessly at T = L, and a ReLU CNN converted both ways).
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -16,27 +22,152 @@ from torch.utils.data import DataLoader
 
 from . import data, models
 from .fileio import write_text
-from .compare import ComparisonRow, ComparisonTable, compare_converters, evaluate
-from .inference import count_inference, spike_inference
-from .recipe import ParallelConverter
+from .compare import BUILTIN, ComparisonRow, ComparisonTable, compare_converters, convert_builtin, evaluate, evaluate_steps
+from .inference import predictor, spike_inference
+from .learned import LearnedCalibration
+from .recipe import ParallelConversionRecipe, ParallelConverter
 from .training import train_classifier
 
-__all__ = ["run_demo"]
+__all__ = ["run_demo", "CIFAR_CHECKPOINT", "DEMO_DATA"]
+
+#: The checkpoint the CIFAR-10 demo converts (shipped with the package).
+CIFAR_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "cifar10_resnet20_relu.pt"
+#: Values of ``run_demo(data=...)``.
+DEMO_DATA = ("cifar10", "digits")
+#: SpikingJelly baseline of the CIFAR-10 demo: RateCodingRecipe's strongest setting (channel-wise,
+#: half threshold, 99.9 % percentile). Others (``compare.BUILTIN``) cost one IF run of the largest T each.
+CIFAR_BASELINES = ("rate-cw-99.9%",)
 
 
-def run_demo(out_dir: str = "runs/demo", T_list: Sequence[int] = (2, 4, 8, 16, 32), epochs: int = 15,
-             seed: int = 0, progress: bool = True, L: int = 4) -> ComparisonTable:
-    """Train, convert, compare; write ``table.md``, ``table.json`` and ``accuracy_speed.png``."""
+def _check_T_list(T_list: Sequence[int]) -> list:
+    Ts = list(T_list)
+    if not Ts or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in Ts):
+        raise ValueError(f"run_demo: T_list must hold integers >= 1, got {T_list!r}")
+    return sorted(set(Ts))
+
+
+def run_demo(out_dir: str = "runs/demo", data: str = "cifar10", T_list: Optional[Sequence[int]] = None,
+             test_images: int = 256, calib_images: int = 256,
+             baselines: Sequence[str] = CIFAR_BASELINES, learned_T: Sequence[int] = (),
+             learn_steps: int = 20,
+             epochs: int = 15, seed: int = 0, progress: bool = True, L: int = 4) -> ComparisonTable:
+    """Convert, evaluate, compare; print the table and write ``table.md``, ``table.json`` and
+    ``accuracy_speed.png`` into ``out_dir``.
+
+    Args:
+        data: ``"cifar10"`` (the shipped ResNet-20 and CIFAR-10 subset) or ``"digits"``.
+        T_list: time steps (default 4, 8, 16, 32 for CIFAR-10; 2, 4, 8, 16, 32 for digits).
+        test_images: CIFAR-10 test images to evaluate on (at most 1,000, class-balanced).
+        calib_images: CIFAR-10 training images to calibrate on (at most 1,024, class-balanced).
+        baselines: CIFAR-10: SpikingJelly converters to compare with (keys of
+            :data:`~sj_parallel_conversion.compare.BUILTIN`), each evaluated at every ``T`` from one
+            IF run of the largest ``T``.
+        learned_T: CIFAR-10: the ``T`` at which calibration also fits learned thresholds and keeps
+            whichever of none, Algorithm 1 and learned agrees best with the ANN (``method="auto"``
+            with a :class:`~.learned.LearnedCalibration` of ``learn_steps`` steps on at most 256
+            images); elsewhere Algorithm 1 (``method="ema"``). Off by default: on 2 CPU cores a
+            learned fit of ResNet-20 takes a minute or more per ``T``, twice the rest of the demo.
+        epochs: digits only: training epochs of each tiny CNN.
+        L: digits only: QCFS levels of the QCFS CNN.
+    """
+    if data not in DEMO_DATA:
+        raise ValueError(f"run_demo: data must be one of {DEMO_DATA}, got {data!r}")
+    if data == "digits":
+        return _run_digits(out_dir, _check_T_list(T_list or (2, 4, 8, 16, 32)), epochs, seed, progress, L)
+    if isinstance(test_images, bool) or not isinstance(test_images, int) or not 1 <= test_images <= 1000:
+        raise ValueError(f"run_demo: test_images must be an integer in 1..1000 (the shipped subset), "
+                         f"got {test_images!r}")
+    if isinstance(calib_images, bool) or not isinstance(calib_images, int) or not 2 <= calib_images <= 1024:
+        raise ValueError(f"run_demo: calib_images must be an integer in 2..1024 (the shipped subset), "
+                         f"got {calib_images!r}")
+    unknown = [b for b in baselines if b not in BUILTIN]
+    if unknown:
+        raise ValueError(f"run_demo: unknown baselines {unknown}; choose from {sorted(BUILTIN)}")
+    Ts = _check_T_list(T_list or (4, 8, 16, 32))
+    if not set(learned_T) <= set(Ts):
+        raise ValueError(f"run_demo: learned_T {sorted(set(learned_T) - set(Ts))} not among the T converted for {Ts}")
+    return _run_cifar10(out_dir, Ts, test_images, calib_images, list(baselines), set(learned_T), learn_steps,
+                        progress)
+
+
+def _logger(t_start: float):
+    def log(msg: str) -> None:
+        print(f"[demo {time.perf_counter() - t_start:5.1f}s] {msg}", flush=True)
+    return log
+
+
+def _run_cifar10(out_dir: str, Ts: list, test_images: int, calib_images: int, baselines: list, learned_T: set,
+                 learn_steps: int, progress: bool) -> ComparisonTable:
     t_start = time.perf_counter()
+    log = _logger(t_start)
+    os.makedirs(out_dir, exist_ok=True)
+    ann, meta = models.load_checkpoint(str(CIFAR_CHECKPOINT), map_location="cpu")
+    ann.eval()
+    calib_set, test_set = (data.cifar10_subset("train", limit=calib_images),
+                            data.cifar10_subset("test", limit=test_images))
+    calib = DataLoader(calib_set, batch_size=128)
+    test = DataLoader(test_set, batch_size=test_images)  # one batch: fewer per-call overheads
+    log(f"ResNet-20 (ReLU, {100 * meta['test_accuracy']:.2f} % on the full test set); shipped CIFAR-10 "
+        f"subset: {len(calib_set)} calibration and {len(test_set)} test images")
+    table = ComparisonTable(title=f"CIFAR-10 ResNet-20 (ReLU), {len(test_set)} test images, "
+                                  f"{len(calib_set)} calibration images")
+    acc, n, sec = evaluate(ann, test, progress=False)
+    table.rows.append(ComparisonRow("ann", None, acc, n, 0.0, sec))
+
+    # The parallel recipe, converted per T (each neuron reads the mean of its T input steps).
+    # Rows are count-domain evaluations: the spike-level run's time mean at one ANN forward's cost.
+    for T in Ts:
+        t0 = time.perf_counter()
+        # A short learned fit on at most 256 images: auto keeps it only where it
+        # agrees with the ANN more often than Algorithm 1 on held-out calibration images.
+        learned = (LearnedCalibration(steps=learn_steps, batch_size=64, max_images=min(256, calib_images),
+                                      eval_every=10, patience=2) if T in learned_T else None)
+        recipe = ParallelConversionRecipe(T, calib, progress=False, method="auto" if learned else "ema",
+                                          **({"learned": learned} if learned else {}))
+        snn = ParallelConverter(recipe, device="cpu").convert(copy.deepcopy(ann))
+        conv = time.perf_counter() - t0
+        acc, n, sec = evaluate(predictor(snn, T, count_domain=True), test, progress=False)
+        report = getattr(snn, "calibration_report", None)
+        chosen = report.method if report is not None else "ema"
+        method = "parallel-learned" if chosen == "learned" else "parallel-count"
+        table.rows.append(ComparisonRow(method, T, acc, n, conv, sec, f"ok (calibration: {chosen})"))
+        log(f"parallel T={T}: {100 * acc:.1f} % (calibration: {chosen}, {conv:.1f} s to convert)")
+
+    # SpikingJelly's IF converters: one run of the largest T gives every smaller T.
+    for m in baselines:
+        t0 = time.perf_counter()
+        snn = convert_builtin(m, ann, calib, device="cpu", progress=progress)
+        conv = time.perf_counter() - t0
+        results = evaluate_steps(snn, test, Ts, progress=False)
+        for T in Ts:
+            acc, n, sec = results[T]
+            table.rows.append(ComparisonRow(m, T, acc, n, conv, sec,
+                                            "ok" if T == Ts[-1] else f"ok (from the T={Ts[-1]} run)"))
+        log(f"{m}: " + ", ".join(f"T={T} {100 * results[T][0]:.1f} %" for T in Ts))
+    return _finish(table, out_dir, log)
+
+
+def _finish(table: ComparisonTable, out_dir: str, log) -> ComparisonTable:
+    print()
+    print(table.to_text())
+    print()
+    table.to_json(os.path.join(out_dir, "table.json"))
+    write_text(os.path.join(out_dir, "table.md"), table.to_text() + "\n")
+    plot = table.plot(os.path.join(out_dir, "accuracy_speed.png"))
+    log(f"wrote {os.path.join(out_dir, 'table.md')}, table.json and the plot {plot}")
+    return table
+
+
+def _run_digits(out_dir: str, T_list: list, epochs: int, seed: int, progress: bool, L: int) -> ComparisonTable:
+    """Train two tiny CNNs on 8x8 digits, convert them three ways, compare."""
+    t_start = time.perf_counter()
+    log = _logger(t_start)
     torch.manual_seed(seed)
     os.makedirs(out_dir, exist_ok=True)
     train_set, test_set = data.digits("train"), data.digits("test")
     train = DataLoader(train_set, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
     calib = DataLoader(train_set, batch_size=128)
     test = DataLoader(test_set, batch_size=256)
-
-    def log(msg):
-        print(f"[demo {time.perf_counter() - t_start:5.1f}s] {msg}", flush=True)
 
     log(f"digits: {len(train_set)} training and {len(test_set)} test images of 8x8 pixels")
     qcfs_ann = models.build_model("digits_cnn", num_classes=10, in_channels=1, act="qcfs", L=L, theta=2.0)
@@ -60,15 +191,9 @@ def run_demo(out_dir: str = "runs/demo", T_list: Sequence[int] = (2, 4, 8, 16, 3
     table.rows.append(ComparisonRow("qcfs-parallel", L, acc, n, 0.0, sec))
 
     # 2 + 3. ReLU network: training-free parallel conversion vs SpikingJelly's IF converters.
-    relu_table = compare_converters(relu_ann, calib, test, list(T_list), progress=False)
+    relu_table = compare_converters(relu_ann, calib, test, T_list, progress=False,
+                                    methods=("ann", "parallel", "parallel-count", "rate-cw-max", "rate-cw-99.9%",
+                                             "rate-max", "rate-99.9%", "ltb"))
     table.rows.extend(relu_table.rows)
     log("converted the ReLU CNN with the parallel recipe and with SpikingJelly's RateCoding and LTB recipes")
-
-    print()
-    print(table.to_text())
-    print()
-    table.to_json(os.path.join(out_dir, "table.json"))
-    write_text(os.path.join(out_dir, "table.md"), table.to_text() + "\n")
-    plot = table.plot(os.path.join(out_dir, "accuracy_speed.png"))
-    log(f"wrote {os.path.join(out_dir, 'table.md')}, table.json and the plot {plot}")
-    return table
+    return _finish(table, out_dir, log)

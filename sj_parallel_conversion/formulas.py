@@ -5,7 +5,7 @@ each other: the closed form (:func:`spike_count` + :func:`spikes_from_count`) ag
 step/matrix form (:func:`matrix_form_spikes`, Eq. 8 with the shift vector of Theorem 4.1) and
 the binary search for the first spike (:func:`first_spike_time`, paper 4.3).
 
-Notation (see ``SPEC.md``): ``T`` output time steps, ``L`` the QCFS quantisation level,
+Notation (as on the theory page of the docs): ``T`` output time steps, ``L`` the QCFS quantisation level,
 ``theta`` a threshold, ``psi`` the absolute shift (``theta / 2`` by default), ``psi_da`` and
 ``phi_da`` the DA-QCFS calibration shift and scale. Per-channel quantities are 1-D tensors that
 broadcast along ``channel_dim`` of the per-step tensor ``[N, C, ...]``.

@@ -124,3 +124,45 @@ def test_torchvision_dataset_never_downloads_and_reads_imagefolder(tmp_path):
     assert x.shape == (3, 32, 32) and y == 1 and len(ds) == 2
     with pytest.raises(FileNotFoundError):
         data.torchvision_dataset("imagefolder", tmp_path / "missing", "test")
+
+
+def test_cifar10_subset_shapes_balance_and_normalisation():
+    x, y = data.cifar10_subset("test").tensors
+    assert x.shape == (1000, 3, 32, 32) and x.dtype == torch.float32
+    assert torch.bincount(y, minlength=10).tolist() == [100] * 10
+    xtr, ytr = data.cifar10_subset("train").tensors
+    assert xtr.shape == (1024, 3, 32, 32) and torch.bincount(ytr, minlength=10).min() >= 102
+    raw = data.cifar10_subset("test", limit=20, normalize=False).tensors[0]
+    assert 0.0 <= raw.min() and raw.max() <= 1.0
+    mean = torch.tensor(data.CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(data.CIFAR10_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(data.cifar10_subset("test", limit=20).tensors[0], (raw - mean) / std)
+    # "val" names the test split, as for cifar10_npz
+    assert torch.equal(data.cifar10_subset("val", limit=10).tensors[1], data.cifar10_subset("test", limit=10).tensors[1])
+
+
+def test_cifar10_subset_bad_arguments():
+    with pytest.raises(ValueError, match="split"):
+        data.cifar10_subset("validation")
+    with pytest.raises(ValueError, match="limit"):
+        data.cifar10_subset("test", limit=0)
+
+
+def test_cifar10_subset_is_the_documented_selection_of_the_full_arrays(cifar10_dir):
+    """The shipped images are bit-identical to the full arrays at the recorded positions, and the
+    positions are the class-balanced selection the data_files README states."""
+    with np.load(data.CIFAR10_SUBSET_PATH) as sub:
+        for split, n in (("test", 1000), ("train", 1024)):
+            with np.load(Path(cifar10_dir) / f"{split}.npz") as full:
+                fx, fy = full["x"], full["y"]
+            idx = sub[f"index_{split}"]
+            assert idx.tolist() == data.balanced_indices(fy, n).tolist()
+            assert np.array_equal(sub[f"x_{split}"], fx[idx])
+            assert np.array_equal(sub[f"y_{split}"], fy[idx])
+
+
+def test_cifar10_subset_found_from_another_directory(tmp_path, monkeypatch):
+    """Package data, not a path relative to the working directory or to $SJPC_CIFAR10_DIR."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SJPC_CIFAR10_DIR", raising=False)
+    assert len(data.cifar10_subset("train", limit=30)) == 30

@@ -30,7 +30,7 @@ def test_tutorial_script_runs_and_prints_the_comparison():
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout
     assert "comparison on 397 test digits" in out
-    assert "| IF (RateCodingRecipe) | parallel, spike-level | parallel, count-domain |" in out
+    assert "| IF (RateCodingRecipe, channel-wise, half threshold) | parallel, spike-level | parallel, count-domain |" in out
     rows = [line for line in out.splitlines() if line.startswith("| ") and line.rstrip().endswith("|")
             and line.split("|")[1].strip().isdigit()]
     assert [int(r.split("|")[1]) for r in rows] == [2, 4, 8, 16, 32]

@@ -1,4 +1,4 @@
-"""The mathematics of parallel conversion (SPEC.md sections 1-2, paper Theorem 4.1, Eq. 8, 4.3).
+"""The mathematics of parallel conversion (paper Theorem 4.1, Eq. 8, 4.3; docs/theory.rst).
 
 Every test holds one formulation against another that is computed independently: plain Python
 floats, the explicit T x T matrix of Eq. 8, a step-by-step loop over the paper's step form, the
@@ -20,7 +20,7 @@ F64 = torch.float64
 
 # -- independent references in plain Python floats --------------------------------------------
 def py_count(m: float, T: int, theta: float, psi: float, psi_da: float = 0.0) -> int:
-    """SPEC 2 closed form, evaluated element by element with Python's float arithmetic."""
+    """The closed-form spike count, evaluated element by element with Python's float arithmetic."""
     u = math.floor(((m + psi_da) * T + psi) / theta)
     return min(max(u, 0), T)
 

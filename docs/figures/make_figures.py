@@ -1,10 +1,11 @@
-"""Generate the figures of the theory page (run from the repository root, a few seconds):
+"""Generate the figures of the theory and quickstart pages (run from the repository root, a few seconds):
 
     python docs/figures/make_figures.py
 
 * ``sorted_trains.png``: spike rasters of a ParallelConversionNode for neurons with different
   input means, the paper's step form ``V[x] = T/(T-x+1) m + b[x]`` for the same neurons, and an
-  IF neuron (soft reset) fed the same constant currents for contrast;
+  IF neuron (soft reset, membrane starting at half the threshold) fed the same currents;
+* ``pipeline.png`` and ``one_layer.png``: diagrams of the conversion chain and of one layer;
 * ``qcfs_staircase.png``: QCFS rate vs SNN firing rate as a function of the mean input current,
   for ``T == L`` (identical staircases, Theorem 4.1 (i)) and ``T != L`` (Theorem 4.1 (ii)).
 
@@ -45,9 +46,12 @@ def sorted_trains(path: str) -> None:
     b = formulas.shift_vector(T, theta / 2)                                 # [T]
     v_step = T / (T - x + 1)[:, None] * means[None, :] + b[:, None]         # [T, N]
 
-    if_node = neuron.IFNode(v_threshold=theta, v_reset=None, step_mode="m").double()
+    # The IF neuron gets the same input and starts at half the threshold, as SpikingJelly's
+    # RateCodingRecipe(half_threshold=True) sets it: its counts are then comparable with the
+    # parallel neuron's (both round m*T to the nearest integer), and only the spike order differs.
+    if_node = neuron.HalfThresholdIFNode(v_threshold=theta, step_mode="m").double()
     functional.reset_net(if_node)
-    if_spikes = if_node(means[None, :].expand(T, -1).contiguous())          # constant input, for contrast
+    if_spikes = if_node(current)
     functional.reset_net(if_node)
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.9), gridspec_kw={"width_ratios": [1, 1.25, 1]})
@@ -55,9 +59,10 @@ def sorted_trains(path: str) -> None:
     for n in range(len(means)):
         t_on = np.nonzero(spikes[:, n].numpy() > 0)[0] + 1
         ax.scatter(t_on, np.full(len(t_on), n), marker="|", s=220, color="tab:blue")
+        ax.text(T + 0.6, n, f"k={len(t_on)}", va="center", fontsize=7)
     ax.set_yticks(range(len(means)), [f"m={m:.2f}" for m in means.tolist()])
     ax.set_xticks(range(1, T + 1))
-    ax.set_xlim(0.5, T + 0.5)
+    ax.set_xlim(0.5, T + 1.5)
     ax.set_xlabel("time step x")
     ax.set_title(f"ParallelConversionNode, T={T}, theta={theta:g}\n(sorted, back-loaded trains)", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
@@ -82,11 +87,12 @@ def sorted_trains(path: str) -> None:
     for n in range(len(means)):
         t_on = np.nonzero(if_spikes[:, n].numpy() > 0)[0] + 1
         ax.scatter(t_on, np.full(len(t_on), n), marker="|", s=220, color="tab:red")
+        ax.text(T + 0.6, n, f"k={len(t_on)}", va="center", fontsize=7)
     ax.set_yticks(range(len(means)), [f"m={m:.2f}" for m in means.tolist()])
     ax.set_xticks(range(1, T + 1))
-    ax.set_xlim(0.5, T + 0.5)
+    ax.set_xlim(0.5, T + 1.5)
     ax.set_xlabel("time step t")
-    ax.set_title("IFNode (soft reset, v0 = 0), same mean input\n(spikes spread over time)", fontsize=9)
+    ax.set_title("IF neuron, soft reset, v0 = theta/2, same input\n(spikes spread over time)", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -130,9 +136,62 @@ def staircases(path: str) -> None:
     plt.close(fig)
 
 
+def _boxes(ax, labels, y, colors, arrow_labels=()):
+    """Boxes left to right at height y joined by arrows (optionally labelled)."""
+    n = len(labels)
+    xs = np.linspace(0.1, 0.9, n)
+    for i, (x, text, c) in enumerate(zip(xs, labels, colors)):
+        ax.text(x, y, text, ha="center", va="center", fontsize=8.5,
+                bbox=dict(boxstyle="round,pad=0.5", fc=c, ec="0.3"))
+        if i + 1 < n:
+            ax.annotate("", xy=(xs[i + 1] - 0.085, y), xytext=(x + 0.085, y),
+                        arrowprops=dict(arrowstyle="->", lw=1.2))
+            if i < len(arrow_labels) and arrow_labels[i]:
+                ax.text((x + xs[i + 1]) / 2, y + 0.13, arrow_labels[i], ha="center", va="bottom", fontsize=7,
+                        color="0.25")
+
+
+def pipeline(path: str) -> None:
+    """The conversion chain of one activation site, for both sources."""
+    fig, ax = plt.subplots(figsize=(11, 2.9))
+    ax.set_axis_off()
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ann, mid, snn = "#dbe9f6", "#fdebd0", "#d5f5e3"
+    _boxes(ax, ["ReLU\n(trained ANN)", "ClipReLU\nclip(x, 0, theta)", "DA-QCFS\nT levels, psi_DA, phi_DA",
+                "ParallelConversionNode\ntheta_pre, theta_post, psi_DA"], 0.68, [ann, mid, mid, snn],
+           ["record per-channel\nmax on data", "Algorithm 1 / learned\ncalibration on data", "same rates,\nexact"])
+    _boxes(ax, ["QCFS, L levels\n(trained ANN)", "(already clipped\nat its theta)", "DA-QCFS\nT levels",
+                "ParallelConversionNode"], 0.2, ["#dbe9f6", "white", mid, snn], ["", "", "same rates,\nexact"])
+    ax.text(0.5, 0.36, "T = L: nothing to calibrate, no data (lossless);   T != L: calibrated like the ReLU path",
+            ha="center", fontsize=7.5, color="0.25")
+    ax.set_title("What the recipe does to every activation site (ann2snn.Converter + ParallelConversionRecipe)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def one_layer(path: str) -> None:
+    """What one parallel neuron layer computes, with shapes."""
+    fig, ax = plt.subplots(figsize=(12, 1.9))
+    ax.set_axis_off()
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    _boxes(ax, ["input currents\n[T_in, N, C, ...]", "time mean m\n[N, C, ...]",
+                "spike count k =\nfloor((m + psi_DA) T\n/ theta_pre + 1/2),\nclipped to 0..T",
+                "sorted train [T, N, C, ...]\nlast k steps = theta_post"], 0.5,
+           ["#dbe9f6", "#fdebd0", "#fdebd0", "#d5f5e3"], ["mean over\nsteps", "closed form,\nO(1) per neuron",
+                                                           "write T steps\nat once"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     torch.set_num_threads(1)
-    for name, fn in (("sorted_trains.png", sorted_trains), ("qcfs_staircase.png", staircases)):
+    for name, fn in (("sorted_trains.png", sorted_trains), ("qcfs_staircase.png", staircases),
+                     ("pipeline.png", pipeline), ("one_layer.png", one_layer)):
         out = os.path.join(HERE, name)
         fn(out)
         print(f"wrote {os.path.relpath(out)}")
