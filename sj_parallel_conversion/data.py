@@ -94,10 +94,11 @@ def cifar10_npz(split: str, root: Optional[Union[str, Path]] = None, limit: Opti
             f"{ENV_VAR} to the folder holding train.npz and test.npz")
     with np.load(path) as z:
         x, y = z["x"], z["y"]
-    return _uint8_nhwc_dataset(x, y, limit, normalize)
+    return _uint8_nhwc_dataset(x, y, limit, normalize, mean, std)
 
 
-def _uint8_nhwc_dataset(x: np.ndarray, y: np.ndarray, limit: Optional[int], normalize: bool) -> TensorDataset:
+def _uint8_nhwc_dataset(x: np.ndarray, y: np.ndarray, limit: Optional[int], normalize: bool,
+                        mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> TensorDataset:
     """uint8 NHWC images and labels -> float32 NCHW TensorDataset (optionally a balanced subset)."""
     if limit is not None:
         idx = balanced_indices(y, limit)
