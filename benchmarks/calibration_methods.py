@@ -110,22 +110,23 @@ def _machine() -> str:
 
 
 def write(results, out, commands, machines, images) -> None:
+    loads = [r["load_average"] for r in results if "load_average" in r]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     write_json(out + ".json", {"command": commands[0] if len(commands) == 1 else commands,
                                "machine": "; ".join(machines), "images": images, "rows": results}, indent=1)
+    load = f"a 1-minute load average of up to {max(loads):.1f}" if loads else "an unrecorded load"
     lines = ["Commands:", ""] + [f"    {c}" for c in commands] + [
         "", f"Machine: {'; '.join(machines)}. Count-domain accuracy (%) on {images['test']} "
         f"class-balanced CIFAR-10 test images; calibration on {images['calibration']} training images "
-        "(labels unused); calibration time in seconds (conversion included), measured with a 1-minute "
-        f"load average of up to {max(r.get('load_average', float('nan')) for r in results):.1f} on the machine "
-        "(times are comparable only at a low load).", ""]
+        f"(labels unused); calibration time in seconds (conversion included), measured with {load} on "
+        "the machine (times are comparable only at a low load).", ""]
     for model in dict.fromkeys(r["model"] for r in results):
         rows = [r for r in results if r["model"] == model]
         Ts = sorted({r["T"] for r in rows})
         lines += [f"### {model} (ANN {rows[0]['ann_accuracy']:.2f} %)", "",
                   "| method | " + " | ".join(f"T={t}" for t in Ts) + " | time (s) at each T |",
                   "|---|" + "---|" * len(Ts) + "---|"]
-        for m in dict.fromkeys(r["method"] for r in rows):
+        for m in [m for m in METHODS if any(r["method"] == m for r in rows)]:
             cells, times = [], []
             for t in Ts:
                 r = next((r for r in rows if r["method"] == m and r["T"] == t), None)
