@@ -23,7 +23,7 @@ from ..activation import QCFS
 from ..fileio import load_tensor_file, save_tensors
 from .cifar import BasicBlock, CifarCNN, CifarResNet, DigitsCNN, OptionABlock, ResNet18, VGG16
 from .tv import make_convertible, torchvision_resnet
-from .user import build_user_model, extract_state_dict, load_user_model
+from .user import build_user_model, extract_state_dict, load_user_model, state_dict_mismatch
 
 __all__ = [
     "MODEL_NAMES", "ACTIVATIONS", "build_model", "make_act", "torchvision_resnet", "make_convertible",
@@ -101,16 +101,9 @@ def load_checkpoint(path, map_location="cpu") -> Tuple[nn.Module, Dict[str, Any]
     model = build_model(name, num_classes=meta.get("num_classes", 10), act=meta.get("act", "relu"),
                         L=meta.get("L", 8), in_channels=meta.get("in_channels", 3), **meta.get("kwargs", {}))
     state = blob["state_dict"]
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-             if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or wrong:
+    problem = state_dict_mismatch(model, state)
+    if problem:
         desc = f"{name} (act={meta.get('act')}, num_classes={meta.get('num_classes')}, in_channels={meta.get('in_channels')})"
-        raise ValueError(
-            f"checkpoint {os.fspath(path)!r} does not match model {desc}: missing keys {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
-            f"{' ...' if len(unexpected) > 5 else ''}, shape mismatches {wrong[:5]}{' ...' if len(wrong) > 5 else ''}")
+        raise ValueError(f"checkpoint {os.fspath(path)!r} does not match model {desc}: {problem}")
     model.load_state_dict(state, strict=True)
     return model.eval(), meta

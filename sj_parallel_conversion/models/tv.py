@@ -75,14 +75,11 @@ def torchvision_resnet(depth: int, num_classes: int = 1000, weights_path: Option
         state = load_tensor_file(weights_path, what="weights file")
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
-        own = model.state_dict()
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-                 if k in state and tuple(state[k].shape) != tuple(v.shape)]
-        if missing or unexpected or wrong:
-            raise ValueError(
-                f"weights {weights_path!r} do not match torchvision resnet{depth} (num_classes={num_classes}): "
-                f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}, shape mismatches {wrong[:5]}")
+        from .user import state_dict_mismatch
+
+        problem = state_dict_mismatch(model, state)
+        if problem:
+            raise ValueError(f"weights {weights_path!r} do not match torchvision resnet{depth} "
+                             f"(num_classes={num_classes}): {problem}")
         model.load_state_dict(state, strict=True)
     return make_convertible(model)

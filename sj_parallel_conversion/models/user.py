@@ -109,7 +109,8 @@ def extract_state_dict(blob: Any, source: str = "weights") -> Dict[str, torch.Te
     return out
 
 
-def _mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> Optional[str]:
+def state_dict_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """``None`` if ``state`` fits ``model`` exactly, else its missing/unexpected keys and shape mismatches."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -144,7 +145,7 @@ def load_user_model(spec: str, weights: Optional[str] = None, **kwargs: Any) -> 
     if weights is not None:
         blob = load_tensor_file(weights, what="weights file")
         state = extract_state_dict(blob, f"weights file {os.fspath(weights)!r}")
-        problem = _mismatch(model, state)
+        problem = state_dict_mismatch(model, state)
         if problem:
             raise ValueError(f"weights file {os.fspath(weights)!r} does not fit model {spec!r}: {problem}")
         model.load_state_dict(state, strict=True)
