@@ -90,9 +90,9 @@ def test_relu_cnn_training_free_T32_within_1pt_and_beats_ltb_T16(cifar):
     ann = _ckpt("cifar10_cnn_relu.pt")
     with torch.no_grad():
         ann_acc = _acc(ann(x), y)
-        snn32 = ParallelConverter("parallel", T=32, dataloader=calib, num_batches=10,
+        snn32 = ParallelConverter("parallel", T=32, dataloader=calib, num_batches=10, method="ema",
                                   progress=False).convert(copy.deepcopy(ann))
-        snn16 = ParallelConverter("parallel", T=16, dataloader=calib, num_batches=10,
+        snn16 = ParallelConverter("parallel", T=16, dataloader=calib, num_batches=10, method="ema",
                                   progress=False).convert(copy.deepcopy(ann))
         acc32 = _acc(count_inference(snn32, x), y)
         acc16 = _acc(count_inference(snn16, x), y)
@@ -135,7 +135,7 @@ def test_count_domain_equals_spike_level_with_max_pool(cifar):
     (x, _), calib = cifar
     ann = _ckpt("cifar10_cnn_relu.pt")
     assert any(isinstance(m, torch.nn.MaxPool2d) for m in ann.modules())
-    snn = ParallelConverter("parallel", T=8, dataloader=calib, num_batches=2, progress=False).convert(ann)
+    snn = ParallelConverter("parallel", T=8, dataloader=calib, num_batches=2, progress=False, method="ema").convert(ann)
     # float64: in float32 a different summation order can flip a count at a threshold boundary.
     snn, x = snn.double(), x[:64].double()
     with torch.no_grad():
@@ -147,7 +147,7 @@ def test_option_a_resnet20_converts_on_real_data(cifar):
     (x, _), calib = cifar
     torch.manual_seed(0)
     ann = models.build_model("resnet20", num_classes=10, act="relu").eval()
-    snn = ParallelConverter("parallel", T=16, dataloader=calib, num_batches=2, progress=False).convert(ann)
+    snn = ParallelConverter("parallel", T=16, dataloader=calib, num_batches=2, progress=False, method="ema").convert(ann)
     snn, x = snn.double(), x[:32].double()
     with torch.no_grad():
         c = count_inference(snn, x)

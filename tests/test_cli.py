@@ -74,7 +74,7 @@ def test_convert_evaluate_stats_compare_on_digits(tmp_path, capsys):
     models.save_checkpoint(str(ckpt), m, name="digits_cnn", act="relu", L=8, num_classes=10, in_channels=1,
                            extra={"input_size": (8, 8)})
     snn_file = tmp_path / "snn.pt"
-    common = ["--data", "digits", "--calib-batches", "4", "--batch-size", "64"]
+    common = ["--data", "digits", "--calib-batches", "4", "--batch-size", "64", "--method", "ema"]
     code, out, err = _run(["convert", "--checkpoint", str(ckpt), "--T", "8", "--out", str(snn_file), *common], capsys)
     assert code == 0, err
     assert "wrote" in out and snn_file.is_file()

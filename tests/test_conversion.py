@@ -125,7 +125,7 @@ def test_uncalibrated_qcfs_T_not_L_differs_from_ann_but_calibration_needs_data()
 def test_relu_patterns_convert_and_count_domain_matches_spikes(model_fn):
     ann = _randomise_bn(model_fn())
     x = torch.randn(64, 3, 16, 16)
-    snn = ParallelConverter("parallel", T=8, dataloader=_loader(x), progress=False).convert(ann)
+    snn = ParallelConverter("parallel", T=8, dataloader=_loader(x), progress=False, method="ema").convert(ann)
     spikes = spike_inference(snn, x)
     counts = count_inference(snn, x)
     torch.testing.assert_close(spikes.mean(0), counts, rtol=1e-4, atol=1e-5)
@@ -150,7 +150,7 @@ def test_relu6_and_clamp_become_clip_relu_with_recorded_max_capped():
 def test_shared_module_calls_get_separate_thresholds():
     ann = CoverageNet(nn.ReLU).eval()
     x = torch.randn(32, 3, 16, 16)
-    snn = ParallelConverter("parallel", T=4, dataloader=_loader(x), progress=False).convert(ann)
+    snn = ParallelConverter("parallel", T=4, dataloader=_loader(x), progress=False, method="ema").convert(ann)
     names = [n for n, m in snn.named_modules() if isinstance(m, ParallelConversionNode)]
     assert "shared" in names and "shared_1" in names
     a, b = snn.get_submodule("shared"), snn.get_submodule("shared_1")
@@ -314,7 +314,7 @@ def test_per_layer_T_dict():
 def test_state_dict_round_trip_and_spikingjelly_utilities():
     ann = _randomise_bn(CoverageNet(nn.ReLU))
     x = torch.randn(32, 3, 16, 16)
-    snn = ParallelConverter("parallel", T=4, dataloader=_loader(x), progress=False).convert(ann)
+    snn = ParallelConverter("parallel", T=4, dataloader=_loader(x), progress=False, method="ema").convert(ann)
     ref = count_inference(snn, x)
     # Rebuild the structure without calibration, then load the calibrated state.
     fresh = ParallelConverter("parallel", T=4, dataloader=_loader(x[:8]), calibrate=False,
@@ -402,7 +402,7 @@ def test_analog_sites_stay_relu_and_must_precede_all_spiking_sites():
     ann = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 1), nn.ReLU(),
                         nn.Flatten(), nn.Linear(36, 3)).eval()
     x = torch.randn(32, 3, 8, 8)
-    snn = ParallelConverter("parallel", T=8, dataloader=[x], analog_sites=["1"], progress=False).convert(ann)
+    snn = ParallelConverter("parallel", T=8, dataloader=[x], analog_sites=["1"], progress=False, method="ema").convert(ann)
     assert isinstance(snn.get_submodule("1"), AnalogReLU)
     assert isinstance(snn.get_submodule("4"), ParallelConversionNode)
     torch.testing.assert_close(spike_inference(snn, x).mean(0), count_inference(snn, x), rtol=1e-4, atol=1e-5)

@@ -25,7 +25,7 @@ def _data(n=128):
 
 def test_mixed_T_network_count_domain_equals_spike_level():
     x = _data()
-    snn = ParallelConverter("parallel", T={"1": 2, "3": 8}, dataloader=[x], progress=False).convert(_net())
+    snn = ParallelConverter("parallel", T={"1": 2, "3": 8}, dataloader=[x], progress=False, method="ema").convert(_net())
     assert [m.T for m in snn.modules() if isinstance(m, ParallelConversionNode)] == [2, 8]
     spikes = spike_inference(snn, x, T=8)
     assert spikes.shape[0] == 8
@@ -39,7 +39,7 @@ def test_effective_T_by_hand():
 
 def test_site_weights_are_consumer_macs():
     x = _data(4)
-    snn = ParallelConverter("parallel", T=4, dataloader=[x], progress=False).convert(_net())
+    snn = ParallelConverter("parallel", T=4, dataloader=[x], progress=False, method="ema").convert(_net())
     w = site_weights(snn, x)
     # site "1" feeds conv "2": 6 out channels * 4*4 positions * (6*3*3) per image
     assert w["1"] == 6 * 16 * 6 * 9
@@ -79,7 +79,7 @@ def test_sops_count_exactly_spike_fanout():
     """Hand check: a linear layer fed by spikes performs nnz(spikes) * out_features SOPs; a conv
     performs, per spike, one accumulate per output it reaches (borders included)."""
     x = _data(8)
-    snn = ParallelConverter("parallel", T=4, dataloader=[x], progress=False).convert(_net())
+    snn = ParallelConverter("parallel", T=4, dataloader=[x], progress=False, method="ema").convert(_net())
     rep = spike_statistics(snn, x)
     by = {l.name: l for l in rep.layers}
     # brute-force the fan-out with the recorded spikes
@@ -117,7 +117,7 @@ def test_spikingjelly_synop_counter_misses_scaled_spikes():
     from spikingjelly.activation_based.op_counter import DispatchCounterMode, SynOpCounter
 
     x = _data(8)
-    snn = ParallelConverter("parallel", T=4, dataloader=[x], progress=False).convert(_net())
+    snn = ParallelConverter("parallel", T=4, dataloader=[x], progress=False, method="ema").convert(_net())
     counter = SynOpCounter()
     with DispatchCounterMode([counter]):
         spike_inference(snn, x)
