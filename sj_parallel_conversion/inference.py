@@ -10,6 +10,7 @@ about the cost of one ANN forward.
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Callable, Optional
 
 import torch
@@ -54,11 +55,26 @@ class CountDomainNeuron(nn.Module):
         return f"inplace={self.inplace}"
 
 
+# Producers whose output is a new tensor, never a view of or an alias for another one: only
+# such a tensor, read by nobody else, may be overwritten (Identity, Dropout in eval, reshape,
+# getitem or a chunk hand their input on, and overwriting it would corrupt another reader).
+_FRESH_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+                  nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                  nn.AdaptiveAvgPool3d)
+_FRESH_FUNCTIONS = (operator.add, operator.sub, torch.add, torch.sub, torch.cat)
+
+
+def _fresh(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if n.op == "call_module":
+        return isinstance(gm.get_submodule(n.target), _FRESH_MODULES)
+    return n.op == "call_function" and n.target in _FRESH_FUNCTIONS
+
+
 def _sole_reader(gm: fx.GraphModule, name: str) -> bool:
-    """Whether every call of submodule ``name`` reads an intermediate tensor nobody else reads."""
+    """Whether every call of submodule ``name`` reads a freshly made tensor nobody else reads."""
     calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
     return bool(calls) and all(
-        len(c.args) == 1 and isinstance(c.args[0], fx.Node) and c.args[0].op != "placeholder"
+        len(c.args) == 1 and isinstance(c.args[0], fx.Node) and _fresh(gm, c.args[0])
         and len(c.args[0].users) == 1 for c in calls)
 
 

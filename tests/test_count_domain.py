@@ -52,6 +52,23 @@ class SharedInput(nn.Module):
         return self.fc(self.a1(y).flatten(1)) + y.flatten(1)[:, :3]
 
 
+class AliasedInput(nn.Module):
+    """The activation reads its input through an alias (Identity, a reshape) that another node also reads."""
+
+    def __init__(self, alias: str):
+        super().__init__()
+        self.alias = alias
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.same = nn.Identity()
+        self.a1 = nn.ReLU()
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        y = self.c1(x)
+        z = self.same(y) if self.alias == "identity" else y.reshape(y.shape[0], 4, 8, 8)
+        return self.fc(self.a1(z).flatten(1)) + y.flatten(1)[:, :3]
+
+
 def _x(n=32, seed=0):
     return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
 
@@ -144,3 +161,13 @@ def test_if_snn_has_no_count_domain():
     functional.set_step_mode(snn_if, "m")
     with pytest.raises(ValueError, match="no ParallelConversionNode"):
         count_domain_model(snn_if)
+
+
+@pytest.mark.parametrize("alias", ["identity", "reshape"])
+def test_no_in_place_through_an_alias_of_a_tensor_others_read(alias):
+    snn = _convert(AliasedInput(alias))
+    cm = count_domain_model(snn)
+    assert not any(m.inplace for m in cm.modules() if isinstance(m, CountDomainNeuron))
+    x = _x()
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), spike_inference(snn, x).mean(0), rtol=1e-4, atol=1e-5)
