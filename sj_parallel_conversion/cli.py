@@ -36,8 +36,9 @@ def _positive_int(text: str) -> int:
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="npz", choices=["npz", "cifar10", "cifar100", "imagefolder", "digits"],
-                   help="npz: the project's CIFAR-10 arrays (SJPC_CIFAR10_DIR); cifar10/cifar100: "
+    g.add_argument("--data", default="npz", choices=["npz", "subset", "cifar10", "cifar100", "imagefolder", "digits"],
+                   help="npz: the project's CIFAR-10 arrays (SJPC_CIFAR10_DIR); subset: the CIFAR-10 subset "
+                        "shipped in the package (1,000 test, 1,024 training images); cifar10/cifar100: "
                         "torchvision datasets; imagefolder: an ImageNet-style folder; digits: scikit-learn 8x8")
     g.add_argument("--data-root", default=None, help="dataset folder (npz dir, torchvision root or ImageFolder root)")
     g.add_argument("--download", action="store_true", help="let torchvision download CIFAR (never by default)")
@@ -151,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--T", type=_positive_int, nargs="+", default=[4, 8, 16, 32],
                    help="time steps to compare at (default 4 8 16 32)")
     from .compare import METHODS
-    m.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
-                   help="methods to compare (default all); rate-cw-*: SpikingJelly's RateCodingRecipe with "
+    m.add_argument("--methods", nargs="+", choices=list(METHODS), default=[x for x in METHODS if x != "parallel-learned"],
+                   help="methods to compare (default all but parallel-learned, which adds a learned fit at every T); rate-cw-*: SpikingJelly's RateCodingRecipe with "
                         "channel_wise=True, half_threshold=True, its strongest setting; rate-*: its defaults; "
                         "ltb: LocalThresholdBalancingRecipe")
     m.add_argument("--title", default=None, help="title of the table and plot")
@@ -196,6 +197,9 @@ def _datasets(args, need_train: bool):
         if args.data == "npz":
             test = data.cifar10_npz("test", root=root, **norm)
             train = data.cifar10_npz("train", root=root, **norm) if need_train else None
+        elif args.data == "subset":
+            test = data.cifar10_subset("test", **norm)
+            train = data.cifar10_subset("train", **norm) if need_train else None
         elif args.data == "digits":
             test = data.digits("test")
             train = data.digits("train") if need_train else None
@@ -231,7 +235,13 @@ def _loaders(args, need_train: bool):
     test_loader = data.make_loader(test, args.batch_size)
     calib_loader = None
     if train is not None:
-        calib_loader = data.make_loader(train, args.batch_size, shuffle=True)
+        # One seeded shuffle, then a fixed order: every T and every method of one run calibrates
+        # on the same batches (mixed classes), and a rerun gives the same networks.
+        import torch
+        from torch.utils.data import Subset
+
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+        calib_loader = data.make_loader(Subset(train, order), args.batch_size)
     return calib_loader, test_loader
 
 

@@ -111,15 +111,17 @@ def _uint8_nhwc_dataset(x: np.ndarray, y: np.ndarray, limit: Optional[int], norm
     return TensorDataset(xt, torch.from_numpy(np.asarray(y, dtype=np.int64)))
 
 
-def cifar10_subset(split: str, limit: Optional[int] = None, normalize: bool = True) -> TensorDataset:
+def cifar10_subset(split: str, limit: Optional[int] = None, normalize: bool = True,
+                   mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> TensorDataset:
     """A small CIFAR-10 subset shipped inside the package: no download, no ``$SJPC_CIFAR10_DIR``.
 
     ``split='test'``: 1,000 test images (the first 100 of every class of the official test set);
     ``split='train'``: 1,024 training images (the first 102 of every class, plus the next 4), meant
     for calibration. Images come as float32 ``[N, 3, 32, 32]`` normalised with
     :data:`CIFAR10_MEAN` / :data:`CIFAR10_STD`, the normalisation the shipped checkpoints were
-    trained with (``normalize=False`` keeps them in [0, 1]); labels as int64. ``limit`` keeps a
-    class-balanced part (:func:`balanced_indices`).
+    trained with (``normalize=False`` keeps them in [0, 1]; ``mean``/``std`` replace the
+    normalisation); labels as int64. ``limit`` keeps a class-balanced part
+    (:func:`balanced_indices`).
     """
     name = _split(split)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
@@ -129,7 +131,7 @@ def cifar10_subset(split: str, limit: Optional[int] = None, normalize: bool = Tr
             f"cifar10_subset: package data file {str(CIFAR10_SUBSET_PATH)!r} is missing; reinstall the package")
     with np.load(CIFAR10_SUBSET_PATH) as z:
         x, y = z[f"x_{name}"], z[f"y_{name}"]
-    return _uint8_nhwc_dataset(x, y, limit, normalize)
+    return _uint8_nhwc_dataset(x, y, limit, normalize, mean, std)
 
 
 def digits(split: str, test_fraction: float = 0.25, seed: int = 0) -> TensorDataset:
