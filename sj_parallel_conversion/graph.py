@@ -32,6 +32,7 @@ from torch import fx
 from .activation import DAQCFS, QCFS, ClipReLU
 
 __all__ = [
+    "AnalogReLU",
     "ChunkPart",
     "ConstantScale",
     "GraphConversionError",
@@ -40,7 +41,10 @@ __all__ = [
     "activation_sites",
     "check_batch_axis",
     "is_activation_site",
+    "keep_analog",
     "prepare_graph",
+    "to_multistep",
+    "validate_graph",
 ]
 
 ACTIVATION_TYPES = (nn.ReLU, ClipReLU, QCFS, DAQCFS)

@@ -27,7 +27,7 @@ from .user import build_user_model, extract_state_dict, load_user_model, state_d
 
 __all__ = [
     "MODEL_NAMES", "ACTIVATIONS", "build_model", "make_act", "torchvision_resnet", "make_convertible",
-    "save_checkpoint", "load_checkpoint", "CHECKPOINT_FORMAT",
+    "save_checkpoint", "load_checkpoint", "CHECKPOINT_FORMAT", "state_dict_mismatch",
     "load_user_model", "build_user_model", "extract_state_dict",
     "CifarCNN", "DigitsCNN", "VGG16", "ResNet18", "CifarResNet", "BasicBlock", "OptionABlock",
 ]

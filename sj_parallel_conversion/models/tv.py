@@ -72,10 +72,9 @@ def torchvision_resnet(depth: int, num_classes: int = 1000, weights_path: Option
     if weights_path is not None:
         from ..fileio import load_tensor_file
 
-        state = load_tensor_file(weights_path, what="weights file")
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        from .user import state_dict_mismatch
+        from .user import extract_state_dict, state_dict_mismatch
+
+        state = extract_state_dict(load_tensor_file(weights_path, what="weights file"))
 
         problem = state_dict_mismatch(model, state)
         if problem:

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from ..fileio import load_tensor_file
 
-__all__ = ["load_user_model", "build_user_model", "extract_state_dict"]
+__all__ = ["load_user_model", "build_user_model", "extract_state_dict", "state_dict_mismatch", "WRAPPER_KEYS"]
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 _PREFIXES = ("module.", "_orig_mod.")
