@@ -36,7 +36,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--calib-batches", type=int, default=None, help="default: one epoch of the training set")
     p.add_argument("--limit-test", type=int, default=None)
-    p.add_argument("--method", choices=["ema", "moment"], default="ema")
+    p.add_argument("--method", choices=["ema", "moment", "auto", "learned"], default="ema",
+                   help="calibration method (default ema: the paper's Algorithm 1; auto/learned fit for minutes)")
     p.add_argument("--no-calibration", action="store_true")
     p.add_argument("--count-domain", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -41,6 +41,9 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--keep-stem-analog", action="store_true", help="keep the stem ReLU analog, as the paper does")
     p.add_argument("--count-domain", action="store_true", help="evaluate without time steps (same predictions)")
+    p.add_argument("--method", choices=["ema", "moment", "auto", "learned"], default="ema",
+                   help="calibration: ema (the paper's Algorithm 1, default), moment, auto or learned "
+                        "(a fit of minutes to hours on a CPU for ImageNet-sized networks)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -60,7 +63,7 @@ def main(argv=None):
     rows = []
     for T in args.T:
         t0 = time.perf_counter()
-        recipe = ParallelConversionRecipe(T, calib, num_batches=args.calib_batches,
+        recipe = ParallelConversionRecipe(T, calib, num_batches=args.calib_batches, method=args.method,
                                           analog_sites=["relu"] if args.keep_stem_analog else ())
         snn = ParallelConverter(recipe, device=args.device).convert(copy.deepcopy(ann))
         conv = time.perf_counter() - t0

@@ -52,7 +52,9 @@ def main(argv=None):
     print(res.to_text())
 
     def test_acc(T):
-        snn = ParallelConverter(ParallelConversionRecipe(T, calib, progress=False)).convert(copy.deepcopy(ann))
+        # Algorithm 1, as the search itself uses: both columns compare the same calibration.
+        snn = ParallelConverter(ParallelConversionRecipe(T, calib, progress=False, method="ema")).convert(
+            copy.deepcopy(ann))
         return evaluate(predictor(snn, T, count_domain=True), test, progress=False)[0]  # built once
 
     weighted = max(1, round(res.weighted_T))
