@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -168,17 +168,20 @@ def spike_inference(model: nn.Module, x: torch.Tensor, T: Optional[int] = None) 
     return out
 
 
-def predictor(model: nn.Module, T: int, count_domain: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+def predictor(model: nn.Module, T: Union[int, Dict[str, int], None],
+              count_domain: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x -> time-mean output`` of a converted model on static input ``x``.
 
     ``count_domain=False``: a spike-level run (:func:`spike_inference`): parallel networks get
-    the image once (each neuron emits its own ``T`` steps); any other multi-step SNN whose state
-    ``functional.reset_net`` clears, SpikingJelly's IF-neuron conversions included, gets it
-    repeated ``T`` times. ``count_domain=True``: the :func:`count_domain_model` of ``model``, built
-    once here (parallel neurons only; each neuron uses its own ``T``).
+    the image once (each neuron emits its own ``T`` steps, so ``T`` may be their per-layer
+    dictionary or ``None``); any other multi-step SNN whose state ``functional.reset_net``
+    clears, SpikingJelly's IF-neuron conversions included, gets it repeated ``T`` times (an int).
+    ``count_domain=True``: the :func:`count_domain_model` of ``model``, built once here (parallel
+    neurons only; each neuron uses its own ``T``).
     """
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise ValueError(f"T must be an integer >= 1, got {T!r}")
+    parallel = any(isinstance(m, ParallelConversionNode) for m in model.modules())
+    if not parallel and (isinstance(T, bool) or not isinstance(T, int) or T < 1):
+        raise ValueError(f"T must be an integer >= 1 for a network without parallel neurons, got {T!r}")
     if count_domain:
         counted = count_domain_model(model)
 
@@ -186,6 +189,6 @@ def predictor(model: nn.Module, T: int, count_domain: bool = False) -> Callable[
             with torch.no_grad():
                 return counted(x)
         return run
-    if any(isinstance(m, ParallelConversionNode) for m in model.modules()):
+    if parallel:
         return lambda x: spike_inference(model, x).mean(0)
     return lambda x: spike_inference(model, x, T).mean(0)
