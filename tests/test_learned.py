@@ -136,11 +136,14 @@ def test_split_holdout_whole_batches_or_batch_tails():
 
 
 # -- auto ---------------------------------------------------------------------------------------------
-def test_choose_prefers_agreement_then_kl_then_the_simpler_method():
+def test_choose_prefers_agreement_then_the_simpler_method_then_kl():
     s = lambda a, k: {"agreement": a, "kl": k, "images": 10}  # noqa: E731
     assert choose({"none": s(0.8, 0.1), "ema": s(0.9, 0.5), "learned": s(0.85, 0.01)}) == "ema"
-    assert choose({"none": s(0.9, 0.3), "ema": s(0.9, 0.2), "learned": s(0.9, 0.25)}) == "ema"
-    assert choose({"none": s(0.9, 0.2), "learned": s(0.9, 0.2)}) == "none"
+    # equal agreement: the simpler candidate, whatever its KL
+    assert choose({"none": s(0.9, 0.3), "ema": s(0.9, 0.2), "learned": s(0.9, 0.25)}) == "none"
+    assert choose({"ema": s(0.9, 0.3), "learned": s(0.9, 0.2)}) == "ema"
+    # KL decides only between candidates outside the preference list
+    assert choose({"x": s(0.9, 0.3), "y": s(0.9, 0.2)}) == "y"
 
 
 def test_auto_is_the_default_reports_its_choice_and_keeps_the_chosen_network(caplog):
