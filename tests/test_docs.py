@@ -41,7 +41,7 @@ def test_tutorial_script_runs_and_prints_the_comparison():
     # The claims the tutorial page makes about this script's output.
     assert "parallel neuron trains are sorted (0...0 1...1): True" in out
     assert "parallel model, two calls without reset_net give equal outputs: True" in out
-    assert "single-step call refused" in out
+    assert "single-step mode refused" in out
     assert "state_dict round trip reproduces the converted model: True" in out
     assert out.rstrip().endswith("tutorial finished")
 
