@@ -13,7 +13,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # Elements per block of the blocked loops below: the running sum (or output rows) of one block
 # stay in the CPU cache across the T steps, instead of one pass over memory per step.
-BLOCK = 1 << 15
+BLOCK = 1 << 17
 
 
 def flat_steps(x: torch.Tensor):
@@ -71,5 +71,38 @@ def fire(
 
     # m is this function's own buffer, so the count may overwrite it.
     k = formulas.spike_count(m, T, cv(theta_pre), cv(psi), cv(psi_da), inplace=True)
-    out = formulas.spikes_from_count(k, T, cv(spike_value), order)
+    sv = cv(spike_value)
+    out = spikes_blocked(k, T, sv, order)
+    if out is None:
+        out = formulas.spikes_from_count(k, T, sv, order)
     return out if out.dtype == x_seq.dtype else out.to(x_seq.dtype)
+
+
+def spikes_blocked(k: torch.Tensor, T: int, spike_value: torch.Tensor, order: str):
+    """:func:`.formulas.spikes_from_count` for large dense CPU counts, block by block, or ``None``.
+
+    The output ``[T, ...]`` is the node's largest memory traffic. Writing the 0/1 comparison for
+    all steps and then multiplying by the spike value costs two passes over it; here both run on
+    one cache-sized block of neurons at a time, so the output is written to memory once (the
+    same two operations per element, hence the same values).
+    """
+    if k.device.type != "cpu" or torch.compiler.is_compiling() or k.numel() <= BLOCK:
+        return None
+    flat_k = flat_steps(k.unsqueeze(0))
+    if flat_k is None:
+        return None
+    sv = torch.empty_like(k).copy_(torch.broadcast_to(spike_value, k.shape))
+    out = torch.empty_strided((T,) + tuple(k.shape), formulas.step_strides(k, T), dtype=k.dtype, device=k.device)
+    flat_k, flat_sv, flat_out = flat_k[0], flat_steps(sv.unsqueeze(0))[0], flat_steps(out)
+    late = order == "late"
+    for s in range(0, flat_k.numel(), BLOCK):
+        kb, svb = flat_k[s:s + BLOCK], flat_sv[s:s + BLOCK]
+        for t in range(T):
+            o = flat_out[t, s:s + BLOCK]
+            # late: step t (0-based) fires when t >= T - k; early: when t < k.
+            if late:
+                torch.ge(kb, T - t, out=o)
+            else:
+                torch.gt(kb, t, out=o)
+            o.mul_(svb)
+    return out
