@@ -44,17 +44,17 @@ def test_cifar10_npz_reads_nhwc_uint8_as_normalised_nchw_float(tmp_path):
 
 
 def test_cifar10_npz_limit_is_class_balanced_and_ordered(tmp_path):
-    x, y = _fake_cifar_npz(tmp_path)  # 5, 3 and 4 images of classes 0, 1, 2
+    _, y = _fake_cifar_npz(tmp_path)  # 5, 3 and 4 images of classes 0, 1, 2
     sub_x, sub_y = data.cifar10_npz("test", root=tmp_path, limit=6, normalize=False).tensors
     # each class: its first two images, in file order
     idx = sorted(i for c in range(3) for i in np.flatnonzero(y == c)[:2])
     assert sub_y.tolist() == y[idx].tolist()
     torch.testing.assert_close(sub_x, data.cifar10_npz("test", root=tmp_path, normalize=False).tensors[0][idx])
-    # 8 images: 8 // 3 = 2 of each class, then the 2 remaining from the earliest unused images
-    extra = [i for i in range(len(y)) if i not in idx][:2]
+    # 8 images: 8 // 3 = 2 of each class, then the 2 earliest images not yet taken
+    idx8 = sorted(idx + [i for i in range(len(y)) if i not in idx][:2])
     x8, y8 = data.cifar10_npz("test", root=tmp_path, limit=8, normalize=False).tensors
-    assert y8.tolist() == y[sorted(idx + extra)].tolist()
-    torch.testing.assert_close(x8, data.cifar10_npz("test", root=tmp_path, normalize=False).tensors[0][sorted(idx + extra)])
+    assert y8.tolist() == y[idx8].tolist()
+    torch.testing.assert_close(x8, data.cifar10_npz("test", root=tmp_path, normalize=False).tensors[0][idx8])
 
 
 @pytest.mark.slow  # reads and normalises the 10,000 real test images
