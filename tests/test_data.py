@@ -18,7 +18,47 @@ def test_cifar10_dir_default_and_env(monkeypatch):
     assert data.cifar10_dir() == Path("/some/where")
 
 
-def test_cifar10_npz_test_split(cifar10_dir):
+def _fake_cifar_npz(tmp_path, n_per_class=(5, 3, 4), hw=(4, 5)):
+    """A small file in the layout of the real ones: uint8 NHWC images, labels in shuffled order."""
+    rng = np.random.default_rng(0)
+    y = rng.permutation(np.repeat(np.arange(len(n_per_class)), n_per_class)).astype(np.uint8)
+    x = rng.integers(0, 256, (len(y), *hw, 3), dtype=np.uint8)
+    np.savez(tmp_path / "test.npz", x=x, y=y)
+    return x, y
+
+
+def test_cifar10_npz_reads_nhwc_uint8_as_normalised_nchw_float(tmp_path):
+    x, y = _fake_cifar_npz(tmp_path)
+    raw_x, raw_y = data.cifar10_npz("test", root=tmp_path, normalize=False).tensors
+    assert raw_x.shape == (len(y), 3, 4, 5) and raw_x.dtype == torch.float32 and raw_y.dtype == torch.int64
+    assert raw_y.tolist() == y.tolist()
+    # image 3, channel 2, row 1, column 4 is byte x[3, 1, 4, 2] / 255
+    assert float(raw_x[3, 2, 1, 4]) == pytest.approx(x[3, 1, 4, 2] / 255.0, abs=1e-7)
+    torch.testing.assert_close(raw_x, torch.from_numpy(x).permute(0, 3, 1, 2).double().div(255).float())
+    mean = torch.tensor(data.CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(data.CIFAR10_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(data.cifar10_npz("test", root=tmp_path).tensors[0], (raw_x - mean) / std)
+    m, s = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
+    torch.testing.assert_close(data.cifar10_npz("test", root=tmp_path, mean=m, std=s).tensors[0],
+                               (raw_x - torch.tensor(m).view(1, 3, 1, 1)) / torch.tensor(s).view(1, 3, 1, 1))
+
+
+def test_cifar10_npz_limit_is_class_balanced_and_ordered(tmp_path):
+    _, y = _fake_cifar_npz(tmp_path)  # 5, 3 and 4 images of classes 0, 1, 2
+    sub_x, sub_y = data.cifar10_npz("test", root=tmp_path, limit=6, normalize=False).tensors
+    # each class: its first two images, in file order
+    idx = sorted(i for c in range(3) for i in np.flatnonzero(y == c)[:2])
+    assert sub_y.tolist() == y[idx].tolist()
+    torch.testing.assert_close(sub_x, data.cifar10_npz("test", root=tmp_path, normalize=False).tensors[0][idx])
+    # 8 images: 8 // 3 = 2 of each class, then the 2 earliest images not yet taken
+    idx8 = sorted(idx + [i for i in range(len(y)) if i not in idx][:2])
+    x8, y8 = data.cifar10_npz("test", root=tmp_path, limit=8, normalize=False).tensors
+    assert y8.tolist() == y[idx8].tolist()
+    torch.testing.assert_close(x8, data.cifar10_npz("test", root=tmp_path, normalize=False).tensors[0][idx8])
+
+
+@pytest.mark.slow  # reads and normalises the 10,000 real test images
+def test_cifar10_npz_real_test_split(cifar10_dir):
     ds = data.cifar10_npz("test", root=cifar10_dir)
     x, y = ds.tensors
     assert x.shape == (10000, 3, 32, 32) and x.dtype == torch.float32
@@ -27,26 +67,11 @@ def test_cifar10_npz_test_split(cifar10_dir):
     # normalised with the training statistics: the test set is close to zero mean, unit std
     assert x.mean(dim=(0, 2, 3)).abs().max() < 0.05
     assert (x.std(dim=(0, 2, 3)) - 1).abs().max() < 0.05
-    raw = data.cifar10_npz("test", root=cifar10_dir, limit=20, normalize=False).tensors[0]
-    assert 0.0 <= raw.min() and raw.max() <= 1.0
-    mean = torch.tensor(data.CIFAR10_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(data.CIFAR10_STD).view(1, 3, 1, 1)
-    norm = data.cifar10_npz("test", root=cifar10_dir, limit=20).tensors[0]
-    torch.testing.assert_close(norm, (raw - mean) / std)
-
-
-def test_cifar10_npz_limit_is_class_balanced_and_ordered(cifar10_dir):
-    full_y = data.cifar10_npz("test", root=cifar10_dir).tensors[1]
-    x, y = data.cifar10_npz("test", root=cifar10_dir, limit=100).tensors
-    assert len(y) == 100 and torch.bincount(y, minlength=10).tolist() == [10] * 10
-    idx = data.balanced_indices(full_y.numpy(), 100)
-    assert np.all(np.diff(idx) > 0)  # original order
-    assert torch.equal(full_y[torch.from_numpy(idx)], y)
-    # each class: its first images in file order
-    for c in range(10):
-        first = torch.nonzero(full_y == c).flatten()[:10].numpy()
-        assert set(first) <= set(idx)
-    assert len(data.cifar10_npz("test", root=cifar10_dir, limit=13)) == 13  # remainder filled in order
+    # limit: the first images of each class of the real file, in file order
+    x100, y100 = data.cifar10_npz("test", root=cifar10_dir, limit=100).tensors
+    assert torch.bincount(y100, minlength=10).tolist() == [10] * 10
+    idx = torch.from_numpy(data.balanced_indices(y.numpy(), 100))
+    assert torch.equal(x[idx], x100) and torch.equal(y[idx], y100)
 
 
 def test_balanced_indices_edge_cases():
@@ -148,6 +173,7 @@ def test_cifar10_subset_bad_arguments():
         data.cifar10_subset("test", limit=0)
 
 
+@pytest.mark.slow  # reads the 141 MB training array
 def test_cifar10_subset_is_the_documented_selection_of_the_full_arrays(cifar10_dir):
     """The shipped images are bit-identical to the full arrays at the recorded positions, and the
     positions are the class-balanced selection the data_files README states."""

@@ -10,10 +10,9 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from sj_parallel_conversion import ParallelConverter, count_inference
+from sj_parallel_conversion.compare import evaluate
 from sj_parallel_conversion.distributed import allreduce_reducer, distributed_evaluate, shard_indices
 from sj_parallel_conversion.learned import LearnedCalibration
-
-pytestmark = pytest.mark.slow  # spawns two processes
 
 BATCH = 16  # per rank
 
@@ -53,6 +52,7 @@ def _worker(rank, world, init_file, out_dir, method):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns two processes
 @pytest.mark.parametrize("method", ["ema", "learned"])
 def test_two_process_gloo_calibration_equals_single_process(tmp_path, method):
     world = 2
@@ -80,3 +80,23 @@ def test_two_process_gloo_calibration_equals_single_process(tmp_path, method):
     # Evaluation counts are summed over ranks.
     assert r0["n"] == r1["n"] == len(x)
     assert r0["acc"] == r1["acc"]
+
+
+def test_shards_are_contiguous_equal_and_disjoint():
+    shards = [list(shard_indices(10, r, 3)) for r in range(3)]
+    assert shards == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]  # item 9 dropped: every rank runs 3 steps
+    assert list(shard_indices(7)) == list(range(7))  # one process: everything
+    with pytest.raises(ValueError, match="cannot shard 2 items over 3 processes"):
+        shard_indices(2, 0, 3)
+
+
+def test_without_a_process_group_reduction_and_evaluation_are_local():
+    assert not dist.is_initialized()
+    t = torch.tensor([1.0, -2.0])
+    assert torch.equal(allreduce_reducer()(t, "sum"), t) and torch.equal(allreduce_reducer()(t, "max"), t)
+    x, y = _data()
+    loader = [(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, 64, BATCH)]
+    model = _model()
+    acc, n, _ = distributed_evaluate(model, loader)
+    assert (acc, n) == evaluate(model, loader)[:2]
+    assert n == 64 and acc == sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in loader) / 64

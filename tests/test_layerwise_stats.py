@@ -47,7 +47,6 @@ def test_site_weights_are_consumer_macs():
     assert w["3"] == 96 * 5
 
 
-@pytest.mark.slow  # a dozen conversions
 def test_search_keeps_accuracy_within_budget_and_lowers_T():
     x = _data(256)
     ann = _net()

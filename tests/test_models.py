@@ -107,12 +107,14 @@ def test_resnet_option_b_uses_conv_shortcuts():
 
 
 def test_vgg16_pooling_option():
-    avg = models.build_model("vgg16", hidden=32)
-    mx = models.build_model("vgg16", pool="max", hidden=32)
+    with torch.device("meta"):  # structure only: no memory, no weight initialisation
+        avg = models.build_model("vgg16", hidden=32)
+        mx = models.build_model("vgg16", pool="max", hidden=32)
+        default = models.build_model("vgg16")
     assert sum(isinstance(m, nn.AvgPool2d) for m in avg.modules()) == 5
     assert sum(isinstance(m, nn.MaxPool2d) for m in mx.modules()) == 5
     assert sum(isinstance(m, nn.Conv2d) for m in avg.modules()) == 13
-    assert models.build_model("vgg16").classifier[0].out_features == 4096
+    assert default.classifier[0].out_features == 4096
 
 
 def test_unknown_model_and_activation():

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # converts a ResNet-20 five times (about a minute on one core)
-
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "docs" / "quickstart.rst"
 
@@ -43,6 +41,7 @@ def test_python_blocks_are_found():
     assert "load_checkpoint" in blocks[0] and "count_inference" in blocks[-1]
 
 
+@pytest.mark.slow  # converts a ResNet-20 five times (about a minute on one core)
 def test_quickstart_runs_as_one_script(tmp_path):
     script = tmp_path / "quickstart.py"
     script.write_text("\n\n".join(python_blocks(QUICKSTART.read_text())) + "\n")
@@ -64,6 +63,7 @@ def test_quickstart_runs_as_one_script(tmp_path):
     assert set(accs) == {4, 8, 32} and accs[32] > accs[4], out
 
 
+@pytest.mark.slow  # a fresh interpreter converts the shipped ResNet-20
 def test_readme_python_snippet_runs_as_written(tmp_path):
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
