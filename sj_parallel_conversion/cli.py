@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -656,30 +656,28 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print("sj-parallel: interrupted (no output file was written or changed)", file=sys.stderr)
         return 130
-    except USER_ERRORS as exc:
+    except Exception as exc:  # the traceback with --debug; else one line, a bug never disguised as bad input
         if args.debug:
             raise
-        print(f"sj-parallel: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    except torch.OutOfMemoryError as exc:  # the machine, not a bug: say what to lower
-        if args.debug:
-            raise
-        print(f"sj-parallel: error: out of memory on {getattr(args, 'device', 'the device')} "
-              f"({_one_line(exc)}); lower --batch-size", file=sys.stderr)
-        return 2
-    except Exception as exc:  # a bug, not bad input: not disguised as one; the traceback with --debug
-        if args.debug:
-            raise
-        if _raised_while_tracing(exc):
-            # The model's own forward failed under torch.fx (a loop over a size, say): the user's
-            # model, not this package, though fx raises TypeError/RuntimeError/... for it.
-            print(f"sj-parallel: error: the model cannot be traced by torch.fx, which conversion needs (no Python "
-                  f"control flow on tensor values or sizes in forward): {type(exc).__name__}: {_one_line(exc)}",
-                  file=sys.stderr)
-            return 2
-        print(f"sj-parallel: internal error: {type(exc).__name__}: {_one_line(exc)} (a bug in sj-parallel, "
-              "not in the input; run with --debug for the traceback)", file=sys.stderr)
-        return 1
+        status, line = _error_line(exc, args)
+        print(line, file=sys.stderr)
+        return status
+
+
+def _error_line(exc: Exception, args) -> Tuple[int, str]:
+    """Exit status and message for ``exc``: 2 for the user's input or machine, 1 for a bug."""
+    if _raised_while_tracing(exc):
+        # The model's own forward failed under torch.fx (a loop over a size, say): the user's
+        # model, not this package, whichever type fx raised (TraceError, TypeError, ...).
+        return 2, (f"sj-parallel: error: the model cannot be traced by torch.fx, which conversion needs (no Python "
+                   f"control flow on tensor values or sizes in forward): {type(exc).__name__}: {_one_line(exc)}")
+    if isinstance(exc, USER_ERRORS):
+        return 2, f"sj-parallel: error: {_one_line(exc)}"
+    if isinstance(exc, torch.OutOfMemoryError):  # the machine, not a bug: say what to lower
+        return 2, (f"sj-parallel: error: out of memory on {getattr(args, 'device', 'the device')} "
+                   f"({_one_line(exc)}); lower --batch-size")
+    return 1, (f"sj-parallel: internal error: {type(exc).__name__}: {_one_line(exc)} (a bug in sj-parallel, not "
+               "in the input; run with --debug for the traceback)")
 
 
 def _raised_while_tracing(exc: BaseException) -> bool:

@@ -43,8 +43,21 @@ class SizeLoop(MeanSign):
         return super().forward(x)
 
 
+class ValueBranch(MeanSign):
+    """Branches on a tensor value in Python: torch.fx refuses it with its own TraceError."""
+
+    def forward(self, x):
+        if x.mean() > 10:
+            x = x / 10
+        return super().forward(x)
+
+
 def untraceable(num_classes: int = 10) -> nn.Module:
     return SizeLoop(num_classes)
+
+
+def branching(num_classes: int = 10) -> nn.Module:
+    return ValueBranch(num_classes)
 
 
 def failing(num_classes: int = 10) -> nn.Module:

@@ -247,6 +247,8 @@ def test_user_models_that_fail_are_user_errors(tmp_path, capsys):
     # forward runs, but torch.fx cannot trace it (TypeError from the tracer)
     code, _, err = _run([*base, "--model", "cli_user_models:untraceable"], capsys)
     assert code == 2 and "cannot be traced by torch.fx" in _one_error_line(err) and "TypeError" in err
+    code, _, err = _run([*base, "--model", "cli_user_models:branching"], capsys)
+    assert code == 2 and "cannot be traced by torch.fx" in _one_error_line(err) and "TraceError" in err
     # the factory itself raises
     code, _, err = _run([*base, "--model", "cli_user_models:failing"], capsys)
     assert code == 2 and "calling failing() failed: RuntimeError" in _one_error_line(err)
