@@ -6,7 +6,7 @@ They form the paper's chain ``ReLU -> ClipReLU -> DA-QCFS -> parallel neuron`` a
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import torch
 import torch.nn as nn

@@ -1,18 +1,20 @@
 """sj-parallel (also python -m sj_parallel_conversion): demo, convert, evaluate, compare, stats, search-t.
 
 Error contract: errors a user can cause (missing, corrupt, empty or pickle-only files, directories
-given as files, unknown models, mismatched weights, bad T, unwritable outputs) print one line
-``sj-parallel: error: ...`` naming the file or argument and exit with status 2; output paths are
-checked before any loading or conversion. Ctrl-C prints one line and exits with 130; every file
-is written to a temporary file and renamed, so an interrupted or failed write leaves no partial
-file and keeps the previous one. ``--debug`` shows the traceback instead of the line.
+given as files, unknown models, mismatched weights, a model that does not accept the data, bad T,
+options that do not apply together, unwritable outputs) print one line ``sj-parallel: error: ...``
+naming the file or argument and exit with status 2; output paths are checked before any loading
+or conversion. Ctrl-C prints one line and exits with 130; every file is written to a temporary
+file and renamed, so an interrupted or failed write leaves no partial file and keeps the previous
+one. Any other exception is a bug: one line that says so, exit status 1. ``--debug`` shows the
+traceback instead of the line.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -22,6 +24,13 @@ __all__ = ["main", "build_parser"]
 
 class CLIError(Exception):
     """An error whose message is shown to the user as one line."""
+
+
+#: Exceptions that describe the user's input or machine, shown as one line with exit status 2:
+#: the CLI's own checks, ``ValueError`` (the package's validation raises it or a subclass such as
+#: ``GraphConversionError`` and ``FileError``; so does torch.fx for a model it cannot trace) and
+#: ``OSError`` (files, folders, permissions, full disks). Anything else is a bug and exits with 1.
+USER_ERRORS = (CLIError, ValueError, OSError)
 
 
 def _positive_int(text: str) -> int:
@@ -34,7 +43,8 @@ def _positive_int(text: str) -> int:
     return v
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
+def _add_data_args(p: argparse.ArgumentParser, test_images: bool = True) -> None:
+    """Data options; ``test_images=False`` for subcommands that never read the test split (no --limit)."""
     g = p.add_argument_group("data")
     g.add_argument("--data", default="npz", choices=["npz", "subset", "cifar10", "cifar100", "imagefolder", "digits"],
                    help="npz: the project's CIFAR-10 arrays (SJPC_CIFAR10_DIR); subset: the CIFAR-10 subset "
@@ -43,7 +53,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-root", default=None, help="dataset folder (npz dir, torchvision root or ImageFolder root)")
     g.add_argument("--download", action="store_true", help="let torchvision download CIFAR (never by default)")
     g.add_argument("--batch-size", type=_positive_int, default=128, help="images per batch (default 128)")
-    g.add_argument("--limit", type=_positive_int, default=None, help="evaluate on at most this many test images")
+    if test_images:
+        g.add_argument("--limit", type=_positive_int, default=None, help="evaluate on at most this many test images")
     g.add_argument("--calib-batches", type=_positive_int, default=None,
                    help="at most this many calibration batches (from the training split)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -77,7 +88,8 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                         "agrees best with the ANN on held-out calibration images; learned: learn every neuron's "
                         "per-channel thresholds and shift; ema: Algorithm 1 as published; moment: moment matching")
     g.add_argument("--learn-steps", type=_positive_int, default=None,
-                   help="learned calibration: at most this many optimisation steps (default 300)")
+                   help="learned calibration (--method auto or learned; compare: also parallel-learned): at "
+                        "most this many optimisation steps (default 300)")
 
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
@@ -107,20 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "(default runs/demo, relative to the current folder)")
     d.add_argument("--T", type=_positive_int, nargs="+", default=None,
                    help="time steps to convert for (default 4 8 16 32; digits: 2 4 8 16 32)")
-    d.add_argument("--images", type=_positive_int, default=256,
+    d.add_argument("--images", type=_positive_int, default=None,
                    help="cifar10: test images to evaluate on, at most 1000 (default 256)")
-    d.add_argument("--calib-images", type=_positive_int, default=256,
-                   help="cifar10: training images to calibrate on, at most 1024 (default 256)")
+    d.add_argument("--calib-images", type=_positive_int, default=None,
+                   help="cifar10: training images to calibrate on, 2 to 1024 (default 256)")
     from .compare import BUILTIN
-    d.add_argument("--baselines", nargs="+", choices=list(BUILTIN), default=["rate-cw-99.9%"],
+    d.add_argument("--baselines", nargs="+", choices=list(BUILTIN), default=None,
                    help="cifar10: SpikingJelly converters to compare with, each evaluated at every T from one "
                         "IF run of the largest T (default rate-cw-99.9%%: RateCodingRecipe's strongest setting)")
-    d.add_argument("--learned-T", type=_positive_int, nargs="+", default=[],
+    d.add_argument("--learned-T", type=_positive_int, nargs="+", default=None,
                    help="cifar10: also try learned calibration at these T (method auto: keep whichever of none, "
                         "Algorithm 1 and learned agrees best with the ANN); slow on a CPU, a minute or more per T")
-    d.add_argument("--learn-steps", type=_positive_int, default=20,
+    d.add_argument("--learn-steps", type=_positive_int, default=None,
                    help="cifar10: optimisation steps of each learned calibration (default 20)")
-    d.add_argument("--epochs", type=_positive_int, default=15,
+    d.add_argument("--epochs", type=_positive_int, default=None,
                    help="digits: training epochs of each tiny CNN (default 15)")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -134,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--alpha", type=float, default=0.99,
                    help="momentum of Algorithm 1's moving average (default 0.99)")
     _add_method_args(c)
-    _add_data_args(c)
+    _add_data_args(c, test_images=False)
     c.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     e = sub.add_parser("evaluate", help="accuracy at a list of T, spike-level or count-domain")
@@ -163,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("stats", help="per-layer firing rates, SOPs and an energy estimate of a converted model")
     _add_source_args(st, snn=True)
-    st.add_argument("--T", type=_positive_int, default=None, help="time steps (required with --checkpoint)")
+    st.add_argument("--T", type=_positive_int, default=None,
+                    help="time steps to convert for (required with --checkpoint / --model; with --snn only the "
+                         "file's own T is accepted)")
     _add_method_args(st)
     _add_data_args(st)
     st.add_argument("--images", type=_positive_int, default=256, help="test images to run (spike level)")
@@ -181,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--search-batches", type=_positive_int, default=4,
                     help="batches of training images held out (never calibrated on) to score candidates")
     lt.add_argument("--seed", type=int, default=0, help="seed of the search/calibration split")
-    _add_data_args(lt)
+    _add_data_args(lt, test_images=False)
     lt.add_argument("--json", default=None, help="also write the result as JSON")
     lt.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
@@ -226,10 +240,11 @@ def _loaders(args, need_train: bool):
     from . import data
 
     train, test = _datasets(args, need_train)
-    if args.limit is not None and len(test) > args.limit:
+    limit = getattr(args, "limit", None)
+    if limit is not None and len(test) > limit:
         from torch.utils.data import Subset
 
-        test = Subset(test, range(args.limit))
+        test = Subset(test, range(limit))
     test = _shard(test)
     train = _shard(train) if train is not None else None
     test_loader = data.make_loader(test, args.batch_size)
@@ -298,18 +313,71 @@ def _finish_table(table, args) -> None:
         print(f"wrote {args.plot}")
 
 
+# Options of one demo only, with their defaults (None in the parser, so that a given one shows).
+_DEMO_ONLY = {
+    "cifar10": {"images": 256, "calib_images": 256, "baselines": ["rate-cw-99.9%"], "learned_T": [],
+                "learn_steps": 20},
+    "digits": {"epochs": 15},
+}
+
+
+def _check_demo_args(args) -> None:
+    """Refuse options of the other demo, fill in the defaults, check the CIFAR-10 subset's sizes."""
+    for data, options in _DEMO_ONLY.items():
+        for dest in options:
+            if data != args.data and getattr(args, dest) is not None:
+                raise CLIError(f"--{dest.replace('_', '-')} applies to 'demo --data {data}' only, not --data "
+                               f"{args.data}")
+            if getattr(args, dest) is None:
+                setattr(args, dest, options[dest])
+    if args.data != "cifar10":
+        return
+    if args.images > 1000:
+        raise CLIError(f"--images {args.images}: the shipped CIFAR-10 subset holds 1000 test images")
+    if args.calib_images > 1024:
+        raise CLIError(f"--calib-images {args.calib_images}: the shipped CIFAR-10 subset holds 1024 training images")
+    if args.calib_images < 2:
+        # Calibration keeps part of the images aside to judge the candidates against the ANN.
+        raise CLIError(f"--calib-images {args.calib_images}: calibration needs at least 2 images")
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    if args.data == "cifar10" and args.images > 1000:
-        raise CLIError(f"--images {args.images}: the shipped CIFAR-10 subset holds 1000 test images")
-    if args.data == "cifar10" and args.calib_images > 1024:
-        raise CLIError(f"--calib-images {args.calib_images}: the shipped CIFAR-10 subset holds 1024 training images")
     run_demo(out_dir=args.out, data=args.data, T_list=args.T, test_images=args.images,
              calib_images=args.calib_images, baselines=args.baselines, learned_T=args.learned_T,
-             learn_steps=args.learn_steps,
-             epochs=args.epochs, progress=not args.no_progress)
+             learn_steps=args.learn_steps, epochs=args.epochs, progress=not args.no_progress)
     return 0
+
+
+def _model_label(meta: dict) -> str:
+    """``name (activation)`` for checkpoints, which record the activation; the name alone for
+    --model NAME --weights FILE and for SNN files saved without a model name."""
+    name = meta.get("name") or "model"
+    return f"{name} ({meta['act']})" if meta.get("act") else name
+
+
+def _check_fits(model, loader, args, what: str, snn_T=None) -> None:
+    """Run ``model`` on one image of ``loader`` (a spike-level run for a converted network) so that a
+    model built for other inputs fails here, as a user error naming --data, before any calibration."""
+    from .calibration import extract_input
+    from .inference import predictor
+
+    batch = next(iter(loader), None)
+    if batch is None:
+        raise CLIError(f"--data {args.data}: the data set holds no images")
+    x = extract_input(batch)[:1].to(args.device)
+    run = model if snn_T is None else predictor(model, snn_T)
+    # torch reports shape and dtype mismatches as RuntimeError; a --model MODULE:CALLABLE forward is
+    # the user's own code, so anything it raises is about that model.
+    spec = getattr(args, "model", None) if snn_T is None else None
+    caught = Exception if spec and ":" in spec and not spec.startswith("torchvision:") else RuntimeError
+    try:
+        with torch.no_grad():
+            run(x)
+    except caught as exc:
+        raise CLIError(f"{what} does not accept --data {args.data} inputs (images of shape {tuple(x.shape[1:])}): "
+                       f"{_one_line(exc)}") from exc
 
 
 def cmd_convert(args) -> int:
@@ -317,6 +385,7 @@ def cmd_convert(args) -> int:
 
     ann, meta = _load_ann(args)
     calib_loader, _ = _loaders(args, need_train=True)
+    _check_fits(ann, calib_loader, args, _model_label(meta))
     calibrate = {"auto": None, "yes": True, "no": False}[args.calibrate]
     recipe = _recipe(args, args.T, calib_loader, calibrate)
     snn = ParallelConverter(recipe, device=args.device).convert(ann)
@@ -325,7 +394,7 @@ def cmd_convert(args) -> int:
     from .serialization import save_snn
 
     save_snn(snn, args.out, metadata={"T": args.T, "model": meta, "case": recipe.case})
-    print(f"converted {meta.get('name', '?')} ({recipe.case['source']} source, "
+    print(f"converted {meta.get('name') or 'model'} ({recipe.case['source']} source, "
           f"calibrated={recipe.case['calibrate']}) at T={args.T}: wrote {args.out}")
     return 0
 
@@ -361,6 +430,7 @@ def cmd_evaluate(args) -> int:
         if args.T and args.T != [T]:
             raise CLIError(f"{args.snn} was converted for T={T}; convert again for other T")
         _, test_loader = _loaders(args, need_train=False)
+        _check_fits(snn, test_loader, args, f"SNN file {args.snn!r}", snn_T=T)
         pred = predictor(snn, T, count_domain=args.mode == "count")
         acc, n, sec = evaluate(pred, test_loader, **ev)
         table.rows.append(ComparisonRow("parallel" if args.mode == "spike" else "parallel-count", T, acc, n, 0.0, sec))
@@ -369,6 +439,7 @@ def cmd_evaluate(args) -> int:
             raise CLIError("--T is required with --checkpoint / --model")
         ann, meta = _load_ann(args)
         calib_loader, test_loader = _loaders(args, need_train=True)
+        _check_fits(ann, test_loader, args, _model_label(meta))
         acc, n, sec = evaluate(ann, test_loader, **ev)
         table.rows.append(ComparisonRow("ann", None, acc, n, 0.0, sec))
         for T in args.T:
@@ -391,7 +462,8 @@ def cmd_compare(args) -> int:
 
     ann, meta = _load_ann(args)
     calib_loader, test_loader = _loaders(args, need_train=True)
-    title = args.title or (f"{meta.get('name', 'model')} ({meta.get('act', '?')}) on {args.data}, "
+    _check_fits(ann, test_loader, args, _model_label(meta))
+    title = args.title or (f"{_model_label(meta)} on {args.data}, "
                            f"{'all' if args.limit is None else args.limit} test images")
     table = compare_converters(ann, calib_loader, test_loader, args.T, methods=args.methods,
                                num_calib_batches=args.calib_batches, device=args.device,
@@ -406,11 +478,14 @@ def _snn_for(args):
 
     if args.snn:
         snn, meta, T = _read_snn(args.snn, args.device)
+        if args.T is not None and args.T != T:
+            raise CLIError(f"--T {args.T}: {args.snn} was converted for T={T}; convert again for another T")
         return snn, meta, T
     if not args.T:
         raise CLIError("--T is required with --checkpoint / --model")
     ann, meta = _load_ann(args)
     calib_loader, _ = _loaders(args, need_train=True)
+    _check_fits(ann, calib_loader, args, _model_label(meta))
     snn = ParallelConverter(_recipe(args, args.T, calib_loader), device=args.device).convert(ann)
     return snn, meta, args.T
 
@@ -421,6 +496,8 @@ def cmd_stats(args) -> int:
 
     snn, meta, T = _snn_for(args)
     _, test_loader = _loaders(args, need_train=False)
+    if args.snn:
+        _check_fits(snn, test_loader, args, f"SNN file {args.snn!r}", snn_T=T)
     xs, n = [], 0
     for x in iterate_inputs(test_loader, args.device, None, progress=False):
         xs.append(x)
@@ -429,7 +506,7 @@ def cmd_stats(args) -> int:
             break
     x = torch.cat(xs)[: args.images]
     report = spike_statistics(snn, x)
-    print(f"{meta.get('name', 'model')} at T={T}, {len(x)} test images")
+    print(f"{_model_label(meta)} at T={T}, {len(x)} test images")
     print(report.to_text())
     if args.json:
         write_json(args.json, report.as_dict())
@@ -463,6 +540,7 @@ def cmd_search_t(args) -> int:
 
     ann, meta = _load_ann(args)
     calib_loader, search_loader = _search_loaders(args)
+    _check_fits(ann, search_loader, args, _model_label(meta))
     res = search_layer_T(ann, calib_loader, search_loader, T_max=args.T_max, candidates=args.candidates,
                          max_loss=args.max_loss, num_calib_batches=args.calib_batches,
                          num_search_batches=args.search_batches, device=args.device)
@@ -513,6 +591,11 @@ def _check_args(args) -> None:
             raise CLIError(f"--std values must be positive, got {std}")
         if args.data == "digits":
             raise CLIError("--mean/--std do not apply to --data digits (standardised by its own training split)")
+    if args.command == "demo":
+        _check_demo_args(args)
+    _check_learn_steps(args)
+    if getattr(args, "device", None) is not None:
+        _check_device(args.device)
     inputs = [getattr(args, k, None) for k in ("checkpoint", "weights", "snn")]
     outputs = {} if args.command == "demo" else {
         f"--{k}": getattr(args, k) for k in ("out", "json", "csv", "plot") if getattr(args, k, None)}
@@ -525,8 +608,39 @@ def _check_args(args) -> None:
         seen[real] = flag
 
 
+def _check_learn_steps(args) -> None:
+    """--learn-steps sets the learned fit: refuse it where no learned calibration runs."""
+    if args.command == "demo" or getattr(args, "learn_steps", None) is None:
+        return
+    if getattr(args, "snn", None):
+        raise CLIError("--learn-steps does not apply to --snn: the saved network is already calibrated")
+    if getattr(args, "calibrate", None) == "no":
+        raise CLIError("--learn-steps does not apply with --calibrate no: nothing is calibrated")
+    learns = args.method in ("auto", "learned")
+    if args.command == "compare":
+        # parallel-learned always learns; the other parallel rows follow --method.
+        learns = "parallel-learned" in args.methods or (
+            learns and any(m in args.methods for m in ("parallel", "parallel-count")))
+        if not learns:
+            raise CLIError(f"--learn-steps does not apply: with --method {args.method} and --methods "
+                           f"{' '.join(args.methods)} no learned calibration runs (add parallel-learned to "
+                           "--methods, or use --method auto or learned)")
+    elif not learns:
+        raise CLIError(f"--learn-steps does not apply with --method {args.method}, which learns nothing "
+                       "(use --method auto or learned, or drop --learn-steps)")
+
+
+def _check_device(device: str) -> None:
+    """A device string torch understands, on a device this machine has."""
+    try:
+        torch.empty(0, device=torch.device(device))
+    except (RuntimeError, AssertionError) as exc:  # a bad string; no driver; torch built without CUDA
+        raise CLIError(f"--device {device}: {_one_line(exc)}") from None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run the CLI; returns the exit status (0, 2 for bad input, 130 for Ctrl-C, 1 for a bug)."""
+    """Run the CLI; returns the exit status (0; 2 for bad input, :data:`USER_ERRORS`; 130 for
+    Ctrl-C; 1 for a bug)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     from . import distributed
@@ -542,23 +656,43 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print("sj-parallel: interrupted (no output file was written or changed)", file=sys.stderr)
         return 130
-    except (CLIError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+    except Exception as exc:  # the traceback with --debug; else one line, a bug never disguised as bad input
         if args.debug:
             raise
-        print(f"sj-parallel: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # a bug, not bad input: still one line, the traceback with --debug
-        if args.debug:
-            raise
-        print(f"sj-parallel: internal error: {type(exc).__name__}: {_one_line(exc)} "
-              "(run with --debug for the traceback)", file=sys.stderr)
-        return 1
+        status, line = _error_line(exc, args)
+        print(line, file=sys.stderr)
+        return status
+
+
+def _error_line(exc: Exception, args) -> Tuple[int, str]:
+    """Exit status and message for ``exc``: 2 for the user's input or machine, 1 for a bug."""
+    if _raised_while_tracing(exc):
+        # The model's own forward failed under torch.fx (a loop over a size, say): the user's
+        # model, not this package, whichever type fx raised (TraceError, TypeError, ...).
+        return 2, (f"sj-parallel: error: the model cannot be traced by torch.fx, which conversion needs (no Python "
+                   f"control flow on tensor values or sizes in forward): {type(exc).__name__}: {_one_line(exc)}")
+    if isinstance(exc, USER_ERRORS):
+        return 2, f"sj-parallel: error: {_one_line(exc)}"
+    if isinstance(exc, torch.OutOfMemoryError):  # the machine, not a bug: say what to lower
+        return 2, (f"sj-parallel: error: out of memory on {getattr(args, 'device', 'the device')} "
+                   f"({_one_line(exc)}); lower --batch-size")
+    return 1, (f"sj-parallel: internal error: {type(exc).__name__}: {_one_line(exc)} (a bug in sj-parallel, not "
+               "in the input; run with --debug for the traceback)")
+
+
+def _raised_while_tracing(exc: BaseException) -> bool:
+    """Was ``exc`` raised inside ``torch.fx.Tracer.trace``, i.e. by a model's forward being traced?"""
+    import inspect
+    import traceback
+
+    from torch import fx
+
+    code = inspect.unwrap(fx.Tracer.trace).__code__
+    return any(frame.f_code is code for frame, _ in traceback.walk_tb(exc.__traceback__))
 
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    if isinstance(exc, KeyError) and exc.args:
-        text = f"missing key {exc.args[0]!r}"
     return text.splitlines()[0] if text else type(exc).__name__
 
 

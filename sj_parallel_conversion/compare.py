@@ -18,7 +18,7 @@ import torch.nn as nn
 from spikingjelly.activation_based import functional
 
 from .calibration import iterate_inputs
-from .fileio import save_figure, write_json, write_text
+from .fileio import save_plot, write_json, write_text
 from .inference import predictor
 from .neuron import ParallelConversionNode
 from .progress import progress as progress_bar
@@ -160,11 +160,7 @@ class ComparisonTable:
         ax_acc.legend(fontsize=7)
         if self.title:
             fig.suptitle(self.title, fontsize=10)
-        fig.tight_layout()
-        try:
-            save_figure(fig, path, dpi=120)
-        finally:
-            plt.close(fig)
+        save_plot(fig, path)
         return path
 
 

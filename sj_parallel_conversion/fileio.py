@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator, Optional, Union
 import torch
 
 __all__ = ["FileError", "load_tensor_file", "check_output_path", "atomic_path", "save_tensors",
-           "write_text", "write_json", "save_figure"]
+           "write_text", "write_json", "save_figure", "save_plot"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -171,3 +171,15 @@ def save_figure(fig: Any, path: PathLike, **kwargs: Any) -> None:
     ext = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=ext or "png", **kwargs)
+
+
+def save_plot(fig: Any, path: PathLike, dpi: int = 120) -> None:
+    """Lay out a matplotlib figure tightly, :func:`save_figure` it and close it, also when saving
+    fails (an open figure would keep its memory for the rest of the process)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    try:
+        save_figure(fig, path, dpi=dpi)
+    finally:
+        plt.close(fig)

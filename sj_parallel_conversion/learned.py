@@ -19,7 +19,6 @@ stop and which parameters to keep.
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import asdict, dataclass

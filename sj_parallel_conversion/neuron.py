@@ -1,7 +1,6 @@
 """The parallel conversion neuron (paper Eq. 8, Theorem 4.1, Algorithm 1 Stage III/IV)."""
 from __future__ import annotations
 
-import math
 from typing import Optional, Union
 
 import torch

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
-from .fileio import save_figure
+from .fileio import save_plot
 from .inference import spike_inference
 from .neuron import ParallelConversionNode
 
@@ -134,11 +134,7 @@ class StatsReport:
         b.set_yscale("log")
         b.set_title("per-layer operations per image")
         b.legend(fontsize=8)
-        fig.tight_layout()
-        try:
-            save_figure(fig, path, dpi=120)
-        finally:
-            plt.close(fig)
+        save_plot(fig, path)
         return path
 
 

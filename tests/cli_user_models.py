@@ -32,3 +32,33 @@ def public_layout_weights() -> dict:
         m.fc.weight.copy_(torch.stack([k, -k], dim=1))
         m.fc.bias.zero_()
     return {"state_dict": {f"module.{k}": v for k, v in m.state_dict().items()}, "best_prec1": 12.5, "epoch": 3}
+
+
+class SizeLoop(MeanSign):
+    """Loops over the batch size in Python: runs eagerly, but torch.fx cannot trace it."""
+
+    def forward(self, x):
+        for _ in range(x.shape[0]):
+            pass
+        return super().forward(x)
+
+
+class ValueBranch(MeanSign):
+    """Branches on a tensor value in Python: torch.fx refuses it with its own TraceError."""
+
+    def forward(self, x):
+        if x.mean() > 10:
+            x = x / 10
+        return super().forward(x)
+
+
+def untraceable(num_classes: int = 10) -> nn.Module:
+    return SizeLoop(num_classes)
+
+
+def branching(num_classes: int = 10) -> nn.Module:
+    return ValueBranch(num_classes)
+
+
+def failing(num_classes: int = 10) -> nn.Module:
+    raise RuntimeError("this factory needs a config file")

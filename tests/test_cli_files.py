@@ -222,3 +222,113 @@ def test_debug_shows_the_traceback_and_bugs_exit_1(tmp_path, capsys, monkeypatch
     monkeypatch.setitem(cli.COMMANDS, "evaluate", buggy)
     code, _, err = _run(["evaluate", "--snn", tmp_path / "x.pt"], capsys)
     assert code == 1 and "internal error: ZeroDivisionError" in _one_error_line(err) and "--debug" in err
+
+
+# -- which errors are the user's: exit 2 for bad input, 1 (never disguised) for a bug -------------
+@pytest.mark.parametrize("exc", [KeyError("rows"), TypeError("bad operand"), RuntimeError("kernel failed"),
+                                 IndexError("list index out of range")])
+def test_unexpected_exceptions_are_bugs_not_user_errors(tmp_path, capsys, monkeypatch, exc):
+    def buggy(args):
+        raise exc
+
+    monkeypatch.setitem(cli.COMMANDS, "evaluate", buggy)
+    code, _, err = _run(["evaluate", "--snn", tmp_path / "x.pt"], capsys)
+    line = _one_error_line(err)
+    assert code == 1 and f"internal error: {type(exc).__name__}" in line and "a bug" in line, err
+    with pytest.raises(type(exc)):
+        cli.main(["--debug", "evaluate", "--snn", str(tmp_path / "x.pt")])
+
+
+def test_user_models_that_fail_are_user_errors(tmp_path, capsys):
+    weights = tmp_path / "w.pth"
+    torch.save(public_layout_weights(), weights)
+    base = ["evaluate", "--weights", weights, "--T", "2", "--data", "subset", "--limit", "8", "--no-progress",
+            "--calib-batches", "1", "--batch-size", "8", "--method", "ema"]
+    # forward runs, but torch.fx cannot trace it (TypeError from the tracer)
+    code, _, err = _run([*base, "--model", "cli_user_models:untraceable"], capsys)
+    assert code == 2 and "cannot be traced by torch.fx" in _one_error_line(err) and "TypeError" in err
+    code, _, err = _run([*base, "--model", "cli_user_models:branching"], capsys)
+    assert code == 2 and "cannot be traced by torch.fx" in _one_error_line(err) and "TraceError" in err
+    # the factory itself raises
+    code, _, err = _run([*base, "--model", "cli_user_models:failing"], capsys)
+    assert code == 2 and "calling failing() failed: RuntimeError" in _one_error_line(err)
+    # a 3-channel model given 1-channel 8x8 digits: named before any calibration
+    code, _, err = _run(["evaluate", "--model", "cli_user_models:factory", "--weights", weights, "--T", "2",
+                         *DIGITS], capsys)
+    assert code == 2 and "does not accept --data digits inputs (images of shape (1, 8, 8))" in _one_error_line(err)
+
+
+def test_saved_snn_given_other_data_is_a_user_error(digits_ckpt, tmp_path, capsys):
+    out = tmp_path / "snn.pt"
+    assert _run(["convert", "--checkpoint", digits_ckpt, "--T", "4", "--out", out, *DIGITS], capsys)[0] == 0
+    code, _, err = _run(["evaluate", "--snn", out, "--data", "subset", "--limit", "4"], capsys)
+    assert code == 2 and f"SNN file '{out}' does not accept --data subset" in _one_error_line(err)
+    # stats cannot run a saved network at another T: refused, not ignored
+    code, _, err = _run(["stats", "--snn", out, "--T", "8", "--images", "4", *DIGITS[:-2]], capsys)
+    assert code == 2 and "--T 8" in _one_error_line(err) and "converted for T=4" in err
+    code, out_text, err = _run(["stats", "--snn", out, "--T", "4", "--images", "4", *DIGITS[:-2]], capsys)
+    assert code == 0 and "at T=4, 4 test images" in out_text, err
+
+
+def test_bad_device_is_named(capsys):
+    code, _, err = _run(["evaluate", "--snn", "x.pt", "--device", "nowhere"], capsys)
+    assert code == 2 and "--device nowhere" in _one_error_line(err)
+
+
+# -- options that do not apply are refused, not ignored -------------------------------------------
+@pytest.mark.parametrize("command", ["convert", "search-t"])
+def test_limit_is_offered_only_where_test_images_are_read(command, capsys):
+    argv = [command, "--checkpoint", "x.pt", "--limit", "10"] + (["--T", "4", "--out", "y.pt"] if command == "convert"
+                                                                   else [])
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2 and "--limit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["convert", "--checkpoint", "x.pt", "--T", "4", "--out", "y.pt", "--method", "ema"], "--method ema"),
+    (["convert", "--checkpoint", "x.pt", "--T", "4", "--out", "y.pt", "--calibrate", "no"], "--calibrate no"),
+    (["evaluate", "--checkpoint", "x.pt", "--T", "4", "--method", "moment"], "--method moment"),
+    (["stats", "--snn", "x.pt"], "--snn"),
+    (["compare", "--checkpoint", "x.pt", "--method", "ema", "--methods", "ann", "parallel", "ltb"], "--method ema"),
+    (["compare", "--checkpoint", "x.pt", "--methods", "ann", "ltb"], "--methods ann ltb"),
+])
+def test_learn_steps_without_learned_calibration_is_refused(argv, pattern, capsys):
+    code, _, err = _run([*argv, "--learn-steps", "5"], capsys)
+    line = _one_error_line(err)
+    assert code == 2 and "--learn-steps" in line and pattern in line, err
+
+
+@pytest.mark.parametrize("argv", [
+    ["convert", "--checkpoint", "x.pt", "--T", "4", "--out", "y.pt", "--method", "learned"],
+    ["evaluate", "--checkpoint", "x.pt", "--T", "4"],  # auto may keep a learned fit
+    ["compare", "--checkpoint", "x.pt", "--method", "ema", "--methods", "ann", "parallel-learned"],
+])
+def test_learn_steps_where_learned_calibration_runs(argv, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli._check_args(cli.build_parser().parse_args([*argv, "--learn-steps", "5"]))  # no CLIError
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["--data", "digits", "--images", "10"], "--images applies to 'demo --data cifar10' only"),
+    (["--data", "digits", "--baselines", "ltb"], "--baselines applies to 'demo --data cifar10' only"),
+    (["--data", "digits", "--learned-T", "4"], "--learned-T applies to 'demo --data cifar10' only"),
+    (["--data", "digits", "--learn-steps", "5"], "--learn-steps applies to 'demo --data cifar10' only"),
+    (["--epochs", "2"], "--epochs applies to 'demo --data digits' only"),
+    (["--calib-images", "1"], "--calib-images 1: calibration needs at least 2 images"),
+])
+def test_demo_refuses_options_of_the_other_demo(argv, pattern, tmp_path, capsys):
+    code, _, err = _run(["demo", "--out", tmp_path / "demo", *argv], capsys)
+    assert code == 2 and pattern in _one_error_line(err)
+    assert not (tmp_path / "demo").exists()
+
+
+def test_compare_title_names_a_model_given_by_name(tmp_path, capsys):
+    weights = tmp_path / "w.pth"
+    torch.save(public_layout_weights(), weights)
+    code, out, err = _run(["compare", "--model", "cli_user_models:factory", "--weights", weights, "--data", "subset",
+                           "--limit", "8", "--methods", "ann", "--T", "2", "--calib-batches", "1", "--batch-size", "8",
+                           "--no-progress", "--json", tmp_path / "t.json"], capsys)
+    assert code == 0, err
+    title = json.loads((tmp_path / "t.json").read_text())["title"]
+    assert title == "cli_user_models:factory on subset, 8 test images" and title in out

@@ -257,7 +257,7 @@ def test_host_kernel_matches_torch_backend_bit_for_bit(host_kernel, dtype, T_in,
         th, psi, psi_da, sv = th.reshape(()), psi.reshape(()), psi_da.reshape(()), torch.tensor(1 + 2 ** -11, dtype=acc)
     x = _currents(shape, T_in, T, th, psi, psi_da, _channel_of(shape, channel_dim, C), gen, dtype)
     got, flag = _fire_host(host_kernel, x, T, th, psi, psi_da, sv, channel_dim, order)
-    want = torch_backend.fire(x, T, th, psi, psi_da, sv, channel_dim, order)
+    want = torch_backend.fire(x, T, (th, psi, psi_da, sv), channel_dim, order)
     _assert_same_bits(got, want)
     # The kernel raises its NaN flag exactly when a time mean is NaN (torch's check_nan).
     assert flag == bool(torch.isnan(torch_backend.time_mean(x)).any())
@@ -274,7 +274,7 @@ def test_grid_stride_loop_covers_every_neuron_for_any_launch(host_kernel, grid, 
     x = torch.linspace(-1, 3, 2 * 37).reshape(2, 37)
     args = (4, torch.tensor(1.0), torch.tensor(0.5), torch.tensor(0.0), torch.tensor(2.0), 1, "late")
     got, _ = _fire_host(host_kernel, x, *args, grid=grid, block=block)
-    _assert_same_bits(got, torch_backend.fire(x, *args))
+    _assert_same_bits(got, torch_backend.fire(x, args[0], args[1:5], *args[5:]))
 
 
 def test_half_and_bfloat16_conversions_match_torch(host_kernel):

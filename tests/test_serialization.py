@@ -193,3 +193,41 @@ def test_constant_scaling_and_channel_split_round_trip(tmp_path):
     assert {type(m) for m in back.modules()} >= {ConstantScale, ChunkPart}
     assert torch.equal(count_inference(snn, x), count_inference(back, x))
     assert torch.equal(spike_inference(snn, x), spike_inference(back, x))
+
+
+def test_analog_relu_sites_round_trip(tmp_path):
+    """A network whose first ReLU stays analog (AnalogReLU) is rebuilt with that site analog."""
+    from sj_parallel_conversion.graph import AnalogReLU
+
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 8, 8)
+    snn = _convert(TinyRes(), 4, x, method="ema", analog_sites=["relu1"])
+    assert isinstance(snn.relu1, AnalogReLU)
+    save_snn(snn, tmp_path / "analog.pt", metadata={"T": 4})
+    back = load_snn(tmp_path / "analog.pt")
+    assert type(back.relu1) is AnalogReLU
+    assert [n for n, m in back.named_modules() if isinstance(m, ParallelConversionNode)] == ["relu2", "relu3"]
+    probe = torch.rand(5, 3, 8, 8) - 0.5  # negative inputs too: the analog ReLU must clip them
+    s0 = spike_inference(snn, probe)
+    assert s0.abs().sum() > 0 and torch.equal(s0, spike_inference(back, probe))
+    assert torch.equal(count_inference(snn, probe), count_inference(back, probe))
+
+
+@pytest.mark.slow  # 30-60 s each on 2 loaded CPU cores
+@pytest.mark.parametrize("name, size", [("googlenet", 64), ("inception_v3", 75)])  # 75: inception's smallest input
+def test_inception_family_round_trip(tmp_path, name, size):
+    """Inception blocks (four parallel branches joined by a concatenation), converted, saved, rebuilt."""
+    import torchvision
+
+    torch.manual_seed(0)
+    ann = models.make_convertible(torchvision.models.get_model(name, weights=None, aux_logits=False,
+                                                               init_weights=True))
+    x = torch.rand(2, 3, size, size)
+    snn = _convert(ann, 4, x, method="ema")
+    save_snn(snn, tmp_path / f"{name}.pt")
+    back = load_snn(tmp_path / f"{name}.pt")
+    assert sum(isinstance(m, ParallelConversionNode) for m in back.modules()) == \
+        sum(isinstance(m, ParallelConversionNode) for m in snn.modules()) > 20
+    out = count_inference(snn, x)
+    assert out.abs().sum() > 0 and torch.equal(out, count_inference(back, x))
+    assert torch.equal(spike_inference(snn, x[:1]), spike_inference(back, x[:1]))

@@ -73,7 +73,7 @@ def _fire_impl(x_seq, T, theta_pre, psi, psi_da, spike_value, channel_dim, late,
     # CPU: resolve_backend gives "torch" (or rejects "cupy"); CUDA: the fused cupy kernel unless
     # backend="torch" or cupy is unavailable.
     impl = resolve_backend(backend, x_seq)
-    return _IMPL[impl](x_seq, T, theta_pre, psi, psi_da, spike_value, channel_dim,
+    return _IMPL[impl](x_seq, T, (theta_pre, psi, psi_da, spike_value), channel_dim,
                        "late" if late else "early", check_nan)
 
 

@@ -7,7 +7,7 @@ IEEE division, no fused multiply-add) so that both backends give identical bits.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -103,18 +103,10 @@ def _kernel(name: str, device_index: int):
         return module.get_function(name)
 
 
-def fire(
-    x_seq: torch.Tensor,
-    T: int,
-    theta_pre: torch.Tensor,
-    psi: torch.Tensor,
-    psi_da: torch.Tensor,
-    spike_value: torch.Tensor,
-    channel_dim: int,
-    order: str,
-    check_nan: bool = False,
-) -> torch.Tensor:
-    """Same contract as :func:`.torch_backend.fire`, for CUDA tensors."""
+def fire(x_seq: torch.Tensor, T: int, params: Sequence[torch.Tensor], channel_dim: int, order: str,
+         check_nan: bool = False) -> torch.Tensor:
+    """Same contract as :func:`.torch_backend.fire` (``params`` is ``(theta_pre, psi, psi_da,
+    spike_value)``), for CUDA tensors."""
     import cupy
 
     if x_seq.dtype not in _KERNEL_NAMES:
@@ -127,7 +119,7 @@ def fire(
         M *= s
     acc = accumulation_dtype(x.dtype)
     params = [p.to(device=x.device, dtype=acc).reshape(-1).contiguous()
-              for p in (theta_pre, psi, psi_da, spike_value)]
+              for p in params]
     C = max(p.numel() for p in params)
     if C > 1:
         params = [p.expand(C).contiguous() if p.numel() == 1 else p for p in params]

@@ -1,6 +1,8 @@
 """Reference backend: the closed form in plain torch operations (CPU and CUDA)."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from .. import formulas
@@ -46,18 +48,13 @@ def time_mean(x_seq: torch.Tensor) -> torch.Tensor:
     return acc.div_(n)  # acc is our own buffer: divide in place
 
 
-def fire(
-    x_seq: torch.Tensor,
-    T: int,
-    theta_pre: torch.Tensor,
-    psi: torch.Tensor,
-    psi_da: torch.Tensor,
-    spike_value: torch.Tensor,
-    channel_dim: int,
-    order: str,
-    check_nan: bool = False,
-) -> torch.Tensor:
-    """Spikes ``[T, N, ...]`` in ``x_seq.dtype`` from currents ``[T_in, N, ...]``."""
+def fire(x_seq: torch.Tensor, T: int, params: Sequence[torch.Tensor], channel_dim: int, order: str,
+         check_nan: bool = False) -> torch.Tensor:
+    """Spikes ``[T, N, ...]`` in ``x_seq.dtype`` from currents ``[T_in, N, ...]``.
+
+    ``params`` is ``(theta_pre, psi, psi_da, spike_value)``, each a scalar or per-channel tensor
+    (one tuple, so that the operator, both backends and the tests pass the four in one order).
+    """
     m = time_mean(x_seq)
     if check_nan and bool(torch.isnan(m).any()):
         from . import NaNMeanError
@@ -69,6 +66,7 @@ def fire(
     def cv(p: torch.Tensor):
         return formulas.channel_view(p.to(dtype=acc, device=m.device), nd, channel_dim)
 
+    theta_pre, psi, psi_da, spike_value = params
     # m is this function's own buffer, so the count may overwrite it.
     k = formulas.spike_count(m, T, cv(theta_pre), cv(psi), cv(psi_da), inplace=True)
     sv = cv(spike_value)

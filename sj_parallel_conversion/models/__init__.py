@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
-import torch
 import torch.nn as nn
 
 from ..activation import QCFS

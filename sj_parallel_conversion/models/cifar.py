@@ -100,16 +100,22 @@ class VGG16(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
+def _add_residual_body(block: nn.Module, act: ActFactory, cin: int, cout: int, stride: int) -> None:
+    """The residual branch both block types share, registered in checkpoint order: conv1 (3x3,
+    ``stride``), bn1, act1, conv2 (3x3), bn2."""
+    block.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+    block.bn1 = nn.BatchNorm2d(cout)
+    block.act1 = act()
+    block.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+    block.bn2 = nn.BatchNorm2d(cout)
+
+
 class BasicBlock(nn.Module):
     """ResNet basic block: conv-BN-act-conv-BN, shortcut (identity or 1x1 conv + BN), add, act."""
 
     def __init__(self, act: ActFactory, cin: int, cout: int, stride: int = 1):
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.act1 = act()
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        _add_residual_body(self, act, cin, cout, stride)
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
         else:
@@ -152,11 +158,7 @@ class OptionABlock(nn.Module):
 
     def __init__(self, act: ActFactory, cin: int, cout: int, stride: int = 1, shortcut: str = "A"):
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.act1 = act()
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        _add_residual_body(self, act, cin, cout, stride)
         self.act2 = act()
         self.option = shortcut
         self.downsample = stride != 1 or cin != cout

@@ -75,9 +75,9 @@ def build_user_model(spec: str, **kwargs: Any) -> nn.Module:
         raise ValueError(f"model {spec!r}: {attr!r} is a {type(factory).__name__}, not a callable")
     try:
         model = factory(**kwargs)
-    except TypeError as exc:
+    except Exception as exc:  # the user's own code: whatever it raises is a problem with that model
         raise ValueError(f"model {spec!r}: calling {attr}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) "
-                         f"failed: {exc}") from None
+                         f"failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise ValueError(f"model {spec!r}: {attr}() returned a {type(model).__name__}, not an nn.Module")
     return model
