@@ -185,7 +185,7 @@ class ComparisonTable:
         import matplotlib.pyplot as plt
 
         speed = self.repeats >= 2
-        fig, axes = plt.subplots(1, 2 if speed else 1, figsize=(11.5 if speed else 6.5, 4.4), squeeze=False)
+        fig, axes = plt.subplots(1, 2 if speed else 1, figsize=(11.5 if speed else 9.0, 4.6), squeeze=False)
         ax_acc, ax_speed = axes[0][0], axes[0][1] if speed else None
         methods = [m for m in dict.fromkeys(r.method for r in self.rows) if m != "ann"]
         # Methods can coincide (spike-level and count-domain rows agree by construction): give each
@@ -200,7 +200,7 @@ class ComparisonTable:
             ts = [p[0] * nudge for p in pts]
             # Earlier lines are drawn wider, so one that coincides with a later line shows around it.
             style = dict(marker=markers[i % len(markers)], ls=styles[i % len(styles)], ms=7 if i % 2 else 5,
-                         mfc="none" if i % 2 else None, mew=1.5, lw=max(1.0, 3.2 - 0.7 * i),
+                         mfc="none" if i % 2 else None, mew=1.5, lw=max(1.3, 3.2 - 0.7 * i),
                          label=_LABELS.get(m, m))
             ax_acc.plot(ts, [100 * p[1] for p in pts], **style)
             if speed and all(p[2] for p in pts):
@@ -219,14 +219,19 @@ class ComparisonTable:
             ax.grid(alpha=0.3)
         ax_acc.set_ylabel("accuracy (%)")
         ax_acc.set_title("accuracy vs T")
-        ax_acc.legend(fontsize=7)
+        if speed:
+            ax_acc.legend(fontsize=7)
+        else:  # one panel: the legend beside it, where it hides no line
+            ax_acc.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
         if speed:
             ax_speed.set_ylabel("images / s")
             ax_speed.set_yscale("log")
             ax_speed.set_title(f"throughput vs T, median of {self.repeats} runs\n"
                                f"{self.machine or 'machine not recorded'}", fontsize=9)
         if self.title:
-            fig.suptitle(self.title, fontsize=10)
+            import textwrap
+
+            fig.suptitle(textwrap.fill(self.title, 110), fontsize=10)
         fig.tight_layout()
         return fig
 
