@@ -84,7 +84,7 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="also write the table as JSON")
     p.add_argument("--csv", default=None, help="also write the table as CSV")
     p.add_argument("--plot", default=None, help="also write a PNG plot (accuracy vs T; compare: and throughput "
-                                                "vs T, the median of --repeats runs, labelled with the machine)")
+                                                "vs T from the median of the timed runs, labelled with the machine)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cifar10: shipped training images the learned calibration fits on (a quarter held out), "
                         "at most 1024 (default 1024)")
     d.add_argument("--repeats", type=_positive_int, default=None,
-                   help="timed runs of every evaluation; the table and plot show the median "
-                        "(default %d)" % _DEMO_REPEATS)
+                   help="timed runs of every test batch; times are the median per-image time of all timed "
+                        "batches (default %d: the 4 batches of the 256 default test images)" % _DEMO_REPEATS)
     d.add_argument("--epochs", type=_positive_int, default=15,
                    help="digits: training epochs of each tiny CNN (default 15)")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -169,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "ltb: LocalThresholdBalancingRecipe")
     m.add_argument("--title", default=None, help="title of the table and plot")
     m.add_argument("--repeats", type=_positive_int, default=3,
-                   help="timed runs of every evaluation; the table and plot show the median (default 3; "
-                        "1 is fastest, and its plot leaves throughput out)")
+                   help="timed runs of every test batch; times are the median per-image time of all timed "
+                        "runs (default 3; with 1 and a single batch the plot leaves throughput out)")
     _add_method_args(m)
     _add_data_args(m)
     _add_output_args(m)

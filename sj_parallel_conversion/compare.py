@@ -28,7 +28,7 @@ from .progress import quiet_stderr
 from .recipe import ParallelConversionRecipe, ParallelConverter
 
 __all__ = ["METHODS", "BUILTIN", "ComparisonRow", "ComparisonTable", "compare_converters", "convert_builtin",
-           "evaluate", "evaluate_steps", "machine_label"]
+           "evaluate", "evaluate_steps", "machine_label", "count_batches"]
 
 #: Method names :func:`compare_converters` accepts, in table order.
 METHODS = ("ann", "parallel", "parallel-count", "parallel-learned", "rate-cw-max", "rate-cw-99.9%",
@@ -74,6 +74,16 @@ def machine_label(device="cpu") -> str:
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
+def count_batches(loader: Iterable, num_batches: Optional[int] = None) -> int:
+    """Batches an evaluation over ``loader`` times: ``len(loader)`` capped at ``num_batches``, or 1
+    where the loader has no length (a plot then shows no throughput unless it was repeated)."""
+    try:
+        n = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        n = 1
+    return max(1, min(n, num_batches) if num_batches is not None else n)
+
+
 def _check_repeats(repeats, where: str) -> None:
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"{where}: repeats must be an integer >= 1, got {repeats!r}")
@@ -96,13 +106,14 @@ class ComparisonRow:
 
 @dataclass
 class ComparisonTable:
-    """Rows of a comparison. ``repeats``: timed runs per evaluation, whose median ``eval_s`` holds;
+    """Rows of a comparison. ``timed_calls``: timed forward calls per evaluation (test batches
+    times repeats); each row's ``eval_s`` is its images times their median per-image time.
     ``machine``: where they ran (:func:`machine_label`). :meth:`plot` draws throughput only when
-    ``repeats >= 2``: a single timing on a shared machine shows its load as much as the method."""
+    ``timed_calls >= 2``: a single timing on a shared machine shows its load as much as the method."""
 
     rows: List[ComparisonRow] = field(default_factory=list)
     title: str = ""
-    repeats: int = 1
+    timed_calls: int = 1
     machine: str = ""
 
     def as_dicts(self) -> List[Dict]:
@@ -132,7 +143,7 @@ class ComparisonTable:
         return self.to_text()
 
     def to_json(self, path: str) -> None:
-        write_json(path, {"title": self.title, "repeats": self.repeats, "machine": self.machine,
+        write_json(path, {"title": self.title, "timed_calls": self.timed_calls, "machine": self.machine,
                           "rows": self.as_dicts()})
 
     @classmethod
@@ -149,7 +160,7 @@ class ComparisonTable:
             rows = [ComparisonRow(**{k: v for k, v in r.items() if k in names}) for r in doc["rows"]]
         except TypeError as exc:
             raise ValueError(f"ComparisonTable.from_json: {path}: a row lacks a field ({exc})") from None
-        return cls(rows=rows, title=doc.get("title", ""), repeats=doc.get("repeats", 1),
+        return cls(rows=rows, title=doc.get("title", ""), timed_calls=doc.get("timed_calls", 1),
                    machine=doc.get("machine", ""))
 
     def to_csv(self, path: str) -> None:
@@ -167,8 +178,8 @@ class ComparisonTable:
         raise KeyError(f"no row for method={method!r}, T={T!r}")
 
     def plot(self, path: str) -> str:
-        """Accuracy vs T for every method, saved as a PNG; with ``repeats >= 2`` also throughput vs
-        T (median of the repeats), labelled with :attr:`machine`."""
+        """Accuracy vs T for every method, saved as a PNG; with ``timed_calls >= 2`` also throughput
+        vs T (from the median per-image time), labelled with :attr:`machine`."""
         import matplotlib.pyplot as plt
 
         fig = self._figure()
@@ -184,7 +195,7 @@ class ComparisonTable:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        speed = self.repeats >= 2
+        speed = self.timed_calls >= 2
         fig, axes = plt.subplots(1, 2 if speed else 1, figsize=(11.5 if speed else 9.0, 4.6), squeeze=False)
         ax_acc, ax_speed = axes[0][0], axes[0][1] if speed else None
         methods = [m for m in dict.fromkeys(r.method for r in self.rows) if m != "ann"]
@@ -226,7 +237,7 @@ class ComparisonTable:
         if speed:
             ax_speed.set_ylabel("images / s")
             ax_speed.set_yscale("log")
-            ax_speed.set_title(f"throughput vs T, median of {self.repeats} runs\n"
+            ax_speed.set_title(f"throughput vs T, median of {self.timed_calls} timed calls\n"
                                f"{self.machine or 'machine not recorded'}", fontsize=9)
         if self.title:
             import textwrap
@@ -255,28 +266,27 @@ def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, 
 
     Returns ``(accuracy, images, seconds)``; the time covers ``predict`` calls only, after one
     untimed warm-up call on the first batch (first calls pay for allocation and kernel set-up).
-    With ``repeats > 1`` every batch is timed that many times and ``seconds`` sums the medians,
-    which a brief load spike on a shared machine does not move.
+    Every batch is timed ``repeats`` times, and ``seconds`` is the number of images times the
+    median per-image time of all these calls, which a brief load spike on a shared machine does
+    not move (with one batch and ``repeats=1``: the time of that one call).
     """
     _check_repeats(repeats, "evaluate")
     correct = total = 0
-    seconds = 0.0
+    per_image = []
     warm = False
     for x, y in progress_bar(_batches(loader, device, num_batches), desc, progress):
         if not warm:
             predict(x)
             warm = True
-        times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             logits = predict(x)
-            times.append(time.perf_counter() - t0)
-        seconds += statistics.median(times)
+            per_image.append((time.perf_counter() - t0) / len(x))
         correct += int((logits.argmax(-1) == y).sum())
         total += int(y.numel())
     if total == 0:
         raise ValueError("the evaluation loader yielded no batch")
-    return correct / total, total, seconds
+    return correct / total, total, statistics.median(per_image) * total
 
 
 def convert_builtin(method: str, ann: nn.Module, calib: Iterable, num_calib_batches: Optional[int] = None,
@@ -323,8 +333,8 @@ def compare_converters(
 
     ``methods`` is a subset of :data:`METHODS`. Conversion time is measured per configuration
     (the built-in recipes convert once, independent of T); evaluation time covers the forward
-    passes only, the median of ``repeats`` timed runs per batch (the plot shows throughput only
-    for ``repeats >= 2``).
+    passes only: the images times the median per-image time of every test batch timed
+    ``repeats`` times (the plot shows throughput only with at least two timed calls).
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -334,7 +344,8 @@ def compare_converters(
         raise ValueError(f"T_list must hold integers >= 1, got {T_list!r}")
     _check_repeats(repeats, "compare_converters")
     ann = ann.to(device).eval()
-    table = ComparisonTable(title=title, repeats=repeats, machine=machine_label(device))
+    table = ComparisonTable(title=title, timed_calls=repeats * count_batches(test_loader, num_test_batches),
+                            machine=machine_label(device))
     ev = dict(device=device, num_batches=num_test_batches, progress=progress, repeats=repeats)
 
     if "ann" in methods:
@@ -418,8 +429,8 @@ def evaluate_steps(snn: nn.Module, loader: Iterable, T_list: Sequence[int], devi
     Returns ``{T: (accuracy, images, seconds)}``. ``seconds`` is the measured time of the long run
     for ``max(T_list)`` and that time scaled by ``T / max(T_list)`` for the others, since an IF
     network's multi-step cost is linear in the number of steps. One untimed warm-up call on the
-    first 8 images of the first batch; with ``repeats > 1`` each batch's run is timed that many
-    times and the medians are summed.
+    first 8 images of the first batch; every batch's run is timed ``repeats`` times and the long
+    run's time is the number of images times the median per-image time, as in :func:`evaluate`.
     """
     from .inference import spike_inference
 
@@ -432,21 +443,20 @@ def evaluate_steps(snn: nn.Module, loader: Iterable, T_list: Sequence[int], devi
     _check_repeats(repeats, "evaluate_steps")
     t_max = Ts[-1]
     correct = {T: 0 for T in Ts}
-    total, seconds, warm = 0, 0.0, False
+    total, per_image, warm = 0, [], False
     for x, y in progress_bar(_batches(loader, device, num_batches), desc, progress):
         if not warm:  # a few images suffice to set up kernels; a full batch would double a long run
             spike_inference(snn, x[:8], t_max)
             warm = True
-        times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             out = spike_inference(snn, x, t_max)  # [T_max, N, classes]
-            times.append(time.perf_counter() - t0)
-        seconds += statistics.median(times)
+            per_image.append((time.perf_counter() - t0) / len(x))
         sums = out.cumsum(0)  # argmax of a sum is the argmax of the mean
         for T in Ts:
             correct[T] += int((sums[T - 1].argmax(-1) == y).sum())
         total += int(y.numel())
     if total == 0:
         raise ValueError("evaluate_steps: the evaluation loader yielded no batch")
+    seconds = statistics.median(per_image) * total
     return {T: (correct[T] / total, total, seconds * T / t_max) for T in Ts}

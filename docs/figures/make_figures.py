@@ -221,7 +221,7 @@ def compare_plots(out_dir: str) -> list:
                           title="CIFAR-10 five-layer CNN (ReLU), 500 test images; accuracy only")
     paths = []
     for name, table in (("compare_resnet20.png", r20), ("compare_cnn.png", cnn)):
-        table.repeats = 1  # single timings on a loaded machine: the plot shows accuracy only
+        table.timed_calls = 1  # timings not robust (loaded machine, sums of calls): accuracy only
         paths.append(table.plot(os.path.join(out_dir, name)))
     return paths
 
