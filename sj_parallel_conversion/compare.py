@@ -71,7 +71,8 @@ def machine_label(device="cpu") -> str:
     except OSError:
         pass
     cpu = cpu or platform.processor() or platform.machine() or "unknown CPU"
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    n = torch.get_num_threads()
+    return f"{cpu}, {n} thread{'' if n == 1 else 's'}"
 
 
 def count_batches(loader: Iterable, num_batches: Optional[int] = None) -> int:
@@ -237,7 +238,7 @@ class ComparisonTable:
         if speed:
             ax_speed.set_ylabel("images / s")
             ax_speed.set_yscale("log")
-            ax_speed.set_title(f"throughput vs T, median of {self.timed_calls} timed calls\n"
+            ax_speed.set_title(f"throughput vs T (per-image median of {self.timed_calls} timed calls)\n"
                                f"{self.machine or 'machine not recorded'}", fontsize=9)
         if self.title:
             import textwrap

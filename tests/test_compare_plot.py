@@ -60,7 +60,7 @@ def test_machine_label_names_the_cpu_and_the_thread_count():
         two = machine_label("cpu")
     finally:
         torch.set_num_threads(before)
-    assert one.endswith(", 1 threads") and two.endswith(", 2 threads")
+    assert one.endswith(", 1 thread") and two.endswith(", 2 threads")
     assert one.split(",")[0].strip() and one.split(",")[0] == two.split(",")[0]
 
 

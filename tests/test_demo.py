@@ -82,7 +82,7 @@ def test_demo_runs_from_an_empty_folder_without_the_dataset(tmp_path):
     out = tmp_path / "runs" / "demo"
     assert (out / "accuracy_speed.png").stat().st_size > 1000 and (out / "table.md").is_file()
     doc = json.loads((out / "table.json").read_text())
-    assert doc["timed_calls"] == 4 and doc["machine"].endswith("threads")  # 256 test images, batches of 64
+    assert doc["timed_calls"] == 4 and "thread" in doc["machine"]  # 256 test images, batches of 64
     acc = {(r["method"], r["T"]): r["accuracy"] for r in doc["rows"]}
     ann = acc[("ann", None)]
     parallel = {T: a for (m, T), a in acc.items() if m == "parallel-ema"}
