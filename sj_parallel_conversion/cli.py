@@ -119,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .demo import LEARN_STEPS as _DEMO_LEARN_STEPS, REPEATS as _DEMO_REPEATS
     learned = d.add_mutually_exclusive_group()
     learned.add_argument("--learned-T", type=_positive_int, nargs="*", default=None,
-                         help="cifar10: the T that also get a learned-calibration row (default 4, about half a "
-                              "minute on 2 CPU cores per T); with no value, none")
+                         help="cifar10: the T that also get a learned-calibration row (default 4; about a minute "
+                              "on 2 CPU cores per T); with no value, none")
     learned.add_argument("--no-learned", action="store_true", help="cifar10: no learned-calibration row "
                                                                    "(same as --learned-T with no value)")
     d.add_argument("--learn-steps", type=_positive_int, default=None,

@@ -67,7 +67,7 @@ def test_the_demo_checkpoint_ships_with_the_package():
     assert CIFAR_CHECKPOINT.is_file() and CIFAR_CHECKPOINT.parent.parent == Path(cli.__file__).parent
 
 
-@pytest.mark.slow  # converts ResNet-20 five times (one learned fit) and runs an IF network for 32 steps (1-2 minutes)
+@pytest.mark.slow  # converts ResNet-20 five times (one learned fit) and runs an IF network for 32 steps (2-3 minutes)
 def test_demo_runs_from_an_empty_folder_without_the_dataset(tmp_path):
     env = dict(os.environ)
     env.pop("SJPC_CIFAR10_DIR", None)
