@@ -231,9 +231,14 @@ class ComparisonTable:
             ax.grid(alpha=0.3)
         ax_acc.set_ylabel("accuracy (%)")
         ax_acc.set_title("accuracy vs T")
-        if speed:
-            ax_acc.legend(fontsize=7)
-        else:  # one panel: the legend beside it, where it hides no line
+        bottom = 0.0
+        if speed:  # two panels: the legend below both, where it hides no line
+            handles, labels = ax_acc.get_legend_handles_labels()
+            rows = -(-len(labels) // 3)
+            fig.set_size_inches(11.5, 4.6 + 0.2 * rows)
+            bottom = (0.2 * rows + 0.1) / (4.6 + 0.2 * rows)
+            fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+        else:  # one panel: the legend beside it
             ax_acc.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
         if speed:
             ax_speed.set_ylabel("images / s")
@@ -244,7 +249,7 @@ class ComparisonTable:
             import textwrap
 
             fig.suptitle(textwrap.fill(self.title, 110), fontsize=10)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, bottom, 1, 1))
         return fig
 
 
