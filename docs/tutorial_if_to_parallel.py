@@ -31,7 +31,7 @@ from sj_parallel_conversion import (
 )
 
 torch.manual_seed(0)
-torch.set_num_threads(1)  # tiny tensors: one thread is fastest, and CI boxes are shared
+torch.set_num_threads(1)  # tiny tensors: one thread is fastest (more threads only add overhead)
 T_LIST = (2, 4, 8, 16, 32)
 
 # [data] ---------------------------------------------------------------------------------------

@@ -95,7 +95,8 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
 def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="also write the table as JSON")
     p.add_argument("--csv", default=None, help="also write the table as CSV")
-    p.add_argument("--plot", default=None, help="also write a PNG plot (accuracy and speed vs T)")
+    p.add_argument("--plot", default=None, help="also write a PNG plot (accuracy vs T; compare: and throughput "
+                                                "vs T from the median of the timed runs, labelled with the machine)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -122,16 +123,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--images", type=_positive_int, default=None,
                    help="cifar10: test images to evaluate on, at most 1000 (default 256)")
     d.add_argument("--calib-images", type=_positive_int, default=None,
-                   help="cifar10: training images to calibrate on, 2 to 1024 (default 256)")
+                   help="cifar10: training images Algorithm 1 calibrates on, 2 to 1024 (default 256)")
     from .compare import BUILTIN
     d.add_argument("--baselines", nargs="+", choices=list(BUILTIN), default=None,
                    help="cifar10: SpikingJelly converters to compare with, each evaluated at every T from one "
                         "IF run of the largest T (default rate-cw-99.9%%: RateCodingRecipe's strongest setting)")
-    d.add_argument("--learned-T", type=_positive_int, nargs="+", default=None,
-                   help="cifar10: also try learned calibration at these T (method auto: keep whichever of none, "
-                        "Algorithm 1 and learned agrees best with the ANN); slow on a CPU, a minute or more per T")
+    from .demo import LEARN_STEPS as _DEMO_LEARN_STEPS, REPEATS as _DEMO_REPEATS
+    learned = d.add_mutually_exclusive_group()
+    learned.add_argument("--learned-T", type=_positive_int, nargs="*", default=None,
+                         help="cifar10: the T that also get a learned-calibration row (default 4; about a minute "
+                              "on 2 CPU cores per T); with no value, none")
+    learned.add_argument("--no-learned", action="store_const", const=True, default=None,
+                         help="cifar10: no learned-calibration row (same as --learned-T with no value)")
     d.add_argument("--learn-steps", type=_positive_int, default=None,
-                   help="cifar10: optimisation steps of each learned calibration (default 20)")
+                   help="cifar10: optimisation steps of each learned calibration (default %d)" % _DEMO_LEARN_STEPS)
+    d.add_argument("--learn-images", type=_positive_int, default=None,
+                   help="cifar10: shipped training images the learned calibration fits on (a quarter held out), "
+                        "2 to 1024 (default 1024)")
+    d.add_argument("--repeats", type=_positive_int, default=None,
+                   help="timed runs of every test batch; times are the median per-image time of all timed "
+                        "batches (default %d: the 4 batches of the 256 default test images)" % _DEMO_REPEATS)
     d.add_argument("--epochs", type=_positive_int, default=None,
                    help="digits: training epochs of each tiny CNN (default 15)")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -169,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "channel_wise=True, half_threshold=True, its strongest setting; rate-*: its defaults; "
                         "ltb: LocalThresholdBalancingRecipe")
     m.add_argument("--title", default=None, help="title of the table and plot")
+    m.add_argument("--repeats", type=_positive_int, default=3,
+                   help="timed runs of every test batch; times are the median per-image time of all timed "
+                        "runs (default 3; with 1 and a single batch the plot leaves throughput out)")
     _add_method_args(m)
     _add_data_args(m)
     _add_output_args(m)
@@ -315,8 +329,8 @@ def _finish_table(table, args) -> None:
 
 # Options of one demo only, with their defaults (None in the parser, so that a given one shows).
 _DEMO_ONLY = {
-    "cifar10": {"images": 256, "calib_images": 256, "baselines": ["rate-cw-99.9%"], "learned_T": [],
-                "learn_steps": 20},
+    "cifar10": {"images": 256, "calib_images": 256, "baselines": ["rate-cw-99.9%"], "learned_T": None,
+                "no_learned": None, "learn_steps": None, "learn_images": 1024},
     "digits": {"epochs": 15},
 }
 
@@ -339,14 +353,19 @@ def _check_demo_args(args) -> None:
     if args.calib_images < 2:
         # Calibration keeps part of the images aside to judge the candidates against the ANN.
         raise CLIError(f"--calib-images {args.calib_images}: calibration needs at least 2 images")
+    if not 2 <= args.learn_images <= 1024:
+        raise CLIError(f"--learn-images {args.learn_images}: learned calibration fits on 2 to 1024 of the shipped "
+                       "training images (a quarter is held out to judge the fit)")
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo import LEARN_STEPS, REPEATS, run_demo
 
+    learned_T = () if args.no_learned else args.learned_T  # None: the default (T = 4 where converted)
     run_demo(out_dir=args.out, data=args.data, T_list=args.T, test_images=args.images,
-             calib_images=args.calib_images, baselines=args.baselines, learned_T=args.learned_T,
-             learn_steps=args.learn_steps, epochs=args.epochs, progress=not args.no_progress)
+             calib_images=args.calib_images, baselines=args.baselines, learned_T=learned_T,
+             learn_steps=args.learn_steps or LEARN_STEPS, learn_images=args.learn_images,
+             repeats=args.repeats or REPEATS, epochs=args.epochs, progress=not args.no_progress)
     return 0
 
 
@@ -467,7 +486,8 @@ def cmd_compare(args) -> int:
                            f"{'all' if args.limit is None else args.limit} test images")
     table = compare_converters(ann, calib_loader, test_loader, args.T, methods=args.methods,
                                num_calib_batches=args.calib_batches, device=args.device,
-                               progress=not args.no_progress, title=title, recipe_options=_method_options(args))
+                               progress=not args.no_progress, title=title, recipe_options=_method_options(args),
+                               repeats=args.repeats)
     _finish_table(table, args)
     return 0
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
@@ -26,7 +28,7 @@ from .progress import quiet_stderr
 from .recipe import ParallelConversionRecipe, ParallelConverter
 
 __all__ = ["METHODS", "BUILTIN", "ComparisonRow", "ComparisonTable", "compare_converters", "convert_builtin",
-           "evaluate", "evaluate_steps"]
+           "evaluate", "evaluate_steps", "machine_label", "count_batches"]
 
 #: Method names :func:`compare_converters` accepts, in table order.
 METHODS = ("ann", "parallel", "parallel-count", "parallel-learned", "rate-cw-max", "rate-cw-99.9%",
@@ -48,12 +50,44 @@ _LABELS = {
     "parallel": "parallel SNN (spike-level)",
     "parallel-count": "parallel SNN (count-domain)",
     "parallel-learned": "parallel SNN, learned calibration (count-domain)",
+    "parallel-ema": "parallel SNN, Algorithm 1 (count-domain)",
     "rate-cw-max": "SJ RateCodingRecipe max, channel-wise, half threshold (IF)",
     "rate-cw-99.9%": "SJ RateCodingRecipe 99.9%, channel-wise, half threshold (IF)",
     "rate-max": "SJ RateCodingRecipe max (IF)",
     "rate-99.9%": "SJ RateCodingRecipe 99.9% (IF)",
     "ltb": "SJ LocalThresholdBalancing (IF)",
 }
+
+
+def machine_label(device="cpu") -> str:
+    """What the timings were measured on: the CPU (or GPU) model and torch's thread count."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return f"{torch.cuda.get_device_name(dev)} (CUDA)"
+    cpu = ""
+    try:  # Linux names the CPU model here; platform.processor() is often empty or just "x86_64"
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    cpu = cpu or platform.processor() or platform.machine() or "unknown CPU"
+    n = torch.get_num_threads()
+    return f"{cpu}, {n} thread{'' if n == 1 else 's'}"
+
+
+def count_batches(loader: Iterable, num_batches: Optional[int] = None) -> int:
+    """Batches an evaluation over ``loader`` times: ``len(loader)`` capped at ``num_batches``, or 1
+    where the loader has no length (a plot then shows no throughput unless it was repeated)."""
+    try:
+        n = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        n = 1
+    return max(1, min(n, num_batches) if num_batches is not None else n)
+
+
+def _check_repeats(repeats, where: str) -> None:
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"{where}: repeats must be an integer >= 1, got {repeats!r}")
 
 
 @dataclass
@@ -73,8 +107,15 @@ class ComparisonRow:
 
 @dataclass
 class ComparisonTable:
+    """Rows of a comparison. ``timed_calls``: timed forward calls per evaluation (test batches
+    times repeats); each row's ``eval_s`` is its images times their median per-image time.
+    ``machine``: where they ran (:func:`machine_label`). :meth:`plot` draws throughput only when
+    ``timed_calls >= 2``: a single timing on a shared machine shows its load as much as the method."""
+
     rows: List[ComparisonRow] = field(default_factory=list)
     title: str = ""
+    timed_calls: int = 1
+    machine: str = ""
 
     def as_dicts(self) -> List[Dict]:
         out = []
@@ -103,7 +144,25 @@ class ComparisonTable:
         return self.to_text()
 
     def to_json(self, path: str) -> None:
-        write_json(path, {"title": self.title, "rows": self.as_dicts()})
+        write_json(path, {"title": self.title, "timed_calls": self.timed_calls, "machine": self.machine,
+                          "rows": self.as_dicts()})
+
+    @classmethod
+    def from_json(cls, path: str) -> "ComparisonTable":
+        """Read a table written by :meth:`to_json` (to re-plot it, for instance)."""
+        import json
+
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+        if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
+            raise ValueError(f"ComparisonTable.from_json: {path} holds no 'rows' list")
+        names = {f.name for f in ComparisonRow.__dataclass_fields__.values()}
+        try:
+            rows = [ComparisonRow(**{k: v for k, v in r.items() if k in names}) for r in doc["rows"]]
+        except TypeError as exc:
+            raise ValueError(f"ComparisonTable.from_json: {path}: a row lacks a field ({exc})") from None
+        return cls(rows=rows, title=doc.get("title", ""), timed_calls=doc.get("timed_calls", 1),
+                   machine=doc.get("machine", ""))
 
     def to_csv(self, path: str) -> None:
         rows = self.as_dicts()
@@ -120,48 +179,72 @@ class ComparisonTable:
         raise KeyError(f"no row for method={method!r}, T={T!r}")
 
     def plot(self, path: str) -> str:
-        """Accuracy vs T and throughput vs T for every method, saved as a PNG."""
+        """Accuracy vs T for every method, saved as a PNG; with ``timed_calls >= 2`` also throughput
+        vs T (from the median per-image time), labelled with :attr:`machine`."""
+        save_plot(self._figure(), path, tight=False)  # _figure lays out around its legend itself
+        return path
+
+    def _figure(self):
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, (ax_acc, ax_speed) = plt.subplots(1, 2, figsize=(11, 4.2))
+        speed = self.timed_calls >= 2
+        fig, axes = plt.subplots(1, 2 if speed else 1, figsize=(11.5 if speed else 9.0, 4.6), squeeze=False)
+        ax_acc, ax_speed = axes[0][0], axes[0][1] if speed else None
         methods = [m for m in dict.fromkeys(r.method for r in self.rows) if m != "ann"]
         # Methods can coincide (spike-level and count-domain rows agree by construction): give each
-        # its own marker, line style and a small horizontal offset so that no line hides another.
+        # its own marker, line style, width and a horizontal offset so that no line hides another.
         markers, styles = "osD^vPX*", ("-", "--", ":", "-.")
         for i, m in enumerate(methods):
             pts = sorted((r.T, r.accuracy, r.images_per_s) for r in self.rows
                          if r.method == m and r.accuracy is not None and r.T is not None)
             if not pts:
                 continue
-            nudge = 2 ** (0.04 * (i - (len(methods) - 1) / 2))  # log-x axis: a multiplicative offset
+            nudge = 2 ** (0.05 * (i - (len(methods) - 1) / 2))  # log-x axis: a multiplicative offset
             ts = [p[0] * nudge for p in pts]
-            style = dict(marker=markers[i % len(markers)], ls=styles[i % len(styles)], ms=6,
-                         mfc="none" if i % 2 else None, label=_LABELS.get(m, m))
+            # Earlier lines are drawn wider, so one that coincides with a later line shows around it.
+            style = dict(marker=markers[i % len(markers)], ls=styles[i % len(styles)], ms=7 if i % 2 else 5,
+                         mfc="none" if i % 2 else None, mew=1.5, lw=max(1.3, 3.2 - 0.7 * i),
+                         label=_LABELS.get(m, m))
             ax_acc.plot(ts, [100 * p[1] for p in pts], **style)
-            if all(p[2] for p in pts):
+            if speed and all(p[2] for p in pts):
                 ax_speed.plot(ts, [p[2] for p in pts], **style)
         for r in self.rows:
             if r.method == "ann" and r.accuracy is not None:
                 ax_acc.axhline(100 * r.accuracy, color="k", ls="--", lw=1, label="ANN")
-                if r.images_per_s:
+                if speed and r.images_per_s:
                     ax_speed.axhline(r.images_per_s, color="k", ls="--", lw=1, label="ANN")
-        for ax in (ax_acc, ax_speed):
+        Ts = sorted({r.T for r in self.rows if r.T is not None})
+        for ax in axes[0]:
             ax.set_xscale("log", base=2)
-            ax.set_xlabel("time steps T")
+            if Ts:
+                ax.set_xticks(Ts, [str(t) for t in Ts])
+            ax.set_xlabel("time steps T (points of one T are spread sideways)")
             ax.grid(alpha=0.3)
         ax_acc.set_ylabel("accuracy (%)")
-        ax_speed.set_ylabel("images / s")
-        ax_speed.set_yscale("log")
         ax_acc.set_title("accuracy vs T")
-        ax_speed.set_title("inference throughput vs T")
-        ax_acc.legend(fontsize=7)
+        bottom = 0.0
+        if speed:  # two panels: the legend below both, where it hides no line
+            handles, labels = ax_acc.get_legend_handles_labels()
+            rows = -(-len(labels) // 3)
+            fig.set_size_inches(11.5, 4.6 + 0.2 * rows)
+            bottom = (0.2 * rows + 0.1) / (4.6 + 0.2 * rows)
+            fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+        else:  # one panel: the legend beside it
+            ax_acc.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+        if speed:
+            ax_speed.set_ylabel("images / s")
+            ax_speed.set_yscale("log")
+            ax_speed.set_title(f"throughput vs T (per-image median of {self.timed_calls} timed calls)\n"
+                               f"{self.machine or 'machine not recorded'}", fontsize=9)
         if self.title:
-            fig.suptitle(self.title, fontsize=10)
-        save_plot(fig, path)
-        return path
+            import textwrap
+
+            fig.suptitle(textwrap.fill(self.title, 110), fontsize=10)
+        fig.tight_layout(rect=(0, bottom, 1, 1))
+        return fig
 
 
 def _batches(loader: Iterable, device, num_batches: Optional[int]):
@@ -177,27 +260,33 @@ def _batches(loader: Iterable, device, num_batches: Optional[int]):
 
 @torch.no_grad()
 def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, device="cpu",
-             num_batches: Optional[int] = None, desc: str = "evaluating", progress: bool = True):
+             num_batches: Optional[int] = None, desc: str = "evaluating", progress: bool = True,
+             repeats: int = 1):
     """Top-1 accuracy of ``predict(x) -> logits [N, classes]`` over ``(x, y)`` batches.
 
     Returns ``(accuracy, images, seconds)``; the time covers ``predict`` calls only, after one
     untimed warm-up call on the first batch (first calls pay for allocation and kernel set-up).
+    Every batch is timed ``repeats`` times, and ``seconds`` is the number of images times the
+    median per-image time of all these calls, which a brief load spike on a shared machine does
+    not move (with one batch and ``repeats=1``: the time of that one call).
     """
+    _check_repeats(repeats, "evaluate")
     correct = total = 0
-    seconds = 0.0
+    per_image = []
     warm = False
     for x, y in progress_bar(_batches(loader, device, num_batches), desc, progress):
         if not warm:
             predict(x)
             warm = True
-        t0 = time.perf_counter()
-        logits = predict(x)
-        seconds += time.perf_counter() - t0
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            logits = predict(x)
+            per_image.append((time.perf_counter() - t0) / len(x))
         correct += int((logits.argmax(-1) == y).sum())
         total += int(y.numel())
     if total == 0:
         raise ValueError("the evaluation loader yielded no batch")
-    return correct / total, total, seconds
+    return correct / total, total, statistics.median(per_image) * total
 
 
 def convert_builtin(method: str, ann: nn.Module, calib: Iterable, num_calib_batches: Optional[int] = None,
@@ -238,12 +327,14 @@ def compare_converters(
     progress: bool = True,
     title: str = "",
     recipe_options: Optional[Dict] = None,
+    repeats: int = 1,
 ) -> ComparisonTable:
     """Accuracy and wall time of every method at every ``T`` on the same model and data.
 
     ``methods`` is a subset of :data:`METHODS`. Conversion time is measured per configuration
     (the built-in recipes convert once, independent of T); evaluation time covers the forward
-    passes only.
+    passes only: the images times the median per-image time of every test batch timed
+    ``repeats`` times (the plot shows throughput only with at least two timed calls).
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -251,9 +342,11 @@ def compare_converters(
     Ts = list(T_list)
     if not Ts or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in Ts):
         raise ValueError(f"T_list must hold integers >= 1, got {T_list!r}")
+    _check_repeats(repeats, "compare_converters")
     ann = ann.to(device).eval()
-    table = ComparisonTable(title=title)
-    ev = dict(device=device, num_batches=num_test_batches, progress=progress)
+    table = ComparisonTable(title=title, timed_calls=repeats * count_batches(test_loader, num_test_batches),
+                            machine=machine_label(device))
+    ev = dict(device=device, num_batches=num_test_batches, progress=progress, repeats=repeats)
 
     if "ann" in methods:
         acc, n, sec = evaluate(ann, test_loader, desc="ANN", **ev)
@@ -313,7 +406,7 @@ def compare_converters(
             continue
         conv = time.perf_counter() - t0
         results = evaluate_steps(snn, test_loader, Ts, device=device, num_batches=num_test_batches,
-                                 desc=f"{m} T={max(Ts)}", progress=progress)
+                                 desc=f"{m} T={max(Ts)}", progress=progress, repeats=repeats)
         for T in Ts:
             acc, n, sec = results[T]
             status = "ok" if T == max(Ts) else f"ok (from the T={max(Ts)} run)"
@@ -323,7 +416,8 @@ def compare_converters(
 
 @torch.no_grad()
 def evaluate_steps(snn: nn.Module, loader: Iterable, T_list: Sequence[int], device="cpu",
-                   num_batches: Optional[int] = None, desc: str = "evaluating", progress: bool = True):
+                   num_batches: Optional[int] = None, desc: str = "evaluating", progress: bool = True,
+                   repeats: int = 1):
     """Accuracy of a multi-step SNN with causal neurons (SpikingJelly's IF conversions) at every
     ``T`` in ``T_list`` from one run of ``max(T_list)`` steps.
 
@@ -335,7 +429,8 @@ def evaluate_steps(snn: nn.Module, loader: Iterable, T_list: Sequence[int], devi
     Returns ``{T: (accuracy, images, seconds)}``. ``seconds`` is the measured time of the long run
     for ``max(T_list)`` and that time scaled by ``T / max(T_list)`` for the others, since an IF
     network's multi-step cost is linear in the number of steps. One untimed warm-up call on the
-    first 8 images of the first batch.
+    first 8 images of the first batch; every batch's run is timed ``repeats`` times and the long
+    run's time is the number of images times the median per-image time, as in :func:`evaluate`.
     """
     from .inference import spike_inference
 
@@ -345,20 +440,23 @@ def evaluate_steps(snn: nn.Module, loader: Iterable, T_list: Sequence[int], devi
     Ts = sorted(set(T_list))
     if not Ts or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in Ts):
         raise ValueError(f"evaluate_steps: T_list must hold integers >= 1, got {T_list!r}")
+    _check_repeats(repeats, "evaluate_steps")
     t_max = Ts[-1]
     correct = {T: 0 for T in Ts}
-    total, seconds, warm = 0, 0.0, False
+    total, per_image, warm = 0, [], False
     for x, y in progress_bar(_batches(loader, device, num_batches), desc, progress):
         if not warm:  # a few images suffice to set up kernels; a full batch would double a long run
             spike_inference(snn, x[:8], t_max)
             warm = True
-        t0 = time.perf_counter()
-        out = spike_inference(snn, x, t_max)  # [T_max, N, classes]
-        seconds += time.perf_counter() - t0
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = spike_inference(snn, x, t_max)  # [T_max, N, classes]
+            per_image.append((time.perf_counter() - t0) / len(x))
         sums = out.cumsum(0)  # argmax of a sum is the argmax of the mean
         for T in Ts:
             correct[T] += int((sums[T - 1].argmax(-1) == y).sum())
         total += int(y.numel())
     if total == 0:
         raise ValueError("evaluate_steps: the evaluation loader yielded no batch")
+    seconds = statistics.median(per_image) * total
     return {T: (correct[T] / total, total, seconds * T / t_max) for T in Ts}

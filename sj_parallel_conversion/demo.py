@@ -4,7 +4,9 @@ with the parallel recipe and with SpikingJelly's own converters, print the table
 Everything it reads ships inside the package: the ReLU ResNet-20 checkpoint
 (``checkpoints/cifar10_resnet20_relu.pt``) and the CIFAR-10 subset
 (:func:`~sj_parallel_conversion.data.cifar10_subset`); nothing is downloaded and
-``$SJPC_CIFAR10_DIR`` is not needed. About a minute on 2 CPU cores.
+``$SJPC_CIFAR10_DIR`` is not needed. Algorithm 1 at every ``T``, learned calibration at ``T = 4``
+(a short fit on the 1,024 shipped training images) and SpikingJelly's strongest IF setting; one
+to two minutes on 2 CPU cores.
 
 ``data="digits"`` runs the earlier, smaller demo instead: two tiny CNNs trained on scikit-learn's
 8x8 digits (a QCFS CNN converted losslessly at T = L, and a ReLU CNN converted both ways).
@@ -22,13 +24,14 @@ from torch.utils.data import DataLoader
 
 from . import data, models
 from .fileio import write_text
-from .compare import BUILTIN, ComparisonRow, ComparisonTable, compare_converters, convert_builtin, evaluate, evaluate_steps
+from .compare import (BUILTIN, ComparisonRow, ComparisonTable, compare_converters, convert_builtin, count_batches,
+                      evaluate, evaluate_steps, machine_label)
 from .inference import predictor, spike_inference
 from .learned import LearnedCalibration
 from .recipe import ParallelConversionRecipe, ParallelConverter
 from .training import train_classifier
 
-__all__ = ["run_demo", "CIFAR_CHECKPOINT", "DEMO_DATA"]
+__all__ = ["run_demo", "CIFAR_CHECKPOINT", "DEMO_DATA", "LEARN_STEPS", "REPEATS"]
 
 #: The checkpoint the CIFAR-10 demo converts (shipped with the package).
 CIFAR_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "cifar10_resnet20_relu.pt"
@@ -37,19 +40,28 @@ DEMO_DATA = ("cifar10", "digits")
 #: SpikingJelly baseline of the CIFAR-10 demo: RateCodingRecipe's strongest setting (channel-wise,
 #: half threshold, 99.9 % percentile). Others (``compare.BUILTIN``) cost one IF run of the largest T each.
 CIFAR_BASELINES = ("rate-cw-99.9%",)
+#: Default optimisation steps of the demo's learned calibration: a short fit that keeps the whole
+#: demo within two minutes on 2 CPU cores (``LearnedCalibration``'s own default is 300).
+LEARN_STEPS = 120
+#: Default timed runs of every test batch. Times are the median per-image time over all timed
+#: batches: the CIFAR-10 demo's 256 test images in batches of 64 already give 4 timings, and
+#: repeating its 32-step IF run would cost more than the learned calibration.
+REPEATS = 1
+#: Test batch size of the CIFAR-10 demo.
+TEST_BATCH = 64
 
 
-def _check_T_list(T_list: Sequence[int]) -> list:
+def _check_T_list(T_list: Sequence[int], name: str = "T_list", empty: bool = False) -> list:
     Ts = list(T_list)
-    if not Ts or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in Ts):
-        raise ValueError(f"run_demo: T_list must hold integers >= 1, got {T_list!r}")
+    if (not Ts and not empty) or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in Ts):
+        raise ValueError(f"run_demo: {name} must hold integers >= 1, got {T_list!r}")
     return sorted(set(Ts))
 
 
 def run_demo(out_dir: str = "runs/demo", data: str = "cifar10", T_list: Optional[Sequence[int]] = None,
              test_images: int = 256, calib_images: int = 256,
-             baselines: Sequence[str] = CIFAR_BASELINES, learned_T: Sequence[int] = (),
-             learn_steps: int = 20,
+             baselines: Sequence[str] = CIFAR_BASELINES, learned_T: Optional[Sequence[int]] = None,
+             learn_steps: int = LEARN_STEPS, learn_images: int = 1024, repeats: int = REPEATS,
              epochs: int = 15, seed: int = 0, progress: bool = True, L: int = 4) -> ComparisonTable:
     """Convert, evaluate, compare; print the table and write ``table.md``, ``table.json`` and
     ``accuracy_speed.png`` into ``out_dir``.
@@ -58,35 +70,45 @@ def run_demo(out_dir: str = "runs/demo", data: str = "cifar10", T_list: Optional
         data: ``"cifar10"`` (the shipped ResNet-20 and CIFAR-10 subset) or ``"digits"``.
         T_list: time steps (default 4, 8, 16, 32 for CIFAR-10; 2, 4, 8, 16, 32 for digits).
         test_images: CIFAR-10 test images to evaluate on (at most 1,000, class-balanced).
-        calib_images: CIFAR-10 training images to calibrate on (at most 1,024, class-balanced).
+        calib_images: CIFAR-10 training images Algorithm 1 calibrates on (at most 1,024, class-balanced).
         baselines: CIFAR-10: SpikingJelly converters to compare with (keys of
             :data:`~sj_parallel_conversion.compare.BUILTIN`), each evaluated at every ``T`` from one
             IF run of the largest ``T``.
-        learned_T: CIFAR-10: the ``T`` at which calibration also fits learned thresholds and keeps
-            whichever of none, Algorithm 1 and learned agrees best with the ANN (``method="auto"``
-            with a :class:`~.learned.LearnedCalibration` of ``learn_steps`` steps on at most 256
-            images); elsewhere Algorithm 1 (``method="ema"``). Off by default: on 2 CPU cores a
-            learned fit of ResNet-20 takes a minute or more per ``T``, twice the rest of the demo.
+        learned_T: CIFAR-10: the ``T`` that also get a row with learned calibration
+            (``method="learned"``, a :class:`~.learned.LearnedCalibration` of ``learn_steps`` steps
+            on ``learn_images`` images, a quarter of them held out); each must be in ``T_list``.
+            ``None`` (default): ``T = 4`` where it is converted; ``()``: none.
+        learn_steps: CIFAR-10: optimisation steps of each learned calibration.
+        learn_images: CIFAR-10: training images of each learned calibration (at most 1,024).
+        repeats: timed runs of every test batch; times are the images times the median per-image
+            time of all timed batches (the plot shows throughput with two or more).
         epochs: digits only: training epochs of each tiny CNN.
         L: digits only: QCFS levels of the QCFS CNN.
     """
     if data not in DEMO_DATA:
         raise ValueError(f"run_demo: data must be one of {DEMO_DATA}, got {data!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"run_demo: repeats must be an integer >= 1, got {repeats!r}")
     if data == "digits":
-        return _run_digits(out_dir, _check_T_list(T_list or (2, 4, 8, 16, 32)), epochs, seed, progress, L)
-    if isinstance(test_images, bool) or not isinstance(test_images, int) or not 1 <= test_images <= 1000:
-        raise ValueError(f"run_demo: test_images must be an integer in 1..1000 (the shipped subset), "
-                         f"got {test_images!r}")
-    if isinstance(calib_images, bool) or not isinstance(calib_images, int) or not 2 <= calib_images <= 1024:
-        raise ValueError(f"run_demo: calib_images must be an integer in 2..1024 (the shipped subset), "
-                         f"got {calib_images!r}")
+        return _run_digits(out_dir, _check_T_list(T_list or (2, 4, 8, 16, 32)), epochs, seed, progress, L, repeats)
+    for name, value, top, low in (("test_images", test_images, 1000, 1), ("calib_images", calib_images, 1024, 2),
+                                  ("learn_images", learn_images, 1024, 4)):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= top:
+            raise ValueError(f"run_demo: {name} must be an integer in {low}..{top} (the shipped subset), "
+                             f"got {value!r}")
     unknown = [b for b in baselines if b not in BUILTIN]
     if unknown:
         raise ValueError(f"run_demo: unknown baselines {unknown}; choose from {sorted(BUILTIN)}")
     Ts = _check_T_list(T_list or (4, 8, 16, 32))
-    if not set(learned_T) <= set(Ts):
-        raise ValueError(f"run_demo: learned_T {sorted(set(learned_T) - set(Ts))} not among the T converted for {Ts}")
-    return _run_cifar10(out_dir, Ts, test_images, calib_images, list(baselines), set(learned_T), learn_steps,
+    if learned_T is None:
+        learned = {4} & set(Ts)
+    else:
+        learned = set(_check_T_list(learned_T, "learned_T", empty=True))
+        if not learned <= set(Ts):
+            raise ValueError(f"run_demo: learned_T {sorted(learned - set(Ts))} not among the T converted, {Ts}")
+    # Options are checked here, before any work (LearnedCalibration names a bad one).
+    options = LearnedCalibration(steps=learn_steps, eval_every=20, max_images=learn_images)
+    return _run_cifar10(out_dir, Ts, test_images, calib_images, list(baselines), learned, options, repeats,
                         progress)
 
 
@@ -97,7 +119,7 @@ def _logger(t_start: float):
 
 
 def _run_cifar10(out_dir: str, Ts: list, test_images: int, calib_images: int, baselines: list, learned_T: set,
-                 learn_steps: int, progress: bool) -> ComparisonTable:
+                 learned: LearnedCalibration, repeats: int, progress: bool) -> ComparisonTable:
     t_start = time.perf_counter()
     log = _logger(t_start)
     os.makedirs(out_dir, exist_ok=True)
@@ -106,39 +128,53 @@ def _run_cifar10(out_dir: str, Ts: list, test_images: int, calib_images: int, ba
     calib_set, test_set = (data.cifar10_subset("train", limit=calib_images),
                             data.cifar10_subset("test", limit=test_images))
     calib = DataLoader(calib_set, batch_size=128)
-    test = DataLoader(test_set, batch_size=test_images)  # one batch: fewer per-call overheads
+    test = DataLoader(test_set, batch_size=TEST_BATCH)  # several batches: several timings, for a median
+    learn_set = data.cifar10_subset("train", limit=learned.max_images) if learned_T else None
     log(f"ResNet-20 (ReLU, {100 * meta['test_accuracy']:.2f} % on the full test set); shipped CIFAR-10 "
-        f"subset: {len(calib_set)} calibration and {len(test_set)} test images")
-    table = ComparisonTable(title=f"CIFAR-10 ResNet-20 (ReLU), {len(test_set)} test images, "
-                                  f"{len(calib_set)} calibration images")
-    acc, n, sec = evaluate(ann, test, progress=False)
+        f"subset: {len(calib_set)} calibration and {len(test_set)} test images"
+        + (f", {len(learn_set)} images for learned calibration" if learned_T else ""))
+    title = (f"CIFAR-10 ResNet-20 (ReLU), {len(test_set)} test images, {len(calib_set)} calibration images"
+             + (f" ({len(learn_set)} for learned calibration)" if learned_T else ""))
+    table = ComparisonTable(title=title, timed_calls=repeats * count_batches(test), machine=machine_label("cpu"))
+    ev = dict(progress=False, repeats=repeats)
+    acc, n, sec = evaluate(ann, test, **ev)
     table.rows.append(ComparisonRow("ann", None, acc, n, 0.0, sec))
 
     # The parallel recipe, converted per T (each neuron reads the mean of its T input steps).
     # Rows are count-domain evaluations: the spike-level run's time mean at one ANN forward's cost.
+    rows = {"parallel-ema": [], "parallel-learned": []}
     for T in Ts:
         t0 = time.perf_counter()
-        # A short learned fit on at most 256 images: auto keeps it only where it
-        # agrees with the ANN more often than Algorithm 1 on held-out calibration images.
-        learned = (LearnedCalibration(steps=learn_steps, batch_size=64, max_images=min(256, calib_images),
-                                      eval_every=10, patience=2) if T in learned_T else None)
-        recipe = ParallelConversionRecipe(T, calib, progress=False, method="auto" if learned else "ema",
-                                          **({"learned": learned} if learned else {}))
+        recipe = ParallelConversionRecipe(T, calib, progress=False, method="ema")
         snn = ParallelConverter(recipe, device="cpu").convert(copy.deepcopy(ann))
         conv = time.perf_counter() - t0
-        acc, n, sec = evaluate(predictor(snn, T, count_domain=True), test, progress=False)
-        report = getattr(snn, "calibration_report", None)
-        chosen = report.method if report is not None else "ema"
-        method = "parallel-learned" if chosen == "learned" else "parallel-count"
-        table.rows.append(ComparisonRow(method, T, acc, n, conv, sec, f"ok (calibration: {chosen})"))
-        log(f"parallel T={T}: {100 * acc:.1f} % (calibration: {chosen}, {conv:.1f} s to convert)")
+        acc, n, sec = evaluate(predictor(snn, T, count_domain=True), test, **ev)
+        rows["parallel-ema"].append(ComparisonRow("parallel-ema", T, acc, n, conv, sec))
+        log(f"parallel T={T}, Algorithm 1: {100 * acc:.1f} % ({conv:.1f} s to convert)")
+        if T not in learned_T:
+            continue
+        # Learned calibration fits every neuron's thresholds and shift to the ANN's outputs; it
+        # gains most at small T, where Algorithm 1 loses most (docs: calibration).
+        t0 = time.perf_counter()
+        recipe = ParallelConversionRecipe(T, DataLoader(learn_set, batch_size=128), progress=False,
+                                          method="learned", learned=learned)
+        snn = ParallelConverter(recipe, device="cpu").convert(copy.deepcopy(ann))
+        conv = time.perf_counter() - t0
+        acc, n, sec = evaluate(predictor(snn, T, count_domain=True), test, **ev)
+        history = snn.calibration_report.learned
+        rows["parallel-learned"].append(ComparisonRow(
+            "parallel-learned", T, acc, n, conv, sec,
+            f"ok ({history['steps_run']} steps, kept step {history['kept_step']})"))
+        log(f"parallel T={T}, learned calibration: {100 * acc:.1f} % ({conv:.1f} s to convert, "
+            f"{history['steps_run']} steps)")
+    table.rows.extend(rows["parallel-ema"] + rows["parallel-learned"])
 
     # SpikingJelly's IF converters: one run of the largest T gives every smaller T.
     for m in baselines:
         t0 = time.perf_counter()
         snn = convert_builtin(m, ann, calib, device="cpu", progress=progress)
         conv = time.perf_counter() - t0
-        results = evaluate_steps(snn, test, Ts, progress=False)
+        results = evaluate_steps(snn, test, Ts, **ev)
         for T in Ts:
             acc, n, sec = results[T]
             table.rows.append(ComparisonRow(m, T, acc, n, conv, sec,
@@ -158,7 +194,8 @@ def _finish(table: ComparisonTable, out_dir: str, log) -> ComparisonTable:
     return table
 
 
-def _run_digits(out_dir: str, T_list: list, epochs: int, seed: int, progress: bool, L: int) -> ComparisonTable:
+def _run_digits(out_dir: str, T_list: list, epochs: int, seed: int, progress: bool, L: int,
+                repeats: int) -> ComparisonTable:
     """Train two tiny CNNs on 8x8 digits, convert them three ways, compare."""
     t_start = time.perf_counter()
     log = _logger(t_start)
@@ -167,7 +204,7 @@ def _run_digits(out_dir: str, T_list: list, epochs: int, seed: int, progress: bo
     train_set, test_set = data.digits("train"), data.digits("test")
     train = DataLoader(train_set, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
     calib = DataLoader(train_set, batch_size=128)
-    test = DataLoader(test_set, batch_size=256)
+    test = DataLoader(test_set, batch_size=100)  # 4 batches: 4 timings per evaluation, for a median
 
     log(f"digits: {len(train_set)} training and {len(test_set)} test images of 8x8 pixels")
     qcfs_ann = models.build_model("digits_cnn", num_classes=10, in_channels=1, act="qcfs", L=L, theta=2.0)
@@ -184,16 +221,17 @@ def _run_digits(out_dir: str, T_list: list, epochs: int, seed: int, progress: bo
     snn_pred = spike_inference(snn, x).mean(0).argmax(1)
     diff = int((ann_pred != snn_pred).sum())
     log(f"QCFS ANN -> parallel SNN at T = L = {L}: {diff} of {len(x)} test predictions differ from the ANN")
-    table = ComparisonTable(title=f"8x8 digits, {len(test_set)} test images")
-    acc, n, sec = evaluate(qcfs_ann, test, progress=False)
+    table = ComparisonTable(title=f"8x8 digits, {len(test_set)} test images",
+                            timed_calls=repeats * count_batches(test), machine=machine_label("cpu"))
+    acc, n, sec = evaluate(qcfs_ann, test, progress=False, repeats=repeats)
     table.rows.append(ComparisonRow("qcfs-ann", None, acc, n, 0.0, sec))
-    acc, n, sec = evaluate(lambda b: spike_inference(snn, b).mean(0), test, progress=False)
+    acc, n, sec = evaluate(lambda b: spike_inference(snn, b).mean(0), test, progress=False, repeats=repeats)
     table.rows.append(ComparisonRow("qcfs-parallel", L, acc, n, 0.0, sec))
 
     # 2 + 3. ReLU network: training-free parallel conversion vs SpikingJelly's IF converters.
     relu_table = compare_converters(relu_ann, calib, test, T_list, progress=False,
                                     methods=("ann", "parallel", "parallel-count", "rate-cw-max", "rate-cw-99.9%",
-                                             "rate-max", "rate-99.9%", "ltb"))
+                                             "rate-max", "rate-99.9%", "ltb"), repeats=repeats)
     table.rows.extend(relu_table.rows)
     log("converted the ReLU CNN with the parallel recipe and with SpikingJelly's RateCoding and LTB recipes")
     return _finish(table, out_dir, log)

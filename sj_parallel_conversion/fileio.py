@@ -173,12 +173,14 @@ def save_figure(fig: Any, path: PathLike, **kwargs: Any) -> None:
         fig.savefig(tmp, format=ext or "png", **kwargs)
 
 
-def save_plot(fig: Any, path: PathLike, dpi: int = 120) -> None:
-    """Lay out a matplotlib figure tightly, :func:`save_figure` it and close it, also when saving
-    fails (an open figure would keep its memory for the rest of the process)."""
+def save_plot(fig: Any, path: PathLike, dpi: int = 120, tight: bool = True) -> None:
+    """Lay out a matplotlib figure tightly (unless ``tight=False``: laid out already),
+    :func:`save_figure` it and close it, also when saving fails (an open figure would keep its
+    memory for the rest of the process)."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     try:
         save_figure(fig, path, dpi=dpi)
     finally:

@@ -1,5 +1,5 @@
 """Shared fixtures. Tests that need the real CIFAR-10 files skip with a reason where they are
-absent (a user's clone) and fail where SJPC_REQUIRE_DATA=1 (CI), so CI never skips them."""
+absent (a user's clone) and fail where SJPC_REQUIRE_DATA=1, for runs that must not skip them."""
 from __future__ import annotations
 
 import importlib.util

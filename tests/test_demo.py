@@ -22,6 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
     (dict(baselines=("rate-cw",)), "unknown baselines"),
     (dict(T_list=[4, 0]), "T_list must hold integers >= 1"),
     (dict(learned_T=[2]), r"learned_T \[2\] not among the T"),
+    (dict(learned_T=[0]), "learned_T must hold integers >= 1"),
+    (dict(learn_images=1025), "learn_images must be an integer in 4..1024"),
+    (dict(learn_steps=0), "LearnedCalibration.steps must be an integer >= 1"),
+    (dict(repeats=0), "repeats must be an integer >= 1"),
+    (dict(data="digits", repeats=1.5), "repeats must be an integer >= 1"),
 ])
 def test_run_demo_rejects_bad_arguments_before_any_work(kwargs, pattern, tmp_path):
     with pytest.raises(ValueError, match=pattern):
@@ -34,11 +39,39 @@ def test_cli_demo_rejects_more_images_than_shipped(capsys):
     assert "shipped CIFAR-10 subset holds 1000 test images" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, learned_T", [
+    ([], None),                               # default: T = 4 where converted
+    (["--learned-T", "8", "16"], [8, 16]),
+    (["--learned-T"], []),                    # no value: none
+    (["--no-learned"], ()),
+])
+def test_cli_demo_passes_the_learned_T_choice(argv, learned_T, monkeypatch):
+    from sj_parallel_conversion import demo
+
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda **kw: seen.update(kw))
+    assert cli.main(["demo", *argv]) == 0
+    assert seen["learned_T"] == learned_T
+    assert seen["learn_steps"] == demo.LEARN_STEPS and seen["repeats"] == demo.REPEATS
+
+
+def test_cli_demo_rejects_conflicting_or_oversized_learned_options(capsys):
+    assert cli.main(["demo", "--learn-images", "2048"]) == 2
+    assert "2 to 1024 of the shipped training images" in capsys.readouterr().err
+    assert cli.main(["demo", "--learn-images", "1"]) == 2
+    assert "--learn-images 1" in capsys.readouterr().err
+    assert cli.main(["demo", "--data", "digits", "--no-learned"]) == 2
+    assert "--no-learned applies to 'demo --data cifar10' only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--no-learned", "--learned-T", "4"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def test_the_demo_checkpoint_ships_with_the_package():
     assert CIFAR_CHECKPOINT.is_file() and CIFAR_CHECKPOINT.parent.parent == Path(cli.__file__).parent
 
 
-@pytest.mark.slow  # converts ResNet-20 four times and runs an IF network for 32 steps (1-2 minutes)
+@pytest.mark.slow  # converts ResNet-20 five times (one learned fit) and runs an IF network for 32 steps (2-3 minutes)
 def test_demo_runs_from_an_empty_folder_without_the_dataset(tmp_path):
     env = dict(os.environ)
     env.pop("SJPC_CIFAR10_DIR", None)
@@ -47,17 +80,23 @@ def test_demo_runs_from_an_empty_folder_without_the_dataset(tmp_path):
     res = subprocess.run([sys.executable, "-m", "sj_parallel_conversion", "demo", "--no-progress"], cwd=tmp_path,
                          env=env, capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "SJ RateCodingRecipe 99.9%, channel-wise, half threshold (IF)" in res.stdout
+    for label in ("SJ RateCodingRecipe 99.9%, channel-wise, half threshold (IF)",
+                  "parallel SNN, Algorithm 1 (count-domain)", "parallel SNN, learned calibration (count-domain)"):
+        assert label in res.stdout
     out = tmp_path / "runs" / "demo"
     assert (out / "accuracy_speed.png").stat().st_size > 1000 and (out / "table.md").is_file()
-    rows = json.loads((out / "table.json").read_text())["rows"]
-    acc = {(r["method"], r["T"]): r["accuracy"] for r in rows}
+    doc = json.loads((out / "table.json").read_text())
+    assert doc["timed_calls"] == 4 and "thread" in doc["machine"]  # 256 test images, batches of 64
+    acc = {(r["method"], r["T"]): r["accuracy"] for r in doc["rows"]}
     ann = acc[("ann", None)]
-    parallel = {T: a for (m, T), a in acc.items() if m.startswith("parallel")}
+    parallel = {T: a for (m, T), a in acc.items() if m == "parallel-ema"}
+    learned = {T: a for (m, T), a in acc.items() if m == "parallel-learned"}
     strongest = {T: a for (m, T), a in acc.items() if m == "rate-cw-99.9%"}
-    assert sorted(parallel) == sorted(strongest) == [4, 8, 16, 32]
+    assert sorted(parallel) == sorted(strongest) == [4, 8, 16, 32] and sorted(learned) == [4]
     assert ann > 0.8  # the checkpoint scores 88 % on the full test set
     assert parallel[32] > ann - 0.03
     assert parallel[4] < parallel[32] and strongest[4] < strongest[32]
     # the claim the demo exists to show: parallel conversion needs far fewer steps than IF
     assert parallel[8] > strongest[8]
+    # and what learned calibration is for: it recovers accuracy where Algorithm 1 loses most
+    assert learned[4] > parallel[4] + 0.02

@@ -7,7 +7,11 @@
   IF neuron (soft reset, membrane starting at half the threshold) fed the same currents;
 * ``pipeline.png`` and ``one_layer.png``: diagrams of the conversion chain and of one layer;
 * ``qcfs_staircase.png``: QCFS rate vs SNN firing rate as a function of the mean input current,
-  for ``T == L`` (identical staircases, Theorem 4.1 (i)) and ``T != L`` (Theorem 4.1 (ii)).
+  for ``T == L`` (identical staircases, Theorem 4.1 (i)) and ``T != L`` (Theorem 4.1 (ii));
+* ``compare_resnet20.png`` and ``compare_cnn.png``: accuracy against ``T`` from the committed
+  comparison tables ``docs/results/compare_resnet20.{json,md}`` and ``compare_cnn_T4-32.md``.
+  Their timings are single runs on a loaded machine, so the plots leave throughput out (the
+  benchmark pages have medians of repeated runs).
 
 The script checks what it draws: the node's spikes equal the matrix form's, and its rates equal
 QCFS at ``T == L``.
@@ -26,6 +30,7 @@ from spikingjelly.activation_based import functional, neuron  # noqa: E402
 
 from sj_parallel_conversion import ParallelConversionNode  # noqa: E402
 from sj_parallel_conversion import formulas  # noqa: E402
+from sj_parallel_conversion.compare import _LABELS, ComparisonRow, ComparisonTable  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -188,8 +193,43 @@ def one_layer(path: str) -> None:
     plt.close(fig)
 
 
+def _md_rows(path: str, keep=lambda method: True) -> list:
+    """The rows of the method tables in a results file (the text ``ComparisonTable.to_text`` writes)."""
+    methods = {label: m for m, label in _LABELS.items()}
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) != 7 or cells[0] not in methods or not keep(methods[cells[0]]):
+                continue
+            T = None if cells[1] == "-" else int(cells[1])
+            rows.append(ComparisonRow(methods[cells[0]], T, float(cells[2]) / 100, 0, float(cells[3]),
+                                      float(cells[4]), cells[6]))
+    if not rows:
+        raise ValueError(f"{path}: no comparison rows found")
+    return rows
+
+
+def compare_plots(out_dir: str) -> list:
+    results = os.path.join(HERE, "..", "results")
+    r20 = ComparisonTable.from_json(os.path.join(results, "compare_resnet20.json"))
+    # The same model, test images and calibration batches with SpikingJelly's strongest settings,
+    # run later (second compare table of the same file).
+    r20.rows += _md_rows(os.path.join(results, "compare_resnet20.md"), lambda m: m.startswith("rate-cw-"))
+    r20.title += "; accuracy only (timings: benchmarks page)"
+    cnn = ComparisonTable(rows=_md_rows(os.path.join(results, "compare_cnn_T4-32.md")),
+                          title="CIFAR-10 five-layer CNN (ReLU), 500 test images; accuracy only")
+    paths = []
+    for name, table in (("compare_resnet20.png", r20), ("compare_cnn.png", cnn)):
+        table.timed_calls = 1  # timings not robust (loaded machine, sums of calls): accuracy only
+        paths.append(table.plot(os.path.join(out_dir, name)))
+    return paths
+
+
 def main() -> None:
     torch.set_num_threads(1)
+    for path in compare_plots(HERE):
+        print(f"wrote {os.path.relpath(path)}")
     for name, fn in (("sorted_trains.png", sorted_trains), ("qcfs_staircase.png", staircases),
                      ("pipeline.png", pipeline), ("one_layer.png", one_layer)):
         out = os.path.join(HERE, name)
