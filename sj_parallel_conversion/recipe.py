@@ -288,24 +288,17 @@ class ParallelConversionRecipe(FXConversionRecipe):
             start = time.perf_counter()
             candidates["none"] = calibration.to_daqcfs(copy.deepcopy(fx_model), self.T_of)
             seconds["none"] = time.perf_counter() - start
-        ema = None
-        if self.method == "auto" or opts.init == "ema":
             start = time.perf_counter()
-            ema = calibration.calibrate_da(
+            candidates["ema"] = calibration.calibrate_da(
                 copy.deepcopy(fx_model), fit, self.T_of, dev, None, self.alpha, self.bias_correction,
                 self.progress, self.reducer, "ema")
             seconds["ema"] = time.perf_counter() - start
-            if self.method == "auto":
-                candidates["ema"] = ema
-        start_point = ema if opts.init == "ema" else fx_model
-        if self.method == "auto":
-            # The fit changes the model it is given, which must not be a candidate itself.
-            start_point = copy.deepcopy(start_point)
         with torch.enable_grad():
             learned_model, history = learn_calibration(
-                start_point, self._reference, fit, held, self.T_of, sites, opts, dev, self.reducer, self.progress)
+                fx_model if self.method == "learned" else copy.deepcopy(fx_model), self._reference, fit, held,
+                self.T_of, sites, opts, dev, self.reducer, self.progress)
         candidates["learned"] = learned_model
-        seconds["learned"] = history["seconds"] + (seconds["ema"] if opts.init == "ema" else 0.0)
+        seconds["learned"] = history["seconds"]
         scores = {name: held_out_score(m, held, held_ref, dev, self.reducer) for name, m in candidates.items()}
         chosen = choose(scores) if self.method == "auto" else "learned"
         self.report = CalibrationReport(

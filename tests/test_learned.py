@@ -265,3 +265,22 @@ def test_fused_fit_function_matches_autograd_of_the_straight_through_formula(sha
     assert torch.equal(out, ref)
     for a, b, name in zip(grads, ref_grads, ("x", "theta_pre", "theta_post", "psi_da")):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_the_step_size_decays_to_zero_over_the_step_budget(monkeypatch):
+    # The kept parameters must not be a snapshot of Adam's full-size steps: the rate starts at lr
+    # and falls monotonically to (nearly) zero at the last step.
+    seen = []
+    step = torch.optim.Adam.step
+
+    def recording_step(self, *a, **kw):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    opts = LearnedCalibration(steps=12, lr=0.02, eval_every=100, patience=1, batch_size=32)
+    ParallelConverter("parallel", T=2, dataloader=_batches(), progress=False, method="learned",
+                      learned=opts).convert(_net())
+    assert len(seen) == 12 and seen[0] == pytest.approx(0.02)
+    assert all(a > b for a, b in zip(seen, seen[1:]))
+    assert seen[-1] < 0.05 * 0.02 and seen[6] == pytest.approx(0.01)  # half way: half the rate
