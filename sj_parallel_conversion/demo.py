@@ -91,10 +91,13 @@ def run_demo(out_dir: str = "runs/demo", data: str = "cifar10", T_list: Optional
         raise ValueError(f"run_demo: repeats must be an integer >= 1, got {repeats!r}")
     if data == "digits":
         return _run_digits(out_dir, _check_T_list(T_list or (2, 4, 8, 16, 32)), epochs, seed, progress, L, repeats)
-    for name, value, top, low in (("test_images", test_images, 1000, 1), ("calib_images", calib_images, 1024, 2),
-                                  ("learn_images", learn_images, 1024, 4)):
+    # The one check of these sizes; the CLI names its own option (second column) in the message.
+    for name, flag, value, top, low in (("test_images", "--images", test_images, 1000, 1),
+                                        ("calib_images", "--calib-images", calib_images, 1024, 2),
+                                        ("learn_images", "--learn-images", learn_images, 1024, 4)):
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= top:
-            raise ValueError(f"run_demo: {name} must be an integer in {low}..{top} (the shipped subset), "
+            raise ValueError(f"run_demo: {name} ({flag}) must be an integer in {low}..{top} (the shipped "
+                             f"CIFAR-10 subset holds {top} {'test' if top == 1000 else 'training'} images), "
                              f"got {value!r}")
     unknown = [b for b in baselines if b not in BUILTIN]
     if unknown:

@@ -315,7 +315,7 @@ def test_learn_steps_where_learned_calibration_runs(argv, tmp_path, monkeypatch)
     (["--data", "digits", "--learned-T", "4"], "--learned-T applies to 'demo --data cifar10' only"),
     (["--data", "digits", "--learn-steps", "5"], "--learn-steps applies to 'demo --data cifar10' only"),
     (["--epochs", "2"], "--epochs applies to 'demo --data digits' only"),
-    (["--calib-images", "1"], "--calib-images 1: calibration needs at least 2 images"),
+    (["--calib-images", "1"], "--calib-images) must be an integer in 2..1024"),
 ])
 def test_demo_refuses_options_of_the_other_demo(argv, pattern, tmp_path, capsys):
     code, _, err = _run(["demo", "--out", tmp_path / "demo", *argv], capsys)
