@@ -39,11 +39,16 @@ _SPLITS = {"train": "train", "test": "test", "val": "test"}
 
 
 def cifar10_dir() -> Path:
-    """``$SJPC_CIFAR10_DIR`` if set, else ``<repo root>/../shared/data/cifar10``."""
+    """The folder named by ``$SJPC_CIFAR10_DIR`` (there is no default location).
+
+    Raises ``FileNotFoundError`` when the variable is unset or empty, saying how to name the folder.
+    """
     env = os.environ.get(ENV_VAR)
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+    if not env:
+        raise FileNotFoundError(
+            f"no CIFAR-10 folder given: set the environment variable {ENV_VAR} to the folder holding "
+            "train.npz and test.npz, or pass root=... (the CLI's --data-root)")
+    return Path(env)
 
 
 def _split(split: str) -> str:

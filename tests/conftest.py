@@ -21,16 +21,14 @@ def pytest_runtest_setup(item):
     torch.set_num_threads(_SLOW_THREADS if item.get_closest_marker("slow") else 1)
 
 
-def _cifar10_dir() -> Path:
-    default = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
-    return Path(os.environ.get("SJPC_CIFAR10_DIR", default))
-
-
 @pytest.fixture(scope="session")
 def cifar10_dir() -> Path:
-    d = _cifar10_dir()
-    if not ((d / "train.npz").is_file() and (d / "test.npz").is_file()):
-        msg = f"CIFAR-10 npz files not found in {d} (set SJPC_CIFAR10_DIR)"
+    # tools/env.sh (which tools/test.sh and .ci/run source) names the folder; nothing is guessed here.
+    env = os.environ.get("SJPC_CIFAR10_DIR")
+    d = Path(env) if env else None
+    if d is None or not ((d / "train.npz").is_file() and (d / "test.npz").is_file()):
+        msg = ("SJPC_CIFAR10_DIR is not set" if d is None
+               else f"CIFAR-10 npz files not found in {str(d)!r} (set SJPC_CIFAR10_DIR)")
         if os.environ.get("SJPC_REQUIRE_DATA") == "1":
             pytest.fail(msg)
         pytest.skip(msg)

@@ -10,10 +10,12 @@ import torch
 from sj_parallel_conversion import data
 
 
-def test_cifar10_dir_default_and_env(monkeypatch):
+def test_cifar10_dir_comes_from_the_environment_only(monkeypatch):
     monkeypatch.delenv("SJPC_CIFAR10_DIR", raising=False)
-    pkg = Path(data.__file__).resolve().parent
-    assert data.cifar10_dir() == pkg.parents[1] / "shared" / "data" / "cifar10"
+    with pytest.raises(FileNotFoundError, match="SJPC_CIFAR10_DIR"):
+        data.cifar10_dir()
+    with pytest.raises(FileNotFoundError, match="root="):
+        data.cifar10_npz("test")
     monkeypatch.setenv("SJPC_CIFAR10_DIR", "/some/where")
     assert data.cifar10_dir() == Path("/some/where")
 
