@@ -327,33 +327,14 @@ def _finish_table(table, args) -> None:
         print(f"wrote {args.plot}")
 
 
-# Options of one demo only, with their defaults (None in the parser, so that a given one shows).
-_DEMO_ONLY = {
-    "cifar10": {"images": 256, "calib_images": 256, "baselines": ["rate-cw-99.9%"], "learned_T": None,
-                "no_learned": None, "learn_steps": None, "learn_images": 1024},
-    "digits": {"epochs": 15},
-}
-
-
-def _check_demo_args(args) -> None:
-    """Refuse options of the other demo and fill in the defaults."""
-    for data, options in _DEMO_ONLY.items():
-        for dest in options:
-            if data != args.data and getattr(args, dest) is not None:
-                raise CLIError(f"--{dest.replace('_', '-')} applies to 'demo --data {data}' only, not --data "
-                               f"{args.data}")
-            if getattr(args, dest) is None:
-                setattr(args, dest, options[dest])
-    # Sizes are checked by run_demo itself, before any work (one place for the demo's rules).
-
-
 def cmd_demo(args) -> int:
-    from .demo import LEARN_STEPS, REPEATS, run_demo
+    from .demo import REPEATS, run_demo
 
-    learned_T = () if args.no_learned else args.learned_T  # None: the default (T = 4 where converted)
+    # Options not given stay None: run_demo fills in its defaults and refuses those of the other demo.
+    learned_T = () if args.no_learned else args.learned_T
     run_demo(out_dir=args.out, data=args.data, T_list=args.T, test_images=args.images,
              calib_images=args.calib_images, baselines=args.baselines, learned_T=learned_T,
-             learn_steps=args.learn_steps or LEARN_STEPS, learn_images=args.learn_images,
+             learn_steps=args.learn_steps, learn_images=args.learn_images,
              repeats=args.repeats or REPEATS, epochs=args.epochs, progress=not args.no_progress)
     return 0
 
@@ -600,8 +581,6 @@ def _check_args(args) -> None:
             raise CLIError(f"--std values must be positive, got {std}")
         if args.data == "digits":
             raise CLIError("--mean/--std do not apply to --data digits (standardised by its own training split)")
-    if args.command == "demo":
-        _check_demo_args(args)
     _check_learn_steps(args)
     if getattr(args, "device", None) is not None:
         _check_device(args.device)

@@ -31,7 +31,7 @@ from .learned import LearnedCalibration
 from .recipe import ParallelConversionRecipe, ParallelConverter
 from .training import train_classifier
 
-__all__ = ["run_demo", "CIFAR_CHECKPOINT", "DEMO_DATA", "LEARN_STEPS", "REPEATS"]
+__all__ = ["run_demo", "CIFAR_CHECKPOINT", "DEMO_DATA", "DEMO_OPTIONS", "LEARN_STEPS", "REPEATS"]
 
 #: The checkpoint the CIFAR-10 demo converts (shipped with the package).
 CIFAR_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "cifar10_resnet20_relu.pt"
@@ -58,61 +58,91 @@ def _check_T_list(T_list: Sequence[int], name: str = "T_list", empty: bool = Fal
     return sorted(set(Ts))
 
 
+#: Options of one demo only: ``name: (CLI option, default)``. ``run_demo`` refuses a given option
+#: of the other demo (rather than ignoring it) and fills in these defaults.
+DEMO_OPTIONS = {
+    "cifar10": {"test_images": ("--images", 256), "calib_images": ("--calib-images", 256),
+                "baselines": ("--baselines", CIFAR_BASELINES), "learned_T": ("--learned-T / --no-learned", None),
+                "learn_steps": ("--learn-steps", LEARN_STEPS), "learn_images": ("--learn-images", 1024)},
+    "digits": {"epochs": ("--epochs", 15), "L": (None, 4)},  # L: no CLI option
+}
+
+
 def run_demo(out_dir: str = "runs/demo", data: str = "cifar10", T_list: Optional[Sequence[int]] = None,
-             test_images: int = 256, calib_images: int = 256,
-             baselines: Sequence[str] = CIFAR_BASELINES, learned_T: Optional[Sequence[int]] = None,
-             learn_steps: int = LEARN_STEPS, learn_images: int = 1024, repeats: int = REPEATS,
-             epochs: int = 15, seed: int = 0, progress: bool = True, L: int = 4) -> ComparisonTable:
+             test_images: Optional[int] = None, calib_images: Optional[int] = None,
+             baselines: Optional[Sequence[str]] = None, learned_T: Optional[Sequence[int]] = None,
+             learn_steps: Optional[int] = None, learn_images: Optional[int] = None, repeats: int = REPEATS,
+             epochs: Optional[int] = None, seed: int = 0, progress: bool = True,
+             L: Optional[int] = None) -> ComparisonTable:
     """Convert, evaluate, compare; print the table and write ``table.md``, ``table.json`` and
     ``accuracy_speed.png`` into ``out_dir``.
+
+    Options marked CIFAR-10 or digits belong to that demo only: ``None`` (default) takes the
+    default given here, and a value given for the other demo raises ``ValueError``.
 
     Args:
         data: ``"cifar10"`` (the shipped ResNet-20 and CIFAR-10 subset) or ``"digits"``.
         T_list: time steps (default 4, 8, 16, 32 for CIFAR-10; 2, 4, 8, 16, 32 for digits).
-        test_images: CIFAR-10 test images to evaluate on (at most 1,000, class-balanced).
-        calib_images: CIFAR-10 training images Algorithm 1 calibrates on (at most 1,024, class-balanced).
+        test_images: CIFAR-10: test images to evaluate on (at most 1,000, class-balanced; default 256).
+        calib_images: CIFAR-10: training images Algorithm 1 calibrates on (at most 1,024,
+            class-balanced; default 256).
         baselines: CIFAR-10: SpikingJelly converters to compare with (keys of
-            :data:`~sj_parallel_conversion.compare.BUILTIN`), each evaluated at every ``T`` from one
-            IF run of the largest ``T``.
+            :data:`~sj_parallel_conversion.compare.BUILTIN`; default :data:`CIFAR_BASELINES`), each
+            evaluated at every ``T`` from one IF run of the largest ``T``.
         learned_T: CIFAR-10: the ``T`` that also get a row with learned calibration
             (``method="learned"``, a :class:`~.learned.LearnedCalibration` of ``learn_steps`` steps
             on ``learn_images`` images, a quarter of them held out); each must be in ``T_list``.
             ``None`` (default): ``T = 4`` where it is converted; ``()``: none.
-        learn_steps: CIFAR-10: optimisation steps of each learned calibration.
-        learn_images: CIFAR-10: training images of each learned calibration (at most 1,024).
+        learn_steps: CIFAR-10: optimisation steps of each learned calibration (default :data:`LEARN_STEPS`).
+        learn_images: CIFAR-10: training images of each learned calibration (at most 1,024; default 1,024).
         repeats: timed runs of every test batch; times are the images times the median per-image
             time of all timed batches (the plot shows throughput with two or more).
-        epochs: digits only: training epochs of each tiny CNN.
-        L: digits only: QCFS levels of the QCFS CNN.
+        epochs: digits: training epochs of each tiny CNN (default 15).
+        L: digits: QCFS levels of the QCFS CNN (default 4).
     """
     if data not in DEMO_DATA:
         raise ValueError(f"run_demo: data must be one of {DEMO_DATA}, got {data!r}")
+    given = {"test_images": test_images, "calib_images": calib_images, "baselines": baselines,
+             "learned_T": learned_T, "learn_steps": learn_steps, "learn_images": learn_images, "epochs": epochs,
+             "L": L}
+    opts = {}
+    for owner, options in DEMO_OPTIONS.items():
+        for name, (flag, default) in options.items():
+            if owner != data and given[name] is not None:
+                named = f"{name} ({flag})" if flag else name
+                raise ValueError(f"run_demo: {named} applies to data={owner!r} (demo --data {owner}) only, "
+                                 f"not {data!r}")
+            opts[name] = default if given[name] is None else given[name]
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"run_demo: repeats must be an integer >= 1, got {repeats!r}")
     if data == "digits":
-        return _run_digits(out_dir, _check_T_list(T_list or (2, 4, 8, 16, 32)), epochs, seed, progress, L, repeats)
-    # The one check of these sizes; the CLI names its own option (second column) in the message.
-    for name, flag, value, top, low in (("test_images", "--images", test_images, 1000, 1),
-                                        ("calib_images", "--calib-images", calib_images, 1024, 2),
-                                        ("learn_images", "--learn-images", learn_images, 1024, 4)):
+        for name in ("epochs", "L"):
+            v = opts[name]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"run_demo: {name} must be an integer >= 1, got {v!r}")
+        return _run_digits(out_dir, _check_T_list(T_list or (2, 4, 8, 16, 32)), opts["epochs"], seed, progress,
+                           opts["L"], repeats)
+    # The one check of these sizes; the CLI option is named in the message.
+    for name, top, low in (("test_images", 1000, 1), ("calib_images", 1024, 2), ("learn_images", 1024, 4)):
+        value, flag = opts[name], DEMO_OPTIONS["cifar10"][name][0]
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= top:
             raise ValueError(f"run_demo: {name} ({flag}) must be an integer in {low}..{top} (the shipped "
                              f"CIFAR-10 subset holds {top} {'test' if top == 1000 else 'training'} images), "
                              f"got {value!r}")
-    unknown = [b for b in baselines if b not in BUILTIN]
+    unknown = [b for b in opts["baselines"] if b not in BUILTIN]
     if unknown:
         raise ValueError(f"run_demo: unknown baselines {unknown}; choose from {sorted(BUILTIN)}")
     Ts = _check_T_list(T_list or (4, 8, 16, 32))
-    if learned_T is None:
+    if opts["learned_T"] is None:
         learned = {4} & set(Ts)
     else:
-        learned = set(_check_T_list(learned_T, "learned_T", empty=True))
+        learned = set(_check_T_list(opts["learned_T"], "learned_T", empty=True))
         if not learned <= set(Ts):
             raise ValueError(f"run_demo: learned_T {sorted(learned - set(Ts))} not among the T converted, {Ts}")
     # Options are checked here, before any work (LearnedCalibration names a bad one).
-    options = LearnedCalibration(steps=learn_steps, eval_every=20, max_images=learn_images)
-    return _run_cifar10(out_dir, Ts, test_images, calib_images, list(baselines), learned, options, repeats,
-                        progress)
+    options = LearnedCalibration(steps=opts["learn_steps"], eval_every=20, max_images=opts["learn_images"])
+    return _run_cifar10(out_dir, Ts, opts["test_images"], opts["calib_images"], list(opts["baselines"]), learned,
+                        options, repeats, progress)
 
 
 def _logger(t_start: float):

@@ -310,11 +310,11 @@ def test_learn_steps_where_learned_calibration_runs(argv, tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("argv, pattern", [
-    (["--data", "digits", "--images", "10"], "--images applies to 'demo --data cifar10' only"),
-    (["--data", "digits", "--baselines", "ltb"], "--baselines applies to 'demo --data cifar10' only"),
-    (["--data", "digits", "--learned-T", "4"], "--learned-T applies to 'demo --data cifar10' only"),
-    (["--data", "digits", "--learn-steps", "5"], "--learn-steps applies to 'demo --data cifar10' only"),
-    (["--epochs", "2"], "--epochs applies to 'demo --data digits' only"),
+    (["--data", "digits", "--images", "10"], "images (--images) applies to data='cifar10'"),
+    (["--data", "digits", "--baselines", "ltb"], "baselines (--baselines) applies to data='cifar10'"),
+    (["--data", "digits", "--learned-T", "4"], "learned_T (--learned-T / --no-learned) applies to data='cifar10'"),
+    (["--data", "digits", "--learn-steps", "5"], "learn_steps (--learn-steps) applies to data='cifar10'"),
+    (["--epochs", "2"], "epochs (--epochs) applies to data='digits'"),
     (["--calib-images", "1"], "--calib-images) must be an integer in 2..1024"),
 ])
 def test_demo_refuses_options_of_the_other_demo(argv, pattern, tmp_path, capsys):

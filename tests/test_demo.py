@@ -27,6 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
     (dict(learn_steps=0), "LearnedCalibration.steps must be an integer >= 1"),
     (dict(repeats=0), "repeats must be an integer >= 1"),
     (dict(data="digits", repeats=1.5), "repeats must be an integer >= 1"),
+    # options of the other demo are refused, not ignored
+    (dict(data="digits", test_images=10), r"test_images \(--images\) applies to data='cifar10'"),
+    (dict(data="digits", learn_steps=5), r"learn_steps \(--learn-steps\) applies to data='cifar10'"),
+    (dict(epochs=2), r"epochs \(--epochs\) applies to data='digits' \(demo --data digits\) only"),
+    (dict(L=3), r"L applies to data='digits'"),
+    (dict(data="digits", L=0), "L must be an integer >= 1"),
 ])
 def test_run_demo_rejects_bad_arguments_before_any_work(kwargs, pattern, tmp_path):
     with pytest.raises(ValueError, match=pattern):
@@ -52,7 +58,8 @@ def test_cli_demo_passes_the_learned_T_choice(argv, learned_T, monkeypatch):
     monkeypatch.setattr(demo, "run_demo", lambda **kw: seen.update(kw))
     assert cli.main(["demo", *argv]) == 0
     assert seen["learned_T"] == learned_T
-    assert seen["learn_steps"] == demo.LEARN_STEPS and seen["repeats"] == demo.REPEATS
+    # options not given reach run_demo as None, which takes its own defaults (one place for them)
+    assert seen["learn_steps"] is None and seen["test_images"] is None and seen["repeats"] == demo.REPEATS
 
 
 def test_cli_demo_rejects_conflicting_or_oversized_learned_options(capsys):
@@ -61,7 +68,7 @@ def test_cli_demo_rejects_conflicting_or_oversized_learned_options(capsys):
     assert cli.main(["demo", "--learn-images", "1"]) == 2
     assert "got 1" in capsys.readouterr().err
     assert cli.main(["demo", "--data", "digits", "--no-learned"]) == 2
-    assert "--no-learned applies to 'demo --data cifar10' only" in capsys.readouterr().err
+    assert "learned_T (--learned-T / --no-learned) applies to data='cifar10'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["demo", "--no-learned", "--learned-T", "4"])
     assert "not allowed with argument" in capsys.readouterr().err
