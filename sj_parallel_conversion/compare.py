@@ -27,7 +27,7 @@ from .progress import progress as progress_bar
 from .progress import quiet_stderr
 from .recipe import ParallelConversionRecipe, ParallelConverter
 
-__all__ = ["METHODS", "BUILTIN", "ComparisonRow", "ComparisonTable", "compare_converters", "convert_builtin",
+__all__ = ["METHODS", "BUILTIN", "LABELS", "ComparisonRow", "ComparisonTable", "compare_converters", "convert_builtin",
            "evaluate", "evaluate_steps", "machine_label", "count_batches"]
 
 #: Method names :func:`compare_converters` accepts, in table order.
@@ -43,7 +43,8 @@ BUILTIN = {
     "rate-99.9%": dict(mode="99.9%"),
     "ltb": None,
 }
-_LABELS = {
+#: The label of every method (and of the demo's ``parallel-ema`` rows) in tables and plots.
+LABELS = {
     "ann": "ANN",
     "qcfs-ann": "QCFS ANN",
     "qcfs-parallel": "QCFS -> parallel SNN (T = L)",
@@ -121,7 +122,7 @@ class ComparisonTable:
         out = []
         for r in self.rows:
             d = asdict(r)
-            d["label"] = _LABELS.get(r.method, r.method)
+            d["label"] = LABELS.get(r.method, r.method)
             d["images_per_s"] = r.images_per_s
             out.append(d)
         return out
@@ -134,7 +135,7 @@ class ComparisonTable:
         for r in self.rows:
             acc = "-" if r.accuracy is None else f"{100 * r.accuracy:.2f}"
             ips = r.images_per_s
-            body.append([_LABELS.get(r.method, r.method), "-" if r.T is None else r.T, acc,
+            body.append([LABELS.get(r.method, r.method), "-" if r.T is None else r.T, acc,
                          f"{r.convert_s:.2f}", f"{r.eval_s:.2f}", "-" if ips is None else f"{ips:.0f}", r.status])
         text = tabulate(body, headers=["method", "T", "acc %", "convert s", "eval s", "img/s", "status"],
                         tablefmt="github")
@@ -207,7 +208,7 @@ class ComparisonTable:
             # Earlier lines are drawn wider, so one that coincides with a later line shows around it.
             style = dict(marker=markers[i % len(markers)], ls=styles[i % len(styles)], ms=7 if i % 2 else 5,
                          mfc="none" if i % 2 else None, mew=1.5, lw=max(1.3, 3.2 - 0.7 * i),
-                         label=_LABELS.get(m, m))
+                         label=LABELS.get(m, m))
             ax_acc.plot(ts, [100 * p[1] for p in pts], **style)
             if speed and all(p[2] for p in pts):
                 ax_speed.plot(ts, [p[2] for p in pts], **style)

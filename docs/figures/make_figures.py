@@ -30,7 +30,7 @@ from spikingjelly.activation_based import functional, neuron  # noqa: E402
 
 from sj_parallel_conversion import ParallelConversionNode  # noqa: E402
 from sj_parallel_conversion import formulas  # noqa: E402
-from sj_parallel_conversion.compare import _LABELS, ComparisonRow, ComparisonTable  # noqa: E402
+from sj_parallel_conversion.compare import LABELS, ComparisonRow, ComparisonTable  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -195,7 +195,7 @@ def one_layer(path: str) -> None:
 
 def _md_rows(path: str, keep=lambda method: True) -> list:
     """The rows of the method tables in a results file (the text ``ComparisonTable.to_text`` writes)."""
-    methods = {label: m for m, label in _LABELS.items()}
+    methods = {label: m for m, label in LABELS.items()}
     rows = []
     with open(path, encoding="utf-8") as f:
         for line in f:
