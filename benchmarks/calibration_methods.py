@@ -10,6 +10,8 @@ plot (accuracy vs T, one panel per checkpoint).
         --T 2 4 8 16 32 --calib-images 1024 --test-images 2000 --out docs/results/calibration_methods_resnet20
     python benchmarks/calibration_methods.py --combine docs/results/calibration_methods_*.json \\
         --out docs/results/calibration_methods
+
+With ``--combine``, a cell (model, T, method) found in several files is taken from the last one.
 """
 from __future__ import annotations
 
@@ -67,7 +69,13 @@ def main(argv=None) -> int:
         p.error("give either --checkpoint (measure) or --combine (merge earlier runs)")
     if args.combine:
         runs = [json.load(open(f)) for f in args.combine]
-        write([r for run in runs for r in run["rows"]], args.out, [run["command"] for run in runs],
+        # A cell measured again in a later file replaces the earlier one (a rerun after a change
+        # of defaults); the table lists every command that contributed.
+        cells = {}
+        for run in runs:
+            for r in run["rows"]:
+                cells[(r["model"], r["T"], r["method"])] = r
+        write(list(cells.values()), args.out, [run["command"] for run in runs],
               sorted({run["machine"] for run in runs}),
               runs[0].get("images", dict(test=args.test_images, calibration=args.calib_images)))
         return 0

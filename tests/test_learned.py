@@ -267,20 +267,35 @@ def test_fused_fit_function_matches_autograd_of_the_straight_through_formula(sha
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
 
 
-def test_the_step_size_decays_to_zero_over_the_step_budget(monkeypatch):
-    # The kept parameters must not be a snapshot of Adam's full-size steps: the rate starts at lr
-    # and falls monotonically to (nearly) zero at the last step.
-    seen = []
+def test_a_plateau_returns_to_the_best_parameters_with_a_smaller_step_and_the_last_one_stops(monkeypatch):
+    # A held-out loss that never improves: every `patience` evaluations make a plateau. The first
+    # `cuts` plateaus return to the best (= starting, all-zero) parameters and multiply the rate
+    # by `decay`; the next one ends the fit.
+    from sj_parallel_conversion import learned as learned_mod
+
+    monkeypatch.setattr(learned_mod, "held_out_score",
+                        lambda *a, **k: {"agreement": 0.5, "kl": 1.0, "images": 1})
+    seen = []  # (rate, parameters before the step) at every Adam step
     step = torch.optim.Adam.step
 
     def recording_step(self, *a, **kw):
-        seen.append(self.param_groups[0]["lr"])
+        seen.append((self.param_groups[0]["lr"], [p.detach().clone() for p in self.param_groups[0]["params"]]))
         return step(self, *a, **kw)
 
     monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
-    opts = LearnedCalibration(steps=12, lr=0.02, eval_every=100, patience=1, batch_size=32)
-    ParallelConverter("parallel", T=2, dataloader=_batches(), progress=False, method="learned",
-                      learned=opts).convert(_net())
-    assert len(seen) == 12 and seen[0] == pytest.approx(0.02)
-    assert all(a > b for a, b in zip(seen, seen[1:]))
-    assert seen[-1] < 0.05 * 0.02 and seen[6] == pytest.approx(0.01)  # half way: half the rate
+    opts = LearnedCalibration(steps=100, lr=0.02, eval_every=3, patience=2, decay=0.5, cuts=2, batch_size=32)
+    snn = ParallelConverter("parallel", T=2, dataloader=_batches(), progress=False, method="learned",
+                            learned=opts).convert(_net())
+    history = snn.calibration_report.learned
+    assert history["cuts"] == [6, 12] and history["steps_run"] == 18 and history["kept_step"] == 0
+    assert [lr for lr, _ in seen] == pytest.approx([0.02] * 6 + [0.01] * 6 + [0.005] * 6)
+    for i, (_, params) in enumerate(seen):
+        at_start = all(float(p.abs().max()) == 0.0 for p in params)
+        assert at_start == (i % 6 == 0), i  # back at the start exactly after each cut
+
+
+def test_plateau_options_are_checked():
+    for kw, pattern in ((dict(decay=1.0), "decay must be a number in \\(0, 1\\)"), (dict(decay=0), "decay"),
+                        (dict(cuts=-1), "cuts must be an integer >= 0"), (dict(patience=0), "patience")):
+        with pytest.raises(ValueError, match=pattern):
+            LearnedCalibration(**kw)
