@@ -41,7 +41,7 @@ DEMO_DATA = ("cifar10", "digits")
 #: half threshold, 99.9 % percentile). Others (``compare.BUILTIN``) cost one IF run of the largest T each.
 CIFAR_BASELINES = ("rate-cw-99.9%",)
 #: Default optimisation steps of the demo's learned calibration: a short fit that keeps the whole
-#: demo within two minutes on 2 CPU cores (``LearnedCalibration``'s own default is 300).
+#: demo within two minutes on 2 CPU cores (``LearnedCalibration``'s own default is 600).
 LEARN_STEPS = 120
 #: Default timed runs of every test batch. Times are the median per-image time over all timed
 #: batches: the CIFAR-10 demo's 256 test images in batches of 64 already give 4 timings, and

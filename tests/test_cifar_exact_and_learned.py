@@ -118,10 +118,9 @@ def test_searched_per_layer_T_runs_at_spike_level(cifar10_dir):
 
 @pytest.mark.slow
 def test_learned_beats_algorithm_1_on_the_shipped_resnet20_at_T4(cifar10_dir):
-    """Learned calibration far above Algorithm 1 at T = 4 (the full table is in
-    docs/results/calibration_methods.md). The target is +10 points; the measured gain with the
-    defaults is +9.8 (79.10 % against 69.30 %), so the bound here is +9: a regression of the
-    learned fit, not the run-to-run spread of one 2,000-image test, makes it fail."""
+    """Learned calibration at least 10 points above Algorithm 1 at T = 4 with default options (the
+    full table is in docs/results/calibration_methods.md: 81.35 % against 69.30 %; with seed 1 the
+    fit reaches 80.25 %, so the bound holds across the run-to-run spread of the fit)."""
     ann, _ = models.load_checkpoint(CKPT / "cifar10_resnet20_relu.pt")
     ann.eval()
     calib = _calib(cifar10_dir)
@@ -135,4 +134,4 @@ def test_learned_beats_algorithm_1_on_the_shipped_resnet20_at_T4(cifar10_dir):
 
     ema, _ = acc("ema")
     learned, _ = acc("learned")
-    assert learned >= ema + 9.0, f"learned {learned:.2f} % vs Algorithm 1 {ema:.2f} %"
+    assert learned >= ema + 10.0, f"learned {learned:.2f} % vs Algorithm 1 {ema:.2f} %"
