@@ -11,6 +11,7 @@ Acceptance run (CPU)::
     python benchmarks/bench_node.py                      # shape [32, 64, 64, 16, 16], T = 32
     python benchmarks/bench_node.py --sweep --repeats 5  # T = 4, 8, 16, 32, 64 (T_in = T)
     python benchmarks/bench_node.py --json benchmarks/results/bench_node.json
+    python benchmarks/bench_node.py --repeats 9 --threads 2 --ceiling  # + the copy bound
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def _timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def bench(shape, T: int, repeats: int, device: torch.device, dtype: torch.dtype) -> dict:
+def bench(shape, T: int, repeats: int, device: torch.device, dtype: torch.dtype, ceiling: bool = False) -> dict:
     torch.manual_seed(0)
     x = (torch.randn(shape, dtype=dtype) * 0.5 + 0.3).to(device)
     if_node = neuron.IFNode(v_threshold=1.0, v_reset=None, step_mode="m").to(device)
@@ -62,6 +63,10 @@ def bench(shape, T: int, repeats: int, device: torch.device, dtype: torch.dtype)
 
     fns = {name: (lambda n=n: n(x)) for name, n in nodes.items()}
     fns["if"] = run_if
+    if ceiling:
+        # Reading the input once and writing a freshly allocated output of the same size: what any
+        # node that maps [T, ...] currents to [T, ...] spikes must at least do.
+        fns["copy"] = lambda: torch.empty_like(x).copy_(x)
     times = {name: [] for name in fns}
     rates = {}
     with torch.no_grad():
@@ -69,7 +74,8 @@ def bench(shape, T: int, repeats: int, device: torch.device, dtype: torch.dtype)
             if name == "if":
                 functional.reset_net(if_node)
             out = fn()
-            rates[name] = float((out != 0).float().mean())  # fraction of steps with a spike
+            if name != "copy":
+                rates[name] = float((out != 0).float().mean())  # fraction of steps with a spike
             del out
         for _ in range(repeats):
             for name, fn in fns.items():
@@ -81,7 +87,7 @@ def bench(shape, T: int, repeats: int, device: torch.device, dtype: torch.dtype)
         "device": str(device), "median_s": {k: statistics.median(v) for k, v in times.items()},
         "times_s": times, "spike_fraction": rates, "ratio_if_over": {},
     }
-    for name in nodes:
+    for name in list(nodes) + (["copy"] if ceiling else []):
         ratios = [a / b for a, b in zip(times["if"], times[name])]
         res["ratio_if_over"][name] = statistics.median(ratios)
     return res
@@ -99,6 +105,9 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true",
                    help=f"sweep T over {SWEEP_T} with shape [T, *shape[1:]] (T_in = T)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--ceiling", action="store_true",
+                   help="also time a copy of the input into a new tensor (read once, write once), the "
+                        "memory-traffic floor of any node, and print IF / copy: the largest ratio possible")
     args = p.parse_args(argv)
 
     if args.threads:
@@ -107,7 +116,7 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     configs = ([(tuple([t] + args.shape[1:]), t) for t in SWEEP_T] if args.sweep
                else [(tuple(args.shape), args.T or args.shape[0])])
-    results = [bench(shape, T, args.repeats, device, dtype) for shape, T in configs]
+    results = [bench(shape, T, args.repeats, device, dtype, args.ceiling) for shape, T in configs]
 
     rows = []
     for r in results:
@@ -116,10 +125,14 @@ def main(argv=None) -> int:
         row.append(f"{r['ratio_if_over']['pc_torch']:.2f}x")
         if "pc_cupy" in r["median_s"]:
             row += [f"{r['median_s']['pc_cupy'] * 1e3:.2f}", f"{r['ratio_if_over']['pc_cupy']:.2f}x"]
+        if args.ceiling:
+            row += [f"{r['median_s']['copy'] * 1e3:.1f}", f"{r['ratio_if_over']['copy']:.2f}x"]
         rows.append(row)
     headers = ["T", "shape", "IF ms", "PC(torch) ms", "IF/PC(torch)"]
     if any("pc_cupy" in r["median_s"] for r in results):
         headers += ["PC(cupy) ms", "IF/PC(cupy)"]
+    if args.ceiling:
+        headers += ["copy ms", "IF/copy (ceiling)"]
     print(f"device={device} dtype={args.dtype} threads={torch.get_num_threads()} repeats={args.repeats} "
           f"torch={torch.__version__}")
     print(tabulate(rows, headers=headers, tablefmt="github"))

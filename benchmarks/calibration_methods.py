@@ -62,6 +62,8 @@ def main(argv=None) -> int:
     p.add_argument("--test-images", type=int, default=2000, help="class-balanced test images")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=None, help="learned calibration: at most this many steps")
+    p.add_argument("--seed", type=int, default=0,
+                   help="learned calibration: seed of the minibatch order (another seed shows the fit's spread)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="docs/results/calibration_methods", help="output prefix (.md, .json, .png)")
     args = p.parse_args(argv)
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
     calib = data.cifar10_npz("train", limit=args.calib_images).tensors[0]
     test_x, test_y = data.cifar10_npz("test", limit=args.test_images).tensors
     batches = list(torch.split(calib, args.batch_size))
-    learned = LearnedCalibration() if args.steps is None else LearnedCalibration(steps=args.steps)
+    learned = LearnedCalibration(seed=args.seed, **({} if args.steps is None else {"steps": args.steps}))
     results = []
     for path in args.checkpoint:
         ann, meta = models.load_checkpoint(path)
@@ -154,11 +156,14 @@ def write(results, out, commands, machines, images) -> None:
     markers = {"none": "o", "ema": "s", "moment": "^", "learned": "D", "auto": "x"}
     for ax, model in zip(axes[0], models_):
         rows = [r for r in results if r["model"] == model]
-        for i, m in enumerate(dict.fromkeys(r["method"] for r in rows)):
+        for i, m in enumerate(METHODS):
             pts = sorted((r["T"], r["accuracy"]) for r in rows if r["method"] == m)
-            # A small horizontal offset per method keeps overlapping lines visible.
+            if not pts:
+                continue
+            # One colour per method in every panel (the legend is drawn once); a small horizontal
+            # offset per method keeps overlapping lines visible.
             ax.plot([t * (1 + 0.03 * (i - 2)) for t, _ in pts], [a for _, a in pts], marker=markers[m],
-                    label=LABELS[m], linestyle="--" if m == "auto" else "-")
+                    color=f"C{i}", label=LABELS[m], linestyle="--" if m == "auto" else "-")
         ax.axhline(rows[0]["ann_accuracy"], color="gray", linestyle=":", label="ANN")
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({r["T"] for r in rows}))
