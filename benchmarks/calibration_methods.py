@@ -77,9 +77,10 @@ def main(argv=None) -> int:
         for run in runs:
             for r in run["rows"]:
                 cells[(r["model"], r["T"], r["method"])] = r
+        combined = "python benchmarks/calibration_methods.py " + " ".join(sys.argv[1:] if argv is None else argv)
         write(list(cells.values()), args.out, [run["command"] for run in runs],
               sorted({run["machine"] for run in runs}),
-              runs[0].get("images", dict(test=args.test_images, calibration=args.calib_images)))
+              runs[0].get("images", dict(test=args.test_images, calibration=args.calib_images)), combined)
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,13 +120,15 @@ def _machine() -> str:
     return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def write(results, out, commands, machines, images) -> None:
+def write(results, out, commands, machines, images, combined=None) -> None:
     loads = [r["load_average"] for r in results if "load_average" in r]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     write_json(out + ".json", {"command": commands[0] if len(commands) == 1 else commands,
                                "machine": "; ".join(machines), "images": images, "rows": results}, indent=1)
     load = f"a 1-minute load average of up to {max(loads):.1f}" if loads else "an unrecorded load"
-    lines = ["Commands:", ""] + [f"    {c}" for c in commands] + [
+    lines = ["Commands:", ""] + [f"    {c}" for c in commands] + (
+        ["", "Combined (a cell measured in several runs is taken from the last file named):", "",
+         f"    {combined}"] if combined else []) + [
         "", f"Machine: {'; '.join(machines)}. Count-domain accuracy (%) on {images['test']} "
         f"class-balanced CIFAR-10 test images; calibration on {images['calibration']} training images "
         f"(labels unused); calibration time in seconds (conversion included), measured with {load} on "

@@ -87,10 +87,11 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help="auto (default): keep whichever of no calibration, Algorithm 1 and learned calibration "
                         "agrees best with the ANN on held-out calibration images; learned: learn every neuron's "
                         "per-channel thresholds and shift; ema: Algorithm 1 as published; moment: moment matching")
+    from .learned import LearnedCalibration
     g.add_argument("--learn-steps", type=_positive_int, default=None,
                    help="learned calibration (--method auto or learned; compare: also parallel-learned): at "
-                        "most this many optimisation steps (default 600; plateaus of the held-out loss usually "
-                        "end it sooner)")
+                        f"most this many optimisation steps (default {LearnedCalibration.steps}; plateaus of the "
+                        "held-out loss usually end it sooner)")
 
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
@@ -121,15 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "(default runs/demo, relative to the current folder)")
     d.add_argument("--T", type=_positive_int, nargs="+", default=None,
                    help="time steps to convert for (default 4 8 16 32; digits: 2 4 8 16 32)")
+    from .demo import DEMO_OPTIONS, REPEATS as _DEMO_REPEATS
+    cifar, digits = DEMO_OPTIONS["cifar10"], DEMO_OPTIONS["digits"]
     d.add_argument("--images", type=_positive_int, default=None,
-                   help="cifar10: test images to evaluate on, at most 1000 (default 256)")
+                   help=f"cifar10: test images to evaluate on, at most 1000 (default {cifar['test_images'][1]})")
     d.add_argument("--calib-images", type=_positive_int, default=None,
-                   help="cifar10: training images Algorithm 1 calibrates on, 2 to 1024 (default 256)")
+                   help="cifar10: training images Algorithm 1 calibrates on, 2 to 1024 "
+                        f"(default {cifar['calib_images'][1]})")
     from .compare import BUILTIN
     d.add_argument("--baselines", nargs="+", choices=list(BUILTIN), default=None,
                    help="cifar10: SpikingJelly converters to compare with, each evaluated at every T from one "
-                        "IF run of the largest T (default rate-cw-99.9%%: RateCodingRecipe's strongest setting)")
-    from .demo import LEARN_STEPS as _DEMO_LEARN_STEPS, REPEATS as _DEMO_REPEATS
+                        f"IF run of the largest T (default {' '.join(cifar['baselines'][1]).replace('%', '%%')}: RateCodingRecipe's "
+                        "strongest setting)")
     learned = d.add_mutually_exclusive_group()
     learned.add_argument("--learned-T", type=_positive_int, nargs="*", default=None,
                          help="cifar10: the T that also get a learned-calibration row (default 4; about a minute "
@@ -137,15 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     learned.add_argument("--no-learned", action="store_const", const=True, default=None,
                          help="cifar10: no learned-calibration row (same as --learned-T with no value)")
     d.add_argument("--learn-steps", type=_positive_int, default=None,
-                   help="cifar10: optimisation steps of each learned calibration (default %d)" % _DEMO_LEARN_STEPS)
+                   help=f"cifar10: optimisation steps of each learned calibration (default {cifar['learn_steps'][1]})")
     d.add_argument("--learn-images", type=_positive_int, default=None,
                    help="cifar10: shipped training images the learned calibration fits on (a quarter held out), "
-                        "4 to 1024 (default 1024)")
+                        f"4 to 1024 (default {cifar['learn_images'][1]})")
     d.add_argument("--repeats", type=_positive_int, default=None,
                    help="timed runs of every test batch; times are the median per-image time of all timed "
                         "batches (default %d: the 4 batches of the 256 default test images)" % _DEMO_REPEATS)
     d.add_argument("--epochs", type=_positive_int, default=None,
-                   help="digits: training epochs of each tiny CNN (default 15)")
+                   help=f"digits: training epochs of each tiny CNN (default {digits['epochs'][1]})")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     c = sub.add_parser("convert", help="convert an ANN checkpoint into a parallel SNN file")

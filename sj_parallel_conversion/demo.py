@@ -98,13 +98,14 @@ def run_demo(out_dir: str = "runs/demo", data: str = "cifar10", T_list: Optional
         repeats: timed runs of every test batch; times are the images times the median per-image
             time of all timed batches (the plot shows throughput with two or more).
         epochs: digits: training epochs of each tiny CNN (default 15).
+        seed: CIFAR-10: seed of the learned calibration's minibatch order; digits: seed of the
+            tiny CNNs' initialisation and training order.
         L: digits: QCFS levels of the QCFS CNN (default 4).
     """
     if data not in DEMO_DATA:
         raise ValueError(f"run_demo: data must be one of {DEMO_DATA}, got {data!r}")
-    given = {"test_images": test_images, "calib_images": calib_images, "baselines": baselines,
-             "learned_T": learned_T, "learn_steps": learn_steps, "learn_images": learn_images, "epochs": epochs,
-             "L": L}
+    arguments = locals()
+    given = {name: arguments[name] for options in DEMO_OPTIONS.values() for name in options}
     opts = {}
     for owner, options in DEMO_OPTIONS.items():
         for name, (flag, default) in options.items():
@@ -140,7 +141,7 @@ def run_demo(out_dir: str = "runs/demo", data: str = "cifar10", T_list: Optional
         if not learned <= set(Ts):
             raise ValueError(f"run_demo: learned_T {sorted(learned - set(Ts))} not among the T converted, {Ts}")
     # Options are checked here, before any work (LearnedCalibration names a bad one).
-    options = LearnedCalibration(steps=opts["learn_steps"], eval_every=20, max_images=opts["learn_images"])
+    options = LearnedCalibration(steps=opts["learn_steps"], eval_every=20, max_images=opts["learn_images"], seed=seed)
     return _run_cifar10(out_dir, Ts, opts["test_images"], opts["calib_images"], list(opts["baselines"]), learned,
                         options, repeats, progress)
 

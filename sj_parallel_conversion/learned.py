@@ -387,13 +387,15 @@ def learn_calibration(
                 # are too coarse to settle or because it begins to fit the fitting images' noise.
                 # Back to the best parameters with smaller steps, as long as cuts remain; how long
                 # that takes adapts to the network and T instead of a fixed step budget.
-                if len(history["cuts"]) >= options.cuts:
+                if len(history["cuts"]) >= options.cuts or step + 1 >= options.steps:
                     break
                 history["cuts"].append(step + 1)
                 bad = 0
                 with torch.no_grad():
                     for p, v in zip(params, best_state):
                         p.copy_(v)
+                # Adam's moment estimates are kept: they still describe the gradients near the best
+                # parameters, and the smaller rate bounds how far they carry the fit.
                 for group in opt.param_groups:
                     group["lr"] *= options.decay
     finally:

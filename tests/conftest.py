@@ -23,7 +23,7 @@ def pytest_runtest_setup(item):
 
 @pytest.fixture(scope="session")
 def cifar10_dir() -> Path:
-    # tools/env.sh (which tools/test.sh and .ci/run source) names the folder; nothing is guessed here.
+    # tools/env.sh (sourced by tools/test.sh, which .ci/run calls) names the folder; nothing is guessed here.
     env = os.environ.get("SJPC_CIFAR10_DIR")
     d = Path(env) if env else None
     if d is None or not ((d / "train.npz").is_file() and (d / "test.npz").is_file()):
