@@ -342,6 +342,11 @@ def learn_calibration(
     def snapshot():
         return [p.detach().clone() for p in params]
 
+    @torch.no_grad()
+    def restore(state):
+        for p, v in zip(params, state):
+            p.copy_(v)
+
     best = held_out_score(gm, held_chunks, held_ref, device, reducer)
     best_state, best_step = snapshot(), 0
     history = {"held_out_kl": [(0, best["kl"])], "held_out_agreement": [(0, best["agreement"])], "cuts": []}
@@ -391,9 +396,7 @@ def learn_calibration(
                     break
                 history["cuts"].append(step + 1)
                 bad = 0
-                with torch.no_grad():
-                    for p, v in zip(params, best_state):
-                        p.copy_(v)
+                restore(best_state)
                 # Adam's moment estimates are kept: they still describe the gradients near the best
                 # parameters, and the smaller rate bounds how far they carry the fit.
                 for group in opt.param_groups:
@@ -402,9 +405,7 @@ def learn_calibration(
         bar.close()
         for h in hooks + ref_hooks:
             h.remove()
-    with torch.no_grad():
-        for p, v in zip(params, best_state):
-            p.copy_(v)
+    restore(best_state)
     for name, site in sites.items():
         parent, _, child = name.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, child, site.to_daqcfs())
