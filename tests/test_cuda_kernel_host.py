@@ -12,20 +12,12 @@ the kernel is compiled with ``--fmad=false`` on the device.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
 
-from sj_parallel_conversion.kernels import torch_backend
+from sj_parallel_conversion.kernels import native_backend, torch_backend
 from sj_parallel_conversion.kernels.cupy_backend import _KERNEL_NAMES, _SOURCE
-
-CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")
 
 SHIM = r"""
 #pragma once
@@ -122,26 +114,13 @@ def _launcher_source() -> str:
 
 @pytest.fixture(scope="session")
 def host_kernel():
-    """The kernel library, built once per source version and cached in the temp directory."""
-    if CXX is None:
-        pytest.skip("no C++ compiler (g++, clang++ or $CXX) on this machine to build the kernel for the host")
-    launcher = _launcher_source()
+    """The kernel library, built once per source version (the native backend's build cache)."""
+    if native_backend.compiler() is None:
+        pytest.skip("no C++ compiler (c++, g++, clang++ or $CXX) on this machine to build the kernel for the host")
     flags = ["-std=c++17", "-O1", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC"]
-    key = hashlib.sha256("\0".join([_SOURCE, SHIM, launcher, CXX, *flags]).encode()).hexdigest()[:16]
-    lib_path = Path(tempfile.gettempdir()) / f"sjpc_host_kernel_{key}.so"
-    if not lib_path.is_file():
-        build = Path(tempfile.mkdtemp(prefix="sjpc_host_kernel_"))
-        (build / "cuda_fp16.h").write_text(SHIM)
-        (build / "cuda_bf16.h").write_text('#include "cuda_fp16.h"\n')
-        (build / "kernel.cu").write_text(_SOURCE)
-        (build / "launch.cpp").write_text(launcher)
-        tmp_lib = build / "lib.so"
-        res = subprocess.run([CXX, *flags, "-I", str(build), str(build / "launch.cpp"), "-o", str(tmp_lib)],
-                             capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, f"host build of the cupy kernel source failed:\n{res.stderr}"
-        os.replace(tmp_lib, lib_path)  # atomic: parallel sessions never load a half-written file
-        shutil.rmtree(build, ignore_errors=True)
-    return ctypes.CDLL(str(lib_path))
+    files = {"cuda_fp16.h": SHIM, "cuda_bf16.h": '#include "cuda_fp16.h"\n', "kernel.cu": _SOURCE,
+             "launch.cpp": _launcher_source()}
+    return ctypes.CDLL(str(native_backend.build_library("sjpc_host_cuda_kernel", files, "launch.cpp", flags)))
 
 
 def _fire_host(lib, x, T, theta, psi, psi_da, spike_value, channel_dim, order, grid=3, block=4):

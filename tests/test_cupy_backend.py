@@ -124,26 +124,6 @@ def test_cupy_rejects_cpu_tensors(cupy_ready):
 
 
 # -- selection, no CUDA needed ------------------------------------------------------------------
-def test_auto_on_cpu_uses_torch_without_warnings(monkeypatch):
-    calls = []
-    real = kernels._IMPL["torch"]
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setitem(kernels._IMPL, "torch", spy)
-    x = torch.randn(4, 6, 3)
-    assert kernels.resolve_backend("auto", x) == "torch"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        y = ParallelConversionNode(4, backend="auto")(x)
-        y_grad_path = ParallelConversionNode(4, backend="auto")(x.clone().requires_grad_())
-    assert len(calls) == 2
-    assert torch.equal(y, ParallelConversionNode(4, backend="torch")(x))
-    assert torch.equal(y_grad_path.detach(), y)
-
-
 def test_cupy_backend_on_cpu_tensor_is_a_value_error():
     with pytest.raises(ValueError, match="backend='cupy' needs a CUDA tensor"):
         kernels.resolve_backend("cupy", torch.randn(2, 3))

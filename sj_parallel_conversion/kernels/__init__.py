@@ -1,11 +1,13 @@
 """Backend dispatch for the parallel conversion neuron, as a ``torch.library`` custom operator.
 
 The neuron is the operator ``sj_parallel_conversion::fire`` (as SpikingJelly 2.0 registers its own
-neurons): the torch backend is its CPU implementation, the fused cupy kernel its CUDA one (the
-torch backend where ``backend="torch"`` or cupy is unavailable), and a fake implementation gives
-its output's shape and dtype, so ``torch.compile(..., fullgraph=True)`` traces a converted network
-without a graph break. The operator's backward raises: the node is an inference operator and
-silently returning zero gradients through ``floor`` would be wrong.
+neurons). Three implementations compute the same bits: plain torch operations (any device and
+dtype), a fused C++ kernel for float32/float64 CPU tensors (built with the host's compiler on
+first use) and a fused cupy kernel for CUDA tensors. ``backend="auto"`` picks the fused kernel of
+the tensor's device when it can run, and otherwise torch with a one-time warning saying why. A fake
+implementation gives the output's shape and dtype, so ``torch.compile(..., fullgraph=True)``
+traces a converted network without a graph break. The operator's backward raises: the node is an
+inference operator and silently returning zero gradients through ``floor`` would be wrong.
 """
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ import warnings
 import torch
 
 from .. import formulas
-from . import cupy_backend, torch_backend
+from . import cupy_backend, native_backend, torch_backend
 
-BACKENDS = ("auto", "torch", "cupy")
+BACKENDS = ("auto", "torch", "native", "cupy")
 OP_NAME = "sj_parallel_conversion::fire"
 
 
@@ -24,12 +26,19 @@ class NaNMeanError(ArithmeticError):
     """A neuron's time-mean input is NaN (raised by a backend when asked to check)."""
 
 
-_warned_fallback = False
+_warned: set = set()
+
+
+def _fallback(kind: str, reason: str) -> str:
+    if kind not in _warned:
+        warnings.warn(f"backend='auto': {reason}; using the torch backend (pass backend='torch' to choose it "
+                      "and silence this warning)", RuntimeWarning, stacklevel=4)
+        _warned.add(kind)
+    return "torch"
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """Map a requested backend to the one that will run on ``x``, or raise why it cannot."""
-    global _warned_fallback
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
@@ -44,19 +53,29 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
         if reason is not None:
             raise RuntimeError(f"backend='cupy' is unavailable: {reason}")
         return "cupy"
+    if backend == "native":
+        if x.device.type != "cpu":
+            raise ValueError(f"backend='native' needs a CPU tensor, got one on {x.device}; use backend='cupy', "
+                             "'torch' or 'auto' there")
+        if x.dtype not in native_backend.DTYPES:
+            raise TypeError(f"backend='native' supports {[str(d) for d in native_backend.DTYPES]}, got {x.dtype}; "
+                            "use backend='torch' or 'auto'")
+        reason = native_backend.availability()
+        if reason is not None:
+            raise RuntimeError(f"backend='native' is unavailable: {reason}")
+        return "native"
     # auto
-    if not x.is_cuda:
+    if x.is_cuda:
+        reason = cupy_backend.availability()
+        return "cupy" if reason is None else _fallback("cupy", reason)
+    if x.device.type != "cpu" or x.dtype not in native_backend.DTYPES:
+        # float16/bfloat16 on CPU, or another device: the torch operations are the implementation.
         return "torch"
-    reason = cupy_backend.availability()
-    if reason is None:
-        return "cupy"
-    if not _warned_fallback:
-        warnings.warn(f"backend='auto': {reason}; using the torch backend", RuntimeWarning, stacklevel=3)
-        _warned_fallback = True
-    return "torch"
+    reason = native_backend.availability()
+    return "native" if reason is None else _fallback("native", f"the native CPU kernel cannot be built ({reason})")
 
 
-_IMPL = {"torch": torch_backend.fire, "cupy": cupy_backend.fire}
+_IMPL = {"torch": torch_backend.fire, "native": native_backend.fire, "cupy": cupy_backend.fire}
 
 
 # The operator is defined through torch.library.Library rather than the custom_op decorator: the
@@ -70,8 +89,8 @@ _LIB.define(
 
 
 def _fire_impl(x_seq, T, theta_pre, psi, psi_da, spike_value, channel_dim, late, backend, check_nan):
-    # CPU: resolve_backend gives "torch" (or rejects "cupy"); CUDA: the fused cupy kernel unless
-    # backend="torch" or cupy is unavailable.
+    # CPU: the native kernel unless backend="torch", the dtype is half precision or it cannot be
+    # built; CUDA: the fused cupy kernel unless backend="torch" or cupy is unavailable.
     impl = resolve_backend(backend, x_seq)
     return _IMPL[impl](x_seq, T, (theta_pre, psi, psi_da, spike_value), channel_dim,
                        "late" if late else "early", check_nan)

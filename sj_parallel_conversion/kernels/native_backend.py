@@ -1,0 +1,253 @@
+"""CPU backend: a fused C++ kernel, built with the host's C++ compiler on first use.
+
+The torch backend needs about a dozen passes over a block of neurons (one addition per input
+step, the count's six operations, a comparison and a multiplication per output step), each a
+separate operator call. This kernel does the same arithmetic in one pass: for a block of
+neurons it sums the input steps in order, computes the count and writes the ``T`` output values,
+so each input value is read once and each output value written once. It mirrors
+:mod:`.torch_backend` operation by operation (sequential sum in the input dtype, IEEE
+division, no fused multiply-add), so both backends give identical bits.
+
+The library is compiled once per source version and compiler into a cache folder
+(``$SJPC_CACHE_DIR``, else ``$XDG_CACHE_HOME/sj_parallel_conversion`` or
+``~/.cache/sj_parallel_conversion``), written there atomically, and loaded with ctypes. The
+compiler is ``$CXX``, else ``c++``, ``g++`` or ``clang++`` from ``PATH``.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .. import formulas
+from . import torch_backend
+
+_SOURCE = r"""
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+namespace {
+
+// Neurons per block: the block's running sums, counts and spike values stay in L1 while its
+// T_in input rows are read and its T output rows written.
+constexpr int64_t kBlock = 512;
+
+// floor() for values the count formula can produce; written out so that the compiler can
+// vectorise it on any x86-64 or ARM target. Exact: values of magnitude >= 2^(mantissa bits)
+// are integers already, NaN and infinities pass through.
+inline float sjpc_floor(float v) {
+    if (!(std::fabs(v) < 8388608.0f)) return v;
+    float t = (float)(int32_t)v;
+    return t > v ? t - 1.0f : t;
+}
+inline double sjpc_floor(double v) {
+    if (!(std::fabs(v) < 4503599627370496.0)) return v;
+    double t = (double)(int64_t)v;
+    return t > v ? t - 1.0 : t;
+}
+
+template <typename F>
+void fire_range(const F* __restrict__ x, F* __restrict__ out, const F* __restrict__ theta,
+                const F* __restrict__ psi, const F* __restrict__ psi_da, const F* __restrict__ value,
+                int64_t M, int T_in, int T, int64_t inner, int64_t C, int late,
+                int64_t begin, int64_t end, int* nan_seen) {
+    F acc[kBlock];
+    F val[kBlock];
+    int32_t edge[kBlock];
+    const F tf = (F)T, tin = (F)T_in, zero = (F)0;
+    for (int64_t s = begin; s < end; s += kBlock) {
+        const int64_t n = std::min(kBlock, end - s);
+        const F* x0 = x + s;
+        for (int64_t i = 0; i < n; ++i) acc[i] = x0[i];
+        for (int t = 1; t < T_in; ++t) {
+            const F* xt = x + (int64_t)t * M + s;
+            for (int64_t i = 0; i < n; ++i) acc[i] += xt[i];
+        }
+        // Channel of memory position s: positions advance the channel every `inner` elements.
+        int64_t c = (s / inner) % C, r = s % inner;
+        for (int64_t i = 0; i < n; ++i) {
+            const F m = acc[i] / tin;
+            if (m != m) *nan_seen = 1;
+            F k = sjpc_floor(((m + psi_da[c]) * tf + psi[c]) / theta[c]);
+            k = k < zero ? zero : (k > tf ? tf : k);
+            const int32_t ki = (k == k) ? (int32_t)k : 0;  // NaN: no spike
+            edge[i] = late ? T - ki : ki;                    // late fires at t >= edge, early at t < edge
+            val[i] = value[c];
+            if (++r == inner) { r = 0; if (++c == C) c = 0; }
+        }
+        for (int t = 0; t < T; ++t) {
+            F* ot = out + (int64_t)t * M + s;
+            if (late) {
+                for (int64_t i = 0; i < n; ++i) ot[i] = t >= edge[i] ? val[i] : zero;
+            } else {
+                for (int64_t i = 0; i < n; ++i) ot[i] = t < edge[i] ? val[i] : zero;
+            }
+        }
+    }
+}
+
+template <typename F>
+int fire(const F* x, F* out, const F* theta, const F* psi, const F* psi_da, const F* value,
+         int64_t M, int T_in, int T, int64_t inner, int64_t C, int late, int threads) {
+    const int64_t blocks = (M + kBlock - 1) / kBlock;
+    const int64_t n = std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
+    std::vector<int> nan_seen(n, 0);
+    std::vector<std::thread> pool;
+    const int64_t per = (blocks + n - 1) / n * kBlock;
+    for (int64_t j = 1; j < n; ++j) {
+        const int64_t b = std::min(M, j * per), e = std::min(M, (j + 1) * per);
+        pool.emplace_back(fire_range<F>, x, out, theta, psi, psi_da, value, M, T_in, T, inner, C, late,
+                          b, e, &nan_seen[j]);
+    }
+    fire_range<F>(x, out, theta, psi, psi_da, value, M, T_in, T, inner, C, late, 0, std::min(M, per),
+                  &nan_seen[0]);
+    for (auto& th : pool) th.join();
+    return *std::max_element(nan_seen.begin(), nan_seen.end());
+}
+
+}  // namespace
+
+extern "C" {
+int sjpc_native_fire_f32(const float* x, float* out, const float* theta, const float* psi,
+                         const float* psi_da, const float* value, int64_t M, int T_in, int T,
+                         int64_t inner, int64_t C, int late, int threads) {
+    return fire<float>(x, out, theta, psi, psi_da, value, M, T_in, T, inner, C, late, threads);
+}
+int sjpc_native_fire_f64(const double* x, double* out, const double* theta, const double* psi,
+                         const double* psi_da, const double* value, int64_t M, int T_in, int T,
+                         int64_t inner, int64_t C, int late, int threads) {
+    return fire<double>(x, out, theta, psi, psi_da, value, M, T_in, T, inner, C, late, threads);
+}
+}
+"""
+
+# No -ffast-math and no contraction into fused multiply-adds: every operation rounds as the
+# torch backend's does. No -march: the cached library must run on any machine sharing the cache.
+FLAGS = ("-std=c++17", "-O3", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC", "-pthread")
+
+_FUNCTIONS = {torch.float32: "sjpc_native_fire_f32", torch.float64: "sjpc_native_fire_f64"}
+DTYPES = tuple(_FUNCTIONS)
+
+# Below this many output values one thread is faster than starting others.
+_PARALLEL_MIN = 1 << 16
+
+
+def compiler() -> Optional[str]:
+    """The C++ compiler used to build host code: ``$CXX``, else ``c++``, ``g++`` or ``clang++``."""
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def cache_dir() -> Path:
+    """Folder of built kernel libraries (see the module docstring)."""
+    if os.environ.get("SJPC_CACHE_DIR"):
+        return Path(os.environ["SJPC_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sj_parallel_conversion"
+
+
+def build_library(name: str, files: dict, main: str, flags: Sequence[str], cxx: Optional[str] = None) -> Path:
+    """Compile ``files`` (file name -> text; ``main`` is the one to compile) into a shared library.
+
+    The library is named after a hash of the sources, flags and compiler, built in a fresh
+    temporary folder and moved into :func:`cache_dir` in one atomic rename, so concurrent
+    processes never load a half-written file. Raises ``RuntimeError`` with the compiler's output
+    when the build fails, ``FileNotFoundError`` when there is no compiler.
+    """
+    cxx = cxx or compiler()
+    if cxx is None:
+        raise FileNotFoundError("no C++ compiler found: set $CXX or install g++ or clang++")
+    key = hashlib.sha256("\0".join([*(f"{k}\0{v}" for k, v in sorted(files.items())), main, cxx, *flags])
+                         .encode()).hexdigest()[:16]
+    folder = cache_dir()
+    lib = folder / f"{name}_{key}.so"
+    if lib.is_file():
+        return lib
+    folder.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f"{name}_", dir=folder))
+    try:
+        for fname, text in files.items():
+            (build / fname).write_text(text)
+        tmp = build / "lib.so"
+        try:
+            res = subprocess.run([cxx, *flags, "-I", str(build), str(build / main), "-o", str(tmp)],
+                                 capture_output=True, text=True, timeout=600)
+        except OSError as exc:
+            raise RuntimeError(f"could not run the C++ compiler {cxx!r}: {exc}") from None
+        if res.returncode != 0:
+            raise RuntimeError(f"{cxx} failed to build {name} (exit {res.returncode}):\n{res.stderr[-4000:]}")
+        os.replace(tmp, lib)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def _load():
+    """``(library, None)`` or ``(None, reason)``; built and loaded once per process."""
+    try:
+        path = build_library("sjpc_native_fire", {"fire.cpp": _SOURCE}, "fire.cpp", FLAGS)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        return None, f"{exc.__class__.__name__}: {exc}"
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for fn in _FUNCTIONS.values():
+        f = getattr(lib, fn)
+        f.argtypes = [p, p, p, p, p, p, i64, i32, i32, i64, i64, i32, i32]
+        f.restype = i32
+    return lib, None
+
+
+def availability() -> Optional[str]:
+    """``None`` when the native kernel is built and loaded, else the reason it cannot be."""
+    return _load()[1]
+
+
+def fire(x_seq: torch.Tensor, T: int, params: Sequence[torch.Tensor], channel_dim: int, order: str,
+         check_nan: bool = False) -> torch.Tensor:
+    """Same contract as :func:`.torch_backend.fire` (``params`` is ``(theta_pre, psi, psi_da,
+    spike_value)``), for float32 and float64 CPU tensors."""
+    lib, reason = _load()
+    if lib is None:
+        raise RuntimeError(f"backend='native' is unavailable: {reason}")
+    if x_seq.dtype not in _FUNCTIONS:
+        raise TypeError(f"the native backend supports {[str(d) for d in DTYPES]}, got {x_seq.dtype}")
+    if x_seq.device.type != "cpu":
+        raise ValueError(f"the native backend runs on CPU tensors, got one on {x_seq.device}")
+    T_in = x_seq.shape[0]
+    x = x_seq
+    if torch_backend.flat_steps(x) is None:
+        # The kernel walks every step in one shared dense layout (the one the output gets too).
+        x = torch.empty_strided(x.shape, formulas.step_strides(x[0], T_in), dtype=x.dtype).copy_(x)
+    step = x[0]
+    M = step.numel()
+    out = torch.empty_strided((T,) + tuple(step.shape), formulas.step_strides(step, T), dtype=x.dtype)
+    if M == 0:
+        return out
+    params = [p.detach().to(device="cpu", dtype=x.dtype).reshape(-1) for p in params]
+    C = max(p.numel() for p in params)
+    params = [p.expand(C).contiguous() for p in params]
+    inner = 1
+    if C > 1:
+        cd = channel_dim if channel_dim >= 0 else channel_dim + step.dim()
+        # In a dense layout, the channel of memory position j is (j // stride) % C.
+        inner = step.stride(cd)
+    threads = torch.get_num_threads() if M * max(T, T_in) >= _PARALLEL_MIN else 1
+    nan_seen = getattr(lib, _FUNCTIONS[x.dtype])(
+        x.data_ptr(), out.data_ptr(), *[p.data_ptr() for p in params], M, T_in, T, inner, C,
+        1 if order == "late" else 0, threads)
+    if check_nan and nan_seen:
+        from . import NaNMeanError
+
+        raise NaNMeanError("NaN time-mean current")
+    return out

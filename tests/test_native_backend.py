@@ -1,0 +1,192 @@
+"""The native C++ CPU kernel against the torch backend, bit for bit; its build and selection.
+
+The kernel is built with the machine's C++ compiler; the comparisons skip only where no compiler
+exists at all (a compiler that fails to build the kernel is a failure).
+"""
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+
+from sj_parallel_conversion import ParallelConversionNode, kernels
+from sj_parallel_conversion.kernels import native_backend, torch_backend
+
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+@pytest.fixture(scope="module")
+def native_ready():
+    if native_backend.compiler() is None:
+        pytest.skip("no C++ compiler ($CXX, c++, g++ or clang++) to build the native kernel")
+    assert native_backend.availability() is None, native_backend.availability()
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.stride() == b.stride() and torch.equal(
+        a.contiguous().view(_BITS[a.dtype]), b.contiguous().view(_BITS[b.dtype]))
+
+
+def _params(C, dtype, g):
+    if C is None:
+        return [torch.tensor(v, dtype=dtype) for v in (0.75, 0.3, -0.05, 1.25)]
+    return [(torch.rand(C, generator=g) + 0.25).to(dtype), (torch.rand(C, generator=g) * 0.5).to(dtype),
+            (torch.randn(C, generator=g) * 0.1).to(dtype), (torch.rand(C, generator=g) + 0.5).to(dtype)]
+
+
+def _currents(T_in, step_shape, dtype, g, params, T, channel_dim):
+    """Random currents plus, in the first neurons, values on count boundaries and special values."""
+    x = (torch.randn((T_in,) + step_shape, generator=g) * 1.5).to(dtype)
+    flat = x.view(T_in, -1)
+    C = params[0].numel()
+    chan = torch.arange(C).reshape([C if d == channel_dim % len(step_shape) else 1 for d in range(len(step_shape))])
+    chan = chan.expand(step_shape).reshape(-1) if C > 1 else torch.zeros(flat.shape[1], dtype=torch.long)
+    # A constant train whose mean sits exactly where ((m + psi_da) * T + psi) / theta is an integer.
+    for j, k in enumerate(range(-1, T + 2)):
+        theta, psi, psi_da = (p.reshape(-1)[chan[j]] for p in params[:3])
+        flat[:, j] = (k * theta - psi) / T - psi_da
+    specials = [float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 0.0, -0.0]
+    for j, v in enumerate(specials, start=T + 3):
+        flat[:, j] = v
+    flat[0, T + 10] = float("inf")  # +inf and -inf in one train: a NaN mean
+    flat[-1, T + 10] = -float("inf")
+    flat[0, T + 11] = float("nan")  # one NaN step
+    return x
+
+
+# (per-step shape, channel_dim, channels or None for scalar parameters)
+CASES = [
+    ((3, 5, 4, 4), 1, 5),
+    ((3, 5, 4, 4), 1, None),
+    ((6, 7, 9), -1, 9),
+    ((2, 1100), 1, 1100),
+]
+
+
+@pytest.mark.parametrize("dtype,order", list(itertools.product([torch.float32, torch.float64], ["late", "early"])))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-cd{c[1]}-C{c[2]}")
+@pytest.mark.parametrize("T,T_in", [(1, 1), (4, 4), (8, 3), (5, 1), (13, 13)])
+def test_native_equals_torch_bit_for_bit(native_ready, dtype, order, case, T, T_in):
+    step_shape, channel_dim, C = case
+    g = torch.Generator().manual_seed(T * 100 + T_in)
+    params = _params(C, dtype, g)
+    x = _currents(T_in, step_shape, dtype, g, params, T, channel_dim)
+    want = torch_backend.fire(x, T, params, channel_dim, order)
+    got = native_backend.fire(x, T, params, channel_dim, order)
+    assert _same_bits(got, want)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "time_strided", "step_not_dense"])
+def test_native_layouts_match_torch_and_the_fake_strides(native_ready, layout):
+    g = torch.Generator().manual_seed(1)
+    params = _params(6, torch.float32, g)
+    x = torch.randn(8, 2, 6, 5, 7, generator=g)
+    if layout == "channels_last":
+        x = x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    elif layout == "time_strided":
+        x = x[::2]
+    else:
+        x = x[:, :, :, :, ::2]
+    want = torch_backend.fire(x, 5, params, 1, "late")
+    got = native_backend.fire(x, 5, params, 1, "late")
+    assert _same_bits(got, want)
+    assert got.stride() == kernels._fire_fake(x, 5, *params, 1, True, "native", False).stride()
+
+
+def test_native_threads_split_the_work_without_changing_a_bit(native_ready):
+    # Enough neurons for several 512-neuron blocks per thread, and a count that is not a multiple of it.
+    g = torch.Generator().manual_seed(2)
+    params = _params(3, torch.float32, g)
+    x = torch.randn(6, 7, 3, 61, 53, generator=g)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(native_backend.fire(x, 9, params, 1, "early"))
+    finally:
+        torch.set_num_threads(before)
+    assert all(_same_bits(r, results[0]) for r in results[1:])
+    assert _same_bits(results[0], torch_backend.fire(x, 9, params, 1, "early"))
+
+
+def test_native_nan_check(native_ready):
+    x = torch.ones(4, 2, 3)
+    x[1, 1, 2] = float("nan")
+    p = [torch.tensor(v) for v in (1.0, 0.5, 0.0, 1.0)]
+    assert native_backend.fire(x, 4, p, 1, "late")[:, 1, 2].eq(0).all()  # unchecked: no spike
+    with pytest.raises(kernels.NaNMeanError):
+        native_backend.fire(x, 4, p, 1, "late", check_nan=True)
+    with pytest.raises(ValueError, match="NaN input currents"):
+        ParallelConversionNode(4, backend="native", check_nan=True)(x)
+    native_backend.fire(torch.ones(4, 2, 3), 4, p, 1, "late", check_nan=True)  # no NaN: no error
+
+
+def test_native_empty_input(native_ready):
+    x = torch.empty(3, 0, 4)
+    assert ParallelConversionNode(5, backend="native")(x).shape == (5, 0, 4)
+
+
+# -- selection -----------------------------------------------------------------------------------
+def test_auto_on_cpu_picks_native_for_float_and_torch_for_half(native_ready, monkeypatch):
+    calls = []
+    for name in ("torch", "native"):
+        real = kernels._IMPL[name]
+        monkeypatch.setitem(kernels._IMPL, name, lambda *a, _n=name, _r=real, **k: calls.append(_n) or _r(*a, **k))
+    x = torch.randn(4, 6, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = ParallelConversionNode(4, backend="auto")(x)
+        y_grad_path = ParallelConversionNode(4, backend="auto")(x.clone().requires_grad_())
+        ParallelConversionNode(4, backend="auto")(x.to(torch.float16))
+        ParallelConversionNode(4, backend="auto")(x.to(torch.bfloat16))
+    assert calls == ["native", "native", "torch", "torch"]
+    assert torch.equal(y, ParallelConversionNode(4, backend="torch")(x))
+    assert torch.equal(y_grad_path.detach(), y)
+
+
+def test_native_refuses_what_it_cannot_run(native_ready):
+    with pytest.raises(TypeError, match="backend='native' supports"):
+        ParallelConversionNode(4, backend="native")(torch.randn(2, 3, dtype=torch.float16))
+    with pytest.raises(ValueError, match="needs a CPU tensor"):
+        kernels.resolve_backend("native", torch.randn(2, 3, device="meta"))
+
+
+@pytest.fixture
+def no_compiler(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("SJPC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernels, "_warned", set())
+    native_backend._load.cache_clear()
+    yield
+    native_backend._load.cache_clear()
+
+
+def test_without_a_compiler_auto_warns_once_and_native_says_why(no_compiler):
+    reason = native_backend.availability()
+    assert "no-such-compiler" in reason
+    x = torch.randn(4, 6, 3)
+    with pytest.warns(RuntimeWarning, match="native CPU kernel cannot be built.*no-such-compiler"):
+        y = ParallelConversionNode(4, backend="auto")(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process, not at every layer
+        ParallelConversionNode(4, backend="auto")(x)
+    assert torch.equal(y, ParallelConversionNode(4, backend="torch")(x))
+    with pytest.raises(RuntimeError, match="backend='native' is unavailable.*no-such-compiler"):
+        ParallelConversionNode(4, backend="native")(x)
+
+
+def test_build_library_caches_and_reports_compiler_errors(native_ready, monkeypatch, tmp_path):
+    monkeypatch.setenv("SJPC_CACHE_DIR", str(tmp_path))
+    src = 'extern "C" int sjpc_probe(void) { return 41 + 1; }\n'
+    lib = native_backend.build_library("probe", {"probe.cpp": src}, "probe.cpp", native_backend.FLAGS)
+    assert lib.parent == tmp_path and lib.is_file()
+    stamp = lib.stat().st_mtime_ns
+    assert native_backend.build_library("probe", {"probe.cpp": src}, "probe.cpp", native_backend.FLAGS) == lib
+    assert lib.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert sorted(p.name for p in tmp_path.iterdir()) == [lib.name]  # no build folder left behind
+    with pytest.raises(RuntimeError, match="(?s)failed to build probe.*error"):
+        native_backend.build_library("probe", {"probe.cpp": src + "not C++ at all;\n"}, "probe.cpp",
+                                     native_backend.FLAGS)
