@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from spikingjelly.activation_based import ann2snn, functional  # noqa: E402
 
-from sj_parallel_conversion import ParallelConverter, count_domain_model  # noqa: E402
+from sj_parallel_conversion import ParallelConverter, count_domain_model, kernels  # noqa: E402
 from sj_parallel_conversion.fileio import write_json  # noqa: E402
 from sj_parallel_conversion.inference import repeat_input  # noqa: E402
 from sj_parallel_conversion.models import build_model  # noqa: E402
@@ -148,7 +148,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "cupy"])
+    p.add_argument("--backend", default="auto", choices=list(kernels.BACKENDS))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--channels-last", action="store_true",

@@ -1,7 +1,7 @@
 """Neuron-level speed: ParallelConversionNode vs SpikingJelly's multi-step IFNode on one tensor.
 
 Both neurons get the same current tensor ``[T, N, C, H, W]`` and emit ``T`` steps. Runs are
-interleaved (``pc, [cupy,] if, pc, [cupy,] if, ...``) after a warm-up, under ``torch.no_grad()``;
+interleaved (``pc_torch, [pc_native,] [pc_cupy,] if, ...``) after a warm-up, under ``torch.no_grad()``;
 ``functional.reset_net`` is called before every IF run (and is not timed). The table reports
 median seconds per call and the median over repetitions of the per-pair ratio
 ``IF time / node time``.
@@ -32,7 +32,7 @@ from tabulate import tabulate  # noqa: E402
 
 from sj_parallel_conversion import ParallelConversionNode  # noqa: E402
 from sj_parallel_conversion.fileio import write_json  # noqa: E402
-from sj_parallel_conversion.kernels import cupy_backend  # noqa: E402
+from sj_parallel_conversion.kernels import cupy_backend, native_backend  # noqa: E402
 
 SWEEP_T = (4, 8, 16, 32, 64)
 
@@ -55,6 +55,10 @@ def bench(shape, T: int, repeats: int, device: torch.device, dtype: torch.dtype,
     x = (torch.randn(shape, dtype=dtype) * 0.5 + 0.3).to(device)
     if_node = neuron.IFNode(v_threshold=1.0, v_reset=None, step_mode="m").to(device)
     nodes = {"pc_torch": ParallelConversionNode(T, v_threshold=1.0, backend="torch").to(device)}
+    if device.type == "cpu" and dtype in native_backend.DTYPES:
+        if native_backend.availability() is not None:
+            raise SystemExit(f"the native CPU kernel cannot be built: {native_backend.availability()}")
+        nodes["pc_native"] = ParallelConversionNode(T, v_threshold=1.0, backend="native").to(device)
     if device.type == "cuda" and cupy_backend.availability() is None:
         nodes["pc_cupy"] = ParallelConversionNode(T, v_threshold=1.0, backend="cupy").to(device)
 
@@ -70,7 +74,7 @@ def bench(shape, T: int, repeats: int, device: torch.device, dtype: torch.dtype,
     times = {name: [] for name in fns}
     rates = {}
     with torch.no_grad():
-        for name, fn in fns.items():  # warm-up (also compiles the cupy kernel)
+        for name, fn in fns.items():  # warm-up (also builds the native or cupy kernel)
             if name == "if":
                 functional.reset_net(if_node)
             out = fn()
@@ -118,19 +122,19 @@ def main(argv=None) -> int:
                else [(tuple(args.shape), args.T or args.shape[0])])
     results = [bench(shape, T, args.repeats, device, dtype, args.ceiling) for shape, T in configs]
 
+    backends = [n for n in ("pc_torch", "pc_native", "pc_cupy") if n in results[0]["median_s"]]
     rows = []
     for r in results:
         row = [r["T"], "x".join(map(str, r["shape"])), f"{r['median_s']['if'] * 1e3:.1f}"]
-        row.append(f"{r['median_s']['pc_torch'] * 1e3:.1f}")
-        row.append(f"{r['ratio_if_over']['pc_torch']:.2f}x")
-        if "pc_cupy" in r["median_s"]:
-            row += [f"{r['median_s']['pc_cupy'] * 1e3:.2f}", f"{r['ratio_if_over']['pc_cupy']:.2f}x"]
+        for name in backends:
+            row += [f"{r['median_s'][name] * 1e3:.2f}", f"{r['ratio_if_over'][name]:.2f}x"]
         if args.ceiling:
-            row += [f"{r['median_s']['copy'] * 1e3:.1f}", f"{r['ratio_if_over']['copy']:.2f}x"]
+            row += [f"{r['median_s']['copy'] * 1e3:.2f}", f"{r['ratio_if_over']['copy']:.2f}x"]
         rows.append(row)
-    headers = ["T", "shape", "IF ms", "PC(torch) ms", "IF/PC(torch)"]
-    if any("pc_cupy" in r["median_s"] for r in results):
-        headers += ["PC(cupy) ms", "IF/PC(cupy)"]
+    headers = ["T", "shape", "IF ms"]
+    for name in backends:
+        b = name[3:]
+        headers += [f"PC({b}) ms", f"IF/PC({b})"]
     if args.ceiling:
         headers += ["copy ms", "IF/copy (ceiling)"]
     print(f"device={device} dtype={args.dtype} threads={torch.get_num_threads()} repeats={args.repeats} "

@@ -32,8 +32,9 @@ class ParallelConversionNode(base.MemoryModule):
         shift: ``psi``, the absolute shift; defaults to ``v_threshold / 2``.
         bias: ``psi_da``, the DA-QCFS input shift; default 0.
         channel_dim: axis of the per-step tensor ``[N, C, ...]`` that per-channel tensors index.
-        backend: ``"auto"`` (cupy for CUDA tensors when it works, else torch), ``"torch"`` or
-            ``"cupy"``.
+        backend: ``"auto"`` (the fused kernel of the input's device when it can run: native C++
+            for float32/float64 CPU tensors, cupy for CUDA ones; else torch), ``"torch"``,
+            ``"native"`` or ``"cupy"``.
         spike_order: ``"late"`` (the paper's text, default) or ``"early"`` (the authors' code);
             counts are identical.
         check_nan: raise ``ValueError`` when a neuron's time-mean current is NaN (a NaN input, or
@@ -43,8 +44,8 @@ class ParallelConversionNode(base.MemoryModule):
             spikes / no spike.
         step_mode: only ``"m"``.
 
-    The spikes come from the custom operator ``sj_parallel_conversion::fire`` (CPU: torch,
-    CUDA: the fused cupy kernel), which has a fake implementation, so ``torch.compile(net,
+    The spikes come from the custom operator ``sj_parallel_conversion::fire`` (CPU: the fused
+    native kernel, CUDA: the fused cupy kernel), which has a fake implementation, so ``torch.compile(net,
     fullgraph=True)`` traces converted networks in one graph. Only multi-step mode is supported: a
     single step carries no information about the other ``T - 1``. For ``[N, ...]`` input use
     :func:`sj_parallel_conversion.count_domain_model` (or :func:`~sj_parallel_conversion.count_inference`).

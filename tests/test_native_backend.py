@@ -112,6 +112,18 @@ def test_native_threads_split_the_work_without_changing_a_bit(native_ready):
     assert _same_bits(results[0], torch_backend.fire(x, 9, params, 1, "early"))
 
 
+@pytest.mark.parametrize("dtype,order", [(torch.float32, "late"), (torch.float64, "early")])
+def test_native_large_outputs_written_with_streaming_stores_are_the_same(native_ready, dtype, order):
+    # Outputs of 16 MiB and more take the kernel's non-temporal store path; an odd neuron count
+    # leaves every output row but the first misaligned, so the unaligned head and tail run too.
+    g = torch.Generator().manual_seed(3)
+    params = _params(7, dtype, g)
+    x = _currents(5, (3, 7, 6247), dtype, g, params, 32, 1)
+    assert 32 * x[0].numel() * x.element_size() >= 1 << 24
+    want = torch_backend.fire(x, 32, params, 1, order)
+    assert _same_bits(native_backend.fire(x, 32, params, 1, order), want)
+
+
 def test_native_nan_check(native_ready):
     x = torch.ones(4, 2, 3)
     x[1, 1, 2] = float("nan")

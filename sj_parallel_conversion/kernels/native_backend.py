@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -36,12 +37,20 @@ _SOURCE = r"""
 #include <cstdint>
 #include <thread>
 #include <vector>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 namespace {
 
-// Neurons per block: the block's running sums, counts and spike values stay in L1 while its
-// T_in input rows are read and its T output rows written.
-constexpr int64_t kBlock = 512;
+// Neurons per block: the block's running sums, counts and spike values stay in cache while its
+// T_in input rows are read and its T output rows written; rows of a few KiB keep the hardware
+// prefetchers streaming.
+constexpr int64_t kBlock = 4096;
+
+// Outputs at least this large are written with non-temporal stores: they cannot stay in cache
+// anyway, and bypassing it saves reading every output line before it is overwritten.
+constexpr int64_t kStreamBytes = int64_t(1) << 24;
 
 // floor() for values the count formula can produce; written out so that the compiler can
 // vectorise it on any x86-64 or ARM target. Exact: values of magnitude >= 2^(mantissa bits)
@@ -57,6 +66,40 @@ inline double sjpc_floor(double v) {
     return t > v ? t - 1.0 : t;
 }
 
+// Writes output row t for neurons [i0, n) of a block with non-temporal stores, from the first
+// 16-byte aligned neuron on; returns where it stopped (the caller writes the rest). The values
+// are those of the plain loop: the spike value where the neuron fires, +0 elsewhere.
+#if defined(__SSE2__)
+inline int64_t write_streamed(float* ot, const int32_t* edge, const float* val, int64_t n, int t, int late) {
+    int64_t i = 0;
+    for (; i < n && (reinterpret_cast<uintptr_t>(ot + i) & 15); ++i)
+        ot[i] = (late ? t >= edge[i] : t < edge[i]) ? val[i] : 0.0f;
+    const __m128i tv = _mm_set1_epi32(late ? t + 1 : t);
+    for (; i + 4 <= n; i += 4) {
+        const __m128i e = _mm_loadu_si128(reinterpret_cast<const __m128i*>(edge + i));
+        const __m128i fire = late ? _mm_cmpgt_epi32(tv, e) : _mm_cmpgt_epi32(e, tv);  // t >= e / t < e
+        _mm_stream_ps(ot + i, _mm_and_ps(_mm_castsi128_ps(fire), _mm_loadu_ps(val + i)));
+    }
+    return i;
+}
+inline int64_t write_streamed(double* ot, const int32_t* edge, const double* val, int64_t n, int t, int late) {
+    int64_t i = 0;
+    for (; i < n && (reinterpret_cast<uintptr_t>(ot + i) & 15); ++i)
+        ot[i] = (late ? t >= edge[i] : t < edge[i]) ? val[i] : 0.0;
+    const __m128i tv = _mm_set1_epi32(late ? t + 1 : t);
+    for (; i + 2 <= n; i += 2) {
+        const __m128i e = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(edge + i));
+        const __m128i fire32 = late ? _mm_cmpgt_epi32(tv, e) : _mm_cmpgt_epi32(e, tv);
+        const __m128i fire = _mm_unpacklo_epi32(fire32, fire32);  // widen each lane's mask to 64 bits
+        _mm_stream_pd(ot + i, _mm_and_pd(_mm_castsi128_pd(fire), _mm_loadu_pd(val + i)));
+    }
+    return i;
+}
+#else
+template <typename F>
+inline int64_t write_streamed(F*, const int32_t*, const F*, int64_t, int, int) { return 0; }
+#endif
+
 template <typename F>
 void fire_range(const F* __restrict__ x, F* __restrict__ out, const F* __restrict__ theta,
                 const F* __restrict__ psi, const F* __restrict__ psi_da, const F* __restrict__ value,
@@ -66,6 +109,7 @@ void fire_range(const F* __restrict__ x, F* __restrict__ out, const F* __restric
     F val[kBlock];
     int32_t edge[kBlock];
     const F tf = (F)T, tin = (F)T_in, zero = (F)0;
+    const bool stream = (int64_t)T * M * (int64_t)sizeof(F) >= kStreamBytes;
     for (int64_t s = begin; s < end; s += kBlock) {
         const int64_t n = std::min(kBlock, end - s);
         const F* x0 = x + s;
@@ -88,13 +132,17 @@ void fire_range(const F* __restrict__ x, F* __restrict__ out, const F* __restric
         }
         for (int t = 0; t < T; ++t) {
             F* ot = out + (int64_t)t * M + s;
+            int64_t i = stream ? write_streamed(ot, edge, val, n, t, late) : 0;
             if (late) {
-                for (int64_t i = 0; i < n; ++i) ot[i] = t >= edge[i] ? val[i] : zero;
+                for (; i < n; ++i) ot[i] = t >= edge[i] ? val[i] : zero;
             } else {
-                for (int64_t i = 0; i < n; ++i) ot[i] = t < edge[i] ? val[i] : zero;
+                for (; i < n; ++i) ot[i] = t < edge[i] ? val[i] : zero;
             }
         }
     }
+#if defined(__SSE2__)
+    if (stream) _mm_sfence();  // streamed stores become visible before the thread is joined
+#endif
 }
 
 template <typename F>
@@ -174,6 +222,7 @@ def build_library(name: str, files: dict, main: str, flags: Sequence[str], cxx: 
     if lib.is_file():
         return lib
     folder.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("sj_parallel_conversion").info("building %s with %s (once; cached in %s)", name, cxx, folder)
     build = Path(tempfile.mkdtemp(prefix=f"{name}_", dir=folder))
     try:
         for fname, text in files.items():
