@@ -134,7 +134,7 @@ def _rows_per_chunk(m: torch.Tensor, params):
     """Rows of the leading axis per cache-sized slice, or ``None`` to run unchunked (GPU tensors,
     small tensors, parameters that vary along the leading axis, or while ``torch.compile``
     traces, which fuses the passes itself)."""
-    if m.device.type != "cpu" or m.dim() < 2 or torch.compiler.is_compiling():
+    if m.device.type != "cpu" or m.dim() < 2 or m.numel() == 0 or torch.compiler.is_compiling():
         return None
     if any(p.dim() == m.dim() and p.shape[0] != 1 for p in params):
         return None

@@ -96,7 +96,7 @@ def test_native_layouts_match_torch_and_the_fake_strides(native_ready, layout):
 
 
 def test_native_threads_split_the_work_without_changing_a_bit(native_ready):
-    # Enough neurons for several 512-neuron blocks per thread, and a count that is not a multiple of it.
+    # Enough neurons for several 4096-neuron blocks per thread, and a count that is not a multiple of it.
     g = torch.Generator().manual_seed(2)
     params = _params(3, torch.float32, g)
     x = torch.randn(6, 7, 3, 61, 53, generator=g)
@@ -121,7 +121,13 @@ def test_native_large_outputs_written_with_streaming_stores_are_the_same(native_
     x = _currents(5, (3, 7, 6247), dtype, g, params, 32, 1)
     assert 32 * x[0].numel() * x.element_size() >= 1 << 24
     want = torch_backend.fire(x, 32, params, 1, order)
-    assert _same_bits(native_backend.fire(x, 32, params, 1, order), want)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # several threads stream their rows (fenced before the join)
+        got = native_backend.fire(x, 32, params, 1, order)
+    finally:
+        torch.set_num_threads(before)
+    assert _same_bits(got, want)
 
 
 def test_native_nan_check(native_ready):
@@ -138,7 +144,68 @@ def test_native_nan_check(native_ready):
 
 def test_native_empty_input(native_ready):
     x = torch.empty(3, 0, 4)
-    assert ParallelConversionNode(5, backend="native")(x).shape == (5, 0, 4)
+    got = ParallelConversionNode(5, backend="native")(x)
+    assert got.shape == (5, 0, 4)
+    assert got.stride() == ParallelConversionNode(5, backend="torch")(x).stride()
+
+
+def test_native_random_layouts_and_channel_axes(native_ready):
+    # Dense steps in any axis order, with storage offsets, odd strides on size-1 axes, expanded
+    # and sliced inputs, per-channel parameters along any axis (negative ones too).
+    rng = torch.Generator().manual_seed(5)
+    pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=rng))]  # noqa: E731
+    for trial in range(150):
+        nd = pick([1, 2, 3, 4])
+        shape = [pick([1, 2, 3, 5]) for _ in range(nd)]
+        dtype = pick([torch.float32, torch.float64])
+        T_in, T = pick([1, 2, 4]), pick([1, 3, 6])
+        cd = pick(list(range(-nd, nd)))
+        perm = torch.randperm(nd, generator=rng).tolist()
+        inv = [0] + [1 + perm.index(i) for i in range(nd)]
+        kind = pick(["permuted", "offset", "expanded", "sliced", "size1"])
+        if kind == "offset":
+            flat = torch.randn(T_in * max(1, torch.Size(shape).numel()) + 3, generator=rng, dtype=dtype)
+            x = flat[3:3 + T_in * torch.Size(shape).numel()].view([T_in] + [shape[p] for p in perm]).permute(inv)
+        else:
+            x = torch.randn([T_in] + [shape[p] for p in perm], generator=rng, dtype=dtype).permute(inv)
+        if kind == "expanded":
+            x = x[:1].expand(T_in, *shape)
+        elif kind == "sliced":
+            x = torch.randn([T_in] + shape[:-1] + [2 * shape[-1]], generator=rng, dtype=dtype)[..., ::2]
+        elif kind == "size1":
+            strides = [s if x.shape[d] != 1 else pick([1, 7, 1000]) for d, s in enumerate(x.stride())]
+            x = x.as_strided(x.shape, strides)
+        params = _params(shape[cd] if shape[cd] > 1 else None, dtype, rng)
+        for order in ("late", "early"):
+            want = torch_backend.fire(x, T, params, cd, order)
+            got = native_backend.fire(x, T, params, cd, order)
+            assert _same_bits(got, want), (trial, kind, tuple(x.shape), x.stride(), cd, order)
+            assert got.stride() == kernels._fire_fake(x, T, *params, cd, order == "late", "native", False).stride()
+
+
+def test_native_silent_steps_hold_zero_times_the_spike_value(native_ready):
+    # The node only accepts positive finite spike values; the operator itself takes any, and a
+    # silent step then holds 0 * value (-0.0, NaN), as the torch backend's multiply gives.
+    x = torch.randn(3, 2, 4, 40000)  # large enough for the streamed path as well as the plain one
+    for value in (-1.5, float("inf"), float("nan")):
+        params = [torch.tensor(1.0), torch.tensor(0.5), torch.tensor(0.0), torch.tensor(value)]
+        for T in (2, 64):
+            assert _same_bits(native_backend.fire(x, T, params, 1, "late"), torch_backend.fire(x, T, params, 1, "late"))
+
+
+def test_native_refuses_parameters_it_would_misread(native_ready):
+    x = torch.randn(2, 3, 5, 2)
+    p = [torch.ones(3), torch.full((3,), 0.5), torch.zeros(3), torch.ones(3)]
+    with pytest.raises(ValueError, match="do not match the 5 channels"):
+        native_backend.fire(x, 4, p, 1, "late")
+    with pytest.raises(ValueError, match="do not match"):
+        native_backend.fire(x, 4, p[:3] + [torch.ones(2)], 0, "late")
+    with pytest.raises(ValueError, match="channel_dim=4 is out of range"):
+        native_backend.fire(x, 4, p, 4, "late")
+    with pytest.raises(ValueError, match="channel_dim=-4 is out of range"):
+        native_backend.fire(x, 4, p, -4, "late")
+    with pytest.raises(ValueError, match="T and T_in from 1 to"):
+        native_backend.fire(x, native_backend.MAX_T + 1, [torch.tensor(1.0)] * 4, 1, "late")
 
 
 # -- selection -----------------------------------------------------------------------------------

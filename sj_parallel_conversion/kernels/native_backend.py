@@ -20,8 +20,11 @@ import functools
 import hashlib
 import logging
 import os
+import platform
+import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
@@ -70,34 +73,38 @@ inline double sjpc_floor(double v) {
 // 16-byte aligned neuron on; returns where it stopped (the caller writes the rest). The values
 // are those of the plain loop: the spike value where the neuron fires, +0 elsewhere.
 #if defined(__SSE2__)
-inline int64_t write_streamed(float* ot, const int32_t* edge, const float* val, int64_t n, int t, int late) {
+inline int64_t write_streamed(float* ot, const int32_t* edge, const float* on, const float* off, int64_t n,
+                              int t, int late) {
     int64_t i = 0;
     for (; i < n && (reinterpret_cast<uintptr_t>(ot + i) & 15); ++i)
-        ot[i] = (late ? t >= edge[i] : t < edge[i]) ? val[i] : 0.0f;
+        ot[i] = (late ? t >= edge[i] : t < edge[i]) ? on[i] : off[i];
     const __m128i tv = _mm_set1_epi32(late ? t + 1 : t);
     for (; i + 4 <= n; i += 4) {
         const __m128i e = _mm_loadu_si128(reinterpret_cast<const __m128i*>(edge + i));
-        const __m128i fire = late ? _mm_cmpgt_epi32(tv, e) : _mm_cmpgt_epi32(e, tv);  // t >= e / t < e
-        _mm_stream_ps(ot + i, _mm_and_ps(_mm_castsi128_ps(fire), _mm_loadu_ps(val + i)));
+        const __m128 fire = _mm_castsi128_ps(late ? _mm_cmpgt_epi32(tv, e) : _mm_cmpgt_epi32(e, tv));  // t >= e / t < e
+        _mm_stream_ps(ot + i, _mm_or_ps(_mm_and_ps(fire, _mm_loadu_ps(on + i)),
+                                        _mm_andnot_ps(fire, _mm_loadu_ps(off + i))));
     }
     return i;
 }
-inline int64_t write_streamed(double* ot, const int32_t* edge, const double* val, int64_t n, int t, int late) {
+inline int64_t write_streamed(double* ot, const int32_t* edge, const double* on, const double* off, int64_t n,
+                              int t, int late) {
     int64_t i = 0;
     for (; i < n && (reinterpret_cast<uintptr_t>(ot + i) & 15); ++i)
-        ot[i] = (late ? t >= edge[i] : t < edge[i]) ? val[i] : 0.0;
+        ot[i] = (late ? t >= edge[i] : t < edge[i]) ? on[i] : off[i];
     const __m128i tv = _mm_set1_epi32(late ? t + 1 : t);
     for (; i + 2 <= n; i += 2) {
         const __m128i e = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(edge + i));
         const __m128i fire32 = late ? _mm_cmpgt_epi32(tv, e) : _mm_cmpgt_epi32(e, tv);
-        const __m128i fire = _mm_unpacklo_epi32(fire32, fire32);  // widen each lane's mask to 64 bits
-        _mm_stream_pd(ot + i, _mm_and_pd(_mm_castsi128_pd(fire), _mm_loadu_pd(val + i)));
+        const __m128d fire = _mm_castsi128_pd(_mm_unpacklo_epi32(fire32, fire32));  // each mask to 64 bits
+        _mm_stream_pd(ot + i, _mm_or_pd(_mm_and_pd(fire, _mm_loadu_pd(on + i)),
+                                        _mm_andnot_pd(fire, _mm_loadu_pd(off + i))));
     }
     return i;
 }
 #else
 template <typename F>
-inline int64_t write_streamed(F*, const int32_t*, const F*, int64_t, int, int) { return 0; }
+inline int64_t write_streamed(F*, const int32_t*, const F*, const F*, int64_t, int, int) { return 0; }
 #endif
 
 template <typename F>
@@ -105,38 +112,43 @@ void fire_range(const F* __restrict__ x, F* __restrict__ out, const F* __restric
                 const F* __restrict__ psi, const F* __restrict__ psi_da, const F* __restrict__ value,
                 int64_t M, int T_in, int T, int64_t inner, int64_t C, int late,
                 int64_t begin, int64_t end, int* nan_seen) {
-    F acc[kBlock];
-    F val[kBlock];
-    int32_t edge[kBlock];
+    // On the heap: a block's buffers are too large for the stack of every thread that may call in.
+    std::vector<F> acc(kBlock), on(kBlock), off(kBlock);
+    std::vector<int32_t> edge(kBlock);
     const F tf = (F)T, tin = (F)T_in, zero = (F)0;
     const bool stream = (int64_t)T * M * (int64_t)sizeof(F) >= kStreamBytes;
     for (int64_t s = begin; s < end; s += kBlock) {
         const int64_t n = std::min(kBlock, end - s);
         const F* x0 = x + s;
-        for (int64_t i = 0; i < n; ++i) acc[i] = x0[i];
+        F* a = acc.data();
+        for (int64_t i = 0; i < n; ++i) a[i] = x0[i];
         for (int t = 1; t < T_in; ++t) {
             const F* xt = x + (int64_t)t * M + s;
-            for (int64_t i = 0; i < n; ++i) acc[i] += xt[i];
+            for (int64_t i = 0; i < n; ++i) a[i] += xt[i];
         }
         // Channel of memory position s: positions advance the channel every `inner` elements.
         int64_t c = (s / inner) % C, r = s % inner;
         for (int64_t i = 0; i < n; ++i) {
-            const F m = acc[i] / tin;
+            const F m = a[i] / tin;
             if (m != m) *nan_seen = 1;
             F k = sjpc_floor(((m + psi_da[c]) * tf + psi[c]) / theta[c]);
             k = k < zero ? zero : (k > tf ? tf : k);
             const int32_t ki = (k == k) ? (int32_t)k : 0;  // NaN: no spike
             edge[i] = late ? T - ki : ki;                    // late fires at t >= edge, early at t < edge
-            val[i] = value[c];
+            on[i] = value[c];
+            off[i] = zero * value[c];  // the torch backend multiplies 0/1 by the spike value
             if (++r == inner) { r = 0; if (++c == C) c = 0; }
         }
         for (int t = 0; t < T; ++t) {
             F* ot = out + (int64_t)t * M + s;
-            int64_t i = stream ? write_streamed(ot, edge, val, n, t, late) : 0;
+            const int32_t* ed = edge.data();
+            const F* hi = on.data();
+            const F* lo = off.data();
+            int64_t i = stream ? write_streamed(ot, ed, hi, lo, n, t, late) : 0;
             if (late) {
-                for (; i < n; ++i) ot[i] = t >= edge[i] ? val[i] : zero;
+                for (; i < n; ++i) ot[i] = t >= ed[i] ? hi[i] : lo[i];
             } else {
-                for (; i < n; ++i) ot[i] = t < edge[i] ? val[i] : zero;
+                for (; i < n; ++i) ot[i] = t < ed[i] ? hi[i] : lo[i];
             }
         }
     }
@@ -155,8 +167,12 @@ int fire(const F* x, F* out, const F* theta, const F* psi, const F* psi_da, cons
     const int64_t per = (blocks + n - 1) / n * kBlock;
     for (int64_t j = 1; j < n; ++j) {
         const int64_t b = std::min(M, j * per), e = std::min(M, (j + 1) * per);
-        pool.emplace_back(fire_range<F>, x, out, theta, psi, psi_da, value, M, T_in, T, inner, C, late,
-                          b, e, &nan_seen[j]);
+        try {
+            pool.emplace_back(fire_range<F>, x, out, theta, psi, psi_da, value, M, T_in, T, inner, C, late,
+                              b, e, &nan_seen[j]);
+        } catch (...) {  // no thread to be had (resource limits): this thread does the range itself
+            fire_range<F>(x, out, theta, psi, psi_da, value, M, T_in, T, inner, C, late, b, e, &nan_seen[j]);
+        }
     }
     fire_range<F>(x, out, theta, psi, psi_da, value, M, T_in, T, inner, C, late, 0, std::min(M, per),
                   &nan_seen[0]);
@@ -170,12 +186,20 @@ extern "C" {
 int sjpc_native_fire_f32(const float* x, float* out, const float* theta, const float* psi,
                          const float* psi_da, const float* value, int64_t M, int T_in, int T,
                          int64_t inner, int64_t C, int late, int threads) {
-    return fire<float>(x, out, theta, psi, psi_da, value, M, T_in, T, inner, C, late, threads);
+    try {
+        return fire<float>(x, out, theta, psi, psi_da, value, M, T_in, T, inner, C, late, threads);
+    } catch (...) {  // an exception must not cross into C (it would abort the interpreter)
+        return -1;
+    }
 }
 int sjpc_native_fire_f64(const double* x, double* out, const double* theta, const double* psi,
                          const double* psi_da, const double* value, int64_t M, int T_in, int T,
                          int64_t inner, int64_t C, int late, int threads) {
-    return fire<double>(x, out, theta, psi, psi_da, value, M, T_in, T, inner, C, late, threads);
+    try {
+        return fire<double>(x, out, theta, psi, psi_da, value, M, T_in, T, inner, C, late, threads);
+    } catch (...) {
+        return -1;
+    }
 }
 }
 """
@@ -187,12 +211,16 @@ FLAGS = ("-std=c++17", "-O3", "-ffp-contract=off", "-fno-fast-math", "-shared", 
 _FUNCTIONS = {torch.float32: "sjpc_native_fire_f32", torch.float64: "sjpc_native_fire_f64"}
 DTYPES = tuple(_FUNCTIONS)
 
+# Spike counts are exact integers in float32 only up to 2**24 (and the kernel counts steps in int32).
+MAX_T = 1 << 24
+
 # Below this many output values one thread is faster than starting others.
 _PARALLEL_MIN = 1 << 16
 
 
 def compiler() -> Optional[str]:
-    """The C++ compiler used to build host code: ``$CXX``, else ``c++``, ``g++`` or ``clang++``."""
+    """The C++ compiler command used to build host code: ``$CXX`` (which may hold arguments, as in
+    ``"ccache g++"``), else ``c++``, ``g++`` or ``clang++`` from ``PATH``."""
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
@@ -215,8 +243,10 @@ def build_library(name: str, files: dict, main: str, flags: Sequence[str], cxx: 
     cxx = cxx or compiler()
     if cxx is None:
         raise FileNotFoundError("no C++ compiler found: set $CXX or install g++ or clang++")
-    key = hashlib.sha256("\0".join([*(f"{k}\0{v}" for k, v in sorted(files.items())), main, cxx, *flags])
-                         .encode()).hexdigest()[:16]
+    # The platform is part of the key: a cache folder shared between machines of different
+    # architectures must not hand one of them the other's library.
+    key = hashlib.sha256("\0".join([*(f"{k}\0{v}" for k, v in sorted(files.items())), main, cxx, *flags,
+                                    sys.platform, platform.machine()]).encode()).hexdigest()[:16]
     folder = cache_dir()
     lib = folder / f"{name}_{key}.so"
     if lib.is_file():
@@ -229,7 +259,7 @@ def build_library(name: str, files: dict, main: str, flags: Sequence[str], cxx: 
             (build / fname).write_text(text)
         tmp = build / "lib.so"
         try:
-            res = subprocess.run([cxx, *flags, "-I", str(build), str(build / main), "-o", str(tmp)],
+            res = subprocess.run([*shlex.split(cxx), *flags, "-I", str(build), str(build / main), "-o", str(tmp)],
                                  capture_output=True, text=True, timeout=600)
         except OSError as exc:
             raise RuntimeError(f"could not run the C++ compiler {cxx!r}: {exc}") from None
@@ -274,6 +304,8 @@ def fire(x_seq: torch.Tensor, T: int, params: Sequence[torch.Tensor], channel_di
     if x_seq.device.type != "cpu":
         raise ValueError(f"the native backend runs on CPU tensors, got one on {x_seq.device}")
     T_in = x_seq.shape[0]
+    if not 1 <= T <= MAX_T or not 1 <= T_in <= MAX_T:
+        raise ValueError(f"the native backend supports T and T_in from 1 to {MAX_T}, got T={T}, T_in={T_in}")
     x = x_seq
     if torch_backend.flat_steps(x) is None:
         # The kernel walks every step in one shared dense layout (the one the output gets too).
@@ -285,16 +317,25 @@ def fire(x_seq: torch.Tensor, T: int, params: Sequence[torch.Tensor], channel_di
         return out
     params = [p.detach().to(device="cpu", dtype=x.dtype).reshape(-1) for p in params]
     C = max(p.numel() for p in params)
-    params = [p.expand(C).contiguous() for p in params]
     inner = 1
     if C > 1:
-        cd = channel_dim if channel_dim >= 0 else channel_dim + step.dim()
+        # The kernel indexes the parameters by channel and cannot broadcast: every mismatch that
+        # torch would reject (or broadcast) is refused here rather than read out of bounds.
+        cd = channel_dim + step.dim() if channel_dim < 0 else channel_dim
+        if not 0 <= cd < step.dim():
+            raise ValueError(f"channel_dim={channel_dim} is out of range for steps of shape {tuple(step.shape)}")
+        if step.shape[cd] != C or any(p.numel() not in (1, C) for p in params):
+            raise ValueError(f"per-channel parameters of sizes {[p.numel() for p in params]} do not match the "
+                             f"{step.shape[cd]} channels along channel_dim={channel_dim} of steps {tuple(step.shape)}")
         # In a dense layout, the channel of memory position j is (j // stride) % C.
         inner = step.stride(cd)
+    params = [p.expand(C).contiguous() for p in params]
     threads = torch.get_num_threads() if M * max(T, T_in) >= _PARALLEL_MIN else 1
     nan_seen = getattr(lib, _FUNCTIONS[x.dtype])(
         x.data_ptr(), out.data_ptr(), *[p.data_ptr() for p in params], M, T_in, T, inner, C,
         1 if order == "late" else 0, threads)
+    if nan_seen < 0:
+        raise MemoryError("the native kernel could not allocate its block buffers")
     if check_nan and nan_seen:
         from . import NaNMeanError
 
