@@ -35,7 +35,7 @@ from .observers import Reducer
 from .progress import progress as progress_bar
 
 __all__ = ["LearnedCalibration", "LearnedSite", "daqcfs_fit", "take_images", "split_holdout", "learn_calibration", "held_out_score",
-           "LOSSES"]
+           "distillation_kl", "LOSSES"]
 
 LOSSES = ("kl", "mse", "kl+sites")
 LOG_RANGE = math.log(100.0)
@@ -48,10 +48,15 @@ class LearnedCalibration:
     Args:
         steps: at most this many Adam steps (one minibatch each).
         lr: initial Adam learning rate of the log-thresholds and of ``psi_da / theta0``.
-        loss: ``"kl"`` (KL divergence from the ANN's softmax to the SNN's, the default), ``"mse"``
-            (squared error of the logits) or ``"kl+sites"`` (KL plus the normalised squared
-            error of every site's output against the ANN's activation there, which guides deep
-            networks layer by layer as block-wise reconstruction does).
+        loss: ``"kl"`` (KL divergence from the ANN's softmax to the SNN's, at ``temperature``;
+            the default), ``"mse"`` (squared error of the logits) or ``"kl+sites"`` (KL plus the
+            normalised squared error of every site's output against the ANN's activation there,
+            which guides deep networks layer by layer as block-wise reconstruction does).
+        temperature: both softmaxes of the KL loss divide the logits by it, and the loss is
+            multiplied by its square (:func:`distillation_kl`). Softened targets carry the ANN's
+            whole ranking of the classes, so every image informs the fit, not only those whose
+            top class is in doubt; 1 is the plain KL. The held-out score that steers the fit is
+            always the plain KL.
         batch_size: images per step (calibration batches are cut into chunks of at most this).
         holdout: fraction of the calibration images kept out of fitting, for early stopping
             (whole batches when there are at least 4, else the tail of every batch).
@@ -68,6 +73,7 @@ class LearnedCalibration:
     steps: int = 600
     lr: float = 1e-2
     loss: str = "kl"
+    temperature: float = 4.0
     batch_size: int = 128
     holdout: float = 0.25
     eval_every: int = 25
@@ -97,6 +103,9 @@ class LearnedCalibration:
             raise ValueError(f"LearnedCalibration.lr must be a positive number, got {self.lr!r}")
         if not (isinstance(self.holdout, (int, float)) and 0 < self.holdout < 1):
             raise ValueError(f"LearnedCalibration.holdout must be a fraction in (0, 1), got {self.holdout!r}")
+        if not (isinstance(self.temperature, (int, float)) and not isinstance(self.temperature, bool)
+                and math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"LearnedCalibration.temperature must be a positive number, got {self.temperature!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"LearnedCalibration.loss must be one of {LOSSES}, got {self.loss!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -252,6 +261,15 @@ def _kl(ref: torch.Tensor, out: torch.Tensor, reduction: str = "batchmean") -> t
                     reduction=reduction)
 
 
+def distillation_kl(ref: torch.Tensor, out: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``temperature**2 * KL(softmax(ref / temperature) || softmax(out / temperature))``, mean over the batch.
+
+    ``ref`` and ``out`` are logits ``[N, classes]`` (the ANN's and the converted network's). The
+    square keeps the gradient's scale independent of the temperature (Hinton et al., 2015).
+    """
+    return _kl(ref / temperature, out / temperature) * temperature ** 2
+
+
 @torch.no_grad()
 def held_out_score(model: nn.Module, held: Sequence[torch.Tensor], ref_logits: Sequence[torch.Tensor], device,
                    reducer: Reducer = None) -> Dict[str, float]:
@@ -364,7 +382,7 @@ def learn_calibration(
             if options.loss == "mse":
                 loss = F.mse_loss(out.float(), fit_ref[i].float())
             else:
-                loss = _kl(fit_ref[i], out)
+                loss = distillation_kl(fit_ref[i], out, options.temperature)
             if options.loss == "kl+sites":
                 with torch.no_grad():
                     reference(x)

@@ -10,7 +10,7 @@ import torch.nn as nn
 from sj_parallel_conversion import ParallelConversionNode, ParallelConverter, count_inference, spike_inference
 from sj_parallel_conversion import formulas
 from sj_parallel_conversion.activation import DAQCFS, QCFS, ClipReLU
-from sj_parallel_conversion.learned import LearnedCalibration, LearnedSite, held_out_score, split_holdout
+from sj_parallel_conversion.learned import LearnedCalibration, LearnedSite, distillation_kl, held_out_score, split_holdout
 from sj_parallel_conversion.recipe import ParallelConversionRecipe
 from sj_parallel_conversion.selection import CalibrationReport, choose
 
@@ -106,20 +106,34 @@ def test_learned_calibration_of_a_qcfs_network_at_T_not_L():
     assert report.method == "learned" and report.scores["learned"]["images"] == 64
 
 
-def test_kl_plus_sites_loss_runs_and_mse_differs_from_kl():
+def test_kl_plus_sites_loss_runs_and_mse_and_the_temperature_differ_from_kl():
     batches = _batches()
     out = {}
-    for loss in ("kl", "mse", "kl+sites"):
-        opts = LearnedCalibration(steps=10, eval_every=5, patience=10, batch_size=32, loss=loss)
+    for name, loss, tau in (("kl", "kl", 4.0), ("kl at 1", "kl", 1.0), ("mse", "mse", 4.0), ("kl+sites", "kl+sites", 4.0)):
+        opts = LearnedCalibration(steps=10, eval_every=5, patience=10, batch_size=32, loss=loss, temperature=tau)
         snn = ParallelConverter("parallel", T=2, dataloader=batches, progress=False, method="learned",
                                 learned=opts).convert(_net())
-        out[loss] = torch.cat([m.v_threshold for m in snn.modules() if isinstance(m, ParallelConversionNode)])
-    assert not torch.equal(out["kl"], out["mse"]) and not torch.equal(out["kl"], out["kl+sites"])
+        out[name] = torch.cat([m.v_threshold for m in snn.modules() if isinstance(m, ParallelConversionNode)])
+    assert all(not torch.equal(out["kl"], out[k]) for k in ("kl at 1", "mse", "kl+sites"))
+
+
+@pytest.mark.parametrize("tau", [1.0, 4.0, 0.5])
+def test_distillation_kl_is_the_scaled_kl_of_the_softened_distributions(tau):
+    g = torch.Generator().manual_seed(int(tau * 10))
+    ref, out = torch.randn(5, 7, generator=g) * 3, torch.randn(5, 7, generator=g) * 3
+    # Written out in float64: p = softmax(ref / tau), q = softmax(out / tau), tau^2 * mean_n sum_c p (log p - log q).
+    r, o = ref.double() / tau, out.double() / tau
+    p = torch.exp(r) / torch.exp(r).sum(1, keepdim=True)
+    q = torch.exp(o) / torch.exp(o).sum(1, keepdim=True)
+    want = tau ** 2 * float((p * (p.log() - q.log())).sum(1).mean())
+    assert float(distillation_kl(ref, out, tau)) == pytest.approx(want, rel=1e-5)
+    assert float(distillation_kl(ref, ref, tau)) == pytest.approx(0.0, abs=1e-6)
 
 
 @pytest.mark.parametrize("kw, match", [
     (dict(steps=0), "steps"), (dict(lr=-1.0), "lr"), (dict(loss="l1"), "loss"), (dict(holdout=1.0), "holdout"),
-    (dict(max_images=1), "max_images"),
+    (dict(max_images=1), "max_images"), (dict(temperature=0.0), "temperature"),
+    (dict(temperature=float("inf")), "temperature"), (dict(temperature=True), "temperature"),
 ])
 def test_learned_options_are_validated(kw, match):
     with pytest.raises(ValueError, match=match):
