@@ -75,32 +75,28 @@ inline double sjpc_floor(double v) {
 // means +0 everywhere (spike values that are finite and positive), which saves a load and two
 // operations per vector.
 #if defined(__SSE2__)
-inline int64_t write_streamed(float* ot, const int32_t* edge, const float* on, const float* off, int64_t n,
-                              int t, int late) {
+template <typename F>
+inline int64_t write_streamed(F* ot, const int32_t* edge, const F* on, const F* off, int64_t n, int t, int late) {
+    // Works on the values' bits (integer SSE2 operations), so one body serves float and double;
+    // only the lanes per vector and the widening of the int32 firing masks differ.
+    constexpr int64_t lanes = 16 / sizeof(F);
+    const auto bits = [](const F* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); };
     int64_t i = 0;
     for (; i < n && (reinterpret_cast<uintptr_t>(ot + i) & 15); ++i)
-        ot[i] = (late ? t >= edge[i] : t < edge[i]) ? on[i] : (off ? off[i] : 0.0f);
+        ot[i] = (late ? t >= edge[i] : t < edge[i]) ? on[i] : (off ? off[i] : (F)0);
     const __m128i tv = _mm_set1_epi32(late ? t + 1 : t);
-    for (; i + 4 <= n; i += 4) {
-        const __m128i e = _mm_loadu_si128(reinterpret_cast<const __m128i*>(edge + i));
-        const __m128 fire = _mm_castsi128_ps(late ? _mm_cmpgt_epi32(tv, e) : _mm_cmpgt_epi32(e, tv));  // t >= e / t < e
-        const __m128 v = _mm_and_ps(fire, _mm_loadu_ps(on + i));
-        _mm_stream_ps(ot + i, off ? _mm_or_ps(v, _mm_andnot_ps(fire, _mm_loadu_ps(off + i))) : v);
-    }
-    return i;
-}
-inline int64_t write_streamed(double* ot, const int32_t* edge, const double* on, const double* off, int64_t n,
-                              int t, int late) {
-    int64_t i = 0;
-    for (; i < n && (reinterpret_cast<uintptr_t>(ot + i) & 15); ++i)
-        ot[i] = (late ? t >= edge[i] : t < edge[i]) ? on[i] : (off ? off[i] : 0.0);
-    const __m128i tv = _mm_set1_epi32(late ? t + 1 : t);
-    for (; i + 2 <= n; i += 2) {
-        const __m128i e = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(edge + i));
-        const __m128i fire32 = late ? _mm_cmpgt_epi32(tv, e) : _mm_cmpgt_epi32(e, tv);
-        const __m128d fire = _mm_castsi128_pd(_mm_unpacklo_epi32(fire32, fire32));  // each mask to 64 bits
-        const __m128d v = _mm_and_pd(fire, _mm_loadu_pd(on + i));
-        _mm_stream_pd(ot + i, off ? _mm_or_pd(v, _mm_andnot_pd(fire, _mm_loadu_pd(off + i))) : v);
+    for (; i + lanes <= n; i += lanes) {
+        __m128i e, fire;
+        if constexpr (sizeof(F) == 4) {
+            e = _mm_loadu_si128(reinterpret_cast<const __m128i*>(edge + i));
+        } else {
+            e = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(edge + i));
+        }
+        fire = late ? _mm_cmpgt_epi32(tv, e) : _mm_cmpgt_epi32(e, tv);  // t >= e / t < e, all-ones lanes
+        if constexpr (sizeof(F) == 8) fire = _mm_unpacklo_epi32(fire, fire);  // each mask to 64 bits
+        __m128i v = _mm_and_si128(fire, bits(on + i));
+        if (off) v = _mm_or_si128(v, _mm_andnot_si128(fire, bits(off + i)));
+        _mm_stream_si128(reinterpret_cast<__m128i*>(ot + i), v);
     }
     return i;
 }
