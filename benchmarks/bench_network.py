@@ -15,7 +15,9 @@ The parallel spike-level run gets the image once (``[1, N, ...]``, as :func:`spi
 feeds it; ``--spike-input repeat`` feeds ``T`` copies instead); the IF-SNN gets ``T`` copies, as
 SpikingJelly's rate coding needs. ``--channels-last`` puts the ANN, the count-domain model, the
 parallel SNN and their inputs in channels-last memory format; ``--if-channels-last`` does the
-same for the IF-SNN, so both spike-level networks can be compared in the same format.
+same for the IF-SNN, so both spike-level networks can be compared in the same format. The
+parallel SNN reuses memory (the recipe's ``inplace=True``, its default); ``--reuse both`` also
+times it converted with ``inplace=False`` in the same rounds.
 
 Acceptance run (CPU): ``python benchmarks/bench_network.py --models resnet20 --T 32 --batch 256
 --channels-last --if-channels-last --repeats 5``
@@ -72,7 +74,7 @@ def _steps_channels_last(x_seq: torch.Tensor) -> torch.Tensor:
 
 def bench(model_name: str, T: int, batch: int, repeats: int, device: torch.device, backend: str,
           channels_last: bool = False, if_channels_last: bool = False, spike_input: str = "once",
-          compile_: bool = False):
+          compile_: bool = False, reuse: str = "on"):
     torch.manual_seed(0)
     # SpikingJelly's RateCodingRecipe cannot adapt the F.pad of option-A shortcuts to multi-step
     # mode, so the CIFAR ResNets use option B (1x1 conv + BN) here; both converters handle B.
@@ -83,8 +85,11 @@ def bench(model_name: str, T: int, batch: int, repeats: int, device: torch.devic
     with torch.no_grad():
         snn_if = ann2snn.Converter(ann2snn.RateCodingRecipe(calib, mode="max")).convert(copy.deepcopy(ann))
         functional.set_step_mode(snn_if, "m")
-        snn_pc = ParallelConverter("parallel", T=T, dataloader=calib, progress=False,
-                                   backend=backend, method="ema").convert(copy.deepcopy(ann))
+        snn_pc = ParallelConverter("parallel", T=T, dataloader=calib, progress=False, backend=backend,
+                                   method="ema", inplace=reuse != "off").convert(copy.deepcopy(ann))
+        # The same network without memory reuse (recipe option inplace=False), for --reuse both.
+        snn_plain = ParallelConverter("parallel", T=T, dataloader=calib, progress=False, backend=backend,
+                                      method="ema", inplace=False).convert(copy.deepcopy(ann)) if reuse == "both" else None
         # The ANN with BN folded, as the converters see it.
         ann_fused = fold_bn(torch.fx.symbolic_trace(copy.deepcopy(ann))).to(device).eval()
     x_seq = repeat_input(x, T)
@@ -93,6 +98,7 @@ def bench(model_name: str, T: int, batch: int, repeats: int, device: torch.devic
     x_ann = x
     if channels_last:
         ann_fused, snn_pc = _channels_last(ann_fused), _channels_last(snn_pc)
+        snn_plain = _channels_last(snn_plain) if snn_plain is not None else None
         x_ann, x_pc = _channels_last(x), _steps_channels_last(x_pc)
     if if_channels_last:
         snn_if, x_if = _channels_last(snn_if), _steps_channels_last(x_seq)
@@ -111,6 +117,8 @@ def bench(model_name: str, T: int, batch: int, repeats: int, device: torch.devic
         "spike": run_spike,
         "if": run_if,
     }
+    if reuse == "both":
+        fns["spike_plain"] = lambda: snn_plain(x_pc).mean(0)
     if compile_:
         # inductor, compiled during the warm-up below (not timed); the ANN is compiled too, so
         # that "count_c/ann_c" compares like with like and "count_c/ann" against the eager ANN.
@@ -131,12 +139,16 @@ def bench(model_name: str, T: int, batch: int, repeats: int, device: torch.devic
         "count/ann": statistics.median(a / b for a, b in zip(times["count"], times["ann"])),
         "spike/ann": statistics.median(a / b for a, b in zip(times["spike"], times["ann"])),
     }
+    if reuse == "both":
+        ratios["spike_plain/spike"] = statistics.median(a / b for a, b in zip(times["spike_plain"], times["spike"]))
+        ratios["if/spike_plain"] = statistics.median(a / b for a, b in zip(times["if"], times["spike_plain"]))
     if compile_:
         ratios["count_c/ann"] = statistics.median(a / b for a, b in zip(times["count_c"], times["ann"]))
         ratios["count_c/ann_c"] = statistics.median(a / b for a, b in zip(times["count_c"], times["ann_c"]))
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"model": model_name, "T": T, "batch": batch, "repeats": repeats, "device": str(device),
             "channels_last": channels_last, "if_channels_last": if_channels_last, "spike_input": spike_input,
+            "reuse": reuse,
             "median_s": med, "images_per_s": {k: batch / v for k, v in med.items()}, "ratios": ratios,
             "all_s": times}
 
@@ -159,6 +171,9 @@ def main(argv=None):
                    help="also time torch.compile (inductor) of the ANN and of the count-domain model")
     p.add_argument("--spike-input", choices=["once", "repeat"], default="once",
                    help="parallel spike level: the image once ([1, N, ...], default) or T copies")
+    p.add_argument("--reuse", choices=["on", "off", "both"], default="on",
+                   help="memory reuse in the parallel SNN (recipe option inplace; default on); 'both' also "
+                        "times the network converted with inplace=False in the same rounds")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -167,7 +182,7 @@ def main(argv=None):
     for m in args.models:
         for T in args.T:
             r = bench(m, T, args.batch, args.repeats, device, args.backend, args.channels_last,
-                      args.if_channels_last, args.spike_input, args.compile)
+                      args.if_channels_last, args.spike_input, args.compile, args.reuse)
             results.append(r)
             print(f"{m} T={T}: " + ", ".join(f"{k} {v:.3f}s" for k, v in r["median_s"].items()), flush=True)
             print("  ratios (medians of per-round ratios): "

@@ -10,7 +10,6 @@ about the cost of one ANN forward.
 from __future__ import annotations
 
 import copy
-import operator
 from typing import Callable, Dict, Optional, Union
 
 import torch
@@ -19,6 +18,7 @@ from spikingjelly.activation_based import base, functional
 from spikingjelly.activation_based import neuron as sj_neuron
 from torch import fx
 
+from . import reuse
 from .joins import TimeMean
 from .neuron import ParallelConversionNode
 
@@ -55,29 +55,6 @@ class CountDomainNeuron(nn.Module):
         return f"inplace={self.inplace}"
 
 
-# Producers whose output is a new tensor, never a view of or an alias for another one: only
-# such a tensor, read by nobody else, may be overwritten (Identity, Dropout in eval, reshape,
-# getitem or a chunk hand their input on, and overwriting it would corrupt another reader).
-_FRESH_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-                  nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-                  nn.AdaptiveAvgPool3d)
-_FRESH_FUNCTIONS = (operator.add, operator.sub, torch.add, torch.sub, torch.cat)
-
-
-def _fresh(gm: fx.GraphModule, n: fx.Node) -> bool:
-    if n.op == "call_module":
-        return isinstance(gm.get_submodule(n.target), _FRESH_MODULES)
-    return n.op == "call_function" and n.target in _FRESH_FUNCTIONS
-
-
-def _sole_reader(gm: fx.GraphModule, name: str) -> bool:
-    """Whether every call of submodule ``name`` reads a freshly made tensor nobody else reads."""
-    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
-    return bool(calls) and all(
-        len(c.args) == 1 and isinstance(c.args[0], fx.Node) and _fresh(gm, c.args[0])
-        and len(c.args[0].users) == 1 for c in calls)
-
-
 def count_domain_model(snn: nn.Module) -> nn.Module:
     """The count-domain form of a converted network: ``[N, ...]`` input, time-mean output, one pass.
 
@@ -106,7 +83,7 @@ def count_domain_model(snn: nn.Module) -> nn.Module:
     swaps = []
     for name, m in model.named_modules():
         if isinstance(m, ParallelConversionNode):
-            inplace = isinstance(model, fx.GraphModule) and _sole_reader(model, name)
+            inplace = isinstance(model, fx.GraphModule) and reuse.sole_reader(model, name)
             swaps.append((name, CountDomainNeuron(m, inplace=inplace)))
         elif isinstance(m, TimeMean):
             swaps.append((name, nn.Identity()))

@@ -42,6 +42,11 @@ class ParallelConversionNode(base.MemoryModule):
             the host at every call (a synchronisation, and a graph break under ``torch.compile``).
             Unchecked, a NaN neuron emits no spike. ``+inf`` / ``-inf`` alone saturate to ``T``
             spikes / no spike.
+        inplace: write the spikes over the input currents when the input has ``T`` steps and
+            needs no gradient (the returned tensor is then the input), as ``nn.ReLU(inplace=True)``
+            does; it saves allocating the output. Converters set it where the graph shows the
+            neuron is the only reader of its input (:mod:`~sj_parallel_conversion.reuse`). Off
+            under ``torch.compile``, which plans memory itself.
         step_mode: only ``"m"``.
 
     The spikes come from the custom operator ``sj_parallel_conversion::fire`` (CPU: the fused
@@ -62,6 +67,7 @@ class ParallelConversionNode(base.MemoryModule):
         backend: str = "auto",
         spike_order: str = "late",
         check_nan: bool = False,
+        inplace: bool = False,
         step_mode: str = "m",
     ) -> None:
         super().__init__()
@@ -78,6 +84,9 @@ class ParallelConversionNode(base.MemoryModule):
         self.backend = backend
         self.spike_order = spike_order
         self.check_nan = check_nan
+        if not isinstance(inplace, bool):
+            raise TypeError(f"inplace must be a bool, got {inplace!r}")
+        self.inplace = inplace
         theta = _param("v_threshold", v_threshold, positive=True)
         sv = theta.clone() if spike_value is None else _param("spike_value", spike_value, positive=True)
         psi = theta / 2 if shift is None else _param("shift", shift)
@@ -116,7 +125,9 @@ class ParallelConversionNode(base.MemoryModule):
     def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         self._check_input(x_seq, time_axis=True)
         args = (x_seq, self.T, self.v_threshold, self.shift, self.bias, self.spike_value)
-        kwargs = dict(channel_dim=self.channel_dim, order=self.spike_order, backend=self.backend)
+        inplace = (self.inplace and x_seq.shape[0] == self.T and not torch.compiler.is_compiling()
+                   and not (torch.is_grad_enabled() and x_seq.requires_grad))
+        kwargs = dict(channel_dim=self.channel_dim, order=self.spike_order, backend=self.backend, inplace=inplace)
         if not self.check_nan:
             # The default path: one operator call, no host synchronisation (compile-friendly).
             return kernels.fire(*args, **kwargs)
@@ -231,7 +242,7 @@ class ParallelConversionNode(base.MemoryModule):
             return f"{p.item():.4g}" if p.numel() == 1 else f"[{p.numel()} channels]"
         return (f"T={self.T}, v_threshold={show(self.v_threshold)}, spike_value={show(self.spike_value)}, "
                 f"shift={show(self.shift)}, bias={show(self.bias)}, backend={self.backend}, "
-                f"step_mode={self.step_mode}")
+                f"step_mode={self.step_mode}" + (", inplace=True" if self.inplace else ""))
 
 
 def _param(name: str, value: ParamLike, positive: bool = False) -> torch.Tensor:

@@ -37,6 +37,7 @@ from .learned import LearnedCalibration, held_out_score, learn_calibration, spli
 from .neuron import ParallelConversionNode
 from .observers import MaxObserver
 from .selection import CalibrationReport, choose
+from .reuse import reuse_memory
 
 logger = logging.getLogger("sj_parallel_conversion")
 from .tracing import activation_calls_to_modules, fold_bn
@@ -105,6 +106,12 @@ class ParallelConversionRecipe(FXConversionRecipe):
             ``psi_da`` (:class:`~.learned.LearnedCalibration`); ``"ema"`` is Algorithm 1 as
             published; ``"moment"`` per-channel moment matching of ``phi_da`` and ``psi_da``.
         learned: options of the learned calibration (default ``LearnedCalibration()``).
+        inplace: let the converted network overwrite its temporaries (default ``True``): each
+            neuron that is the only reader of its input currents writes its spikes over them, and
+            each residual sum adds into the convolution output it reads (same outputs, bit for
+            bit; on CPU about 1.5x faster at spike level for large ``T x N``). A monitor that keeps
+            references to convolution outputs or neuron inputs then sees overwritten values;
+            convert with ``inplace=False`` or record clones (see :mod:`~sj_parallel_conversion.reuse`).
     """
 
     def __init__(
@@ -125,6 +132,7 @@ class ParallelConversionRecipe(FXConversionRecipe):
         method: str = "auto",
         analog_sites=(),
         learned: Optional[LearnedCalibration] = None,
+        inplace: bool = True,
     ) -> None:
         self.T = T
         self.dataloader = dataloader
@@ -142,6 +150,7 @@ class ParallelConversionRecipe(FXConversionRecipe):
         self.method = method
         self.learned = LearnedCalibration() if learned is None else learned
         self.analog_sites = tuple(analog_sites)
+        self.inplace = inplace
         self.case: Optional[Dict[str, Any]] = None
         self.report: Optional[CalibrationReport] = None
         self._data: Optional[calibration.CalibrationData] = None
@@ -182,6 +191,8 @@ class ParallelConversionRecipe(FXConversionRecipe):
         if not isinstance(self.learned, LearnedCalibration):
             raise TypeError(f"learned must be a LearnedCalibration, got {type(self.learned).__name__}")
         self.learned.check()
+        if not isinstance(self.inplace, bool):
+            raise TypeError(f"inplace must be True or False, got {self.inplace!r}")
         if self.fuse_bn not in (None, True, False):
             raise ValueError(f"fuse_bn must be None, True or False, got {self.fuse_bn!r}")
 
@@ -315,6 +326,8 @@ class ParallelConversionRecipe(FXConversionRecipe):
 
     def finalize(self, converter: FXConverter, fx_model: fx.GraphModule) -> nn.Module:
         functional.set_step_mode(fx_model, "m")
+        if self.inplace:
+            reuse_memory(fx_model)
         fx_model.eval()
         fx_model.calibration_report = self.report
         self._data = None

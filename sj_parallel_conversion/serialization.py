@@ -37,6 +37,7 @@ from .activation import DAQCFS, QCFS, ClipReLU
 from .fileio import FileError, load_tensor_file, save_tensors
 from .joins import TimeMean
 from .neuron import ParallelConversionNode
+from .reuse import accumulate
 
 __all__ = ["save_snn", "load_snn", "SNN_FORMAT", "SAVABLE_MODULES", "SAVABLE_FUNCTIONS", "SAVABLE_METHODS"]
 
@@ -98,6 +99,7 @@ SAVABLE_FUNCTIONS: Dict[str, Callable] = {}
 SAVABLE_FUNCTIONS.update({f"operator.{n}": getattr(operator, n) for n in (
     "add", "sub", "mul", "truediv", "floordiv", "mod", "neg", "pos", "getitem", "iadd", "imul")})
 SAVABLE_FUNCTIONS["builtins.getattr"] = builtins.getattr
+SAVABLE_FUNCTIONS["sj_parallel_conversion.reuse.accumulate"] = accumulate
 SAVABLE_FUNCTIONS.update({f"torch.{n}": getattr(torch, n) for n in (
     "cat", "concat", "stack", "flatten", "reshape", "transpose", "permute", "chunk", "split", "squeeze",
     "unsqueeze", "add", "sub", "mul", "div", "mean", "sum", "relu", "clamp", "narrow", "channel_shuffle")

@@ -121,9 +121,37 @@ def _fire_backward(ctx, grad):
 
 torch.library.register_autograd(OP_NAME, _fire_backward, setup_context=_fire_setup_context, lib=_LIB)
 
+# The in-place form: the spikes overwrite the currents (T_in == T). It saves allocating the
+# output, which on CPU costs a page fault per 4 KiB of a tensor as large as T x N images.
+_LIB.define(
+    "fire_(Tensor(a!) x_seq, int T, Tensor theta_pre, Tensor psi, Tensor psi_da, Tensor spike_value, "
+    "int channel_dim, bool late, str backend, bool check_nan) -> ()"
+)
+
+
+def _fire_inplace_impl(x_seq, T, theta_pre, psi, psi_da, spike_value, channel_dim, late, backend, check_nan):
+    if x_seq.shape[0] != T:
+        raise ValueError(f"fire_ overwrites its input with the spikes, so it needs T_in == T; got "
+                         f"T_in={x_seq.shape[0]}, T={T}")
+    impl = resolve_backend(backend, x_seq)
+    params, order = (theta_pre, psi, psi_da, spike_value), "late" if late else "early"
+    if impl == "native" and torch_backend.flat_steps(x_seq) is not None:
+        native_backend.fire(x_seq, T, params, channel_dim, order, check_nan, inplace=True)
+    else:
+        # The torch and cupy backends write a new tensor; copy_ also refuses an x_seq whose
+        # elements share memory (an expanded input), as every in-place torch operation does.
+        x_seq.copy_(_IMPL[impl](x_seq, T, params, channel_dim, order, check_nan))
+
+
+_LIB.impl("fire_", _fire_inplace_impl, "CPU")
+_LIB.impl("fire_", _fire_inplace_impl, "CUDA")
+torch.library.register_fake("sj_parallel_conversion::fire_", lambda *args: None, lib=_LIB)
+
 #: The operator ``sj_parallel_conversion::fire`` (``torch.ops.sj_parallel_conversion.fire``):
 #: spikes ``[T, N, ...]`` for currents ``[T_in, N, ...]``; see :func:`fire` for the arguments.
 fire_op = torch.ops.sj_parallel_conversion.fire.default
+#: ``sj_parallel_conversion::fire_``: the same spikes written over ``x_seq`` (``T_in == T``).
+fire_inplace_op = torch.ops.sj_parallel_conversion.fire_.default
 
 
 def fire(
@@ -137,15 +165,25 @@ def fire(
     order: str = "late",
     backend: str = "auto",
     check_nan: bool = False,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Spikes ``[T, N, ...]`` of parallel conversion neurons for currents ``[T_in, N, ...]``.
 
     Arguments are checked here, before the operator runs. With ``check_nan`` a NaN time mean
-    raises :class:`NaNMeanError` (a host synchronisation; off by default).
+    raises :class:`NaNMeanError` (a host synchronisation; off by default). ``inplace=True``
+    writes the spikes over ``x_seq`` and returns it (needs ``T_in == T`` and no gradient).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if order not in ("late", "early"):
         raise ValueError(f"order must be 'late' or 'early', got {order!r}")
-    return fire_op(x_seq, T, theta_pre, psi, psi_da, spike_value, channel_dim, order == "late",
-                   backend, check_nan)
+    args = (x_seq, T, theta_pre, psi, psi_da, spike_value, channel_dim, order == "late", backend, check_nan)
+    if not inplace:
+        return fire_op(*args)
+    if x_seq.shape[0] != T:
+        raise ValueError(f"inplace=True overwrites the input with the spikes, so it needs T_in == T; got "
+                         f"input of shape {tuple(x_seq.shape)} and T={T}")
+    if torch.is_grad_enabled() and x_seq.requires_grad:
+        raise ValueError("inplace=True cannot overwrite an input that requires grad")
+    fire_inplace_op(*args)
+    return x_seq

@@ -106,7 +106,9 @@ inline int64_t write_streamed(F*, const int32_t*, const F*, const F*, int64_t, i
 #endif
 
 template <typename F>
-void fire_range(const F* __restrict__ x, F* __restrict__ out, const F* __restrict__ theta,
+// x and out may be the same array (a neuron overwriting its input): a block's inputs are all
+// read before its outputs are written, and threads own disjoint blocks, so no restrict on them.
+void fire_range(const F* x, F* out, const F* __restrict__ theta,
                 const F* __restrict__ psi, const F* __restrict__ psi_da, const F* __restrict__ value,
                 int64_t M, int T_in, int T, int64_t inner, int64_t C, int late, bool plain_zero,
                 int64_t begin, int64_t end, int* nan_seen) {
@@ -297,9 +299,10 @@ def availability() -> Optional[str]:
 
 
 def fire(x_seq: torch.Tensor, T: int, params: Sequence[torch.Tensor], channel_dim: int, order: str,
-         check_nan: bool = False) -> torch.Tensor:
+         check_nan: bool = False, inplace: bool = False) -> torch.Tensor:
     """Same contract as :func:`.torch_backend.fire` (``params`` is ``(theta_pre, psi, psi_da,
-    spike_value)``), for float32 and float64 CPU tensors."""
+    spike_value)``), for float32 and float64 CPU tensors. ``inplace=True`` writes the spikes
+    over ``x_seq`` and returns it; it needs ``T_in == T`` and steps in one dense layout."""
     lib, reason = _load()
     if lib is None:
         raise RuntimeError(f"backend='native' is unavailable: {reason}")
@@ -311,12 +314,16 @@ def fire(x_seq: torch.Tensor, T: int, params: Sequence[torch.Tensor], channel_di
     if not 1 <= T <= MAX_T or not 1 <= T_in <= MAX_T:
         raise ValueError(f"the native backend supports T and T_in from 1 to {MAX_T}, got T={T}, T_in={T_in}")
     x = x_seq
+    if inplace and (T_in != T or torch_backend.flat_steps(x) is None):
+        raise ValueError(f"the native kernel writes in place only into T={T} dense steps of one layout, got "
+                         f"shape {tuple(x.shape)} with strides {x.stride()}")
     if torch_backend.flat_steps(x) is None:
         # The kernel walks every step in one shared dense layout (the one the output gets too).
         x = torch.empty_strided(x.shape, formulas.step_strides(x[0], T_in), dtype=x.dtype).copy_(x)
     step = x[0]
     M = step.numel()
-    out = torch.empty_strided((T,) + tuple(step.shape), formulas.step_strides(step, T), dtype=x.dtype)
+    out = x if inplace else torch.empty_strided((T,) + tuple(step.shape), formulas.step_strides(step, T),
+                                                dtype=x.dtype)
     if M == 0:
         return out
     params = [p.detach().to(device="cpu", dtype=x.dtype).reshape(-1) for p in params]

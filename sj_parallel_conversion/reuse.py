@@ -1,0 +1,98 @@
+"""Memory reuse in converted networks: which intermediate tensors may be overwritten.
+
+A spike-level run carries ``T x N`` images through every layer, so each intermediate tensor is
+large, and on CPU a freshly allocated one costs a page fault per 4 KiB before the first value is
+written (as much time as the convolution's own writes for the large early layers). A tensor that
+a layer made and that only one reader ever sees can instead take that reader's result:
+
+* a neuron reading such a tensor writes its spikes over the currents
+  (:attr:`ParallelConversionNode.inplace`);
+* a residual sum adds its other operand into it (:func:`accumulate`).
+
+:func:`reuse_memory` finds these places in a converted graph; :func:`count_domain_model` uses the
+same test for its neurons. The results are the same bits as without reuse. What changes is what a
+hook that *keeps* a reference sees afterwards: a SpikingJelly ``OutputMonitor`` on convolutions or
+an ``InputMonitor`` on neurons records tensors that are overwritten later in the forward pass
+(pass a ``function_on_output``/``function_on_input`` that clones, or convert with
+``inplace=False``). Monitors of the neurons' outputs (spikes) are unaffected: spikes are never
+overwritten.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn as nn
+from torch import fx
+
+from .neuron import ParallelConversionNode
+
+__all__ = ["accumulate", "fresh", "sole_reader", "reuse_memory"]
+
+
+def accumulate(a: torch.Tensor, b) -> torch.Tensor:
+    """``a + b``, written into ``a`` when the sum has ``a``'s shape and dtype and needs no gradient.
+
+    The graph calls it only where ``a`` is a temporary read by nobody else (see :func:`reuse_memory`).
+    Elsewhere, for example a one-step operand broadcast against a ``T``-step one, it returns a new
+    tensor, as ``a + b`` does.
+    """
+    if (torch.is_tensor(a) and not (torch.is_grad_enabled() and (a.requires_grad or getattr(b, "requires_grad", False)))
+            and torch.result_type(a, b) == a.dtype
+            and (not torch.is_tensor(b) or (b.device == a.device
+                                           and torch.broadcast_shapes(a.shape, b.shape) == a.shape))):
+        return a.add_(b)
+    return a + b
+
+
+# Producers whose output is a new tensor, never a view of or an alias for another one: only such
+# a tensor, read by nobody else, may be overwritten (Identity, Dropout in eval, reshape, getitem
+# or a chunk hand their input on, and overwriting it would corrupt another reader). SpikingJelly's
+# step-mode layers subclass these torch layers.
+FRESH_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+                 nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                 nn.AdaptiveAvgPool3d)
+# accumulate returns its first operand, which reuse_memory only passes when that operand is a
+# temporary read by nobody else, or a new tensor: either way a tensor only its readers see.
+FRESH_FUNCTIONS = (operator.add, operator.sub, torch.add, torch.sub, torch.cat, accumulate)
+_SUMS = (operator.add, torch.add)
+
+
+def fresh(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """Whether graph node ``n`` produces a new tensor (no view of or alias for another one)."""
+    if n.op == "call_module":
+        return isinstance(gm.get_submodule(n.target), FRESH_MODULES)
+    return n.op == "call_function" and n.target in FRESH_FUNCTIONS
+
+
+def _temporary(gm: fx.GraphModule, n) -> bool:
+    return isinstance(n, fx.Node) and fresh(gm, n) and len(n.users) == 1
+
+
+def sole_reader(gm: fx.GraphModule, name: str) -> bool:
+    """Whether every call of submodule ``name`` reads a freshly made tensor nobody else reads."""
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
+    return bool(calls) and all(len(c.args) == 1 and not c.kwargs and _temporary(gm, c.args[0]) for c in calls)
+
+
+def reuse_memory(gm: fx.GraphModule) -> fx.GraphModule:
+    """Let a converted graph overwrite its temporaries (modifies and returns ``gm``).
+
+    Every two-operand sum with an operand that is a temporary read only by the sum becomes
+    :func:`accumulate` into that operand, and every :class:`ParallelConversionNode` that is the
+    sole reader of its input gets ``inplace = True``. The outputs keep their bits.
+    """
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target not in _SUMS or len(n.args) != 2 or n.kwargs:
+            continue
+        a, b = n.args
+        if _temporary(gm, a):
+            n.target = accumulate
+        elif _temporary(gm, b):
+            # Addition commutes exactly in IEEE arithmetic: b + a has the bits of a + b.
+            n.target, n.args = accumulate, (b, a)
+    gm.recompile()
+    for name, m in gm.named_modules():
+        if isinstance(m, ParallelConversionNode) and sole_reader(gm, name):
+            m.inplace = True
+    return gm
