@@ -43,14 +43,7 @@ def _check_level(name: str, value: int) -> int:
 
 
 def _check_channels(module: nn.Module, x: torch.Tensor, params) -> None:
-    c = max(p.numel() for p in params)
-    if c == 1:
-        return
-    cd = module.channel_dim if module.channel_dim >= 0 else module.channel_dim + x.dim()
-    if not 0 <= cd < x.dim() or x.shape[cd] != c:
-        raise ValueError(
-            f"{module._get_name()} has {c} per-channel parameters but its input of shape "
-            f"{tuple(x.shape)} does not have {c} channels along channel_dim={module.channel_dim}")
+    formulas.check_channels(x.shape, module.channel_dim, [p.numel() for p in params], module._get_name())
 
 
 class QCFS(nn.Module):

@@ -12,7 +12,7 @@ broadcast along ``channel_dim`` of the per-step tensor ``[N, C, ...]``.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -27,11 +27,33 @@ __all__ = [
     "spike_count",
     "spikes_from_count",
     "step_strides",
+    "check_channels",
     "parallel_conversion_matrix",
     "shift_vector",
     "matrix_form_spikes",
     "first_spike_time",
 ]
+
+
+def check_channels(shape: Sequence[int], channel_dim: int, sizes: Sequence[int], who: str) -> int:
+    """The axis of ``shape`` that per-channel parameters of element counts ``sizes`` index.
+
+    Returns ``-1`` when every parameter is a scalar. Raises ``ValueError``, naming ``who``, when
+    the counts disagree, ``channel_dim`` is out of range, or that axis has another length: the
+    fused kernels index parameters by channel and cannot broadcast, so every caller checks here.
+    """
+    C = max(sizes, default=1)
+    if C == 1:
+        return -1
+    if any(n not in (1, C) for n in sizes):
+        raise ValueError(f"{who}: per-channel parameters of sizes {list(sizes)} disagree on the channel count")
+    cd = channel_dim + len(shape) if channel_dim < 0 else channel_dim
+    if not 0 <= cd < len(shape):
+        raise ValueError(f"{who}: channel_dim={channel_dim} is out of range for shape {tuple(shape)}")
+    if shape[cd] != C:
+        raise ValueError(f"{who} has {C} per-channel parameters but the input has {shape[cd]} channels along "
+                         f"channel_dim={channel_dim} (shape {tuple(shape)})")
+    return cd
 
 
 def channel_view(p: Scalar, ndim: int, channel_dim: int = 1) -> Scalar:

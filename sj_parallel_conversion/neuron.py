@@ -181,19 +181,9 @@ class ParallelConversionNode(base.MemoryModule):
         if x.dim() < min_rank:
             shape = "[T_in, N, ...]" if time_axis else "[N, ...]"
             raise ValueError(f"{self._get_name()} expects input of shape {shape}, got {tuple(x.shape)}")
-        c = self.channel_count
-        if c > 1:
-            step_rank = x.dim() - 1 if time_axis else x.dim()
-            cd = self.channel_dim if self.channel_dim >= 0 else self.channel_dim + step_rank
-            if not 0 <= cd < step_rank:
-                raise ValueError(
-                    f"{self._get_name()}: channel_dim={self.channel_dim} is out of range for "
-                    f"per-step shape {tuple(x.shape[1:] if time_axis else x.shape)}")
-            got = x.shape[cd + 1 if time_axis else cd]
-            if got != c:
-                raise ValueError(
-                    f"{self._get_name()} has {c} per-channel parameters but the input has {got} "
-                    f"channels along channel_dim={self.channel_dim} (shape {tuple(x.shape)})")
+        formulas.check_channels(x.shape[1:] if time_axis else x.shape, self.channel_dim,
+                                [p.numel() for p in (self.v_threshold, self.spike_value, self.shift, self.bias)],
+                                self._get_name())
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -231,11 +221,6 @@ class ParallelConversionNode(base.MemoryModule):
             if value != getattr(self, name):
                 raise ValueError(f"the state was saved with {name}={value!r} but this {self._get_name()} has "
                                  f"{name}={getattr(self, name)!r}; build it with {name}={value!r} to load this state")
-
-    @property
-    def channel_count(self) -> int:
-        """Number of per-channel parameters (1 when every parameter is a scalar)."""
-        return max(p.numel() for p in (self.v_threshold, self.spike_value, self.shift, self.bias))
 
     def extra_repr(self) -> str:
         def show(p: torch.Tensor) -> str:

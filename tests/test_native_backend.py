@@ -196,9 +196,9 @@ def test_native_silent_steps_hold_zero_times_the_spike_value(native_ready):
 def test_native_refuses_parameters_it_would_misread(native_ready):
     x = torch.randn(2, 3, 5, 2)
     p = [torch.ones(3), torch.full((3,), 0.5), torch.zeros(3), torch.ones(3)]
-    with pytest.raises(ValueError, match="do not match the 5 channels"):
+    with pytest.raises(ValueError, match="3 per-channel parameters but the input has 5 channels"):
         native_backend.fire(x, 4, p, 1, "late")
-    with pytest.raises(ValueError, match="do not match"):
+    with pytest.raises(ValueError, match="disagree on the channel count"):
         native_backend.fire(x, 4, p[:3] + [torch.ones(2)], 0, "late")
     with pytest.raises(ValueError, match="channel_dim=4 is out of range"):
         native_backend.fire(x, 4, p, 4, "late")

@@ -121,14 +121,12 @@ def fire(x_seq: torch.Tensor, T: int, params: Sequence[torch.Tensor], channel_di
     params = [p.to(device=x.device, dtype=acc).reshape(-1).contiguous()
               for p in params]
     C = max(p.numel() for p in params)
+    cd = formulas.check_channels(step_shape, channel_dim, [p.numel() for p in params], "the cupy kernel")
+    inner = 1
     if C > 1:
         params = [p.expand(C).contiguous() if p.numel() == 1 else p for p in params]
-        cd = channel_dim if channel_dim >= 0 else channel_dim + len(step_shape)
-        inner = 1
         for s in step_shape[cd + 1:]:
             inner *= s
-    else:
-        inner = 1
     out = torch.empty((T,) + tuple(step_shape), dtype=x.dtype, device=x.device)
     if M == 0:
         return out

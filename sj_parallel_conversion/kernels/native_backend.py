@@ -328,18 +328,9 @@ def fire(x_seq: torch.Tensor, T: int, params: Sequence[torch.Tensor], channel_di
         return out
     params = [p.detach().to(device="cpu", dtype=x.dtype).reshape(-1) for p in params]
     C = max(p.numel() for p in params)
-    inner = 1
-    if C > 1:
-        # The kernel indexes the parameters by channel and cannot broadcast: every mismatch that
-        # torch would reject (or broadcast) is refused here rather than read out of bounds.
-        cd = channel_dim + step.dim() if channel_dim < 0 else channel_dim
-        if not 0 <= cd < step.dim():
-            raise ValueError(f"channel_dim={channel_dim} is out of range for steps of shape {tuple(step.shape)}")
-        if step.shape[cd] != C or any(p.numel() not in (1, C) for p in params):
-            raise ValueError(f"per-channel parameters of sizes {[p.numel() for p in params]} do not match the "
-                             f"{step.shape[cd]} channels along channel_dim={channel_dim} of steps {tuple(step.shape)}")
-        # In a dense layout, the channel of memory position j is (j // stride) % C.
-        inner = step.stride(cd)
+    cd = formulas.check_channels(step.shape, channel_dim, [p.numel() for p in params], "the native kernel")
+    # In a dense layout, the channel of memory position j is (j // stride) % C.
+    inner = step.stride(cd) if cd >= 0 else 1
     params = [p.expand(C).contiguous() for p in params]
     threads = torch.get_num_threads() if M * max(T, T_in) >= _PARALLEL_MIN else 1
     nan_seen = getattr(lib, _FUNCTIONS[x.dtype])(
