@@ -152,19 +152,16 @@ class ParallelConversionNode(base.MemoryModule):
         # (spike_value / T) * k, in this order: the same operations as QCFS's theta / L * q and
         # DA-QCFS's (theta + phi_da) / T * k, so a lossless conversion (T == L) reproduces the
         # ANN's activations bit for bit.
-        step = formulas.channel_view(self.spike_value.to(mean_current.dtype) / self.T, mean_current.dim(),
-                                     self.channel_dim)
+        step = self.spike_value.to(mean_current.dtype) / self.T
         if torch.is_grad_enabled() and (mean_current.requires_grad or step.requires_grad):
-            return step * self.count(mean_current)
-        # Inference: the multiply joins the count's in-place passes (one pass over memory on CPU).
+            return formulas.channel_view(step, mean_current.dim(), self.channel_dim) * self.count(mean_current)
+        # Inference: the multiply joins the count's pass over memory.
         return self._count(mean_current, inplace, scale=step)
 
     def _count(self, mean_current: torch.Tensor, inplace: bool, scale: Optional[torch.Tensor]) -> torch.Tensor:
         self._check_input(mean_current, time_axis=False)
-        nd = mean_current.dim()
-        cv = lambda p: formulas.channel_view(p.to(mean_current.dtype), nd, self.channel_dim)  # noqa: E731
-        out = formulas.spike_count(mean_current, self.T, cv(self.v_threshold), cv(self.shift), cv(self.bias),
-                                   inplace=inplace, scale=scale)
+        out = kernels.count(mean_current, self.T, self.v_threshold, self.shift, self.bias, scale=scale,
+                            channel_dim=self.channel_dim, backend=self.backend, inplace=inplace)
         # The result is NaN exactly where the input is NaN (k lies in [0, T], scale is finite and
         # positive), so a NaN sum is a cheaper test than a separate pass over the input.
         if self.check_nan and bool(torch.isnan(out.sum())):

@@ -31,12 +31,15 @@ __all__ = ["accumulate", "fresh", "sole_reader", "reuse_memory"]
 
 
 def accumulate(a: torch.Tensor, b) -> torch.Tensor:
-    """``a + b``, written into ``a`` when the sum has ``a``'s shape and dtype and needs no gradient.
+    """``a + b``, written into ``a`` when the sum has ``a``'s shape and dtype and needs no gradient
+    (not under ``torch.compile``, which plans memory itself).
 
     The graph calls it only where ``a`` is a temporary read by nobody else (see :func:`reuse_memory`).
     Elsewhere, for example a one-step operand broadcast against a ``T``-step one, it returns a new
     tensor, as ``a + b`` does.
     """
+    if torch.compiler.is_compiling():
+        return a + b  # the compiler plans memory itself (and cannot trace the checks below)
     if (torch.is_tensor(a) and not (torch.is_grad_enabled() and (a.requires_grad or getattr(b, "requires_grad", False)))
             and torch.result_type(a, b) == a.dtype
             and (not torch.is_tensor(b) or (b.device == a.device

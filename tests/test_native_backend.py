@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from sj_parallel_conversion import ParallelConversionNode, kernels
+from sj_parallel_conversion import ParallelConversionNode, formulas, kernels
 from sj_parallel_conversion.kernels import native_backend, torch_backend
 
 _BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
@@ -269,3 +269,95 @@ def test_build_library_caches_and_reports_compiler_errors(native_ready, monkeypa
     with pytest.raises(RuntimeError, match="(?s)failed to build probe.*error"):
         native_backend.build_library("probe", {"probe.cpp": src + "not C++ at all;\n"}, "probe.cpp",
                                      native_backend.FLAGS)
+
+
+# -- the count domain's quantiser -----------------------------------------------------------------
+@pytest.fixture()
+def count_ready(native_ready):
+    if not native_backend.count_available():
+        pytest.skip("the native count kernel needs an x86-64 CPU with AVX2")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,channel_dim,C,layout", [
+    ((6, 5, 7, 9), 1, None, "contiguous"),
+    ((6, 5, 7, 9), 1, 5, "contiguous"),
+    ((6, 5, 7, 9), 1, 5, "channels_last"),
+    ((9, 16, 3, 5), 1, 16, "channels_last"),  # two vectors per row of channels, and tails
+    ((4, 3, 11), -1, 11, "contiguous"),
+    ((3, 10), 0, 3, "contiguous"),
+    ((2, 3, 4), 1, 3, "permuted"),  # dense in another axis order
+])
+@pytest.mark.parametrize("T", [1, 4, 32])
+def test_native_count_matches_the_torch_operations(count_ready, dtype, shape, channel_dim, C, layout, T):
+    g = torch.Generator().manual_seed(T * 7 + (C or 1))
+    params = _params(C, dtype, g)
+    x = (torch.randn(shape, generator=g) * 2).to(dtype)
+    flat = x.view(-1)
+    flat[:7] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e30, -1e30], dtype=dtype)
+    theta, psi, psi_da, sv = params
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "permuted":
+        x = x.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    assert native_backend.dense(x)
+    nd = x.dim()
+    for scale in (None, sv / T):
+        for inplace in (False, True):
+            src = x.clone(memory_format=torch.preserve_format)
+            got = kernels.count(src, T, theta, psi, psi_da, scale=scale, channel_dim=channel_dim, backend="native",
+                                inplace=inplace)
+            cv = [formulas.channel_view(p, nd, channel_dim) for p in (theta, psi, psi_da)]
+            want = formulas.spike_count(x.clone(memory_format=torch.preserve_format), T, *cv,
+                                        scale=None if scale is None else formulas.channel_view(scale, nd, channel_dim))
+            assert (got is src) == inplace
+            assert _same_bits(got, want)
+
+
+def test_native_count_boundaries_are_exact(count_ready):
+    # Means that land exactly on count boundaries, for every channel: the rounding of each step matters.
+    T, C = 8, 4
+    g = torch.Generator().manual_seed(5)
+    theta, psi, psi_da, _ = _params(C, torch.float32, g)
+    k = torch.arange(-1, T + 2, dtype=torch.float32)
+    x = ((k[:, None] * theta - psi) / T - psi_da).reshape(-1, C, 1).expand(-1, C, 3).contiguous()
+    got = kernels.count(x.clone(), T, theta, psi, psi_da, channel_dim=1, backend="native")
+    cv = [formulas.channel_view(p, 3, 1) for p in (theta, psi, psi_da)]
+    assert _same_bits(got, formulas.spike_count(x.clone(), T, *cv))
+
+
+def test_count_uses_torch_where_the_native_kernel_does_not_apply(count_ready, monkeypatch):
+    T = 4
+    theta, psi, psi_da = (torch.tensor(v) for v in (0.7, 0.3, 0.02))
+    x = torch.randn(6, 5, 4)
+    calls = []
+    real = native_backend.count
+    monkeypatch.setattr(native_backend, "count", lambda *a, **k: calls.append(1) or real(*a, **k))
+    want = formulas.spike_count(x.clone(), T, theta, psi, psi_da)
+    # a gradient to keep: the torch operations, differentiable
+    leaf = x.clone().requires_grad_()
+    assert kernels.count(leaf, T, theta, psi, psi_da, backend="native").requires_grad and not calls
+    # not dense (a strided slice): the torch operations, same bits
+    wide = torch.randn(6, 10, 4)
+    wide[:, ::2] = x
+    assert _same_bits(kernels.count(wide[:, ::2], T, theta, psi, psi_da, backend="native"), want) and not calls
+    # backend torch
+    assert _same_bits(kernels.count(x.clone(), T, theta, psi, psi_da, backend="torch"), want) and not calls
+    # the native kernel for the plain case
+    assert _same_bits(kernels.count(x.clone(), T, theta, psi, psi_da, backend="auto"), want) and calls
+    # no AVX2: the torch operations
+    calls.clear()
+    monkeypatch.setattr(native_backend, "count_available", lambda: False)
+    assert _same_bits(kernels.count(x.clone(), T, theta, psi, psi_da, backend="auto"), want) and not calls
+
+
+def test_native_count_refuses_what_it_would_misread(count_ready):
+    p = [torch.ones(3), torch.full((3,), 0.5), torch.zeros(3)]
+    with pytest.raises(ValueError, match="3 per-channel parameters but the input has 5 channels"):
+        native_backend.count(torch.randn(2, 5, 4), 4, p, None, 1)
+    with pytest.raises(ValueError, match="dense float32/float64 CPU tensor"):
+        native_backend.count(torch.randn(2, 6, 4)[:, ::2], 4, p, None, 1)
+    with pytest.raises(ValueError, match="dense float32/float64 CPU tensor"):
+        native_backend.count(torch.randn(2, 3, 4).half(), 4, p, None, 1)
+    with pytest.raises(ValueError, match="T from 1 to"):
+        native_backend.count(torch.randn(2, 3, 4), 0, p, None, 1)

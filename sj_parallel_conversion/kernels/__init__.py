@@ -12,6 +12,7 @@ inference operator and silently returning zero gradients through ``floor`` would
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
 import torch
 
@@ -187,3 +188,35 @@ def fire(
         raise ValueError("inplace=True cannot overwrite an input that requires grad")
     fire_inplace_op(*args)
     return x_seq
+
+
+def count(
+    mean_current: torch.Tensor,
+    T: int,
+    theta_pre: torch.Tensor,
+    psi: torch.Tensor,
+    psi_da: torch.Tensor,
+    scale: Optional[torch.Tensor] = None,
+    channel_dim: int = 1,
+    backend: str = "auto",
+    inplace: bool = False,
+) -> torch.Tensor:
+    """Spike counts ``k`` (times ``scale`` when given) for time-mean currents ``[N, ...]``.
+
+    :func:`.formulas.spike_count` with scalar or per-channel 1-D parameters. With ``backend``
+    ``"auto"`` or ``"native"``, for dense float32/float64 CPU tensors that need no gradient,
+    outside ``torch.compile`` (which fuses the operations itself) and where the native count
+    kernel runs (built, on an x86-64 CPU with AVX2), one pass of that kernel computes it;
+    elsewhere the torch operations do. Both give the same bits, so the count domain never
+    depends on which ran (and never needs the spike kernel of ``backend``).
+    """
+    params = (theta_pre, psi, psi_da) + (() if scale is None else (scale,))
+    # Under torch.compile the torch operations are traced (and fused); nothing else is looked at.
+    if (not torch.compiler.is_compiling() and backend in ("auto", "native") and mean_current.device.type == "cpu"
+            and mean_current.dtype in native_backend.DTYPES and native_backend.count_available()
+            and native_backend.dense(mean_current)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (mean_current, *params)))):
+        return native_backend.count(mean_current, T, params[:3], scale, channel_dim, inplace=inplace)
+    nd = mean_current.dim()
+    cv = [formulas.channel_view(p.to(mean_current.dtype), nd, channel_dim) for p in params]
+    return formulas.spike_count(mean_current, T, *cv[:3], inplace=inplace, scale=cv[3] if scale is not None else None)

@@ -186,9 +186,148 @@ int fire(const F* x, F* out, const F* theta, const F* psi, const F* psi_da, cons
     return *std::max_element(nan_seen.begin(), nan_seen.end());
 }
 
+// ---- The count domain's quantiser ---------------------------------------------------------------
+// k = clip(floor(((m + psi_da) * T + psi) / theta), 0, T), times scale when given, in one pass over
+// memory (x may be out). About a dozen operations per value: bound by instructions rather than
+// memory, so it needs wide vectors to beat torch's separate (AVX-512) passes. It is built for
+// AVX2 on x86-64 and used only where the CPU runs AVX2 (sjpc_native_count_ok); elsewhere the
+// torch operations run. Lane width changes no value: each operation is IEEE-exact per lane.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SJPC_COUNT_AVX2 1
+#include <immintrin.h>
+
+template <typename F> struct Vec;
+template <> struct Vec<float> {
+    using V = __m256;
+    static constexpr int lanes = 8;
+    __attribute__((target("avx2"))) static V load(const float* p) { return _mm256_loadu_ps(p); }
+    __attribute__((target("avx2"))) static V set1(float v) { return _mm256_set1_ps(v); }
+    __attribute__((target("avx2"))) static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+    __attribute__((target("avx2"))) static V quant(V v, V pd, V ps, V th, V tf) {
+        const V k = _mm256_floor_ps(_mm256_div_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_add_ps(v, pd), tf), ps), th));
+        const V hi = _mm256_min_ps(k, tf);                               // used where k > 0
+        const V lo = _mm256_and_ps(_mm256_cmp_ps(k, k, _CMP_UNORD_Q), k);  // NaN stays, else +0
+        return _mm256_blendv_ps(lo, hi, _mm256_cmp_ps(k, _mm256_setzero_ps(), _CMP_GT_OQ));
+    }
+    __attribute__((target("avx2"))) static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+};
+template <> struct Vec<double> {
+    using V = __m256d;
+    static constexpr int lanes = 4;
+    __attribute__((target("avx2"))) static V load(const double* p) { return _mm256_loadu_pd(p); }
+    __attribute__((target("avx2"))) static V set1(double v) { return _mm256_set1_pd(v); }
+    __attribute__((target("avx2"))) static void store(double* p, V v) { _mm256_storeu_pd(p, v); }
+    __attribute__((target("avx2"))) static V quant(V v, V pd, V ps, V th, V tf) {
+        const V k = _mm256_floor_pd(_mm256_div_pd(_mm256_add_pd(_mm256_mul_pd(_mm256_add_pd(v, pd), tf), ps), th));
+        const V hi = _mm256_min_pd(k, tf);
+        const V lo = _mm256_and_pd(_mm256_cmp_pd(k, k, _CMP_UNORD_Q), k);
+        return _mm256_blendv_pd(lo, hi, _mm256_cmp_pd(k, _mm256_setzero_pd(), _CMP_GT_OQ));
+    }
+    __attribute__((target("avx2"))) static V mul(V a, V b) { return _mm256_mul_pd(a, b); }
+};
+
+// One value, the same operations (the tails of the vector loops).
+template <typename F>
+inline F quant_one(F v, F pd, F ps, F th, F tf) {
+    const F k = std::floor(((v + pd) * tf + ps) / th);
+    return k > (F)0 ? (k < tf ? k : tf) : (k != k ? k : (F)0);
+}
+
+// n values sharing one channel's parameters (per == false) or each with its own (per == true).
+template <typename F>
+__attribute__((target("avx2"))) void count_run(const F* x, F* out, int64_t n, const F* th, const F* ps,
+                                               const F* pd, const F* sc, bool per, F tf) {
+    using W = Vec<F>;
+    const auto vt = W::set1(tf);
+    int64_t i = 0;
+    if (per) {
+        for (; i + W::lanes <= n; i += W::lanes) {
+            auto r = W::quant(W::load(x + i), W::load(pd + i), W::load(ps + i), W::load(th + i), vt);
+            W::store(out + i, sc ? W::mul(r, W::load(sc + i)) : r);
+        }
+    } else {
+        const auto vpd = W::set1(pd[0]), vps = W::set1(ps[0]), vth = W::set1(th[0]);
+        const auto vsc = W::set1(sc ? sc[0] : (F)1);
+        for (; i + W::lanes <= n; i += W::lanes) {
+            auto r = W::quant(W::load(x + i), vpd, vps, vth, vt);
+            W::store(out + i, sc ? W::mul(r, vsc) : r);
+        }
+    }
+    for (; i < n; ++i) {
+        const int64_t c = per ? i : 0;
+        const F r = quant_one(x[i], pd[c], ps[c], th[c], tf);
+        out[i] = sc ? r * sc[c] : r;
+    }
+}
+
+// Positions [begin, end): channel (j / inner) % C; inner == 1 means channels fastest.
+template <typename F>
+void count_range(const F* x, F* out, const F* th, const F* ps, const F* pd, const F* sc, int T, int64_t inner,
+                 int64_t C, int64_t begin, int64_t end) {
+    const F tf = (F)T;
+    for (int64_t j = begin; j < end;) {
+        const int64_t c = (j / inner) % C;
+        const bool per = inner == 1 && C > 1;
+        const int64_t stop = std::min(end, per ? j - c + C : (j / inner + 1) * inner);
+        count_run<F>(x + j, out + j, stop - j, th + c, ps + c, pd + c, sc ? sc + c : nullptr, per, tf);
+        j = stop;
+    }
+}
+
+template <typename F>
+int count(const F* x, F* out, const F* th, const F* ps, const F* pd, const F* sc, int64_t M, int T, int64_t inner,
+          int64_t C, int threads) {
+    const int64_t n = std::max<int64_t>(1, std::min<int64_t>(threads, (M + kBlock - 1) / kBlock));
+    const int64_t per = (M + n - 1) / n;
+    std::vector<std::thread> pool;
+    for (int64_t j = 1; j < n; ++j) {
+        const int64_t b = std::min(M, j * per), e = std::min(M, (j + 1) * per);
+        try {
+            pool.emplace_back(count_range<F>, x, out, th, ps, pd, sc, T, inner, C, b, e);
+        } catch (...) {  // no thread to be had: this thread does the range itself
+            count_range<F>(x, out, th, ps, pd, sc, T, inner, C, b, e);
+        }
+    }
+    count_range<F>(x, out, th, ps, pd, sc, T, inner, C, 0, std::min(M, per));
+    for (auto& t : pool) t.join();
+    return 0;
+}
+#endif
+
 }  // namespace
 
 extern "C" {
+int sjpc_native_count_ok() {
+#ifdef SJPC_COUNT_AVX2
+    return __builtin_cpu_supports("avx2") ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+int sjpc_native_count_f32(const float* x, float* out, const float* th, const float* ps, const float* pd,
+                          const float* sc, int64_t M, int T, int64_t inner, int64_t C, int threads) {
+#ifdef SJPC_COUNT_AVX2
+    try {
+        return count<float>(x, out, th, ps, pd, sc, M, T, inner, C, threads);
+    } catch (...) {
+        return -1;
+    }
+#else
+    return -2;
+#endif
+}
+int sjpc_native_count_f64(const double* x, double* out, const double* th, const double* ps, const double* pd,
+                          const double* sc, int64_t M, int T, int64_t inner, int64_t C, int threads) {
+#ifdef SJPC_COUNT_AVX2
+    try {
+        return count<double>(x, out, th, ps, pd, sc, M, T, inner, C, threads);
+    } catch (...) {
+        return -1;
+    }
+#else
+    return -2;
+#endif
+}
 int sjpc_native_fire_f32(const float* x, float* out, const float* theta, const float* psi,
                          const float* psi_da, const float* value, int64_t M, int T_in, int T,
                          int64_t inner, int64_t C, int late, int threads) {
@@ -216,6 +355,7 @@ FLAGS = ("-std=c++17", "-O3", "-ffp-contract=off", "-fno-fast-math", "-shared", 
 
 _FUNCTIONS = {torch.float32: "sjpc_native_fire_f32", torch.float64: "sjpc_native_fire_f64"}
 DTYPES = tuple(_FUNCTIONS)
+_COUNT_FUNCTIONS = {torch.float32: "sjpc_native_count_f32", torch.float64: "sjpc_native_count_f64"}
 
 # Spike counts are exact integers in float32 only up to 2**24 (and the kernel counts steps in int32).
 MAX_T = 1 << 24
@@ -290,6 +430,11 @@ def _load():
         f = getattr(lib, fn)
         f.argtypes = [p, p, p, p, p, p, i64, i32, i32, i64, i64, i32, i32]
         f.restype = i32
+    for fn in _COUNT_FUNCTIONS.values():
+        f = getattr(lib, fn)
+        f.argtypes = [p, p, p, p, p, p, i64, i32, i64, i64, i32]
+        f.restype = i32
+    lib.sjpc_native_count_ok.restype = i32
     return lib, None
 
 
@@ -342,4 +487,51 @@ def fire(x_seq: torch.Tensor, T: int, params: Sequence[torch.Tensor], channel_di
         from . import NaNMeanError
 
         raise NaNMeanError("NaN time-mean current")
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def count_available() -> bool:
+    """Whether the native count kernel runs here: built, on an x86-64 CPU with AVX2. Elsewhere
+    its scalar form would be slower than torch's vectorised operations, which then run instead."""
+    lib, _ = _load()
+    return lib is not None and lib.sjpc_native_count_ok() == 1
+
+
+def dense(x: torch.Tensor) -> bool:
+    """Whether ``x`` is dense in some order of its axes (contiguous, channels-last, ...): the
+    layouts in which channel ``c`` owns runs of ``x.stride(channel axis)`` positions."""
+    return x.dim() >= 1 and x.stride() == formulas.step_strides(x, 1)[1:]
+
+
+def count(m: torch.Tensor, T: int, params: Sequence[torch.Tensor], scale: Optional[torch.Tensor], channel_dim: int,
+          inplace: bool = False) -> torch.Tensor:
+    """:func:`.formulas.spike_count` (times ``scale`` when given) of a dense float32/float64 CPU
+    tensor ``m`` ``[N, ...]`` in one pass, the same bits as the torch operations. ``params`` is
+    ``(theta_pre, psi, psi_da)``, each a scalar or per-channel; ``inplace`` writes over ``m``."""
+    if not count_available():
+        raise RuntimeError("the native count kernel needs an x86-64 CPU with AVX2 and a C++ compiler")
+    if m.dtype not in _COUNT_FUNCTIONS or m.device.type != "cpu" or not dense(m):
+        raise ValueError(f"the native count needs a dense float32/float64 CPU tensor, got {m.dtype} on "
+                         f"{m.device} with shape {tuple(m.shape)} and strides {m.stride()}")
+    if not 1 <= T <= MAX_T:
+        raise ValueError(f"the native backend supports T from 1 to {MAX_T}, got T={T}")
+    params = [p.detach().to(device="cpu", dtype=m.dtype).reshape(-1)
+              for p in (*params, *(() if scale is None else (scale,)))]
+    cd = formulas.check_channels(m.shape, channel_dim, [p.numel() for p in params], "the native count")
+    C = max(p.numel() for p in params)
+    params = [p.expand(C).contiguous() for p in params]
+    out = m if inplace else torch.empty_like(m)
+    M = m.numel()
+    if M == 0:
+        return out
+    # Scalar parameters: one run over the whole tensor.
+    inner = m.stride(cd) if cd >= 0 else M
+    threads = torch.get_num_threads() if M >= _PARALLEL_MIN else 1
+    sc = params[3].data_ptr() if scale is not None else None
+    status = getattr(_load()[0], _COUNT_FUNCTIONS[m.dtype])(m.data_ptr(), out.data_ptr(), params[0].data_ptr(),
+                                                           params[1].data_ptr(), params[2].data_ptr(), sc, M, T,
+                                                           inner, C, threads)
+    if status < 0:
+        raise MemoryError("the native count kernel failed (out of memory)")
     return out
