@@ -34,9 +34,13 @@ def accumulate(a: torch.Tensor, b) -> torch.Tensor:
     """``a + b``, written into ``a`` when the sum has ``a``'s shape and dtype and needs no gradient.
 
     The graph calls it only where ``a`` is a temporary read by nobody else (see :func:`reuse_memory`).
-    Elsewhere, for example a one-step operand broadcast against a ``T``-step one, it returns a new
-    tensor, as ``a + b`` does.
+    Elsewhere, for example a one-step operand broadcast against a ``T``-step one, or under
+    ``torch.compile``, it returns a new tensor, as ``a + b`` does.
     """
+    if torch.compiler.is_compiling():
+        # torch.compile plans memory itself, and dynamo cannot trace the test below (result_type
+        # returns a dtype): the plain sum keeps fullgraph=True working.
+        return a + b
     if (torch.is_tensor(a) and not (torch.is_grad_enabled() and (a.requires_grad or getattr(b, "requires_grad", False)))
             and torch.result_type(a, b) == a.dtype
             and (not torch.is_tensor(b) or (b.device == a.device

@@ -215,3 +215,18 @@ def test_input_monitor_records_currents_when_it_clones_them():
     assert len(mon.records) == 19 and all(torch.equal(a, b) for a, b in zip(mon.records, mon_plain.records))
     # references to the reused inputs hold spikes afterwards: what the docs warn about
     assert not all(torch.equal(a, b) for a, b in zip(by_ref.records, mon_plain.records))
+
+
+def test_reusing_network_compiles_in_one_graph():
+    # accumulate must trace under torch.compile(fullgraph=True), at spike level and in the count domain
+    torch._dynamo.reset()
+    torch.manual_seed(2)
+    ann, x = Shared().eval(), torch.randn(4, 3, 8, 8)
+    snn, plain = _convert(ann, 4, True, x), _convert(ann, 4, False, x)
+    assert any(n.target is accumulate for n in snn.graph.nodes)
+    xs = x.unsqueeze(0).repeat(4, 1, 1, 1, 1)
+    with torch.no_grad():
+        compiled = torch.compile(snn, fullgraph=True, backend="aot_eager")(xs.clone())
+        assert torch.equal(compiled, plain(xs.clone()))
+        cm = count_domain_model(snn)
+        assert torch.equal(torch.compile(cm, fullgraph=True, backend="aot_eager")(x), count_domain_model(plain)(x))
