@@ -230,3 +230,17 @@ def test_reusing_network_compiles_in_one_graph():
         assert torch.equal(compiled, plain(xs.clone()))
         cm = count_domain_model(snn)
         assert torch.equal(torch.compile(cm, fullgraph=True, backend="aot_eager")(x), count_domain_model(plain)(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_place_neuron_bumps_the_version_autograd_checks(backend):
+    # Another operation saved x for its backward: overwriting it must make backward raise (as
+    # nn.ReLU(inplace=True) does), never hand that operation the spikes in place of the currents.
+    w = torch.randn(4, 2, 3, requires_grad=True)
+    x = torch.randn(4, 2, 3)
+    loss = (w * x).sum()
+    version = x._version
+    out = _node(4, 3, torch.float32, backend, "late", inplace=True, channel_dim=-1)(x)
+    assert out is x and x._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -137,6 +137,9 @@ def _fire_inplace_impl(x_seq, T, theta_pre, psi, psi_da, spike_value, channel_di
     params, order = (theta_pre, psi, psi_da, spike_value), "late" if late else "early"
     if impl == "native" and torch_backend.flat_steps(x_seq) is not None:
         native_backend.fire(x_seq, T, params, channel_dim, order, check_nan, inplace=True)
+        # The kernel writes through a raw pointer: bump the version as every in-place torch
+        # operation does, so autograd refuses a saved x_seq instead of reading the spikes.
+        torch.autograd.graph.increment_version(x_seq)
     else:
         # The torch and cupy backends write a new tensor; copy_ also refuses an x_seq whose
         # elements share memory (an expanded input), as every in-place torch operation does.
