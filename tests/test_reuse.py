@@ -244,3 +244,19 @@ def test_in_place_neuron_bumps_the_version_autograd_checks(backend):
     assert out is x and x._version > version
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_in_place_neuron_keeps_the_inference_only_error_for_parameters_that_require_grad():
+    # A threshold or spike value that requires grad: the out-of-place operator's backward raises;
+    # writing in place would instead return spikes silently cut off from that parameter.
+    node = _node(4, 3, torch.float32, "auto", "late", inplace=True, channel_dim=-1)
+    node.spike_value.requires_grad_(True)
+    x = torch.randn(4, 2, 3)
+    out = node(x)
+    assert out is not x and out.requires_grad
+    with pytest.raises(RuntimeError, match="inference-only"):
+        out.sum().backward()
+    with pytest.raises(ValueError, match="nor use parameters"):
+        kernels.fire(x, 4, node.v_threshold, node.shift, node.bias, node.spike_value, channel_dim=-1, inplace=True)
+    with torch.no_grad():
+        assert node(x) is x

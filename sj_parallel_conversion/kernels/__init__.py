@@ -186,7 +186,9 @@ def fire(
     if x_seq.shape[0] != T:
         raise ValueError(f"inplace=True overwrites the input with the spikes, so it needs T_in == T; got "
                          f"input of shape {tuple(x_seq.shape)} and T={T}")
-    if torch.is_grad_enabled() and x_seq.requires_grad:
-        raise ValueError("inplace=True cannot overwrite an input that requires grad")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x_seq, theta_pre, psi, psi_da, spike_value)):
+        # fire_ has no autograd formula: out of place, backward raises; in place, the spikes
+        # would silently lose their link to a parameter that requires grad.
+        raise ValueError("inplace=True cannot overwrite an input that requires grad, nor use parameters that do")
     fire_inplace_op(*args)
     return x_seq
