@@ -66,7 +66,8 @@ def fresh(gm: fx.GraphModule, n: fx.Node) -> bool:
     """Whether graph node ``n`` produces a new tensor (no view of or alias for another one)."""
     if n.op == "call_module":
         return isinstance(gm.get_submodule(n.target), FRESH_MODULES)
-    return n.op == "call_function" and n.target in FRESH_FUNCTIONS
+    # With out=, torch.cat / torch.add return the out tensor, which others may read.
+    return n.op == "call_function" and n.target in FRESH_FUNCTIONS and "out" not in n.kwargs
 
 
 def _temporary(gm: fx.GraphModule, n) -> bool:

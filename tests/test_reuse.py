@@ -260,3 +260,30 @@ def test_in_place_neuron_keeps_the_inference_only_error_for_parameters_that_requ
         kernels.fire(x, 4, node.v_threshold, node.shift, node.bias, node.spike_value, channel_dim=-1, inplace=True)
     with torch.no_grad():
         assert node(x) is x
+
+
+def test_a_result_written_into_an_out_tensor_is_not_a_temporary():
+    # torch.cat(..., out=buf) returns buf itself, which the graph reads again: not overwritable.
+    from torch import fx
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.node = ParallelConversionNode(2, v_threshold=1.0)
+            self.register_buffer("buf", torch.zeros(2, 6, 2))
+
+        def forward(self, x, y):
+            return self.node(torch.cat([x, y], dim=1, out=self.buf)) + self.buf
+
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, m, name):
+            return isinstance(m, ParallelConversionNode) or super().is_leaf_module(m, name)
+
+    net = Net()
+    gm = fx.GraphModule(net, Tracer().trace(net))
+    x, y = torch.randn(2, 3, 2), torch.randn(2, 3, 2)
+    with torch.no_grad():
+        ref = gm(x, y)
+        reuse_memory(gm)
+        assert not gm.node.inplace
+        assert torch.equal(gm(x, y), ref)
