@@ -126,7 +126,7 @@ class ParallelConversionNode(base.MemoryModule):
         self._check_input(x_seq, time_axis=True)
         args = (x_seq, self.T, self.v_threshold, self.shift, self.bias, self.spike_value)
         inplace = (self.inplace and x_seq.shape[0] == self.T and not torch.compiler.is_compiling()
-                   and not (torch.is_grad_enabled() and x_seq.requires_grad))
+                   and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x_seq, *args[2:]))))
         kwargs = dict(channel_dim=self.channel_dim, order=self.spike_order, backend=self.backend, inplace=inplace)
         if not self.check_nan:
             # The default path: one operator call, no host synchronisation (compile-friendly).

@@ -35,11 +35,13 @@ def accumulate(a: torch.Tensor, b) -> torch.Tensor:
     (not under ``torch.compile``, which plans memory itself).
 
     The graph calls it only where ``a`` is a temporary read by nobody else (see :func:`reuse_memory`).
-    Elsewhere, for example a one-step operand broadcast against a ``T``-step one, it returns a new
-    tensor, as ``a + b`` does.
+    Elsewhere, for example a one-step operand broadcast against a ``T``-step one, or under
+    ``torch.compile``, it returns a new tensor, as ``a + b`` does.
     """
     if torch.compiler.is_compiling():
-        return a + b  # the compiler plans memory itself (and cannot trace the checks below)
+        # torch.compile plans memory itself, and dynamo cannot trace the test below (result_type
+        # returns a dtype): the plain sum keeps fullgraph=True working.
+        return a + b
     if (torch.is_tensor(a) and not (torch.is_grad_enabled() and (a.requires_grad or getattr(b, "requires_grad", False)))
             and torch.result_type(a, b) == a.dtype
             and (not torch.is_tensor(b) or (b.device == a.device
@@ -65,7 +67,8 @@ def fresh(gm: fx.GraphModule, n: fx.Node) -> bool:
     """Whether graph node ``n`` produces a new tensor (no view of or alias for another one)."""
     if n.op == "call_module":
         return isinstance(gm.get_submodule(n.target), FRESH_MODULES)
-    return n.op == "call_function" and n.target in FRESH_FUNCTIONS
+    # With out=, torch.cat / torch.add return the out tensor, which others may read.
+    return n.op == "call_function" and n.target in FRESH_FUNCTIONS and "out" not in n.kwargs
 
 
 def _temporary(gm: fx.GraphModule, n) -> bool:

@@ -215,3 +215,75 @@ def test_input_monitor_records_currents_when_it_clones_them():
     assert len(mon.records) == 19 and all(torch.equal(a, b) for a, b in zip(mon.records, mon_plain.records))
     # references to the reused inputs hold spikes afterwards: what the docs warn about
     assert not all(torch.equal(a, b) for a, b in zip(by_ref.records, mon_plain.records))
+
+
+def test_reusing_network_compiles_in_one_graph():
+    # accumulate must trace under torch.compile(fullgraph=True), at spike level and in the count domain
+    torch._dynamo.reset()
+    torch.manual_seed(2)
+    ann, x = Shared().eval(), torch.randn(4, 3, 8, 8)
+    snn, plain = _convert(ann, 4, True, x), _convert(ann, 4, False, x)
+    assert any(n.target is accumulate for n in snn.graph.nodes)
+    xs = x.unsqueeze(0).repeat(4, 1, 1, 1, 1)
+    with torch.no_grad():
+        compiled = torch.compile(snn, fullgraph=True, backend="aot_eager")(xs.clone())
+        assert torch.equal(compiled, plain(xs.clone()))
+        cm = count_domain_model(snn)
+        assert torch.equal(torch.compile(cm, fullgraph=True, backend="aot_eager")(x), count_domain_model(plain)(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_place_neuron_bumps_the_version_autograd_checks(backend):
+    # Another operation saved x for its backward: overwriting it must make backward raise (as
+    # nn.ReLU(inplace=True) does), never hand that operation the spikes in place of the currents.
+    w = torch.randn(4, 2, 3, requires_grad=True)
+    x = torch.randn(4, 2, 3)
+    loss = (w * x).sum()
+    version = x._version
+    out = _node(4, 3, torch.float32, backend, "late", inplace=True, channel_dim=-1)(x)
+    assert out is x and x._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_in_place_neuron_keeps_the_inference_only_error_for_parameters_that_require_grad():
+    # A threshold or spike value that requires grad: the out-of-place operator's backward raises;
+    # writing in place would instead return spikes silently cut off from that parameter.
+    node = _node(4, 3, torch.float32, "auto", "late", inplace=True, channel_dim=-1)
+    node.spike_value.requires_grad_(True)
+    x = torch.randn(4, 2, 3)
+    out = node(x)
+    assert out is not x and out.requires_grad
+    with pytest.raises(RuntimeError, match="inference-only"):
+        out.sum().backward()
+    with pytest.raises(ValueError, match="nor use parameters"):
+        kernels.fire(x, 4, node.v_threshold, node.shift, node.bias, node.spike_value, channel_dim=-1, inplace=True)
+    with torch.no_grad():
+        assert node(x) is x
+
+
+def test_a_result_written_into_an_out_tensor_is_not_a_temporary():
+    # torch.cat(..., out=buf) returns buf itself, which the graph reads again: not overwritable.
+    from torch import fx
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.node = ParallelConversionNode(2, v_threshold=1.0)
+            self.register_buffer("buf", torch.zeros(2, 6, 2))
+
+        def forward(self, x, y):
+            return self.node(torch.cat([x, y], dim=1, out=self.buf)) + self.buf
+
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, m, name):
+            return isinstance(m, ParallelConversionNode) or super().is_leaf_module(m, name)
+
+    net = Net()
+    gm = fx.GraphModule(net, Tracer().trace(net))
+    x, y = torch.randn(2, 3, 2), torch.randn(2, 3, 2)
+    with torch.no_grad():
+        ref = gm(x, y)
+        reuse_memory(gm)
+        assert not gm.node.inplace
+        assert torch.equal(gm(x, y), ref)

@@ -138,6 +138,9 @@ def _fire_inplace_impl(x_seq, T, theta_pre, psi, psi_da, spike_value, channel_di
     params, order = (theta_pre, psi, psi_da, spike_value), "late" if late else "early"
     if impl == "native" and torch_backend.flat_steps(x_seq) is not None:
         native_backend.fire(x_seq, T, params, channel_dim, order, check_nan, inplace=True)
+        # The kernel writes through a raw pointer: bump the version as every in-place torch
+        # operation does, so autograd refuses a saved x_seq instead of reading the spikes.
+        torch.autograd.graph.increment_version(x_seq)
     else:
         # The torch and cupy backends write a new tensor; copy_ also refuses an x_seq whose
         # elements share memory (an expanded input), as every in-place torch operation does.
@@ -184,8 +187,10 @@ def fire(
     if x_seq.shape[0] != T:
         raise ValueError(f"inplace=True overwrites the input with the spikes, so it needs T_in == T; got "
                          f"input of shape {tuple(x_seq.shape)} and T={T}")
-    if torch.is_grad_enabled() and x_seq.requires_grad:
-        raise ValueError("inplace=True cannot overwrite an input that requires grad")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x_seq, theta_pre, psi, psi_da, spike_value)):
+        # fire_ has no autograd formula: out of place, backward raises; in place, the spikes
+        # would silently lose their link to a parameter that requires grad.
+        raise ValueError("inplace=True cannot overwrite an input that requires grad, nor use parameters that do")
     fire_inplace_op(*args)
     return x_seq
 
