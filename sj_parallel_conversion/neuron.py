@@ -42,9 +42,11 @@ class ParallelConversionNode(base.MemoryModule):
             the host at every call (a synchronisation, and a graph break under ``torch.compile``).
             Unchecked, a NaN neuron emits no spike. ``+inf`` / ``-inf`` alone saturate to ``T``
             spikes / no spike.
-        inplace: write the spikes over the input currents when the input has ``T`` steps and
-            needs no gradient (the returned tensor is then the input), as ``nn.ReLU(inplace=True)``
-            does; it saves allocating the output. Converters set it where the graph shows the
+        inplace: write the spikes over the input currents (the returned tensor is then the
+            input), as ``nn.ReLU(inplace=True)`` does, where that saves work: the input has ``T``
+            steps in one dense layout, runs on the native CPU kernel and needs no gradient (nor do
+            the parameters). Elsewhere (CUDA, half precision, other layouts) the output is a new
+            tensor, since those backends would compute one and copy it back. Converters set it where the graph shows the
             neuron is the only reader of its input (:mod:`~sj_parallel_conversion.reuse`). Off
             under ``torch.compile``, which plans memory itself.
         step_mode: only ``"m"``.
@@ -126,7 +128,8 @@ class ParallelConversionNode(base.MemoryModule):
         self._check_input(x_seq, time_axis=True)
         args = (x_seq, self.T, self.v_threshold, self.shift, self.bias, self.spike_value)
         inplace = (self.inplace and x_seq.shape[0] == self.T and not torch.compiler.is_compiling()
-                   and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x_seq, *args[2:]))))
+                   and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x_seq, *args[2:])))
+                   and kernels.overwrites_in_one_pass(self.backend, x_seq))
         kwargs = dict(channel_dim=self.channel_dim, order=self.spike_order, backend=self.backend, inplace=inplace)
         if not self.check_nan:
             # The default path: one operator call, no host synchronisation (compile-friendly).

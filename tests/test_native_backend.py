@@ -361,3 +361,15 @@ def test_native_count_refuses_what_it_would_misread(count_ready):
         native_backend.count(torch.randn(2, 3, 4).half(), 4, p, None, 1)
     with pytest.raises(ValueError, match="T from 1 to"):
         native_backend.count(torch.randn(2, 3, 4), 0, p, None, 1)
+
+
+def test_native_count_in_place_bumps_the_version_autograd_checks(count_ready):
+    # Another operation saved x for its backward; counting over x in place must make backward
+    # raise, as torch's own in-place operations do, never feed it the counts.
+    w = torch.randn(5, 3, 4, requires_grad=True)
+    x = torch.randn(5, 3, 4)
+    loss = (w * x).sum()
+    theta, psi, psi_da = (torch.tensor(v) for v in (0.7, 0.3, 0.0))
+    assert kernels.count(x, 8, theta, psi, psi_da, backend="native", inplace=True) is x
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

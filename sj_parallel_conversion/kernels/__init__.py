@@ -147,6 +147,13 @@ def _fire_inplace_impl(x_seq, T, theta_pre, psi, psi_da, spike_value, channel_di
         x_seq.copy_(_IMPL[impl](x_seq, T, params, channel_dim, order, check_nan))
 
 
+def overwrites_in_one_pass(backend: str, x_seq: torch.Tensor) -> bool:
+    """Whether ``fire_`` on ``x_seq`` writes the spikes in the kernel's own pass (the native kernel
+    on dense steps) rather than computing a new tensor and copying it back (torch, cupy): only
+    then does overwriting the input save memory traffic."""
+    return resolve_backend(backend, x_seq) == "native" and torch_backend.flat_steps(x_seq) is not None
+
+
 _LIB.impl("fire_", _fire_inplace_impl, "CPU")
 _LIB.impl("fire_", _fire_inplace_impl, "CUDA")
 torch.library.register_fake("sj_parallel_conversion::fire_", lambda *args: None, lib=_LIB)
@@ -221,7 +228,10 @@ def count(
             and mean_current.dtype in native_backend.DTYPES and native_backend.count_available()
             and native_backend.dense(mean_current)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (mean_current, *params)))):
-        return native_backend.count(mean_current, T, params[:3], scale, channel_dim, inplace=inplace)
+        out = native_backend.count(mean_current, T, params[:3], scale, channel_dim, inplace=inplace)
+        if inplace:  # written through a raw pointer: tell autograd, as torch's in-place operations do
+            torch.autograd.graph.increment_version(mean_current)
+        return out
     nd = mean_current.dim()
     cv = [formulas.channel_view(p.to(mean_current.dtype), nd, channel_dim) for p in params]
     return formulas.spike_count(mean_current, T, *cv[:3], inplace=inplace, scale=cv[3] if scale is not None else None)
