@@ -157,32 +157,41 @@ void fire_range(const F* x, F* out, const F* __restrict__ theta,
 #endif
 }
 
+// Calls body(part, begin, end) for the positions [0, M) cut into at most `threads` ranges of
+// whole blocks, part 0 on this thread and the others on their own; a thread that cannot be
+// started (resource limits) has its range run here instead. Returns the number of parts.
+template <typename Body>
+int64_t split(int64_t M, int threads, const Body& body) {
+    const int64_t blocks = (M + kBlock - 1) / kBlock;
+    const int64_t n = std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
+    const int64_t per = (blocks + n - 1) / n * kBlock;
+    std::vector<std::thread> pool;
+    for (int64_t j = 1; j < n; ++j) {
+        const int64_t b = std::min(M, j * per), e = std::min(M, (j + 1) * per);
+        try {
+            pool.emplace_back(body, j, b, e);
+        } catch (...) {
+            body(j, b, e);
+        }
+    }
+    body(0, 0, std::min(M, per));
+    for (auto& th : pool) th.join();
+    return n;
+}
+
 template <typename F>
 int fire(const F* x, F* out, const F* theta, const F* psi, const F* psi_da, const F* value,
          int64_t M, int T_in, int T, int64_t inner, int64_t C, int late, int threads) {
-    const int64_t blocks = (M + kBlock - 1) / kBlock;
-    const int64_t n = std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
-    std::vector<int> nan_seen(n, 0);
-    std::vector<std::thread> pool;
-    const int64_t per = (blocks + n - 1) / n * kBlock;
     bool plain_zero = true;  // 0 * value is +0 for every channel (finite, non-negative spike values)
     for (int64_t c = 0; c < C; ++c) {
         const F o = (F)0 * value[c];
         plain_zero = plain_zero && o == (F)0 && !std::signbit(o);
     }
-    for (int64_t j = 1; j < n; ++j) {
-        const int64_t b = std::min(M, j * per), e = std::min(M, (j + 1) * per);
-        try {
-            pool.emplace_back(fire_range<F>, x, out, theta, psi, psi_da, value, M, T_in, T, inner, C, late,
-                              plain_zero, b, e, &nan_seen[j]);
-        } catch (...) {  // no thread to be had (resource limits): this thread does the range itself
-            fire_range<F>(x, out, theta, psi, psi_da, value, M, T_in, T, inner, C, late, plain_zero, b, e,
-                          &nan_seen[j]);
-        }
-    }
-    fire_range<F>(x, out, theta, psi, psi_da, value, M, T_in, T, inner, C, late, plain_zero, 0, std::min(M, per),
-                  &nan_seen[0]);
-    for (auto& th : pool) th.join();
+    std::vector<int> nan_seen(std::max(threads, 1), 0);
+    split(M, threads, [&](int64_t part, int64_t b, int64_t e) {
+        fire_range<F>(x, out, theta, psi, psi_da, value, M, T_in, T, inner, C, late, plain_zero, b, e,
+                      &nan_seen[part]);
+    });
     return *std::max_element(nan_seen.begin(), nan_seen.end());
 }
 
@@ -277,19 +286,7 @@ void count_range(const F* x, F* out, const F* th, const F* ps, const F* pd, cons
 template <typename F>
 int count(const F* x, F* out, const F* th, const F* ps, const F* pd, const F* sc, int64_t M, int T, int64_t inner,
           int64_t C, int threads) {
-    const int64_t n = std::max<int64_t>(1, std::min<int64_t>(threads, (M + kBlock - 1) / kBlock));
-    const int64_t per = (M + n - 1) / n;
-    std::vector<std::thread> pool;
-    for (int64_t j = 1; j < n; ++j) {
-        const int64_t b = std::min(M, j * per), e = std::min(M, (j + 1) * per);
-        try {
-            pool.emplace_back(count_range<F>, x, out, th, ps, pd, sc, T, inner, C, b, e);
-        } catch (...) {  // no thread to be had: this thread does the range itself
-            count_range<F>(x, out, th, ps, pd, sc, T, inner, C, b, e);
-        }
-    }
-    count_range<F>(x, out, th, ps, pd, sc, T, inner, C, 0, std::min(M, per));
-    for (auto& t : pool) t.join();
+    split(M, threads, [&](int64_t, int64_t b, int64_t e) { count_range<F>(x, out, th, ps, pd, sc, T, inner, C, b, e); });
     return 0;
 }
 #endif
@@ -443,6 +440,18 @@ def availability() -> Optional[str]:
     return _load()[1]
 
 
+def _per_channel(step: torch.Tensor, channel_dim: int, params: Sequence[torch.Tensor], who: str):
+    """``(params, C, inner)`` for the kernels, which cannot broadcast: each parameter as ``C``
+    contiguous values in ``step``'s dtype, and the run length ``inner`` in ``step``'s dense
+    layout, in which memory position ``j`` belongs to channel ``(j // inner) % C``."""
+    params = [p.detach().to(device="cpu", dtype=step.dtype).reshape(-1) for p in params]
+    cd = formulas.check_channels(step.shape, channel_dim, [p.numel() for p in params], who)
+    C = max(p.numel() for p in params)
+    # Scalars: one run over all positions.
+    inner = step.stride(cd) if cd >= 0 else step.numel()
+    return [p.expand(C).contiguous() for p in params], C, inner
+
+
 def fire(x_seq: torch.Tensor, T: int, params: Sequence[torch.Tensor], channel_dim: int, order: str,
          check_nan: bool = False, inplace: bool = False) -> torch.Tensor:
     """Same contract as :func:`.torch_backend.fire` (``params`` is ``(theta_pre, psi, psi_da,
@@ -467,16 +476,11 @@ def fire(x_seq: torch.Tensor, T: int, params: Sequence[torch.Tensor], channel_di
         x = torch.empty_strided(x.shape, formulas.step_strides(x[0], T_in), dtype=x.dtype).copy_(x)
     step = x[0]
     M = step.numel()
+    params, C, inner = _per_channel(step, channel_dim, params, "the native kernel")
     out = x if inplace else torch.empty_strided((T,) + tuple(step.shape), formulas.step_strides(step, T),
                                                 dtype=x.dtype)
     if M == 0:
         return out
-    params = [p.detach().to(device="cpu", dtype=x.dtype).reshape(-1) for p in params]
-    C = max(p.numel() for p in params)
-    cd = formulas.check_channels(step.shape, channel_dim, [p.numel() for p in params], "the native kernel")
-    # In a dense layout, the channel of memory position j is (j // stride) % C.
-    inner = step.stride(cd) if cd >= 0 else 1
-    params = [p.expand(C).contiguous() for p in params]
     threads = torch.get_num_threads() if M * max(T, T_in) >= _PARALLEL_MIN else 1
     nan_seen = getattr(lib, _FUNCTIONS[x.dtype])(
         x.data_ptr(), out.data_ptr(), *[p.data_ptr() for p in params], M, T_in, T, inner, C,
@@ -516,17 +520,12 @@ def count(m: torch.Tensor, T: int, params: Sequence[torch.Tensor], scale: Option
                          f"{m.device} with shape {tuple(m.shape)} and strides {m.stride()}")
     if not 1 <= T <= MAX_T:
         raise ValueError(f"the native backend supports T from 1 to {MAX_T}, got T={T}")
-    params = [p.detach().to(device="cpu", dtype=m.dtype).reshape(-1)
-              for p in (*params, *(() if scale is None else (scale,)))]
-    cd = formulas.check_channels(m.shape, channel_dim, [p.numel() for p in params], "the native count")
-    C = max(p.numel() for p in params)
-    params = [p.expand(C).contiguous() for p in params]
+    params, C, inner = _per_channel(m, channel_dim, (*params, *(() if scale is None else (scale,))),
+                                    "the native count")
     out = m if inplace else torch.empty_like(m)
     M = m.numel()
     if M == 0:
         return out
-    # Scalar parameters: one run over the whole tensor.
-    inner = m.stride(cd) if cd >= 0 else M
     threads = torch.get_num_threads() if M >= _PARALLEL_MIN else 1
     sc = params[3].data_ptr() if scale is not None else None
     status = getattr(_load()[0], _COUNT_FUNCTIONS[m.dtype])(m.data_ptr(), out.data_ptr(), params[0].data_ptr(),
