@@ -88,8 +88,10 @@ def bench(model_name: str, T: int, batch: int, repeats: int, device: torch.devic
         snn_pc = ParallelConverter("parallel", T=T, dataloader=calib, progress=False, backend=backend,
                                    method="ema", inplace=reuse != "off").convert(copy.deepcopy(ann))
         # The same network without memory reuse (recipe option inplace=False), for --reuse both.
-        snn_plain = ParallelConverter("parallel", T=T, dataloader=calib, progress=False, backend=backend,
-                                      method="ema", inplace=False).convert(copy.deepcopy(ann)) if reuse == "both" else None
+        snn_plain = None
+        if reuse == "both":
+            snn_plain = ParallelConverter("parallel", T=T, dataloader=calib, progress=False, backend=backend,
+                                          method="ema", inplace=False).convert(copy.deepcopy(ann))
         # The ANN with BN folded, as the converters see it.
         ann_fused = fold_bn(torch.fx.symbolic_trace(copy.deepcopy(ann))).to(device).eval()
     x_seq = repeat_input(x, T)

@@ -8,6 +8,11 @@ the tensor's device when it can run, and otherwise torch with a one-time warning
 implementation gives the output's shape and dtype, so ``torch.compile(..., fullgraph=True)``
 traces a converted network without a graph break. The operator's backward raises: the node is an
 inference operator and silently returning zero gradients through ``floor`` would be wrong.
+
+``sj_parallel_conversion::fire_`` writes the same spikes over its input (``T_in == T``), which a
+converted network uses where it alone reads the currents (:mod:`sj_parallel_conversion.reuse`). :func:`count` is the
+count domain's quantiser: one pass of the native kernel on AVX2 CPUs, torch operations elsewhere,
+the same bits either way.
 """
 from __future__ import annotations
 

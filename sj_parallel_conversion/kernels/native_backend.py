@@ -286,7 +286,9 @@ void count_range(const F* x, F* out, const F* th, const F* ps, const F* pd, cons
 template <typename F>
 int count(const F* x, F* out, const F* th, const F* ps, const F* pd, const F* sc, int64_t M, int T, int64_t inner,
           int64_t C, int threads) {
-    split(M, threads, [&](int64_t, int64_t b, int64_t e) { count_range<F>(x, out, th, ps, pd, sc, T, inner, C, b, e); });
+    split(M, threads, [&](int64_t, int64_t b, int64_t e) {
+        count_range<F>(x, out, th, ps, pd, sc, T, inner, C, b, e);
+    });
     return 0;
 }
 #endif
