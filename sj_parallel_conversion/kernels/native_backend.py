@@ -205,35 +205,28 @@ int fire(const F* x, F* out, const F* theta, const F* psi, const F* psi_da, cons
 #define SJPC_COUNT_AVX2 1
 #include <immintrin.h>
 
+// Vec<F>: the AVX2 operations of one dtype (S: the intrinsics' ps / pd suffix).
 template <typename F> struct Vec;
-template <> struct Vec<float> {
-    using V = __m256;
-    static constexpr int lanes = 8;
-    __attribute__((target("avx2"))) static V load(const float* p) { return _mm256_loadu_ps(p); }
-    __attribute__((target("avx2"))) static V set1(float v) { return _mm256_set1_ps(v); }
-    __attribute__((target("avx2"))) static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
-    __attribute__((target("avx2"))) static V quant(V v, V pd, V ps, V th, V tf) {
-        const V k = _mm256_floor_ps(_mm256_div_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_add_ps(v, pd), tf), ps), th));
-        const V hi = _mm256_min_ps(k, tf);                               // used where k > 0
-        const V lo = _mm256_and_ps(_mm256_cmp_ps(k, k, _CMP_UNORD_Q), k);  // NaN stays, else +0
-        return _mm256_blendv_ps(lo, hi, _mm256_cmp_ps(k, _mm256_setzero_ps(), _CMP_GT_OQ));
-    }
-    __attribute__((target("avx2"))) static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
-};
-template <> struct Vec<double> {
-    using V = __m256d;
-    static constexpr int lanes = 4;
-    __attribute__((target("avx2"))) static V load(const double* p) { return _mm256_loadu_pd(p); }
-    __attribute__((target("avx2"))) static V set1(double v) { return _mm256_set1_pd(v); }
-    __attribute__((target("avx2"))) static void store(double* p, V v) { _mm256_storeu_pd(p, v); }
-    __attribute__((target("avx2"))) static V quant(V v, V pd, V ps, V th, V tf) {
-        const V k = _mm256_floor_pd(_mm256_div_pd(_mm256_add_pd(_mm256_mul_pd(_mm256_add_pd(v, pd), tf), ps), th));
-        const V hi = _mm256_min_pd(k, tf);
-        const V lo = _mm256_and_pd(_mm256_cmp_pd(k, k, _CMP_UNORD_Q), k);
-        return _mm256_blendv_pd(lo, hi, _mm256_cmp_pd(k, _mm256_setzero_pd(), _CMP_GT_OQ));
-    }
-    __attribute__((target("avx2"))) static V mul(V a, V b) { return _mm256_mul_pd(a, b); }
-};
+#define SJPC_AVX2 __attribute__((target("avx2")))
+#define SJPC_VEC(F, R, N, S)                                                                           \
+    template <> struct Vec<F> {                                                                         \
+        using V = R;                                                                                    \
+        static constexpr int lanes = N;                                                                 \
+        SJPC_AVX2 static V load(const F* p) { return _mm256_loadu_##S(p); }                             \
+        SJPC_AVX2 static V set1(F v) { return _mm256_set1_##S(v); }                                     \
+        SJPC_AVX2 static void store(F* p, V v) { _mm256_storeu_##S(p, v); }                             \
+        SJPC_AVX2 static V mul(V a, V b) { return _mm256_mul_##S(a, b); }                               \
+        /* clamp(floor(...), 0, T): hi where k > 0, else NaN kept and anything else +0 */              \
+        SJPC_AVX2 static V quant(V v, V pd, V ps, V th, V tf) {                                         \
+            const V k = _mm256_floor_##S(_mm256_div_##S(                                                \
+                _mm256_add_##S(_mm256_mul_##S(_mm256_add_##S(v, pd), tf), ps), th));                    \
+            const V hi = _mm256_min_##S(k, tf);                                                         \
+            const V lo = _mm256_and_##S(_mm256_cmp_##S(k, k, _CMP_UNORD_Q), k);                         \
+            return _mm256_blendv_##S(lo, hi, _mm256_cmp_##S(k, _mm256_setzero_##S(), _CMP_GT_OQ));     \
+        }                                                                                               \
+    };
+SJPC_VEC(float, __m256, 8, ps)
+SJPC_VEC(double, __m256d, 4, pd)
 
 // One value, the same operations (the tails of the vector loops).
 template <typename F>
@@ -244,7 +237,7 @@ inline F quant_one(F v, F pd, F ps, F th, F tf) {
 
 // n values sharing one channel's parameters (per == false) or each with its own (per == true).
 template <typename F>
-__attribute__((target("avx2"))) void count_run(const F* x, F* out, int64_t n, const F* th, const F* ps,
+SJPC_AVX2 void count_run(const F* x, F* out, int64_t n, const F* th, const F* ps,
                                                const F* pd, const F* sc, bool per, F tf) {
     using W = Vec<F>;
     const auto vt = W::set1(tf);
@@ -295,6 +288,33 @@ int count(const F* x, F* out, const F* th, const F* ps, const F* pd, const F* sc
 
 }  // namespace
 
+// An exception must not cross into C (it would abort the interpreter): -1 instead.
+template <typename Fn>
+int guarded(const Fn& fn) {
+    try {
+        return fn();
+    } catch (...) {
+        return -1;
+    }
+}
+
+// The C entry points, one per dtype; the count returns -2 where it was not built (not x86-64).
+#ifdef SJPC_COUNT_AVX2
+#define SJPC_COUNT_BODY(F) return guarded([&] { return count<F>(x, out, th, ps, pd, sc, M, T, inner, C, threads); });
+#else
+#define SJPC_COUNT_BODY(F) return -2;
+#endif
+#define SJPC_ENTRIES(SUFFIX, F)                                                                           \
+    int sjpc_native_fire_##SUFFIX(const F* x, F* out, const F* theta, const F* psi, const F* psi_da,     \
+                                  const F* value, int64_t M, int T_in, int T, int64_t inner, int64_t C,   \
+                                  int late, int threads) {                                               \
+        return guarded([&] { return fire<F>(x, out, theta, psi, psi_da, value, M, T_in, T, inner, C, late, threads); }); \
+    }                                                                                                    \
+    int sjpc_native_count_##SUFFIX(const F* x, F* out, const F* th, const F* ps, const F* pd, const F* sc, \
+                                   int64_t M, int T, int64_t inner, int64_t C, int threads) {             \
+        SJPC_COUNT_BODY(F)                                                                               \
+    }
+
 extern "C" {
 int sjpc_native_count_ok() {
 #ifdef SJPC_COUNT_AVX2
@@ -303,48 +323,8 @@ int sjpc_native_count_ok() {
     return 0;
 #endif
 }
-int sjpc_native_count_f32(const float* x, float* out, const float* th, const float* ps, const float* pd,
-                          const float* sc, int64_t M, int T, int64_t inner, int64_t C, int threads) {
-#ifdef SJPC_COUNT_AVX2
-    try {
-        return count<float>(x, out, th, ps, pd, sc, M, T, inner, C, threads);
-    } catch (...) {
-        return -1;
-    }
-#else
-    return -2;
-#endif
-}
-int sjpc_native_count_f64(const double* x, double* out, const double* th, const double* ps, const double* pd,
-                          const double* sc, int64_t M, int T, int64_t inner, int64_t C, int threads) {
-#ifdef SJPC_COUNT_AVX2
-    try {
-        return count<double>(x, out, th, ps, pd, sc, M, T, inner, C, threads);
-    } catch (...) {
-        return -1;
-    }
-#else
-    return -2;
-#endif
-}
-int sjpc_native_fire_f32(const float* x, float* out, const float* theta, const float* psi,
-                         const float* psi_da, const float* value, int64_t M, int T_in, int T,
-                         int64_t inner, int64_t C, int late, int threads) {
-    try {
-        return fire<float>(x, out, theta, psi, psi_da, value, M, T_in, T, inner, C, late, threads);
-    } catch (...) {  // an exception must not cross into C (it would abort the interpreter)
-        return -1;
-    }
-}
-int sjpc_native_fire_f64(const double* x, double* out, const double* theta, const double* psi,
-                         const double* psi_da, const double* value, int64_t M, int T_in, int T,
-                         int64_t inner, int64_t C, int late, int threads) {
-    try {
-        return fire<double>(x, out, theta, psi, psi_da, value, M, T_in, T, inner, C, late, threads);
-    } catch (...) {
-        return -1;
-    }
-}
+SJPC_ENTRIES(f32, float)
+SJPC_ENTRIES(f64, double)
 }
 """
 
