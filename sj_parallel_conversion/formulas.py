@@ -28,11 +28,18 @@ __all__ = [
     "spikes_from_count",
     "step_strides",
     "check_channels",
+    "needs_grad",
     "parallel_conversion_matrix",
     "shift_vector",
     "matrix_form_spikes",
     "first_spike_time",
 ]
+
+
+def needs_grad(*values) -> bool:
+    """Whether autograd would record an operation on ``values`` (tensors; other values ignored):
+    the test every in-place or fused inference path makes before it may skip autograd."""
+    return torch.is_grad_enabled() and any(getattr(v, "requires_grad", False) for v in values)
 
 
 def check_channels(shape: Sequence[int], channel_dim: int, sizes: Sequence[int], who: str) -> int:
@@ -123,7 +130,7 @@ def spike_count(
     m = mean_current
     params = [p for p in (psi_da, psi, theta_pre, scale) if torch.is_tensor(p)]
     out_of_place = (
-        (torch.is_grad_enabled() and (m.requires_grad or any(p.requires_grad for p in params)))
+        needs_grad(m, *params)
         or any(p.dtype != m.dtype for p in params)
         or torch.broadcast_shapes(m.shape, *(p.shape for p in params)) != m.shape
     )

@@ -46,9 +46,10 @@ class ParallelConversionNode(base.MemoryModule):
             input), as ``nn.ReLU(inplace=True)`` does, where that saves work: the input has ``T``
             steps in one dense layout, runs on the native CPU kernel and needs no gradient (nor do
             the parameters). Elsewhere (CUDA, half precision, other layouts) the output is a new
-            tensor, since those backends would compute one and copy it back. Converters set it where the graph shows the
-            neuron is the only reader of its input (:mod:`~sj_parallel_conversion.reuse`). Off
-            under ``torch.compile``, which plans memory itself.
+            tensor, since those backends would compute one and copy it back. Converters set it
+            where the graph shows the neuron is the only reader of its input
+            (:mod:`~sj_parallel_conversion.reuse`). Off under ``torch.compile``, which plans
+            memory itself.
         step_mode: only ``"m"``.
 
     The spikes come from the custom operator ``sj_parallel_conversion::fire`` (CPU: the fused
@@ -128,7 +129,7 @@ class ParallelConversionNode(base.MemoryModule):
         self._check_input(x_seq, time_axis=True)
         args = (x_seq, self.T, self.v_threshold, self.shift, self.bias, self.spike_value)
         inplace = (self.inplace and x_seq.shape[0] == self.T and not torch.compiler.is_compiling()
-                   and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x_seq, *args[2:])))
+                   and not formulas.needs_grad(x_seq, *args[2:])
                    and kernels.overwrites_in_one_pass(self.backend, x_seq))
         kwargs = dict(channel_dim=self.channel_dim, order=self.spike_order, backend=self.backend, inplace=inplace)
         if not self.check_nan:
@@ -156,7 +157,7 @@ class ParallelConversionNode(base.MemoryModule):
         # DA-QCFS's (theta + phi_da) / T * k, so a lossless conversion (T == L) reproduces the
         # ANN's activations bit for bit.
         step = self.spike_value.to(mean_current.dtype) / self.T
-        if torch.is_grad_enabled() and (mean_current.requires_grad or step.requires_grad):
+        if formulas.needs_grad(mean_current, step):
             return formulas.channel_view(step, mean_current.dim(), self.channel_dim) * self.count(mean_current)
         # Inference: the multiply joins the count's pass over memory.
         return self._count(mean_current, inplace, scale=step)

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 from torch import fx
 
+from . import formulas
 from .neuron import ParallelConversionNode
 
 __all__ = ["accumulate", "fresh", "sole_reader", "reuse_memory"]
@@ -42,7 +43,7 @@ def accumulate(a: torch.Tensor, b) -> torch.Tensor:
         # torch.compile plans memory itself, and dynamo cannot trace the test below (result_type
         # returns a dtype): the plain sum keeps fullgraph=True working.
         return a + b
-    if (torch.is_tensor(a) and not (torch.is_grad_enabled() and (a.requires_grad or getattr(b, "requires_grad", False)))
+    if (torch.is_tensor(a) and not formulas.needs_grad(a, b)
             and torch.result_type(a, b) == a.dtype
             and (not torch.is_tensor(b) or (b.device == a.device
                                            and torch.broadcast_shapes(a.shape, b.shape) == a.shape))):

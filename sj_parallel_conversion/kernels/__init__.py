@@ -143,9 +143,6 @@ def _fire_inplace_impl(x_seq, T, theta_pre, psi, psi_da, spike_value, channel_di
     params, order = (theta_pre, psi, psi_da, spike_value), "late" if late else "early"
     if impl == "native" and torch_backend.flat_steps(x_seq) is not None:
         native_backend.fire(x_seq, T, params, channel_dim, order, check_nan, inplace=True)
-        # The kernel writes through a raw pointer: bump the version as every in-place torch
-        # operation does, so autograd refuses a saved x_seq instead of reading the spikes.
-        torch.autograd.graph.increment_version(x_seq)
     else:
         # The torch and cupy backends write a new tensor; copy_ also refuses an x_seq whose
         # elements share memory (an expanded input), as every in-place torch operation does.
@@ -199,7 +196,7 @@ def fire(
     if x_seq.shape[0] != T:
         raise ValueError(f"inplace=True overwrites the input with the spikes, so it needs T_in == T; got "
                          f"input of shape {tuple(x_seq.shape)} and T={T}")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x_seq, theta_pre, psi, psi_da, spike_value)):
+    if formulas.needs_grad(x_seq, theta_pre, psi, psi_da, spike_value):
         # fire_ has no autograd formula: out of place, backward raises; in place, the spikes
         # would silently lose their link to a parameter that requires grad.
         raise ValueError("inplace=True cannot overwrite an input that requires grad, nor use parameters that do")
@@ -232,11 +229,8 @@ def count(
     if (not torch.compiler.is_compiling() and backend in ("auto", "native") and mean_current.device.type == "cpu"
             and mean_current.dtype in native_backend.DTYPES and native_backend.count_available()
             and native_backend.dense(mean_current)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (mean_current, *params)))):
-        out = native_backend.count(mean_current, T, params[:3], scale, channel_dim, inplace=inplace)
-        if inplace:  # written through a raw pointer: tell autograd, as torch's in-place operations do
-            torch.autograd.graph.increment_version(mean_current)
-        return out
+            and not formulas.needs_grad(mean_current, *params)):
+        return native_backend.count(mean_current, T, params[:3], scale, channel_dim, inplace=inplace)
     nd = mean_current.dim()
     cv = [formulas.channel_view(p.to(mean_current.dtype), nd, channel_dim) for p in params]
     return formulas.spike_count(mean_current, T, *cv[:3], inplace=inplace, scale=cv[3] if scale is not None else None)

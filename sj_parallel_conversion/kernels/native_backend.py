@@ -422,6 +422,12 @@ def availability() -> Optional[str]:
     return _load()[1]
 
 
+def _written(t: torch.Tensor) -> None:
+    # The kernels write through a raw pointer: bump the version as torch's in-place operations
+    # do, so that autograd refuses a tensor it saved instead of reading the overwritten values.
+    torch.autograd.graph.increment_version(t)
+
+
 def _per_channel(step: torch.Tensor, channel_dim: int, params: Sequence[torch.Tensor], who: str):
     """``(params, C, inner)`` for the kernels, which cannot broadcast: each parameter as ``C``
     contiguous values in ``step``'s dtype, and the run length ``inner`` in ``step``'s dense
@@ -469,6 +475,8 @@ def fire(x_seq: torch.Tensor, T: int, params: Sequence[torch.Tensor], channel_di
         1 if order == "late" else 0, threads)
     if nan_seen < 0:
         raise MemoryError("the native kernel could not allocate its block buffers")
+    if inplace:
+        _written(x)
     if check_nan and nan_seen:
         from . import NaNMeanError
 
@@ -515,4 +523,6 @@ def count(m: torch.Tensor, T: int, params: Sequence[torch.Tensor], scale: Option
                                                            inner, C, threads)
     if status < 0:
         raise MemoryError("the native count kernel failed (out of memory)")
+    if inplace:
+        _written(m)
     return out
