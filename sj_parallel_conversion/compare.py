@@ -26,6 +26,7 @@ from .neuron import ParallelConversionNode
 from .progress import progress as progress_bar
 from .progress import quiet_stderr
 from .recipe import ParallelConversionRecipe, ParallelConverter
+from .timing import synchronize
 
 __all__ = ["METHODS", "BUILTIN", "LABELS", "ComparisonRow", "ComparisonTable", "compare_converters", "convert_builtin",
            "evaluate", "evaluate_steps", "machine_label", "count_batches"]
@@ -280,8 +281,10 @@ def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, 
             predict(x)
             warm = True
         for _ in range(repeats):
+            synchronize(device)  # CUDA runs asynchronously: time the work, not its launch
             t0 = time.perf_counter()
             logits = predict(x)
+            synchronize(device)
             per_image.append((time.perf_counter() - t0) / len(x))
         correct += int((logits.argmax(-1) == y).sum())
         total += int(y.numel())
@@ -450,8 +453,10 @@ def evaluate_steps(snn: nn.Module, loader: Iterable, T_list: Sequence[int], devi
             spike_inference(snn, x[:8], t_max)
             warm = True
         for _ in range(repeats):
+            synchronize(device)
             t0 = time.perf_counter()
             out = spike_inference(snn, x, t_max)  # [T_max, N, classes]
+            synchronize(device)
             per_image.append((time.perf_counter() - t0) / len(x))
         sums = out.cumsum(0)  # argmax of a sum is the argmax of the mean
         for T in Ts:
