@@ -84,6 +84,25 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
 _IMPL = {"torch": torch_backend.fire, "native": native_backend.fire, "cupy": cupy_backend.fire}
 
 
+def check_steps(T: int, x_seq: Optional[torch.Tensor] = None) -> None:
+    """Raise ``ValueError`` unless ``T`` is an integer >= 1 and ``x_seq`` (when given) has at
+    least one time step along its leading axis.
+
+    Every entry point calls this before dispatching: the backends index the first input step,
+    and the cupy kernel given ``T_in == 0`` would read a zero-size allocation, an illegal address
+    that leaves the CUDA context unusable for the rest of the process.
+    """
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"T (output time steps) must be an integer >= 1, got {T!r}")
+    if x_seq is None:
+        return
+    if not torch.is_tensor(x_seq) or x_seq.dim() < 1:
+        raise ValueError(f"x_seq must be a tensor [T_in, N, ...], got {getattr(x_seq, 'shape', type(x_seq))}")
+    if x_seq.shape[0] < 1:
+        raise ValueError(f"x_seq has no time steps (shape {tuple(x_seq.shape)}): the neuron reads the time mean of "
+                         "its T_in input steps, so T_in must be >= 1")
+
+
 # The operator is defined through torch.library.Library rather than the custom_op decorator: the
 # decorator wraps every implementation so that its first eager call imports torch._dynamo
 # (seconds), a cost an inference-only op need not charge to eager users.
@@ -97,6 +116,7 @@ _LIB.define(
 def _fire_impl(x_seq, T, theta_pre, psi, psi_da, spike_value, channel_dim, late, backend, check_nan):
     # CPU: the native kernel unless backend="torch", the dtype is half precision or it cannot be
     # built; CUDA: the fused cupy kernel unless backend="torch" or cupy is unavailable.
+    check_steps(T, x_seq)  # again here for callers of the operator itself (fire_op)
     impl = resolve_backend(backend, x_seq)
     return _IMPL[impl](x_seq, T, (theta_pre, psi, psi_da, spike_value), channel_dim,
                        "late" if late else "early", check_nan)
@@ -136,6 +156,7 @@ _LIB.define(
 
 
 def _fire_inplace_impl(x_seq, T, theta_pre, psi, psi_da, spike_value, channel_dim, late, backend, check_nan):
+    check_steps(T, x_seq)
     if x_seq.shape[0] != T:
         raise ValueError(f"fire_ overwrites its input with the spikes, so it needs T_in == T; got "
                          f"T_in={x_seq.shape[0]}, T={T}")
@@ -182,10 +203,12 @@ def fire(
 ) -> torch.Tensor:
     """Spikes ``[T, N, ...]`` of parallel conversion neurons for currents ``[T_in, N, ...]``.
 
-    Arguments are checked here, before the operator runs. With ``check_nan`` a NaN time mean
+    Arguments are checked here, before the operator runs (``T >= 1`` and ``T_in >= 1`` among them,
+    so no backend ever sees an input without time steps). With ``check_nan`` a NaN time mean
     raises :class:`NaNMeanError` (a host synchronisation; off by default). ``inplace=True``
     writes the spikes over ``x_seq`` and returns it (needs ``T_in == T`` and no gradient).
     """
+    check_steps(T, x_seq)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if order not in ("late", "early"):
@@ -224,6 +247,7 @@ def count(
     elsewhere the torch operations do. Both give the same bits, so the count domain never
     depends on which ran (and never needs the spike kernel of ``backend``).
     """
+    check_steps(T)
     params = (theta_pre, psi, psi_da) + (() if scale is None else (scale,))
     # Under torch.compile the torch operations are traced (and fused); nothing else is looked at.
     if (not torch.compiler.is_compiling() and backend in ("auto", "native") and mean_current.device.type == "cpu"
