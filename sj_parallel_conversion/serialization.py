@@ -13,7 +13,14 @@ crafted file cannot run code):
   channel axis).
 
 Loading rebuilds the tree from the allowlist, the graph node by node, and loads the state
-strictly: no ANN, data or calibration is needed. :func:`save_snn` rebuilds the network in memory
+strictly: no ANN, data or calibration is needed. Every string of the file that could reach
+``torch.fx`` code generation is checked before the graph is built (:func:`_build`): node ops come
+from a fixed set, node names and placeholder targets are Python identifiers, ``get_attr`` and
+``call_module`` targets are dotted paths of identifiers (or child indices) that resolve to a
+parameter, buffer, constant or module of the rebuilt tree, functions, methods and attributes come
+from allowlists, keyword names are identifiers and constants and loose buffers are named the
+same way. Code is generated only from a graph made of these checked parts, so nothing a file
+says runs as code; a file that breaks any rule is refused naming the node or entry. :func:`save_snn` rebuilds the network in memory
 before writing and compares it with the original, so a model that would not come back exactly
 (an unknown module type, a function outside the allowlist, state a constructor does not restore)
 is refused at save time, naming the module or node.
@@ -23,8 +30,10 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import inspect
+import keyword
 import operator
 import os
+import re
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -39,7 +48,8 @@ from .joins import TimeMean
 from .neuron import ParallelConversionNode
 from .reuse import accumulate
 
-__all__ = ["save_snn", "load_snn", "SNN_FORMAT", "SAVABLE_MODULES", "SAVABLE_FUNCTIONS", "SAVABLE_METHODS"]
+__all__ = ["save_snn", "load_snn", "SNN_FORMAT", "SAVABLE_MODULES", "SAVABLE_FUNCTIONS", "SAVABLE_METHODS",
+           "SAVABLE_ATTRIBUTES", "GRAPH_OPS"]
 
 SNN_FORMAT = "sj-parallel-conversion/snn-v2"
 _HINT = "save converted networks with sj_parallel_conversion.save_snn(model, path)"
@@ -116,6 +126,12 @@ SAVABLE_METHODS = frozenset((
     "mul", "div", "clamp", "clamp_min", "relu", "narrow", "select", "repeat", "flip", "float", "double", "type_as",
     "amax", "max", "min"))
 
+#: Tensor attributes a ``builtins.getattr`` node may read (traced shape arithmetic).
+SAVABLE_ATTRIBUTES = frozenset(("shape", "dtype", "device", "ndim"))
+
+#: The node ops of a saved graph.
+GRAPH_OPS = frozenset(("placeholder", "get_attr", "call_module", "call_function", "call_method", "output"))
+
 
 # -- values inside the graph and constructor arguments ---------------------------------------------
 def _encode(value: Any, where: str, fn_names: Dict[int, str]) -> Any:
@@ -145,34 +161,76 @@ def _encode(value: Any, where: str, fn_names: Dict[int, str]) -> Any:
                      "cannot describe without pickle")
 
 
-def _decode(value: Any, nodes: Dict[str, fx.Node]) -> Any:
-    if isinstance(value, tuple):
-        return tuple(_decode(v, nodes) for v in value)
-    if isinstance(value, list):
-        return [_decode(v, nodes) for v in value]
-    if isinstance(value, dict):
-        if len(value) != 1:
-            raise ValueError(f"malformed value {sorted(value)!r}")
-        (tag, inner), = value.items()
-        if tag == "$node":
-            if inner not in nodes:
-                raise ValueError(f"graph refers to unknown node {inner!r}")
-            return nodes[inner]
-        if tag == "$size":
-            return torch.Size(inner)
-        if tag == "$tensor":
-            return inner
-        if tag == "$dict":
-            return {_decode(k, nodes): _decode(v, nodes) for k, v in inner}
-        if tag == "$slice":
-            return slice(*(_decode(v, nodes) for v in inner))
-        if tag == "$ellipsis":
-            return Ellipsis
-        if tag == "$fn":
-            if inner not in SAVABLE_FUNCTIONS:
-                raise ValueError(f"function {inner!r} is not in the allowlist of saved networks")
-            return SAVABLE_FUNCTIONS[inner]
-        raise ValueError(f"unknown value tag {tag!r}")
+_PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.memory_format)
+
+
+def _decode(value: Any, nodes: Optional[Dict[str, fx.Node]] = None, where: str = "value",
+            tensors: bool = True, functions: bool = True) -> Any:
+    """The value :func:`_encode` wrote, checked as it is read: plain values, tuples, lists and the
+    tags :func:`_encode` writes, nothing else. ``nodes`` (graph arguments) resolves ``$node``
+    tags, ``None`` refuses them; ``tensors`` / ``functions`` allow ``$tensor`` / ``$fn`` (module
+    arguments), which a graph node's arguments never hold."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_decode(v, nodes, where, tensors, functions) for v in value)
+    if not (isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value)), str)):
+        raise ValueError(f"{where} holds a {type(value).__name__}, which saved networks do not write")
+    (tag, inner), = value.items()
+    if tag == "$node":
+        if nodes is None or not isinstance(inner, str) or inner not in nodes:
+            raise ValueError(f"{where} refers to unknown graph node {inner!r:.80}")
+        return nodes[inner]
+    if tag == "$size" and isinstance(inner, list) and all(type(v) is int for v in inner):
+        return torch.Size(inner)
+    if tag == "$tensor" and tensors and torch.is_tensor(inner):
+        return inner
+    if tag == "$dict" and isinstance(inner, list) and all(isinstance(kv, list) and len(kv) == 2 for kv in inner):
+        out = {}
+        for k, v in inner:
+            if not isinstance(k, (type(None), bool, int, float, str)):
+                raise ValueError(f"{where} holds a dict key of type {type(k).__name__}")
+            out[k] = _decode(v, nodes, where, tensors, functions)
+        return out
+    if tag == "$slice" and isinstance(inner, list) and len(inner) == 3:
+        return slice(*(_decode(v, nodes, where, tensors, functions) for v in inner))
+    if tag == "$ellipsis" and inner is True:
+        return Ellipsis
+    if tag == "$fn" and functions:
+        if not isinstance(inner, str) or inner not in SAVABLE_FUNCTIONS:
+            raise ValueError(f"{where}: function {inner!r:.80} is not in the allowlist of saved networks")
+        return SAVABLE_FUNCTIONS[inner]
+    raise ValueError(f"{where} holds a value tagged {tag!r:.40} that is not allowed there")
+
+
+# -- names -----------------------------------------------------------------------------------------
+# ASCII identifiers only, no dunders: fx pastes node names, placeholder targets, keyword names and
+# the parts of attribute paths into the forward's source, and a name of this shape cannot be code.
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# Child modules may also be named like ``0`` (Sequential) or ``block1-0`` (torchvision's RegNet):
+# fx writes such a part as a string literal, ``getattr(m, "block1-0")``, and these characters can
+# neither end the literal nor start an escape.
+_CHILD = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*\Z")
+_RESERVED = frozenset(("self",))
+
+
+def _identifier(value: Any, what: str) -> str:
+    if not (isinstance(value, str) and _IDENTIFIER.match(value) and not keyword.iskeyword(value)
+            and not (value.startswith("__") and value.endswith("__")) and value not in _RESERVED):
+        raise ValueError(f"{what} {value!r:.80} is not a plain Python identifier")
+    return value
+
+
+def _dotted(value: Any, what: str, root: bool = False) -> str:
+    """Names joined by dots: child module names (identifiers, indices such as ``0``, or with
+    ``-``), the last an identifier unless the path names a module; ``''`` only where ``root``."""
+    if root and value == "":
+        return value
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} {value!r:.80} is not a dotted path of names")
+    for part in value.split("."):
+        if not _CHILD.match(part) or part.startswith("__") or keyword.iskeyword(part):
+            raise ValueError(f"{what} {value!r:.80}: part {part!r:.40} is not a plain name")
     return value
 
 
@@ -271,39 +329,64 @@ def _describe(model: nn.Module) -> Dict[str, Any]:
 
 
 # -- rebuilding ------------------------------------------------------------------------------------
-def _build(desc: Dict[str, Any], source: str) -> nn.Module:
-    _late_module_types()
+_MODULE_KEYS = frozenset(("path", "type", "args", "training", "parameters", "buffers"))
+_NODE_KEYS = frozenset(("op", "name", "target", "args", "kwargs"))
+
+
+def _build_modules(desc: Dict[str, Any], source: str) -> Dict[str, nn.Module]:
+    """The module tree, by path, from allowlisted types and checked names."""
     state = desc["state_dict"]
-    loose = desc.get("loose_buffers", {})
+    loose = desc.get("loose_buffers") or {}
     built: Dict[str, nn.Module] = {}
-    for rec in desc["modules"]:
-        path, type_name = rec["path"], rec["type"]
+    if not isinstance(desc["modules"], list) or not desc["modules"]:
+        raise ValueError(f"{source}: no module list")
+    for i, rec in enumerate(desc["modules"]):
+        if not isinstance(rec, dict) or set(rec) != _MODULE_KEYS:
+            raise ValueError(f"{source}: module record {i} is malformed")
+        path = _dotted(rec["path"], f"{source}: module path", root=i == 0)
+        type_name = rec["type"]
+        if path in built:
+            raise ValueError(f"{source}: module {path!r} appears twice")
         if type_name == "torch.fx.GraphModule":
             if path:
                 raise ValueError(f"{source}: nested GraphModule at {path!r} is not supported")
             cls: type = nn.Module
-        elif type_name in SAVABLE_MODULES:
+        elif isinstance(type_name, str) and type_name in SAVABLE_MODULES:
             cls = SAVABLE_MODULES[type_name]
         else:
-            raise ValueError(f"{source}: module {path!r} has type {type_name!r}, which is not in the allowlist "
+            raise ValueError(f"{source}: module {path!r} has type {type_name!r:.80}, which is not in the allowlist "
                              "of saved networks")
-        args = {k: _decode(v, {}) for k, v in rec["args"].items()}
+        if not isinstance(rec["args"], dict) or not isinstance(rec["training"], bool):
+            raise ValueError(f"{source}: module {path!r} record is malformed")
+        where = f"{source}: module {path!r} argument"
+        args = {_identifier(k, where): _decode(v, None, f"{where} {k!r}") for k, v in rec["args"].items()}
         try:
             m = cls(**args)
-        except Exception as exc:
+        except Exception as exc:  # an allowlisted constructor refusing the file's arguments
             raise ValueError(f"{source}: cannot rebuild module {path!r} ({type_name}): {exc}") from None
         # Drop children the constructor made: the saved tree attaches its own below.
         for child in list(m._modules):
             del m._modules[child]
-        for n, requires_grad in rec["parameters"].items():
+        params, buffers = rec["parameters"], rec["buffers"]
+        if not (isinstance(params, dict) and isinstance(buffers, list)):
+            raise ValueError(f"{source}: module {path!r} record is malformed")
+        for n, requires_grad in params.items():
+            _identifier(n, f"{source}: module {path!r} parameter")
+            if not isinstance(requires_grad, bool):
+                raise ValueError(f"{source}: module {path!r} parameter {n!r} is malformed")
             if getattr(m, n, None) is None or n not in m._parameters:
                 key = f"{path}.{n}" if path else n
+                if not torch.is_tensor(state.get(key)):
+                    raise ValueError(f"{source}: module {path!r} parameter {n!r} has no tensor in the state")
                 m.register_parameter(n, nn.Parameter(torch.empty_like(state[key]), requires_grad=requires_grad))
-        for n in rec["buffers"]:
+        for n in buffers:
+            _identifier(n, f"{source}: module {path!r} buffer")
             if n not in m._buffers or m._buffers[n] is None:
                 key = f"{path}.{n}" if path else n
-                persistent = key in state
-                m.register_buffer(n, torch.empty_like(state[key] if persistent else loose[key]), persistent=persistent)
+                value = state.get(key, loose.get(key))
+                if not torch.is_tensor(value):
+                    raise ValueError(f"{source}: module {path!r} buffer {n!r} has no tensor in the file")
+                m.register_buffer(n, torch.empty_like(value), persistent=key in state)
         m.train(rec["training"])
         if path:
             parent, _, name = path.rpartition(".")
@@ -311,50 +394,151 @@ def _build(desc: Dict[str, Any], source: str) -> nn.Module:
                 raise ValueError(f"{source}: module {path!r} comes before its parent")
             built[parent].add_module(name, m)
         built[path] = m
-    root = built[""]
-    for key, value in desc.get("constants", {}).items():
-        owner, _, n = key.rpartition(".")
+    return built
+
+
+def _attach_tensors(desc: Dict[str, Any], built: Dict[str, nn.Module], source: str) -> Dict[str, torch.Tensor]:
+    """Constants (plain tensor attributes the graph reads) and loose buffers, at checked names."""
+    state = desc["state_dict"]
+    constants = desc.get("constants") or {}
+    loose = desc.get("loose_buffers") or {}
+    if not (isinstance(constants, dict) and isinstance(loose, dict)):
+        raise ValueError(f"{source}: constants or loose buffers are malformed")
+    for key, value in constants.items():
+        owner, _, n = _dotted(key, f"{source}: constant").rpartition(".")
+        _identifier(n, f"{source}: constant {key!r}: name")
         if owner not in built or not torch.is_tensor(value):
             raise ValueError(f"{source}: constant {key!r} has no owner module or is not a tensor")
+        if hasattr(built[owner], n):  # never shadow a method, a child or a member
+            raise ValueError(f"{source}: constant {key!r} would replace an attribute of its module")
         setattr(built[owner], n, value)
+    for key, value in loose.items():
+        owner, _, n = _dotted(key, f"{source}: loose buffer").rpartition(".")
+        if owner not in built or n not in built[owner]._buffers or key in state or not torch.is_tensor(value):
+            raise ValueError(f"{source}: loose buffer {key!r} is not a declared non-persistent buffer")
+        built[owner]._buffers[n] = value
+    return constants
+
+
+def _target_kind(built: Dict[str, nn.Module], constants: Dict[str, Any], target: str) -> Optional[str]:
+    """What a checked dotted ``target`` names in the rebuilt tree: ``'module'``, ``'tensor'`` or ``None``."""
+    if target in built:
+        return "module"
+    owner, _, n = target.rpartition(".")
+    m = built.get(owner)
+    if m is not None and (n in m._parameters or n in m._buffers or target in constants):
+        return "tensor"
+    return None
+
+
+def _check_node(rec: Any, built: Dict[str, nn.Module], constants: Dict[str, Any], nodes: Dict[str, fx.Node],
+                source: str) -> Tuple[str, Any, tuple, dict, str]:
+    """One graph record checked against the rebuilt tree: ``(op, target, args, kwargs, name)``."""
+    if not isinstance(rec, dict) or set(rec) != _NODE_KEYS:
+        raise ValueError(f"{source}: graph record {len(nodes)} is malformed")
+    name = _identifier(rec["name"], f"{source}: graph node name")
+    op, target = rec["op"], rec["target"]
+    where = f"{source}: graph node {name!r}"
+    if name in nodes:
+        raise ValueError(f"{where} appears twice")
+    if op not in GRAPH_OPS:
+        raise ValueError(f"{where} has unknown op {op!r:.80}")
+    args = _decode(rec["args"], nodes, f"{where} arguments", tensors=False, functions=False)
+    kw = _decode(rec["kwargs"], nodes, f"{where} keyword arguments", tensors=False, functions=False)
+    if not isinstance(args, tuple) or not isinstance(kw, dict):
+        raise ValueError(f"{where}: arguments are malformed")
+    for k in kw:
+        _identifier(k, f"{where}: keyword")
+    if op == "placeholder":
+        _identifier(target, f"{where}: placeholder target")
+        if args or kw:
+            raise ValueError(f"{where}: placeholders of saved networks take no default value")
+    elif op in ("get_attr", "call_module"):
+        kind = _target_kind(built, constants, _dotted(target, f"{where}: target"))
+        wanted = "module" if op == "call_module" else kind
+        if kind is None or kind != wanted:
+            raise ValueError(f"{where} ({op}) names {target!r}, which is not a "
+                             f"{'module' if op == 'call_module' else 'parameter, buffer, constant or module'} "
+                             "of the saved network")
+        if op == "get_attr" and (args or kw):
+            raise ValueError(f"{where}: get_attr takes no arguments")
+    elif op == "call_method":
+        if not isinstance(target, str) or target not in SAVABLE_METHODS:
+            raise ValueError(f"{where} calls the tensor method {target!r:.80}, which is not in the allowlist of "
+                             "saved networks")
+        if not args or not isinstance(args[0], fx.Node):
+            raise ValueError(f"{where}: a method call needs a graph node to call it on")
+    elif op == "call_function":
+        target = _decode(target, None, f"{where} target", tensors=False)
+        if not callable(target):
+            raise ValueError(f"{where}: its target is not a function of the allowlist")
+        if target is builtins.getattr and not (len(args) == 2 and isinstance(args[0], fx.Node) and not kw
+                                               and args[1] in SAVABLE_ATTRIBUTES):
+            raise ValueError(f"{where} reads the attribute {args[1:]!r:.80}; saved networks read only "
+                             f"{sorted(SAVABLE_ATTRIBUTES)}")
+    else:  # output
+        if target != "output" or len(args) != 1 or kw:
+            raise ValueError(f"{where}: malformed output node")
+    return op, target, args, kw, name
+
+
+def _build_graph(desc: Dict[str, Any], built: Dict[str, nn.Module], constants: Dict[str, Any],
+                 source: str) -> fx.Graph:
+    records = desc["graph"]
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"{source}: the graph is malformed")
+    graph = fx.Graph()
+    nodes: Dict[str, fx.Node] = {}
+    for i, rec in enumerate(records):
+        op, target, args, kw, name = _check_node(rec, built, constants, nodes, source)
+        if (op == "output") != (i == len(records) - 1):
+            raise ValueError(f"{source}: the graph must end with its only output node")
+        node = graph.create_node(op, target, args, kw, name=name)
+        if node.name != name:  # fx renamed it (a builtin's name, say): the file's own references would break
+            raise ValueError(f"{source}: graph node name {name!r} is not usable")
+        nodes[name] = node
+    graph.lint()
+    return graph
+
+
+def _build(desc: Dict[str, Any], source: str) -> nn.Module:
+    """Rebuild a network from its description; every part is checked before use (see the module
+    documentation), and code is generated only once the whole graph has passed."""
+    _late_module_types()
+    state = desc["state_dict"]
+    if not (isinstance(state, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())):
+        raise ValueError(f"{source}: the state is not a mapping of names to tensors")
+    built = _build_modules(desc, source)
+    constants = _attach_tensors(desc, built, source)
+    root = built[""]
     if desc["graph"] is not None:
-        graph = fx.Graph()
-        nodes: Dict[str, fx.Node] = {}
-        for rec in desc["graph"]:
-            op, target = rec["op"], rec["target"]
-            if op == "call_function":
-                target = _decode(target, {})
-            elif op == "call_method" and target not in SAVABLE_METHODS:
-                raise ValueError(f"{source}: graph node {rec['name']!r} calls the tensor method {target!r}, "
-                                 "which is not in the allowlist of saved networks")
-            elif op not in ("placeholder", "get_attr", "call_module", "call_method", "output"):
-                raise ValueError(f"{source}: graph node {rec['name']!r} has unknown op {op!r}")
-            if not isinstance(target, str) and op != "call_function":
-                raise ValueError(f"{source}: graph node {rec['name']!r} has a non-string target")
-            node = graph.create_node(op, target, _decode(rec["args"], nodes), _decode(rec["kwargs"], nodes),
-                                     name=rec["name"])
-            if node.name != rec["name"]:
-                raise ValueError(f"{source}: duplicate graph node name {rec['name']!r}")
-            nodes[rec["name"]] = node
-        graph.lint()
-        class_name = desc.get("class_name", "GraphModule")
-        if not (isinstance(class_name, str) and class_name.isidentifier()):
-            raise ValueError(f"{source}: bad class name {class_name!r}")
+        if desc["modules"][0]["type"] != "torch.fx.GraphModule":
+            raise ValueError(f"{source}: a graph needs a GraphModule at the root")
+        graph = _build_graph(desc, built, constants, source)
+        read = {n.target for n in graph.nodes if n.op == "get_attr"}
+        if set(constants) - read:
+            raise ValueError(f"{source}: constants {sorted(set(constants) - read)[:4]} are read by no graph node")
+        class_name = _identifier(desc.get("class_name", "GraphModule"), f"{source}: class name")
         gm = fx.GraphModule(root, graph, class_name=class_name)
         # Keep the saved tree itself, in its order (also modules the graph does not call).
         gm._modules.clear()
         for name, child in root.named_children():
             gm.add_module(name, child)
         gm.training = root.training  # not train(): that would reset every child's own mode
+        for key in constants:
+            # GraphModule registers a plain tensor it copies as a buffer; a constant is no state.
+            owner, _, n = key.rpartition(".")
+            m = gm.get_submodule(owner)
+            if n in m._buffers:
+                value = m._buffers.pop(n)
+                setattr(m, n, value)
         root = gm
-    for key, value in loose.items():
-        owner, _, n = key.rpartition(".")
-        root.get_submodule(owner)._buffers[n] = value
+    elif desc["modules"][0]["type"] == "torch.fx.GraphModule" or desc.get("constants"):
+        raise ValueError(f"{source}: a GraphModule or constants without a graph")
     try:
         root.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError) as exc:
-        raise ValueError(f"{source}: the saved state does not fit the saved structure: "
-                         f"{' '.join(str(exc).split())[:300]}") from None
+        raise ValueError(f"{source}: the saved state cannot be loaded: {' '.join(str(exc).split())[:400]}") from None
     return root
 
 
@@ -429,17 +613,25 @@ def load_snn(path: Union[str, "os.PathLike[str]"], map_location: Optional[Union[
                         f"(format {found!r}, expected {SNN_FORMAT!r})")
     try:
         model = _build(blob, f"SNN file {p!r}")
-    except (KeyError, TypeError) as exc:
-        raise FileError(f"SNN file {p!r} is malformed ({type(exc).__name__}: {exc})") from None
+        # Plain data returned as data: no nodes or functions.
+        meta = blob.get("metadata")
+        meta = None if meta is None else _decode(meta, None, f"SNN file {p!r}: metadata", functions=False)
+        report = blob.get("calibration_report")
+        report = None if report is None else _decode(report, None, f"SNN file {p!r}: calibration report",
+                                                     functions=False)
     except ValueError as exc:
         raise FileError(str(exc)) from None
-    if blob.get("metadata") is not None:
-        model.snn_metadata = _decode(blob["metadata"], {})
-    if blob.get("calibration_report") is not None:
+    except (KeyError, TypeError, AttributeError, IndexError, RuntimeError, AssertionError, SyntaxError) as exc:
+        # A crafted or damaged description that failed a check in an unexpected place.
+        raise FileError(f"SNN file {p!r} is malformed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+                        ) from None
+    if meta is not None:
+        model.snn_metadata = meta
+    if isinstance(report, dict):
         from .selection import CalibrationReport
 
         try:
-            model.calibration_report = CalibrationReport(**_decode(blob["calibration_report"], {}))
+            model.calibration_report = CalibrationReport(**report)
         except TypeError:
             pass  # written by another version of the report; the network itself is complete
     if map_location is not None:
