@@ -16,7 +16,8 @@ import ctypes
 import pytest
 import torch
 
-from sj_parallel_conversion.kernels import native_backend, torch_backend
+from sj_parallel_conversion import formulas
+from sj_parallel_conversion.kernels import cupy_backend, native_backend, torch_backend
 from sj_parallel_conversion.kernels.cupy_backend import _KERNEL_NAMES, _SOURCE
 
 SHIM = r"""
@@ -124,27 +125,17 @@ def host_kernel():
 
 
 def _fire_host(lib, x, T, theta, psi, psi_da, spike_value, channel_dim, order, grid=3, block=4):
-    """Run the host-built kernel with the arguments cupy_backend.fire prepares (same steps)."""
-    x = x.contiguous()
-    T_in, step_shape = x.shape[0], x.shape[1:]
-    M = step_shape.numel()
-    acc = torch_backend.accumulation_dtype(x.dtype)
-    params = [p.to(dtype=acc).reshape(-1).contiguous() for p in (theta, psi, psi_da, spike_value)]
-    C = max(p.numel() for p in params)
-    inner = 1
-    if C > 1:
-        params = [p.expand(C).contiguous() if p.numel() == 1 else p for p in params]
-        cd = channel_dim if channel_dim >= 0 else channel_dim + len(step_shape)
-        for s in step_shape[cd + 1:]:
-            inner *= s
-    out = torch.full((T,) + tuple(step_shape), 7.0, dtype=x.dtype)  # 7: never a value the kernel writes
+    """Run the host-built kernel with the arguments cupy_backend.fire launches it with (the same
+    :func:`cupy_backend.prepare`, so layouts and channel strides are the device's)."""
+    a = cupy_backend.prepare(x, T, (theta, psi, psi_da, spike_value), channel_dim)
+    out = a.out.fill_(7.0)  # 7: never a value the kernel writes
     flag = torch.zeros(1, dtype=torch.int32)
     p = ctypes.c_void_p
     fn_type = ctypes.CFUNCTYPE(None, ctypes.c_uint, ctypes.c_uint, p, p, p, p, p, p, ctypes.c_longlong,
                                ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_int, ctypes.c_int, p)
     fn = fn_type(ctypes.c_void_p.in_dll(lib, f"host_{_KERNEL_NAMES[x.dtype]}").value)
-    fn(grid, block, x.data_ptr(), out.data_ptr(), *[q.data_ptr() for q in params], M, T_in, T, inner, C,
-       1 if order == "late" else 0, flag.data_ptr())
+    fn(grid, block, a.x.data_ptr(), out.data_ptr(), *[q.data_ptr() for q in a.params], a.M, a.T_in, a.T, a.inner,
+       a.C, 1 if order == "late" else 0, flag.data_ptr())
     return out, bool(flag.item())
 
 
@@ -280,3 +271,38 @@ def test_half_and_bfloat16_conversions_match_torch(host_kernel):
         getattr(host_kernel, fn)(ctypes.c_void_p(floats.data_ptr()), ctypes.c_void_p(out.data_ptr()),
                                  ctypes.c_longlong(floats.numel()))
         _assert_same_bits(out.view(dtype), floats.to(dtype))
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """``x`` ``[T_in, N, C, H, W]`` with the same values in another memory layout."""
+    if layout == "channels_last":  # every step channels-last, the steps dense one after another
+        return x.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(x.shape)
+    if layout == "sliced":  # every other element of a wider tensor: no step is dense
+        return torch.stack([x, x], dim=-1).flatten(-2)[..., ::2]
+    if layout == "time_inner":  # dense, but the time axis innermost
+        return x.movedim(0, -1).contiguous().movedim(-1, 0)
+    raise ValueError(layout)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "time_inner"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_host_kernel_matches_torch_backend_in_every_layout(host_kernel, layout, dtype):
+    """Channels-last steps are read and written where they are (the kernel finds a neuron's
+    channel from the channel axis's memory stride); other layouts are copied in once; the
+    output always has the input steps' layout, as the torch backend gives it."""
+    gen = torch.Generator().manual_seed(11)
+    T_in, T, shape, C = 3, 5, torch.Size((4, 6, 3, 5)), 6
+    acc = torch_backend.accumulation_dtype(dtype)
+    th = (torch.rand(C, generator=gen, dtype=torch.float64) * 2 + 0.3).to(acc)
+    psi, psi_da = 0.5 * th, (torch.rand(C, generator=gen, dtype=torch.float64) * 0.2 - 0.1).to(acc)
+    sv = (torch.rand(C, generator=gen, dtype=torch.float64) * 3 + 0.01).to(acc)
+    x = _layout(_currents(shape, T_in, T, th, psi, psi_da, _channel_of(shape, 1, C), gen, dtype), layout)
+    a = cupy_backend.prepare(x, T, (th, psi, psi_da, sv), 1)
+    assert (a.x.data_ptr() == x.data_ptr()) == (layout == "channels_last")  # copied only where not dense
+    assert a.inner == (1 if layout == "channels_last" else shape[2:].numel())
+    got, _ = _fire_host(host_kernel, x, T, th, psi, psi_da, sv, 1, "late")
+    want = torch_backend.fire(x, T, (th, psi, psi_da, sv), 1, "late")
+    assert got.stride() == want.stride() == formulas.step_strides(x[0], T)
+    _assert_same_bits(got, want)
+    counts = (got != 0).sum(0)
+    assert int(counts.min()) == 0 and int(counts.max()) == T

@@ -123,6 +123,95 @@ def test_cupy_rejects_cpu_tensors(cupy_ready):
         ParallelConversionNode(4, backend="cupy")(torch.randn(2, 3))
 
 
+# -- issue 24: the faults a first GPU run would hit ------------------------------------------------
+def _steps_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last":
+        return x.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(x.shape)
+    if layout == "sliced":
+        return torch.stack([x, x], dim=-1).flatten(-2)[..., ::2]
+    return x
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cupy_equals_torch_in_every_layout_with_per_channel_parameters(cupy_ready, layout, dtype):
+    device = cupy_ready
+    g = torch.Generator().manual_seed(7)
+    kw = _params(6, torch.float32, g, device)
+    x = _steps_layout((torch.randn(3, 4, 6, 5, 7, generator=g) * 1.5 + 0.3).to(dtype).to(device), layout)
+    a = ParallelConversionNode(5, backend="cupy", **kw).to(device)
+    b = ParallelConversionNode(5, backend="torch", **kw).to(device)
+    ya, yb = a(x), b(x)
+    assert ya.stride() == yb.stride()  # the output keeps the steps' layout (channels-last stays so)
+    assert torch.equal(ya, yb)
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cupy_keeps_subnormal_currents_and_thresholds(cupy_ready):
+    """Built without flush-to-zero: subnormal float32 values count as the torch backend counts them."""
+    device = cupy_ready
+    tiny = torch.finfo(torch.float32).tiny  # smallest normal; the values below are subnormal
+    x = (torch.linspace(-4, 8, 4096) * tiny / 8).reshape(1, 4096).to(device)
+    assert bool(((x.abs() < tiny) & (x != 0)).any())
+    for theta in (tiny / 4, tiny / 64, 1.0):
+        a = ParallelConversionNode(8, v_threshold=theta, backend="cupy")
+        b = ParallelConversionNode(8, v_threshold=theta, backend="torch")
+        ya, yb = a.to(device)(x), b.to(device)(x)
+        assert torch.equal(ya, yb), theta
+    assert bool((ParallelConversionNode(8, v_threshold=tiny / 4, backend="cupy").to(device)(x) != 0).any())
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("T_in", [3, 7])
+def test_torch_backend_time_mean_on_cuda_has_the_cpu_bits(T_in):
+    """Division by a device tensor: CUDA gives the correctly rounded quotient, as the CPU does."""
+    x = torch.randn(T_in, 100_000, generator=torch.Generator().manual_seed(T_in)) * 3
+    from sj_parallel_conversion.kernels import torch_backend
+
+    assert torch.equal(torch_backend.time_mean(x.cuda()).cpu(), torch_backend.time_mean(x))
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cupy", "torch", "auto"])
+def test_zero_time_steps_raise_and_leave_cuda_usable(cupy_ready, backend):
+    device = cupy_ready
+    node = ParallelConversionNode(4, backend=backend).to(device)
+    with pytest.raises(ValueError, match="no time steps"):
+        node(torch.empty(0, 2, 3, device=device))
+    torch.cuda.synchronize()
+    x = torch.randn(2, 2, 3, device=device)
+    assert torch.equal(node(x), ParallelConversionNode(4, backend="torch").to(device)(x))
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cupy_runs_with_warnings_as_errors(cupy_ready):
+    device = cupy_ready
+    x = torch.randn(4, 8, 3, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = ParallelConversionNode(4, backend="cupy", check_nan=True).to(device)(x)
+    assert torch.equal(y, ParallelConversionNode(4, backend="torch").to(device)(x))
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_counts_equal_the_spikes_on_cuda(cupy_ready, dtype):
+    device = cupy_ready
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(64, 16, 5, 5, generator=g) * 2).to(dtype).to(device)
+    for backend in ("cupy", "torch"):
+        node = ParallelConversionNode(8, v_threshold=torch.rand(16, generator=g) + 0.3, backend=backend).to(device)
+        spikes = node(x.unsqueeze(0))
+        assert torch.equal(node.count(x), (spikes != 0).sum(0).to(dtype))
+
+
 # -- selection, no CUDA needed ------------------------------------------------------------------
 def test_cupy_backend_on_cpu_tensor_is_a_value_error():
     with pytest.raises(ValueError, match="backend='cupy' needs a CUDA tensor"):

@@ -2,17 +2,21 @@
 its spike count and writes its T output values.
 
 The kernel mirrors :mod:`.torch_backend` operation by operation (sequential float32/float64 sum,
-IEEE division, no fused multiply-add) so that both backends give identical bits.
+IEEE division, no fused multiply-add, subnormals kept) so that both backends give identical
+bits. It reads and writes every dense step layout (contiguous, channels-last, any permutation) in
+memory order, so such inputs are neither copied in nor copied out.
 """
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+import os
+import tempfile
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
 from .. import formulas
-from .torch_backend import accumulation_dtype
+from .torch_backend import accumulation_dtype, flat_steps
 
 _SOURCE = r"""
 #include <cuda_fp16.h>
@@ -78,6 +82,13 @@ _KERNEL_NAMES = {
     torch.bfloat16: "sjpc_fire_bf16",
 }
 
+#: The NVRTC options of the kernel. No contraction into fused multiply-adds (the torch backend
+#: rounds after every operation), IEEE division and square root, and no flush-to-zero: with
+#: ``-ftz=true`` a subnormal float32 current, mean or threshold would count as zero here but not
+#: in the torch backend. cupy's ``RawModule(code=...)`` appends ``-ftz=true`` after the caller's
+#: options (NVRTC keeps the last), so :func:`_module` compiles with NVRTC itself.
+NVRTC_OPTIONS = ("--std=c++14", "--fmad=false", "-ftz=false", "-prec-div=true", "-prec-sqrt=true")
+
 
 @functools.lru_cache(maxsize=1)
 def availability() -> Optional[str]:
@@ -94,13 +105,89 @@ def availability() -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel(name: str, device_index: int):
+def compile_options() -> tuple:
+    """:data:`NVRTC_OPTIONS` plus the include folder of the CUDA headers the source uses
+    (``cuda_fp16.h``, ``cuda_bf16.h``), as cupy locates the toolkit."""
     import cupy
 
+    root = cupy.cuda.get_cuda_path()
+    if root is None:
+        raise RuntimeError("cupy cannot locate the CUDA toolkit headers (cuda_fp16.h) that the kernel includes; "
+                           "install the CUDA runtime headers (pip install sj-parallel-conversion[cupy]) or set "
+                           "CUDA_PATH")
+    return NVRTC_OPTIONS + (f"-I{os.path.join(root, 'include')}",)
+
+
+@functools.lru_cache(maxsize=None)
+def _module(device_index: int) -> Dict[str, object]:
+    """The four kernels, compiled by NVRTC with :func:`compile_options` for ``device_index``."""
+    import cupy
+    from cupy.cuda import compiler
+
     with cupy.cuda.Device(device_index):
-        module = cupy.RawModule(code=_SOURCE, options=("--std=c++14", "--fmad=false"))
-        return module.get_function(name)
+        binary = compiler.compile_using_nvrtc(_SOURCE, compile_options())
+        if isinstance(binary, tuple):  # cupy 14 returns (binary, name mapping)
+            binary = binary[0]
+        data = binary.encode() if isinstance(binary, str) else binary
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "sjpc_fire.cubin")
+            with open(path, "wb") as f:
+                f.write(data)
+            module = cupy.RawModule(path=path)
+            # Load every kernel now, while the file exists.
+            return {name: module.get_function(name) for name in _KERNEL_NAMES.values()}
+
+
+def launch_stream(device: torch.device):
+    """torch's current stream on ``device`` as a cupy stream, so the kernel is ordered with the
+    torch operations around it (through the CUDA stream protocol; cupy 14 deprecates
+    ``ExternalStream``)."""
+    import cupy
+
+    return cupy.cuda.Stream.from_external(torch.cuda.current_stream(device))
+
+
+class Launch(NamedTuple):
+    """What the kernel is launched with: input ``x`` and output ``out`` (dense steps of one layout,
+    indexed in memory order), the four parameters as ``C``-element vectors in the accumulation
+    dtype, the neurons per step ``M``, the input steps ``T_in``, the output steps ``T`` and the
+    memory stride ``inner`` of the channel axis within a step (a neuron at offset ``i`` of its
+    step is in channel ``(i // inner) % C``)."""
+
+    x: torch.Tensor
+    out: torch.Tensor
+    params: List[torch.Tensor]
+    M: int
+    T_in: int
+    T: int
+    inner: int
+    C: int
+
+
+def prepare(x_seq: torch.Tensor, T: int, params: Sequence[torch.Tensor], channel_dim: int) -> Launch:
+    """The kernel's arguments for ``x_seq`` (any device; the tests run them on a host build).
+
+    Dense steps sharing one layout (contiguous, channels-last, ...) are read where they are;
+    anything else is copied once into dense steps with the layout of ``x_seq[0]``. The output
+    has that step layout too (as the torch backend and the operator's fake implementation give
+    it), so it is never copied back.
+    """
+    T_in, step_shape = x_seq.shape[0], x_seq.shape[1:]
+    x = x_seq
+    if flat_steps(x) is None:
+        x = torch.empty_strided(x.shape, formulas.step_strides(x[0], T_in), dtype=x.dtype,
+                                device=x.device).copy_(x)
+    acc = accumulation_dtype(x.dtype)
+    vecs = [p.to(device=x.device, dtype=acc).reshape(-1).contiguous() for p in params]
+    cd = formulas.check_channels(step_shape, channel_dim, [p.numel() for p in vecs], "the cupy kernel")
+    C = max(p.numel() for p in vecs)
+    inner = 1
+    if C > 1:
+        vecs = [p.expand(C).contiguous() if p.numel() == 1 else p for p in vecs]
+        inner = x.stride(cd + 1)
+    out = torch.empty_strided((T,) + tuple(step_shape), formulas.step_strides(x[0], T), dtype=x.dtype,
+                              device=x.device)
+    return Launch(x, out, vecs, step_shape.numel(), T_in, T, inner, C)
 
 
 def fire(x_seq: torch.Tensor, T: int, params: Sequence[torch.Tensor], channel_dim: int, order: str,
@@ -111,45 +198,24 @@ def fire(x_seq: torch.Tensor, T: int, params: Sequence[torch.Tensor], channel_di
 
     if x_seq.dtype not in _KERNEL_NAMES:
         raise TypeError(f"cupy backend supports {sorted(map(str, _KERNEL_NAMES))}, got {x_seq.dtype}")
-    x = x_seq.contiguous()
-    T_in = x.shape[0]
-    step_shape = x.shape[1:]
-    M = 1
-    for s in step_shape:
-        M *= s
-    acc = accumulation_dtype(x.dtype)
-    params = [p.to(device=x.device, dtype=acc).reshape(-1).contiguous()
-              for p in params]
-    C = max(p.numel() for p in params)
-    cd = formulas.check_channels(step_shape, channel_dim, [p.numel() for p in params], "the cupy kernel")
-    inner = 1
-    if C > 1:
-        params = [p.expand(C).contiguous() if p.numel() == 1 else p for p in params]
-        for s in step_shape[cd + 1:]:
-            inner *= s
-    out = torch.empty((T,) + tuple(step_shape), dtype=x.dtype, device=x.device)
-    if M == 0:
-        return out
-    kernel = _kernel(_KERNEL_NAMES[x.dtype], x.device.index or 0)
-    flag = torch.zeros(1, dtype=torch.int32, device=x.device) if check_nan else None
+    a = prepare(x_seq, T, params, channel_dim)
+    if a.M == 0:
+        return a.out
+    index = a.x.device.index if a.x.device.index is not None else torch.cuda.current_device()
+    kernel = _module(index)[_KERNEL_NAMES[a.x.dtype]]
+    flag = torch.zeros(1, dtype=torch.int32, device=a.x.device) if check_nan else None
     threads = 256
-    blocks = min((M + threads - 1) // threads, 65535 * 8)
-    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(x.device).cuda_stream)
-    with cupy.cuda.Device(x.device.index or 0):
+    blocks = min((a.M + threads - 1) // threads, 65535 * 8)
+    with cupy.cuda.Device(index):
         kernel(
             (blocks,), (threads,),
-            (x.data_ptr(), out.data_ptr(), *[p.data_ptr() for p in params],
-             cupy.int64(M), cupy.int32(T_in), cupy.int32(T), cupy.int64(inner), cupy.int32(C),
+            (a.x.data_ptr(), a.out.data_ptr(), *[p.data_ptr() for p in a.params],
+             cupy.int64(a.M), cupy.int32(a.T_in), cupy.int32(a.T), cupy.int64(a.inner), cupy.int32(a.C),
              cupy.int32(1 if order == "late" else 0), flag.data_ptr() if flag is not None else 0),
-            stream=stream,
+            stream=launch_stream(a.x.device),
         )
     if flag is not None and int(flag.item()):
         from . import NaNMeanError
 
         raise NaNMeanError("NaN time-mean current")
-    strides = formulas.step_strides(x_seq[0], T)
-    if out.stride() != strides and out.numel() > 0:
-        # The kernel indexes the contiguous layout; give the output the input's step layout (for
-        # example channels-last), as the torch backend and the operator's fake implementation do.
-        out = torch.empty_strided(out.shape, strides, dtype=out.dtype, device=out.device).copy_(out)
-    return out
+    return a.out

@@ -30,13 +30,15 @@ def time_mean(x_seq: torch.Tensor) -> torch.Tensor:
     """Mean over the leading time axis, summed step after step in the accumulation dtype.
 
     The sequential order is the canonical one: the cupy kernel sums in the same order, so the
-    two backends produce the same bits. Dense inputs are summed block by block (the same
-    additions, in the same order for every element) so that the running sum stays in cache.
+    two backends produce the same bits. Dense CPU inputs are summed block by block (the same
+    additions, in the same order for every element) so that the running sum stays in cache; on
+    a GPU that would be thousands of tiny launches, so there every step is one addition.
     """
     n = x_seq.shape[0]
     acc = x_seq[0].to(accumulation_dtype(x_seq.dtype), copy=True)
     flat_x, flat_acc = flat_steps(x_seq), flat_steps(acc.unsqueeze(0))
-    if n > 1 and flat_x is not None and flat_acc is not None and acc.numel() > BLOCK:
+    if (n > 1 and acc.device.type == "cpu" and flat_x is not None and flat_acc is not None
+            and acc.numel() > BLOCK):
         flat_acc = flat_acc[0]
         for s in range(0, flat_acc.numel(), BLOCK):
             a = flat_acc[s:s + BLOCK]
@@ -45,7 +47,7 @@ def time_mean(x_seq: torch.Tensor) -> torch.Tensor:
     else:
         for t in range(1, n):
             acc += x_seq[t]
-    return acc.div_(n)  # acc is our own buffer: divide in place
+    return formulas.divide_(acc, n)  # acc is our own buffer: divide in place
 
 
 def fire(x_seq: torch.Tensor, T: int, params: Sequence[torch.Tensor], channel_dim: int, order: str,
