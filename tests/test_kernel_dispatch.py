@@ -66,3 +66,25 @@ def test_the_operators_themselves_refuse_zero_input_steps(spies):
 def test_zero_neurons_with_time_steps_are_still_fine():
     y = kernels.fire(torch.empty(3, 0, 4), 5, *PARAMS, backend="torch")
     assert y.shape == (5, 0, 4)
+
+
+# -- half precision counts follow the spike path's float32 arithmetic (issue 24, fault 5) -----------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("T", [4, 16])
+def test_half_precision_count_domain_equals_the_spike_level_time_mean(dtype, T):
+    g = torch.Generator().manual_seed(T)
+    C = 16
+    # Per-channel parameters with long float32 mantissas: rounding them to half moves boundaries.
+    node = ParallelConversionNode(T, v_threshold=torch.rand(C, generator=g) * 1.5 + 0.3, spike_value=1.0,
+                                  bias=torch.rand(C, generator=g) * 0.2 - 0.1, backend="torch")
+    x = (torch.randn(64, C, 16, 16, generator=g) * 1.2 + 0.4).to(dtype)
+    spikes = node(x.unsqueeze(0))  # spike level, the image as one input step: its mean is x in float32
+    assert spikes.dtype == dtype
+    fired = (spikes != 0).sum(0)
+    assert int(fired.min()) == 0 and int(fired.max()) == T  # silent and saturated neurons both occur
+    assert torch.equal(node.count(x), fired.to(dtype))
+    # spike_value 1 and T a power of two: every rate k / T is exact, so the count domain's output
+    # equals the time mean of the spike-level output bit for bit.
+    assert torch.equal(node.rate(x), spikes.float().mean(0).to(dtype))
+    assert torch.equal(node.rate(x.clone(), inplace=True), node.rate(x))
+    assert torch.equal(kernels.count(x, T, node.v_threshold, node.shift, node.bias), fired.to(dtype))

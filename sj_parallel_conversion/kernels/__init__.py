@@ -245,7 +245,8 @@ def count(
     outside ``torch.compile`` (which fuses the operations itself) and where the native count
     kernel runs (built, on an x86-64 CPU with AVX2), one pass of that kernel computes it;
     elsewhere the torch operations do. Both give the same bits, so the count domain never
-    depends on which ran (and never needs the spike kernel of ``backend``).
+    depends on which ran (and never needs the spike kernel of ``backend``). Float16 and
+    bfloat16 counts are computed in float32, as the spike path computes them, and rounded once.
     """
     check_steps(T)
     params = (theta_pre, psi, psi_da) + (() if scale is None else (scale,))
@@ -255,6 +256,18 @@ def count(
             and native_backend.dense(mean_current)
             and not formulas.needs_grad(mean_current, *params)):
         return native_backend.count(mean_current, T, params[:3], scale, channel_dim, inplace=inplace)
+    # The spike path counts in the accumulation dtype (float32 for float16/bfloat16 currents,
+    # with float32 parameters), so the count domain does too and rounds once at the end: a half
+    # precision count then equals the spikes fired for the same mean. Parameters go to the
+    # input's device, where dividing by them is IEEE division (a CPU scalar divisor would be
+    # multiplied by its reciprocal on CUDA).
+    work = torch_backend.accumulation_dtype(mean_current.dtype)
     nd = mean_current.dim()
-    cv = [formulas.channel_view(p.to(mean_current.dtype), nd, channel_dim) for p in params]
-    return formulas.spike_count(mean_current, T, *cv[:3], inplace=inplace, scale=cv[3] if scale is not None else None)
+    cv = [formulas.channel_view(p.to(dtype=work, device=mean_current.device), nd, channel_dim) for p in params]
+    sc = cv[3] if scale is not None else None
+    if work == mean_current.dtype:
+        return formulas.spike_count(mean_current, T, *cv[:3], inplace=inplace, scale=sc)
+    k = formulas.spike_count(mean_current.to(work), T, *cv[:3], inplace=True, scale=sc)
+    if inplace and not formulas.needs_grad(mean_current, k):
+        return mean_current.copy_(k)
+    return k.to(mean_current.dtype)
