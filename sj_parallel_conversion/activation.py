@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch import fx
 
 from . import formulas
-from .neuron import ParallelConversionNode, _param
+from .neuron import ParallelConversionNode, _param, check_loaded_parameters
 
 ParamLike = Union[float, int, torch.Tensor]
 
@@ -46,13 +46,29 @@ def _check_channels(module: nn.Module, x: torch.Tensor, params) -> None:
     formulas.check_channels(x.shape, module.channel_dim, [p.numel() for p in params], module._get_name())
 
 
-class QCFS(nn.Module):
+class _CheckedState(nn.Module):
+    """Loading a state checks its values as the constructor checks its arguments
+    (:func:`~sj_parallel_conversion.neuron.check_parameter`, rules in ``PARAMETER_RULES``), so a
+    loaded activation is always one the constructor would build."""
+
+    PARAMETER_RULES: dict = {}
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if check_loaded_parameters(self, state_dict, prefix, self.PARAMETER_RULES, error_msgs):
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+
+
+class QCFS(_CheckedState):
     """Quantization-clip-floor-shift activation with a learnable threshold (paper Eq. 5).
 
     ``qcfs(x) = theta/L * clip(floor((x*L + shift*theta)/theta), 0, L)``; ``shift`` is a fraction
     of ``theta`` (0.5 gives the paper's ``psi = theta/2``). ``theta`` is a scalar or a 1-D
     per-channel :class:`~torch.nn.Parameter`; the floor has a straight-through gradient.
     """
+
+    PARAMETER_RULES = {"theta": True}
 
     def __init__(self, L: int = 8, theta: ParamLike = 8.0, shift: float = 0.5, channel_dim: int = 1):
         super().__init__()
@@ -79,8 +95,10 @@ class QCFS(nn.Module):
         return f"L={self.L}, theta={th}, shift={self.shift}"
 
 
-class ClipReLU(nn.Module):
+class ClipReLU(_CheckedState):
     """``min(max(x, 0), theta)`` with a fixed scalar or per-channel ``theta`` (a buffer)."""
+
+    PARAMETER_RULES = {"theta": True}
 
     def __init__(self, theta: ParamLike, channel_dim: int = 1):
         super().__init__()
@@ -104,13 +122,15 @@ class ClipReLU(nn.Module):
         return f"theta={th}"
 
 
-class DAQCFS(nn.Module):
+class DAQCFS(_CheckedState):
     """Distribution-aware QCFS (paper Eq. 9) at ``T`` levels.
 
     ``da(x) = (theta + phi_da)/T * clip(floor(((x + psi_da)*T + shift*theta)/theta), 0, T)``.
     ``psi_da`` and ``phi_da`` are buffers set by calibration (Algorithm 1); ``theta`` is a scalar
     (QCFS source) or per-channel (ReLU source).
     """
+
+    PARAMETER_RULES = {"theta": True, "psi_da": False, "phi_da": False}
 
     def __init__(
         self,

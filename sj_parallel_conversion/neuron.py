@@ -10,7 +10,7 @@ from . import formulas, kernels
 
 ParamLike = Union[float, int, torch.Tensor]
 
-__all__ = ["ParallelConversionNode"]
+__all__ = ["ParallelConversionNode", "check_parameter", "check_loaded_parameters"]
 
 NAN_MESSAGE = ("{name} received NaN input currents (or +inf and -inf for the same neuron): "
                "their time mean, which sets the spike count, is undefined")
@@ -186,8 +186,14 @@ class ParallelConversionNode(base.MemoryModule):
                                 [p.numel() for p in (self.v_threshold, self.spike_value, self.shift, self.bias)],
                                 self._get_name())
 
+    #: What :func:`check_parameter` requires of each parameter (``True``: positive as well as finite).
+    PARAMETER_RULES = {"v_threshold": True, "spike_value": True, "shift": False, "bias": False}
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        # A loaded node must be one the constructor would build: the same checks on the values.
+        if not check_loaded_parameters(self, state_dict, prefix, self.PARAMETER_RULES, error_msgs):
+            return
         # A calibrated node holds per-channel tensors where a freshly built one may hold scalars:
         # adopt the saved shapes so a converted model can be rebuilt and then loaded.
         for name in ("v_threshold", "spike_value", "shift", "bias"):
@@ -246,8 +252,38 @@ def _param(name: str, value: ParamLike, positive: bool = False) -> torch.Tensor:
         t = t.to(torch.float32) if not t.is_floating_point() else t
     else:
         raise TypeError(f"{name} must be a float or a 1-D tensor, got {type(value).__name__}")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    if positive and not bool((t > 0).all()):
-        raise ValueError(f"{name} must be positive, got {value!r}")
+    check_parameter(name, t, positive)
     return t
+
+
+def check_parameter(name: str, value: torch.Tensor, positive: bool = False) -> None:
+    """The rule every threshold-like tensor obeys, at construction and at loading: finite values,
+    and positive ones where ``positive`` (thresholds, spike values). Raises ``ValueError`` naming
+    ``name`` and the first offending value (and its channel, for per-channel tensors)."""
+    t = value.detach()
+    finite = torch.isfinite(t)
+    bad = ~finite if not bool(finite.all()) else (t <= 0 if positive else None)
+    if bad is None or not bool(bad.any()):
+        return
+    flat = t.reshape(-1)
+    i = int(bad.reshape(-1).nonzero()[0])
+    at = f" (channel {i} of {flat.numel()})" if t.dim() == 1 and flat.numel() > 1 else ""
+    rule = "finite" if not bool(finite.all()) else "positive"
+    raise ValueError(f"{name} must be {rule}, got {flat[i].item()!r}{at}")
+
+
+def check_loaded_parameters(module: torch.nn.Module, state_dict, prefix: str, rules, error_msgs) -> bool:
+    """:func:`check_parameter` for the entries of a state being loaded into ``module`` (from its
+    ``_load_from_state_dict``): ``rules`` maps each name to ``positive``. A failure is added to
+    ``error_msgs`` naming the module's path and type, so ``load_state_dict`` refuses the state;
+    returns whether all passed (the caller then leaves its own tensors as they were)."""
+    ok = True
+    for name, positive in rules.items():
+        saved = state_dict.get(prefix + name)
+        if torch.is_tensor(saved):
+            try:
+                check_parameter(name, saved, positive)
+            except ValueError as exc:
+                error_msgs.append(f"module {prefix[:-1] or '<root>'!r} ({module._get_name()}): {exc}")
+                ok = False
+    return ok

@@ -377,3 +377,37 @@ def test_blocked_spike_trains_equal_the_per_step_definition(order, layout):
     for t in range(T):
         fires = (t >= T - k) if order == "late" else (t < k)
         assert torch.equal(out[t], torch.where(fires, sv.expand_as(k), torch.zeros(())))
+
+
+def _node_like(cls):
+    from sj_parallel_conversion import QCFS, ClipReLU, DAQCFS
+
+    return {"node": lambda: ParallelConversionNode(4, v_threshold=torch.tensor([1.0, 2.0])),
+            "QCFS": lambda: QCFS(4, 2.0), "ClipReLU": lambda: ClipReLU(torch.tensor([1.0, 2.0])),
+            "DAQCFS": lambda: DAQCFS(4, torch.tensor([1.0, 2.0]))}[cls]()
+
+
+@pytest.mark.parametrize("cls,name,value,rule", [
+    ("node", "v_threshold", float("nan"), "finite"), ("node", "v_threshold", 0.0, "positive"),
+    ("node", "v_threshold", -1.0, "positive"), ("node", "v_threshold", float("inf"), "finite"),
+    ("node", "spike_value", float("nan"), "finite"), ("node", "spike_value", 0.0, "positive"),
+    ("node", "shift", float("inf"), "finite"), ("node", "bias", float("nan"), "finite"),
+    ("QCFS", "theta", 0.0, "positive"), ("ClipReLU", "theta", -2.0, "positive"),
+    ("DAQCFS", "theta", float("nan"), "finite"), ("DAQCFS", "psi_da", float("-inf"), "finite"),
+    ("DAQCFS", "phi_da", float("nan"), "finite"),
+])
+def test_loading_a_state_checks_what_the_constructor_checks(cls, name, value, rule):
+    """One rule (neuron.check_parameter) for the constructor and load_state_dict: a state with a
+    NaN, zero, negative or infinite threshold is refused, naming the module and the parameter."""
+    state = _node_like(cls).state_dict()
+    bad = state[name].clone()
+    bad.reshape(-1)[-1] = value
+    state[name] = bad
+    target = _node_like(cls)
+    before = getattr(target, name).clone()
+    with pytest.raises(RuntimeError, match=rf"module '<root>' \(\w+\): {name} must be {rule}, got"):
+        target.load_state_dict(state)
+    assert torch.equal(getattr(target, name), before)
+    wrapped = torch.nn.Sequential(torch.nn.Identity(), _node_like(cls))
+    with pytest.raises(RuntimeError, match=rf"module '1' \(\w+\): {name} must be {rule}"):
+        wrapped.load_state_dict({f"1.{k}": v for k, v in state.items()})

@@ -231,3 +231,22 @@ def test_inception_family_round_trip(tmp_path, name, size):
     out = count_inference(snn, x)
     assert out.abs().sum() > 0 and torch.equal(out, count_inference(back, x))
     assert torch.equal(spike_inference(snn, x[:1]), spike_inference(back, x[:1]))
+
+
+@pytest.mark.parametrize("name,value,rule", [
+    ("v_threshold", float("nan"), "finite"), ("v_threshold", 0.0, "positive"), ("v_threshold", -1.0, "positive"),
+    ("v_threshold", float("inf"), "finite"), ("spike_value", float("nan"), "finite"),
+    ("shift", float("inf"), "finite"),
+])
+def test_saved_network_with_bad_neuron_parameters_is_refused(tmp_path, name, value, rule):
+    """A file whose neuron holds a value the constructor refuses does not load (it used to, and
+    scored at chance level as if nothing were wrong)."""
+    torch.manual_seed(0)
+    snn = _convert(TinyRes(), 4, torch.rand(6, 3, 8, 8), method="ema")
+    save_snn(snn, tmp_path / "snn.pt")
+    blob = torch.load(tmp_path / "snn.pt", weights_only=True)
+    blob["state_dict"][f"relu2.{name}"].reshape(-1)[0] = value
+    torch.save(blob, tmp_path / "bad.pt")
+    with pytest.raises(fileio.FileError, match=rf"bad.pt.*module 'relu2' \(ParallelConversionNode\): {name} "
+                                               rf"must be {rule}, got"):
+        load_snn(tmp_path / "bad.pt")
