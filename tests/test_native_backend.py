@@ -5,7 +5,10 @@ exists at all (a compiler that fails to build the kernel is a failure).
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
+import os
+import shutil
 import warnings
 
 import pytest
@@ -265,7 +268,8 @@ def test_build_library_caches_and_reports_compiler_errors(native_ready, monkeypa
     stamp = lib.stat().st_mtime_ns
     assert native_backend.build_library("probe", {"probe.cpp": src}, "probe.cpp", native_backend.FLAGS) == lib
     assert lib.stat().st_mtime_ns == stamp  # reused, not rebuilt
-    assert sorted(p.name for p in tmp_path.iterdir()) == [lib.name]  # no build folder left behind
+    # No build folder left behind; the library's SHA-256 recorded next to it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [lib.name, lib.name + ".sha256"]
     with pytest.raises(RuntimeError, match="(?s)failed to build probe.*error"):
         native_backend.build_library("probe", {"probe.cpp": src + "not C++ at all;\n"}, "probe.cpp",
                                      native_backend.FLAGS)
@@ -373,3 +377,133 @@ def test_native_count_in_place_bumps_the_version_autograd_checks(count_ready):
     assert kernels.count(x, 8, theta, psi, psi_da, backend="native", inplace=True) is x
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+# -- the kernel cache: private, hashed, rebuilt when damaged --------------------------------------
+PROBE = {"probe.cpp": 'extern "C" int sjpc_probe(void) { return 41 + 1; }\n'}
+
+
+def _planted_library(tmp_path, marker):
+    """A library whose constructor creates ``marker``: loading it would run that code."""
+    src = ('#include <cstdio>\n'
+           f'__attribute__((constructor)) static void planted() {{ std::fopen("{marker}", "w"); }}\n'
+           'extern "C" int sjpc_probe(void) { return 666; }\n')
+    lib = native_backend.build_library("planted", {"probe.cpp": src}, "probe.cpp", native_backend.FLAGS)
+    return lib.read_bytes()
+
+
+def _mode(path):
+    return os.stat(path).st_mode & 0o777
+
+
+def test_cache_folder_is_private_whatever_the_umask(native_ready, monkeypatch, tmp_path):
+    folder = tmp_path / "made" / "cache"
+    monkeypatch.setenv("SJPC_CACHE_DIR", str(folder))
+    old = os.umask(0)
+    try:
+        lib = native_backend.build_library("probe", PROBE, "probe.cpp", native_backend.FLAGS)
+    finally:
+        os.umask(old)
+    assert _mode(folder) == 0o700 and _mode(folder.parent) == 0o700
+    assert _mode(lib) & 0o077 == 0 and _mode(str(lib) + ".sha256") & 0o077 == 0
+    recorded = open(str(lib) + ".sha256").read().strip()
+    assert recorded == hashlib.sha256(lib.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("how", ["world-writable", "group-writable", "symlink", "other-owner"])
+def test_cache_folder_others_could_write_is_refused(native_ready, monkeypatch, tmp_path, how):
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    folder = real
+    if how == "world-writable":
+        os.chmod(real, 0o777)
+    elif how == "group-writable":
+        os.chmod(real, 0o770)
+    elif how == "symlink":
+        folder = tmp_path / "link"
+        folder.symlink_to(real)
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("giving a folder to another user needs root")
+        os.chown(real, 4242, 4242)
+    monkeypatch.setenv("SJPC_CACHE_DIR", str(folder))
+    pattern = {"world-writable": "writable by other users", "group-writable": "writable by other users",
+               "symlink": "symbolic link", "other-owner": "belongs to user id 4242"}[how]
+    with pytest.raises(native_backend.CacheError, match=pattern):
+        native_backend.load_library("probe", PROBE, "probe.cpp", native_backend.FLAGS)
+    assert [p.name for p in real.iterdir()] == []  # nothing built or loaded there
+
+
+@pytest.mark.parametrize("how", ["symlink", "replaced", "other-owner", "group-writable"])
+def test_planted_library_is_never_loaded(native_ready, monkeypatch, tmp_path, how):
+    """A library at the expected (predictable) name that is not the one built here is not loaded:
+    its constructor never runs, and a fresh build takes its place."""
+    marker = tmp_path / "PLANTED_RAN"
+    monkeypatch.setenv("SJPC_CACHE_DIR", str(tmp_path / "evil"))
+    planted = tmp_path / "planted.so"
+    planted.write_bytes(_planted_library(tmp_path, marker))
+    monkeypatch.setenv("SJPC_CACHE_DIR", str(tmp_path / "cache"))
+    lib = native_backend.build_library("probe", PROBE, "probe.cpp", native_backend.FLAGS)
+    lib.unlink()
+    if how == "symlink":
+        lib.symlink_to(planted)
+    else:
+        shutil.copyfile(planted, lib)
+        if how == "other-owner":
+            if os.geteuid() != 0:
+                pytest.skip("giving a file to another user needs root")
+            os.chown(lib, 4242, 4242)
+        elif how == "group-writable":
+            os.chmod(lib, 0o770)
+            # Even with the planted library's own hash recorded: others could have written it.
+            (tmp_path / "cache" / (lib.name + ".sha256")).write_text(hashlib.sha256(planted.read_bytes()).hexdigest())
+    loaded = native_backend.load_library("probe", PROBE, "probe.cpp", native_backend.FLAGS)
+    assert loaded.sjpc_probe() == 42 and not marker.exists()
+    assert not lib.is_symlink() and _mode(lib) & 0o077 == 0 and lib.stat().st_uid == os.geteuid()
+
+
+def test_library_that_fails_to_load_is_rebuilt(native_ready, monkeypatch, tmp_path):
+    monkeypatch.setenv("SJPC_CACHE_DIR", str(tmp_path))
+    lib = native_backend.build_library("probe", PROBE, "probe.cpp", native_backend.FLAGS)
+    garbage = b"\x7fELF but not a library" * 8
+    lib.write_bytes(garbage)
+    # Its hash recorded too: the hash passes, loading fails, and the library is built again.
+    (tmp_path / (lib.name + ".sha256")).write_text(hashlib.sha256(garbage).hexdigest())
+    assert native_backend.load_library("probe", PROBE, "probe.cpp", native_backend.FLAGS).sjpc_probe() == 42
+    assert lib.read_bytes() != garbage
+
+
+@pytest.fixture
+def fresh_load(monkeypatch):
+    monkeypatch.setattr(kernels, "_warned", set())
+    native_backend._load.cache_clear()
+    native_backend.count_available.cache_clear()
+    yield
+    native_backend._load.cache_clear()
+    native_backend.count_available.cache_clear()
+
+
+def test_relative_cache_dir_is_refused_with_one_short_warning(fresh_load, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SJPC_CACHE_DIR", "relative/cache")
+    with pytest.raises(native_backend.CacheError, match="must be an absolute path"):
+        native_backend.cache_dir()
+    assert "absolute path" in native_backend.availability()
+    x = torch.randn(4, 6, 3)
+    with pytest.warns(RuntimeWarning) as record:
+        y = ParallelConversionNode(4, backend="auto")(x)
+    (warning,) = [w for w in record if "native CPU kernel" in str(w.message)]
+    assert "\n" not in str(warning.message) and len(str(warning.message)) < 400
+    assert torch.equal(y, ParallelConversionNode(4, backend="torch")(x))
+    assert not (tmp_path / "relative").exists()
+
+
+def test_compiler_errors_give_a_short_reason(fresh_load, monkeypatch, tmp_path):
+    """A failing compiler's whole output stays out of the fallback warning (one line)."""
+    fake = tmp_path / "fake-cxx"
+    fake.write_text("#!/bin/sh\n" + "echo 'error: line' >&2\n" * 50 + "exit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    monkeypatch.setenv("SJPC_CACHE_DIR", str(tmp_path / "cache"))
+    reason = native_backend.availability()
+    assert "failed to build" in reason and "\n" not in reason and len(reason) <= 200

@@ -9,9 +9,15 @@ so each input value is read once and each output value written once. It mirrors
 division, no fused multiply-add), so both backends give identical bits.
 
 The library is compiled once per source version and compiler into a cache folder
-(``$SJPC_CACHE_DIR``, else ``$XDG_CACHE_HOME/sj_parallel_conversion`` or
-``~/.cache/sj_parallel_conversion``), written there atomically, and loaded with ctypes. The
-compiler is ``$CXX``, else ``c++``, ``g++`` or ``clang++`` from ``PATH``.
+(``$SJPC_CACHE_DIR``, an absolute path, else ``$XDG_CACHE_HOME/sj_parallel_conversion`` or
+``~/.cache/sj_parallel_conversion``), written there atomically, and loaded with ctypes. Loading a
+library runs its code, so the cache is private: the folder is created with mode 0700 whatever the
+umask, a folder or file that is a symbolic link, belongs to another user or is writable by group
+or others is refused, and a library is loaded only if its SHA-256 matches the one recorded in
+``<library>.sha256`` when it was built; a library that fails the hash or fails to load is rebuilt.
+Where the kernel cannot be had, ``backend="auto"`` falls back to the torch operations with one
+short warning saying why. The compiler is ``$CXX``, else ``c++``, ``g++`` or ``clang++`` from
+``PATH``.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import os
 import platform
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -349,21 +356,97 @@ def compiler() -> Optional[str]:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
+class CacheError(RuntimeError):
+    """The kernel cache folder, or a file in it, is not one this process may load code from."""
+
+
 def cache_dir() -> Path:
-    """Folder of built kernel libraries (see the module docstring)."""
-    if os.environ.get("SJPC_CACHE_DIR"):
-        return Path(os.environ["SJPC_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    """Folder of built kernel libraries (see the module docstring). ``$SJPC_CACHE_DIR`` must be an
+    absolute path (a relative one would change meaning with the working directory): ``CacheError``."""
+    env = os.environ.get("SJPC_CACHE_DIR")
+    if env:
+        if not os.path.isabs(env):
+            raise CacheError(f"SJPC_CACHE_DIR must be an absolute path, got {env!r}")
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base or not os.path.isabs(base):  # the XDG rule: a relative value is ignored
+        base = os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "sj_parallel_conversion"
 
 
-def build_library(name: str, files: dict, main: str, flags: Sequence[str], cxx: Optional[str] = None) -> Path:
+def _refuse_unsafe(st: os.stat_result, what: str, path: Path, kind: str) -> None:
+    """Refuse what another user could have written: a link, another owner, group/world-writable."""
+    if stat.S_ISLNK(st.st_mode):
+        raise CacheError(f"{what} {str(path)!r} is a symbolic link; refusing to load from it")
+    if not (stat.S_ISDIR(st.st_mode) if kind == "folder" else stat.S_ISREG(st.st_mode)):
+        raise CacheError(f"{what} {str(path)!r} is not a {'folder' if kind == 'folder' else 'regular file'}")
+    if st.st_uid != os.geteuid():
+        raise CacheError(f"{what} {str(path)!r} belongs to user id {st.st_uid}, not to this user "
+                         f"({os.geteuid()}); refusing to load from it")
+    if st.st_mode & 0o022:
+        raise CacheError(f"{what} {str(path)!r} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}); "
+                         "refusing to load from it (chmod go-w it, or set SJPC_CACHE_DIR to a private folder)")
+
+
+def private_cache_dir() -> Path:
+    """:func:`cache_dir`, created with mode 0700 whatever the umask (missing parents too), and
+    checked: a real folder of this user that no other user can write. Raises ``CacheError``."""
+    folder = cache_dir()
+    missing = []
+    p = folder
+    while not os.path.lexists(p):
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            continue  # another process made it: checked below like any existing folder
+        os.chmod(d, 0o700)  # the umask may have taken bits off (or left none for the owner)
+    _refuse_unsafe(os.lstat(folder), "kernel cache folder", folder, "folder")
+    return folder
+
+
+def _read_private(path: Path, what: str) -> bytes:
+    """The bytes of a file in the cache, opened without following links and checked on the open
+    descriptor itself (nothing can be swapped between the check and the read)."""
+    _refuse_unsafe(os.lstat(path), what, path, "file")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        _refuse_unsafe(os.fstat(fd), what, path, "file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def _verified(lib: Path) -> Optional[str]:
+    """``None`` when ``lib`` and its hash file are private files and the hash matches, else why not."""
+    try:
+        recorded = _read_private(_hash_file(lib), "kernel hash file").decode("ascii", "replace").strip()
+        digest = hashlib.sha256(_read_private(lib, "kernel library")).hexdigest()
+    except FileNotFoundError:
+        return "its hash file is missing"
+    except (CacheError, OSError) as exc:
+        return str(exc)
+    return None if recorded == digest else "its SHA-256 differs from the one recorded when it was built"
+
+
+def _hash_file(lib: Path) -> Path:
+    return lib.with_name(lib.name + ".sha256")
+
+
+def build_library(name: str, files: dict, main: str, flags: Sequence[str], cxx: Optional[str] = None,
+                  rebuild: bool = False) -> Path:
     """Compile ``files`` (file name -> text; ``main`` is the one to compile) into a shared library.
 
-    The library is named after a hash of the sources, flags and compiler, built in a fresh
-    temporary folder and moved into :func:`cache_dir` in one atomic rename, so concurrent
-    processes never load a half-written file. Raises ``RuntimeError`` with the compiler's output
-    when the build fails, ``FileNotFoundError`` when there is no compiler.
+    The library is named after a hash of the sources, flags and compiler and kept in
+    :func:`private_cache_dir` with its SHA-256 in ``<library>.sha256``. A cached library is reused
+    only when both are private files of this user and the hash matches; otherwise (or with
+    ``rebuild=True``) it is built again in a fresh temporary folder and both files are moved in by
+    atomic renames, so concurrent processes never load a half-written file. Raises
+    ``RuntimeError`` with the compiler's output when the build fails, ``FileNotFoundError`` when
+    there is no compiler, ``CacheError`` when the cache folder is not private.
     """
     cxx = cxx or compiler()
     if cxx is None:
@@ -372,12 +455,15 @@ def build_library(name: str, files: dict, main: str, flags: Sequence[str], cxx: 
     # architectures must not hand one of them the other's library.
     key = hashlib.sha256("\0".join([*(f"{k}\0{v}" for k, v in sorted(files.items())), main, cxx, *flags,
                                     sys.platform, platform.machine()]).encode()).hexdigest()[:16]
-    folder = cache_dir()
+    folder = private_cache_dir()
     lib = folder / f"{name}_{key}.so"
-    if lib.is_file():
-        return lib
-    folder.mkdir(parents=True, exist_ok=True)
-    logging.getLogger("sj_parallel_conversion").info("building %s with %s (once; cached in %s)", name, cxx, folder)
+    log = logging.getLogger("sj_parallel_conversion")
+    if not rebuild and os.path.lexists(lib):
+        problem = _verified(lib)
+        if problem is None:
+            return lib
+        log.info("rebuilding %s: the cached library is not used (%s)", name, problem)
+    log.info("building %s with %s (once; cached in %s)", name, cxx, folder)
     build = Path(tempfile.mkdtemp(prefix=f"{name}_", dir=folder))
     try:
         for fname, text in files.items():
@@ -390,30 +476,60 @@ def build_library(name: str, files: dict, main: str, flags: Sequence[str], cxx: 
             raise RuntimeError(f"could not run the C++ compiler {cxx!r}: {exc}") from None
         if res.returncode != 0:
             raise RuntimeError(f"{cxx} failed to build {name} (exit {res.returncode}):\n{res.stderr[-4000:]}")
+        os.chmod(tmp, 0o700)  # the compiler's file follows the umask, which may let others write it
+        digest = build / "lib.sha256"
+        with open(digest, "w", encoding="ascii") as f:
+            f.write(hashlib.sha256(tmp.read_bytes()).hexdigest() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(digest, 0o600)
         os.replace(tmp, lib)
+        os.replace(digest, _hash_file(lib))
     finally:
         shutil.rmtree(build, ignore_errors=True)
     return lib
+
+
+def load_library(name: str, files: dict, main: str, flags: Sequence[str], cxx: Optional[str] = None) -> ctypes.CDLL:
+    """:func:`build_library`, then load it with ctypes; a cached library that fails to load
+    (damaged, built for another machine) is rebuilt once before the error is raised."""
+    lib = build_library(name, files, main, flags, cxx)
+    try:
+        return ctypes.CDLL(str(lib))
+    except OSError as exc:
+        logging.getLogger("sj_parallel_conversion").info("rebuilding %s: the cached library does not load (%s)",
+                                                         name, exc)
+    return ctypes.CDLL(str(build_library(name, files, main, flags, cxx, rebuild=True)))
+
+
+def _short(exc: BaseException) -> str:
+    """One short line for the fallback warning; the whole text goes to the debug log."""
+    text = f"{exc.__class__.__name__}: {exc}"
+    logging.getLogger("sj_parallel_conversion").debug("native kernel unavailable: %s", text)
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first if len(first) <= 200 else first[:197] + "..."
 
 
 @functools.lru_cache(maxsize=1)
 def _load():
     """``(library, None)`` or ``(None, reason)``; built and loaded once per process."""
     try:
-        path = build_library("sjpc_native_fire", {"fire.cpp": _SOURCE}, "fire.cpp", FLAGS)
-        lib = ctypes.CDLL(str(path))
+        lib = load_library("sjpc_native_fire", {"fire.cpp": _SOURCE}, "fire.cpp", FLAGS)
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        return None, f"{exc.__class__.__name__}: {exc}"
+        return None, _short(exc)
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    for fn in _FUNCTIONS.values():
-        f = getattr(lib, fn)
-        f.argtypes = [p, p, p, p, p, p, i64, i32, i32, i64, i64, i32, i32]
-        f.restype = i32
-    for fn in _COUNT_FUNCTIONS.values():
-        f = getattr(lib, fn)
-        f.argtypes = [p, p, p, p, p, p, i64, i32, i64, i64, i32]
-        f.restype = i32
-    lib.sjpc_native_count_ok.restype = i32
+    try:
+        for fn in _FUNCTIONS.values():
+            f = getattr(lib, fn)
+            f.argtypes = [p, p, p, p, p, p, i64, i32, i32, i64, i64, i32, i32]
+            f.restype = i32
+        for fn in _COUNT_FUNCTIONS.values():
+            f = getattr(lib, fn)
+            f.argtypes = [p, p, p, p, p, p, i64, i32, i64, i64, i32]
+            f.restype = i32
+        lib.sjpc_native_count_ok.restype = i32
+    except AttributeError as exc:  # a library without the entry points is not this kernel
+        return None, _short(exc)
     return lib, None
 
 
