@@ -100,3 +100,196 @@ def test_without_a_process_group_reduction_and_evaluation_are_local():
     acc, n, _ = distributed_evaluate(model, loader)
     assert (acc, n) == evaluate(model, loader)[:2]
     assert n == 64 and acc == sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in loader) / 64
+
+
+# -- issue 24, fault 2: the group's device, set_device before init, the group destroyed ------------
+class FakeDist:
+    """A stand-in for ``torch.distributed`` with a group of ``world`` processes whose backend
+    configuration is ``config``; it records every call, and its all_reduce fails like NCCL or
+    gloo on a tensor whose device the backend does not serve."""
+
+    ReduceOp = type("ReduceOp", (), {"SUM": "sum", "MAX": "max"})
+
+    def __init__(self, config, world=2, initialized=True):
+        self.config, self.world, self.initialized, self.calls = config, world, initialized, []
+
+    def is_available(self):
+        return True
+
+    def is_initialized(self):
+        return self.initialized
+
+    def get_world_size(self, group=None):
+        return self.world
+
+    def get_backend_config(self, group=None):
+        return self.config
+
+    def init_process_group(self, backend=None, **kwargs):
+        self.calls.append(("init_process_group", backend))
+        self.initialized = True
+
+    def destroy_process_group(self, group=None):
+        self.calls.append(("destroy_process_group",))
+        self.initialized = False
+
+    def all_reduce(self, tensor, op=None, group=None):
+        self.calls.append(("all_reduce", tensor.device, op))
+        served = {part.split(":")[0] for part in self.config.split(",")}
+        stand_in = {"meta": "cuda"}.get(tensor.device.type, tensor.device.type)  # meta plays a GPU
+        if stand_in not in served:
+            raise RuntimeError(f"{self.config}: no backend for {tensor.device} tensors")
+        if tensor.device.type != "meta":
+            tensor.mul_(self.world)  # as if every rank held the same values
+
+
+def _fake(monkeypatch, config, **kwargs):
+    from sj_parallel_conversion import distributed
+
+    fake = FakeDist(config, **kwargs)
+    monkeypatch.setattr(distributed, "dist", fake)
+    return distributed, fake
+
+
+class _Reduced(Exception):
+    pass
+
+
+def test_nccl_group_receives_only_gpu_tensors_from_the_reducer(monkeypatch):
+    """learned.py all-reduces CPU float64 tensors (totals, counts) and parameter gradients: under
+    an NCCL-only group every tensor handed to all_reduce is on the GPU (meta stands in for it)."""
+    distributed, fake = _fake(monkeypatch, "cuda:nccl")
+    monkeypatch.setattr(distributed, "_current_cuda_device", lambda: torch.device("meta"))
+    real = fake.all_reduce
+
+    def record_then_stop(tensor, op=None, group=None):
+        real(tensor, op, group)
+        raise _Reduced  # a meta tensor cannot be copied back; what reached all_reduce is the point
+
+    fake.all_reduce = record_then_stop
+    reduce = allreduce_reducer()
+    for t, op in ((torch.tensor([3.0, 0.5, 64.0], dtype=torch.float64), "sum"),
+                  (torch.tensor([1.0, 4.0], dtype=torch.float64), "sum"),
+                  (torch.randn(8), "max")):
+        with pytest.raises(_Reduced):
+            reduce(t, op)
+    assert [c[1].type for c in fake.calls] == ["meta"] * 3
+    assert [c[2] for c in fake.calls] == ["sum", "sum", "max"]
+
+
+def test_gloo_results_are_new_tensors_and_inputs_are_untouched(monkeypatch):
+    distributed, fake = _fake(monkeypatch, "cpu:gloo")
+    t = torch.tensor([1.0, 2.0])
+    out = allreduce_reducer()(t, "max")
+    assert fake.calls[-1][1].type == "cpu"
+    assert torch.equal(out, torch.tensor([2.0, 4.0])) and torch.equal(t, torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="op must be one of"):
+        distributed.all_reduce(t, "mean")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: torch.cuda.is_available() is False")
+@pytest.mark.parametrize("backend", ["nccl", "cpu:gloo,cuda:nccl"])
+def test_cpu_statistics_reduce_under_nccl_and_come_back_to_the_cpu(tmp_path, backend):
+    """One process, a real NCCL group: a CPU float64 tensor (learned.py's totals) is reduced on
+    the GPU (NCCL-only) or over gloo (mixed group) and returned on the CPU."""
+    from sj_parallel_conversion import distributed
+
+    torch.cuda.set_device(0)
+    dist.init_process_group(backend, init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        t = torch.tensor([3.0, 0.5, 64.0], dtype=torch.float64)
+        want_where = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
+        assert distributed.collective_device("cpu") == want_where
+        out = distributed.all_reduce(t, "sum")
+        assert out.device == t.device and torch.equal(out, t) and out.data_ptr() != t.data_ptr()
+        g = torch.randn(5, device="cuda")
+        assert torch.equal(distributed.all_reduce(g, "max"), g)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("config, device, where", [
+    ("cpu:gloo,cuda:nccl", "cpu", "cpu"),     # the mixed group: CPU tensors over gloo
+    ("cpu:gloo,cuda:nccl", "meta", "meta"),   # (meta: not served, so it shows the fallback below)
+    ("cuda:nccl", "cpu", "cuda:3"),
+    ("cpu:gloo,cuda:gloo", "cpu", "cpu"),
+])
+def test_collective_device_follows_the_group_backend(monkeypatch, config, device, where):
+    distributed, _ = _fake(monkeypatch, config)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    if device == "meta":
+        assert distributed.collective_device(device) == torch.device("cuda", 3)
+    else:
+        assert distributed.collective_device(device) == torch.device(where)
+
+
+@pytest.mark.parametrize("device, cuda, events", [
+    (None, True, [("set_device", torch.device("cuda", 1)), ("init_process_group", "cpu:gloo,cuda:nccl")]),
+    ("cuda", True, [("set_device", torch.device("cuda", 1)), ("init_process_group", "cpu:gloo,cuda:nccl")]),
+    ("cpu", True, [("init_process_group", "gloo")]),
+    (None, False, [("init_process_group", "gloo")]),
+])
+def test_init_from_env_picks_the_backend_from_the_device_and_sets_it_first(monkeypatch, device, cuda, events):
+    distributed, fake = _fake(monkeypatch, "unused", initialized=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2 if cuda else 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: fake.calls.append(("set_device", torch.device(d))))
+    exits = []
+    monkeypatch.setattr(distributed.atexit, "register", exits.append)
+    assert distributed.init_from_env(device=device) is True
+    assert fake.calls == events
+    assert exits == [distributed.shutdown]  # the command line's group is destroyed at exit
+    distributed.shutdown()
+    distributed.shutdown()  # twice is fine
+    assert fake.calls[len(events):] == [("destroy_process_group",)] and not fake.is_initialized()
+
+
+def test_process_group_destroys_only_the_group_it_created(monkeypatch):
+    distributed, fake = _fake(monkeypatch, "unused", initialized=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(distributed.atexit, "register", lambda fn: None)
+    with distributed.process_group() as joined:
+        assert joined and fake.is_initialized()
+    assert fake.calls == [("init_process_group", "gloo"), ("destroy_process_group",)]
+    fake.calls.clear()
+    fake.initialized = True  # a group someone else made
+    with distributed.process_group() as joined:
+        assert joined
+    assert fake.calls == [] and fake.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with distributed.process_group() as joined:
+        assert not joined
+
+
+def _env_worker(rank, world, port, out_dir):
+    from sj_parallel_conversion import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    with distributed.process_group(device="cpu") as joined:
+        config = dist.get_backend_config()
+        reduce = allreduce_reducer()
+        total = reduce(torch.tensor([rank + 1.0, 10.0], dtype=torch.float64), "sum")
+        top = reduce(torch.tensor([float(rank), -float(rank)]), "max")
+    torch.save({"joined": joined, "config": config, "total": total, "top": top,
+                "after": dist.is_initialized()}, os.path.join(out_dir, f"env{rank}.pt"))
+
+
+@pytest.mark.slow  # spawns two processes
+def test_two_processes_join_from_torchrun_environment_and_leave(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_env_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        res = torch.load(tmp_path / f"env{r}.pt")
+        assert res["joined"] and "cpu:gloo" in res["config"] and not res["after"]
+        assert torch.equal(res["total"], torch.tensor([3.0, 20.0], dtype=torch.float64))
+        assert torch.equal(res["top"], torch.tensor([1.0, 0.0]))
