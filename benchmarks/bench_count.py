@@ -18,7 +18,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -26,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from sj_parallel_conversion import ParallelConverter, count_domain_model  # noqa: E402
 from sj_parallel_conversion.models import build_model  # noqa: E402
+from sj_parallel_conversion.timing import timed  # noqa: E402
 from sj_parallel_conversion.tracing import fold_bn  # noqa: E402
 
 
@@ -59,9 +59,7 @@ def main(argv=None) -> int:
             fn()
         for _ in range(args.repeats):
             for k, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t0)
+                times[k].append(timed(fn))
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = statistics.median(c / a for a, c in zip(times["ann"], times["count"]))
     print(f"{args.model} T={args.T} batch={args.batch} channels_last={args.channels_last} "

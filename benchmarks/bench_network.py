@@ -31,7 +31,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 import torch
 
@@ -43,23 +42,11 @@ from sj_parallel_conversion import ParallelConverter, count_domain_model, kernel
 from sj_parallel_conversion.fileio import write_json  # noqa: E402
 from sj_parallel_conversion.inference import repeat_input  # noqa: E402
 from sj_parallel_conversion.models import build_model  # noqa: E402
+from sj_parallel_conversion.timing import timed  # noqa: E402
 from sj_parallel_conversion.tracing import fold_bn  # noqa: E402
 
 
 CIFAR_RESNETS = ("resnet20", "resnet32", "resnet44", "resnet56")
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device):
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
 
 
 def _channels_last(t_or_m):
@@ -134,7 +121,7 @@ def bench(model_name: str, T: int, batch: int, repeats: int, device: torch.devic
             fn()
         for _ in range(repeats):
             for k, fn in fns.items():
-                times[k].append(_timed(fn, device))
+                times[k].append(timed(fn, device))
     ratios = {
         "if/count": statistics.median(a / b for a, b in zip(times["if"], times["count"])),
         "if/spike": statistics.median(a / b for a, b in zip(times["if"], times["spike"])),

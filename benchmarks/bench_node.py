@@ -21,7 +21,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 import torch
 
@@ -33,21 +32,9 @@ from tabulate import tabulate  # noqa: E402
 from sj_parallel_conversion import ParallelConversionNode  # noqa: E402
 from sj_parallel_conversion.fileio import write_json  # noqa: E402
 from sj_parallel_conversion.kernels import cupy_backend, native_backend  # noqa: E402
+from sj_parallel_conversion.timing import timed  # noqa: E402
 
 SWEEP_T = (4, 8, 16, 32, 64)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device: torch.device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
 
 
 def bench(shape, T: int, repeats: int, device: torch.device, dtype: torch.dtype, ceiling: bool = False) -> dict:
@@ -85,7 +72,7 @@ def bench(shape, T: int, repeats: int, device: torch.device, dtype: torch.dtype,
             for name, fn in fns.items():
                 if name == "if":
                     functional.reset_net(if_node)
-                times[name].append(_timed(fn, device))
+                times[name].append(timed(fn, device))
     res = {
         "shape": list(shape), "T": T, "T_in": shape[0], "repeats": repeats, "dtype": str(dtype),
         "device": str(device), "median_s": {k: statistics.median(v) for k, v in times.items()},
