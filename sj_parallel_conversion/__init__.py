@@ -28,6 +28,7 @@ Files
     :func:`load_user_model`  any model (zoo name, ``torchvision:NAME``, ``MODULE:CALLABLE``) with
     its weights from a state_dict file, as the CLI's ``--model NAME --weights FILE``.
 """
+from . import _cli_startup  # noqa: F401  (first: Ctrl-C during the imports below, see there)
 from .activation import DAQCFS, QCFS, ClipReLU
 from .graph import GraphConversionError
 from .inference import count_domain_model, count_inference, predictor, spike_inference

@@ -352,26 +352,149 @@ def _model_label(meta: dict) -> str:
 
 
 def _check_fits(model, loader, args, what: str, snn_T=None) -> None:
-    """Run ``model`` on one image of ``loader`` (a spike-level run for a converted network) so that a
-    model built for other inputs fails here, as a user error naming --data, before any calibration."""
+    """Run ``model`` on one image of ``loader`` so that a model built for other inputs fails here,
+    as a user error naming --data, before any calibration; refuse labels beyond the model's
+    outputs, and time steps whose spike-level runs cannot fit in memory (:func:`_check_memory`).
+
+    A converted network (``snn_T``) runs first in the count domain (one pass, no time steps); then,
+    where one image fits in memory at its ``T``, at spike level."""
     from .calibration import extract_input
-    from .inference import predictor
+    from .inference import count_domain_model, predictor
 
     batch = next(iter(loader), None)
     if batch is None:
         raise CLIError(f"--data {args.data}: the data set holds no images")
     x = extract_input(batch)[:1].to(args.device)
-    run = model if snn_T is None else predictor(model, snn_T)
     # torch reports shape and dtype mismatches as RuntimeError; a --model MODULE:CALLABLE forward is
     # the user's own code, so anything it raises is about that model.
     spec = getattr(args, "model", None) if snn_T is None else None
     caught = Exception if spec and ":" in spec and not spec.startswith("torchvision:") else RuntimeError
+    runs = [(count_domain_model(model), None)] if snn_T is not None else [(model, None)]
+    if snn_T is not None and _spike_bytes(runs[0][0], x, snn_T, 1, probe=True) <= _memory_bytes(args.device):
+        runs.append((predictor(model, snn_T), snn_T))
+    largest = 0
+    for run, T in runs:
+        try:
+            with torch.no_grad():
+                out, size = _largest_activation(run, x)
+        except Exception as exc:  # memory first: an allocation failure says nothing about the data
+            if _is_out_of_memory(exc):
+                raise CLIError(f"{what}: out of memory running one image" + (f" at T={T}" if T else "") +
+                               f" on {args.device} ({_one_line(exc)}); lower --T") from exc
+            if isinstance(exc, caught):
+                raise CLIError(f"{what} does not accept --data {args.data} inputs (images of shape "
+                               f"{tuple(x.shape[1:])}): {_one_line(exc)}") from exc
+            raise
+        largest = max(largest, size)
+    _check_labels(out, loader, args, what)
+    _check_memory(largest, x, args, what, snn_T, len(loader.dataset))
+
+
+def _largest_activation(run, x: torch.Tensor):
+    """``run(x)`` and the most values one image occupies in any module's output along the way."""
+    sizes = [x[0].numel()]
+
+    def record(module, inputs, output):
+        if torch.is_tensor(output) and output.dim() > 0:
+            sizes.append(output.numel() // max(1, len(x)) if output.shape[0] == len(x) else output.numel())
+
+    modules = run.modules() if isinstance(run, torch.nn.Module) else ()
+    hooks = [m.register_forward_hook(record) for m in modules]
     try:
+        out = run(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, max(sizes)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "out of memory" in str(exc)))
+
+
+def _check_labels(out, loader, args, what: str) -> None:
+    """Labels the model cannot predict (beyond its outputs) are refused instead of scored as misses."""
+    top = _max_label(loader.dataset)
+    if top is None or not torch.is_tensor(out) or out.dim() != 2:
+        return
+    if top >= out.shape[1]:
+        raise CLIError(f"--data {args.data}: labels go up to {top} but {what} has {out.shape[1]} outputs "
+                       "(--num-classes, or data with the model's classes)")
+
+
+def _max_label(ds) -> Optional[int]:
+    """The largest label of a dataset, where it can be read without loading images."""
+    from torch.utils.data import Subset, TensorDataset
+
+    if isinstance(ds, Subset):
+        top = _max_label(ds.dataset)
+        return top  # a bound: the subset's own labels are no larger
+    if isinstance(ds, TensorDataset) and len(ds.tensors) > 1 and ds.tensors[1].numel():
+        return int(ds.tensors[1].max())
+    targets = getattr(ds, "targets", None)
+    if isinstance(targets, (list, torch.Tensor)) and len(targets):
+        return int(max(targets)) if isinstance(targets, list) else int(targets.max())
+    return None
+
+
+def _memory_bytes(device: str) -> int:
+    """The memory of ``device``: the GPU's own, else the machine's physical memory."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_properties(dev).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no estimate, no refusal
+        return 1 << 62
+
+
+def _spike_bytes(model_or_size, x: torch.Tensor, T: int, images: int, probe: bool = False) -> int:
+    """Lower estimate of a spike-level run's memory: the largest activation of one image, times
+    ``T`` steps and ``images``, times 2 (a layer's input and output live together). ``probe``:
+    measure the largest activation by running ``model_or_size`` once on ``x``."""
+    if probe:
         with torch.no_grad():
-            run(x)
-    except caught as exc:
-        raise CLIError(f"{what} does not accept --data {args.data} inputs (images of shape {tuple(x.shape[1:])}): "
-                       f"{_one_line(exc)}") from exc
+            try:
+                _, size = _largest_activation(model_or_size, x)
+            except Exception:  # the probe run reports its own errors; no estimate here
+                return 0
+    else:
+        size = model_or_size
+    return 2 * T * images * size * x.element_size()
+
+
+def _spike_runs(args, snn_T, available: int) -> List[Tuple[int, int]]:
+    """``(T, images)`` of the spike-level batches the command will run on ``available`` images
+    (for convert: what the written file needs for one image)."""
+    cmd = args.command
+    batch = min(args.batch_size, available)
+    if cmd == "convert":
+        return [(args.T, 1)]
+    if cmd == "evaluate" and args.mode == "spike":
+        return [(T, batch) for T in ([snn_T] if snn_T else args.T or [])]
+    if cmd == "stats":
+        return [(snn_T or args.T, min(args.images, available))]
+    if cmd == "compare":
+        return [(max(args.T), batch)]
+    return []
+
+
+def _check_memory(size: int, x: torch.Tensor, args, what: str, snn_T, available: int) -> None:
+    """Refuse, before any conversion, a T whose spike-level batch cannot fit in the device's memory."""
+    limit = _memory_bytes(args.device)
+    for T, images in _spike_runs(args, snn_T, available):
+        need = _spike_bytes(size, x, T, images)
+        if need > limit:
+            per = "the converted network needs for one image" if args.command == "convert" else \
+                f"one spike-level batch of {images} images needs"
+            raise CLIError(f"{what} at T={T}: {per} at least {_gib(need)} (T x {images} images x {size} values of its largest "
+                           f"layer x {x.element_size()} bytes x 2), more than the {_gib(limit)} of {args.device}; "
+                           "lower --T" + ("" if args.command == "convert" else " or --batch-size"))
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB"
 
 
 def cmd_convert(args) -> int:
@@ -580,18 +703,20 @@ def _check_args(args) -> None:
     if (mean is None) != (std is None):
         raise CLIError("--mean and --std go together")
     if mean is not None:
-        if len(mean) != len(std):
-            raise CLIError(f"--mean has {len(mean)} values but --std has {len(std)}")
-        if not all(v > 0 for v in std):
-            raise CLIError(f"--std values must be positive, got {std}")
+        from .data import check_normalisation
+
         if args.data == "digits":
             raise CLIError("--mean/--std do not apply to --data digits (standardised by its own training split)")
+        # The data sets read as RGB have 3 channels; npz files are checked against their own arrays.
+        check_normalisation(mean, std, 3 if args.data in ("subset", "cifar10", "cifar100", "imagefolder") else None,
+                            names=("--mean", "--std"))
     _check_learn_steps(args)
     if getattr(args, "device", None) is not None:
         _check_device(args.device)
     inputs = [getattr(args, k, None) for k in ("checkpoint", "weights", "snn")]
+    # "is not None": an empty --out "" is a path to refuse, not an option left out.
     outputs = {} if args.command == "demo" else {
-        f"--{k}": getattr(args, k) for k in ("out", "json", "csv", "plot") if getattr(args, k, None)}
+        f"--{k}": getattr(args, k) for k in ("out", "json", "csv", "plot") if getattr(args, k, None) is not None}
     seen = {}
     for flag, path in outputs.items():
         check_output_path(path, inputs=inputs, what=flag)

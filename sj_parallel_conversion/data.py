@@ -7,10 +7,16 @@ Nothing here downloads unless asked to (``torchvision_dataset(..., download=True
 * :func:`digits` -- scikit-learn's 8x8 digits as ``[N, 1, 8, 8]`` tensors (bundled, no download).
 * :func:`torchvision_dataset` -- torchvision CIFAR-10/100 or an ImageNet-style ``ImageFolder``.
 * :func:`make_loader` -- a ``DataLoader`` with optional, batched CIFAR-style augmentation.
+
+Every image array and normalisation is checked before use, in one place each, whichever command
+or function feeds it: :func:`check_images` (uint8 ``[N, H, W, C]`` images with 1, 3 or 4
+channels, one integer label per image, labels from 0 to the class count - 1) and
+:func:`check_normalisation` (finite means, positive finite stds, one of each per channel).
 """
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -22,7 +28,7 @@ from torch.utils.data._utils.collate import default_collate
 __all__ = [
     "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD",
     "cifar10_dir", "cifar10_npz", "cifar10_subset", "CIFAR10_SUBSET_PATH", "digits", "torchvision_dataset", "make_loader", "random_crop_flip",
-    "balanced_indices",
+    "balanced_indices", "check_images", "check_normalisation", "CIFAR10_CLASSES",
 ]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -31,6 +37,8 @@ CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+CIFAR10_CLASSES = 10
 
 ENV_VAR = "SJPC_CIFAR10_DIR"
 #: The CIFAR-10 subset shipped as package data (see ``data_files/README.md`` next to it).
@@ -49,6 +57,57 @@ def cifar10_dir() -> Path:
             f"no CIFAR-10 folder given: set the environment variable {ENV_VAR} to the folder holding "
             "train.npz and test.npz, or pass root=... (the CLI's --data-root)")
     return Path(env)
+
+
+def check_normalisation(mean: Optional[Sequence[float]], std: Optional[Sequence[float]],
+                        channels: Optional[int] = None, names: Sequence[str] = ("mean", "std")) -> None:
+    """Check an input normalisation before any image is read: finite numbers, ``std > 0``, as many
+    means as stds, and one of each per channel when ``channels`` is known (``None`` stands for
+    the dataset's default). ``names`` are what the messages call them (the CLI's ``--mean`` /
+    ``--std``). Raises ``ValueError``."""
+    m_name, s_name = names
+    for name, values in ((m_name, mean), (s_name, std)):
+        if values is None:
+            continue
+        try:
+            floats = [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a list of numbers, got {values!r:.80}") from None
+        if not floats or not all(np.isfinite(floats)):
+            raise ValueError(f"{name} values must be finite numbers, got {floats}")
+        if name == s_name and not all(v > 0 for v in floats):
+            raise ValueError(f"{s_name} values must be positive, got {floats}")
+    if mean is not None and std is not None and len(mean) != len(std):
+        raise ValueError(f"{m_name} has {len(mean)} values but {s_name} has {len(std)}")
+    for name, values in ((m_name, mean), (s_name, std)):
+        if channels is not None and values is not None and len(values) != channels:
+            raise ValueError(f"{name} has {len(values)} values but the images have {channels} channels "
+                             "(give one value per channel)")
+
+
+def check_images(x: np.ndarray, y: np.ndarray, source: str, num_classes: Optional[int] = None) -> None:
+    """Check image and label arrays before any work: ``x`` uint8 ``[N, H, W, C]`` with C in
+    (1, 3, 4), ``y`` one integer label per image, from 0 to ``num_classes - 1`` when given.
+    Raises ``ValueError`` naming ``source`` and saying what is expected."""
+    expected = "expected uint8 images of shape [N, H, W, C] with values 0..255 and C = 1, 3 or 4"
+    if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray):
+        raise ValueError(f"{source}: images and labels must be arrays; {expected}")
+    if x.dtype != np.uint8:
+        hint = ""
+        if np.issubdtype(x.dtype, np.floating) and x.size and np.nanmax(x) <= 1.0:
+            hint = " (they look scaled to [0, 1]: store (x * 255).round().astype(np.uint8))"
+        raise ValueError(f"{source}: images are {x.dtype}{hint}; {expected}")
+    if x.ndim != 4 or x.shape[-1] not in (1, 3, 4):
+        layout = " (channels first? transpose to [N, H, W, C])" if x.ndim == 4 and x.shape[1] in (1, 3, 4) else ""
+        raise ValueError(f"{source}: images have shape {tuple(x.shape)}{layout}; {expected}")
+    if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
+        raise ValueError(f"{source}: labels are {y.dtype} of shape {tuple(y.shape)}; expected one integer label "
+                         "per image, shape [N]")
+    if len(y) != len(x):
+        raise ValueError(f"{source}: {len(x)} images but {len(y)} labels; expected one label per image")
+    if len(y) and (int(y.min()) < 0 or (num_classes is not None and int(y.max()) >= num_classes)):
+        bound = f"0 to {num_classes - 1}" if num_classes is not None else "0 or more"
+        raise ValueError(f"{source}: labels range from {int(y.min())} to {int(y.max())}; expected {bound}")
 
 
 def _split(split: str) -> str:
@@ -97,14 +156,29 @@ def cifar10_npz(split: str, root: Optional[Union[str, Path]] = None, limit: Opti
         raise FileNotFoundError(
             f"CIFAR-10 file {str(path)!r} not found; pass root=... or set the environment variable "
             f"{ENV_VAR} to the folder holding train.npz and test.npz")
-    with np.load(path) as z:
-        x, y = z["x"], z["y"]
-    return _uint8_nhwc_dataset(x, y, limit, normalize, mean, std)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not {"x", "y"} <= set(z.files):
+                raise ValueError(f"CIFAR-10 file {str(path)!r} holds arrays {sorted(z.files)}; expected 'x' (images) "
+                                 "and 'y' (labels)")
+            x, y = z["x"], z["y"]
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"CIFAR-10 file {str(path)!r} is not a readable npz file ({exc})") from None
+    return _uint8_nhwc_dataset(x, y, limit, normalize, mean, std, f"CIFAR-10 file {str(path)!r}")
 
 
 def _uint8_nhwc_dataset(x: np.ndarray, y: np.ndarray, limit: Optional[int], normalize: bool,
-                        mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> TensorDataset:
-    """uint8 NHWC images and labels -> float32 NCHW TensorDataset (optionally a balanced subset)."""
+                        mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                        source: str = "images") -> TensorDataset:
+    """uint8 NHWC images and labels -> float32 NCHW TensorDataset (optionally a balanced subset),
+    after :func:`check_images` and :func:`check_normalisation`."""
+    check_images(x, y, source, CIFAR10_CLASSES)
+    if normalize:
+        try:
+            check_normalisation(CIFAR10_MEAN if mean is None else mean, CIFAR10_STD if std is None else std,
+                                x.shape[-1])
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
     if limit is not None:
         idx = balanced_indices(y, limit)
         x, y = x[idx], y[idx]
@@ -134,9 +208,9 @@ def cifar10_subset(split: str, limit: Optional[int] = None, normalize: bool = Tr
     if not CIFAR10_SUBSET_PATH.is_file():
         raise FileNotFoundError(
             f"cifar10_subset: package data file {str(CIFAR10_SUBSET_PATH)!r} is missing; reinstall the package")
-    with np.load(CIFAR10_SUBSET_PATH) as z:
+    with np.load(CIFAR10_SUBSET_PATH, allow_pickle=False) as z:
         x, y = z[f"x_{name}"], z[f"y_{name}"]
-    return _uint8_nhwc_dataset(x, y, limit, normalize, mean, std)
+    return _uint8_nhwc_dataset(x, y, limit, normalize, mean, std, "the shipped CIFAR-10 subset")
 
 
 def digits(split: str, test_fraction: float = 0.25, seed: int = 0) -> TensorDataset:
@@ -172,6 +246,7 @@ def torchvision_dataset(kind: str, root: Union[str, Path], split: str, download:
 
     name = _split(split)
     root = Path(root)
+    check_normalisation(mean, std, 3)  # torchvision's CIFAR and ImageFolder images are RGB
     if kind in ("cifar10", "cifar100"):
         dm, ds = (CIFAR10_MEAN, CIFAR10_STD) if kind == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
         mean, std = dm if mean is None else mean, ds if std is None else std

@@ -7,8 +7,10 @@
   :func:`save_figure` write to a temporary file in the target's folder, flush it to disk and
   rename it over the target, so an interrupted or failing write (disk full, Ctrl-C) leaves the
   previous file as it was and no partial file behind.
-* :func:`check_output_path` checks an output path before any work: not a directory, its folder
-  exists and is writable, and it is not one of the inputs.
+* :func:`check_output_path` checks an output path before any work: not empty, not a directory
+  and not ending in a path separator, its folder exists and a file can be created there (tried,
+  not guessed from permission bits, which root and read-only mounts make misleading), and it is
+  not one of the inputs.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 import zipfile
 from typing import Any, Iterable, Iterator, Optional, Union
 
@@ -55,8 +58,16 @@ def load_tensor_file(path: PathLike, what: str = "file", map_location: Any = "cp
         raise FileError(f"{what} {p!r} cannot be read: {exc.strerror or exc}") from None
     if size == 0:
         raise FileError(f"{what} {p!r} is empty")
+    caught: list = []
     try:
-        return torch.load(p, map_location=map_location, weights_only=True)
+        # torch warns about some files before it refuses them (a raw pickle's protocol): the
+        # refusal below says all there is to say, so its warnings are shown only for a file it reads.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            blob = torch.load(p, map_location=map_location, weights_only=True)
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return blob
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if found:
@@ -85,19 +96,27 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def check_output_path(path: PathLike, inputs: Iterable[Optional[PathLike]] = (), what: str = "output") -> str:
-    """Check, before any work, that ``path`` can be written: it is not a directory, its folder
-    exists and is writable, and it is not the same file as any of ``inputs`` (``None`` entries are
-    ignored). Returns the path as a string; raises :class:`FileError` naming ``what``."""
+    """Check, before any work, that ``path`` can be written: it is not empty, not a directory and
+    does not end in a separator, its folder exists and a file can be created in it, and it is not
+    the same file as any of ``inputs`` (``None`` entries are ignored). Returns the path as a
+    string; raises :class:`FileError` naming ``what``."""
     p = os.fspath(path)
     if not p:
-        raise FileError(f"{what}: empty path")
+        raise FileError(f"{what}: empty path; give a file name")
     if os.path.isdir(p):
         raise FileError(f"{what} {p!r} is a directory; give a file name")
+    if p.endswith(os.sep) or (os.altsep and p.endswith(os.altsep)):
+        raise FileError(f"{what} {p!r} ends with a path separator; give a file name")
     parent = os.path.dirname(os.path.abspath(p))
     if not os.path.isdir(parent):
         raise FileError(f"{what} {p!r}: folder {parent!r} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise FileError(f"{what} {p!r}: folder {parent!r} is not writable")
+    try:
+        # What the atomic write will do first: create a temporary file next to the target.
+        fd, probe = tempfile.mkstemp(prefix=f".{os.path.basename(p)}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise FileError(f"{what} {p!r}: cannot create files in folder {parent!r} ({exc.strerror or exc})") from None
     for inp in inputs:
         if inp is not None and _same_file(p, os.fspath(inp)):
             raise FileError(f"{what} {p!r} is the same file as the input {os.fspath(inp)!r}; "

@@ -45,6 +45,7 @@ from torch import fx
 from .activation import DAQCFS, QCFS, ClipReLU
 from .fileio import FileError, load_tensor_file, save_tensors
 from .joins import TimeMean
+from .models.user import load_state
 from .neuron import ParallelConversionNode
 from .reuse import accumulate
 
@@ -535,10 +536,9 @@ def _build(desc: Dict[str, Any], source: str) -> nn.Module:
         root = gm
     elif desc["modules"][0]["type"] == "torch.fx.GraphModule" or desc.get("constants"):
         raise ValueError(f"{source}: a GraphModule or constants without a graph")
-    try:
-        root.load_state_dict(state, strict=True)
-    except (RuntimeError, ValueError) as exc:
-        raise ValueError(f"{source}: the saved state cannot be loaded: {' '.join(str(exc).split())[:400]}") from None
+    # The same strict loading as for weights files: integer tensors where the network holds
+    # floating-point ones are refused, and so are values a module's own checks refuse.
+    load_state(root, state, f"{source}: the saved state", "the network it describes")
     return root
 
 

@@ -62,3 +62,19 @@ def branching(num_classes: int = 10) -> nn.Module:
 
 def failing(num_classes: int = 10) -> nn.Module:
     raise RuntimeError("this factory needs a config file")
+
+
+class WithBatchNorm(MeanSign):
+    """MeanSign with a BatchNorm after the convolution (state saved by an older PyTorch lacks its
+    ``num_batches_tracked``)."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__(num_classes)
+        self.bn = nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.relu(self.bn(self.conv(x)))), 1))
+
+
+def with_batchnorm(num_classes: int = 10) -> nn.Module:
+    return WithBatchNorm(num_classes)

@@ -56,7 +56,7 @@ def test_unknown_model_and_mismatched_checkpoint(tmp_path, capsys):
     blob["in_channels"] = 3
     torch.save(blob, tmp_path / "mismatch.pt")
     code, _, err = _run(["compare", "--checkpoint", str(tmp_path / "mismatch.pt"), "--data", "digits"], capsys)
-    assert code == 2 and "does not match" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "does not fit" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow  # every subcommand, a comparison included

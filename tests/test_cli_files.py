@@ -186,15 +186,16 @@ def test_user_model_errors_are_one_line(tmp_path, capsys):
 def test_factory_found_in_the_working_directory(tmp_path, capsys, monkeypatch):
     (tmp_path / "my_wd_models.py").write_text(
         "import torch.nn as nn\n"
-        "def tiny(num_classes=10):\n"
+        "def tiny(num_classes=3):\n"
         "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, num_classes))\n")
-    state = {"1.weight": torch.randn(16, 64), "1.bias": torch.zeros(16), "3.weight": torch.randn(3, 16),
-             "3.bias": torch.zeros(3)}
+    # Ten outputs for the ten digit classes: the weights fit only if --num-classes reaches the factory.
+    state = {"1.weight": torch.randn(16, 64), "1.bias": torch.zeros(16), "3.weight": torch.randn(10, 16),
+             "3.bias": torch.zeros(10)}
     torch.save({"model": state, "epoch": 1}, tmp_path / "w.pt")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     monkeypatch.delitem(sys.modules, "my_wd_models", raising=False)
-    code, out, err = _run(["evaluate", "--model", "my_wd_models:tiny", "--num-classes", "3", "--weights", "w.pt",
+    code, out, err = _run(["evaluate", "--model", "my_wd_models:tiny", "--num-classes", "10", "--weights", "w.pt",
                            "--T", "2", "--limit", "8", *DIGITS], capsys)
     assert code == 0, err
     assert "parallel" in out

@@ -194,3 +194,23 @@ def test_cifar10_subset_found_from_another_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SJPC_CIFAR10_DIR", raising=False)
     assert len(data.cifar10_subset("train", limit=30)) == 30
+
+
+def test_arrays_and_normalisation_are_checked_in_one_place(tmp_path):
+    """data.check_images / check_normalisation guard every loader, whichever caller feeds it."""
+    x = np.zeros((4, 8, 8, 3), dtype=np.uint8)
+    data.check_images(x, np.arange(4), "ok", 10)
+    with pytest.raises(ValueError, match=r"f: images are float64 \(they look scaled"):
+        data.check_images(x / 255.0, np.arange(4), "f", 10)
+    with pytest.raises(ValueError, match="labels range from 0 to 3; expected 0 to 2"):
+        data.check_images(x, np.arange(4), "l", 3)
+    np.savez(tmp_path / "test.npz", x=x, y=np.array([0, 1, 2, -1]))
+    with pytest.raises(ValueError, match=r"test.npz.*labels range from -1"):
+        data.cifar10_npz("test", root=tmp_path)
+    np.savez(tmp_path / "test.npz", images=x)
+    with pytest.raises(ValueError, match=r"holds arrays \['images'\]; expected 'x'"):
+        data.cifar10_npz("test", root=tmp_path)
+    with pytest.raises(ValueError, match="std values must be positive"):
+        data.cifar10_subset("test", mean=[0.5] * 3, std=[0.2, -0.2, 0.2])
+    with pytest.raises(ValueError, match="mean has 2 values but the images have 3 channels"):
+        data.torchvision_dataset("imagefolder", tmp_path, "test", mean=[0.5, 0.5], std=[0.2, 0.2])

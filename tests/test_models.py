@@ -185,7 +185,7 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     blob = torch.load(path, weights_only=False)
     blob["kwargs"] = {}  # option A has no shortcut convolutions: the weights do not fit
     torch.save(blob, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match=r"does not match model resnet20.*unexpected keys"):
+    with pytest.raises(ValueError, match=r"does not fit model resnet20.*unexpected keys"):
         models.load_checkpoint(tmp_path / "bad.pt")
     blob["name"] = "no-such-net"
     torch.save(blob, tmp_path / "bad_name.pt")

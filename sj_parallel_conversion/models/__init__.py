@@ -22,12 +22,12 @@ from ..activation import QCFS
 from ..fileio import load_tensor_file, save_tensors
 from .cifar import BasicBlock, CifarCNN, CifarResNet, DigitsCNN, OptionABlock, ResNet18, VGG16
 from .tv import make_convertible, torchvision_resnet
-from .user import build_user_model, extract_state_dict, load_user_model, state_dict_mismatch
+from .user import build_user_model, extract_state_dict, load_state, load_user_model, state_dict_mismatch
 
 __all__ = [
     "MODEL_NAMES", "ACTIVATIONS", "build_model", "make_act", "torchvision_resnet", "make_convertible",
     "save_checkpoint", "load_checkpoint", "CHECKPOINT_FORMAT", "state_dict_mismatch",
-    "load_user_model", "build_user_model", "extract_state_dict",
+    "load_user_model", "build_user_model", "extract_state_dict", "load_state",
     "CifarCNN", "DigitsCNN", "VGG16", "ResNet18", "CifarResNet", "BasicBlock", "OptionABlock",
 ]
 
@@ -100,9 +100,8 @@ def load_checkpoint(path, map_location="cpu") -> Tuple[nn.Module, Dict[str, Any]
     model = build_model(name, num_classes=meta.get("num_classes", 10), act=meta.get("act", "relu"),
                         L=meta.get("L", 8), in_channels=meta.get("in_channels", 3), **meta.get("kwargs", {}))
     state = blob["state_dict"]
-    problem = state_dict_mismatch(model, state)
-    if problem:
-        desc = f"{name} (act={meta.get('act')}, num_classes={meta.get('num_classes')}, in_channels={meta.get('in_channels')})"
-        raise ValueError(f"checkpoint {os.fspath(path)!r} does not match model {desc}: {problem}")
-    model.load_state_dict(state, strict=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {os.fspath(path)!r}: 'state_dict' is a {type(state).__name__}, not a mapping")
+    desc = f"{name} (act={meta.get('act')}, num_classes={meta.get('num_classes')}, in_channels={meta.get('in_channels')})"
+    load_state(model, state, f"checkpoint {os.fspath(path)!r}", f"model {desc}")
     return model.eval(), meta

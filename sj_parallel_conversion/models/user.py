@@ -11,11 +11,15 @@
 The weights file is read with ``torch.load(weights_only=True)``. It may hold the state_dict
 itself or wrap it under ``state_dict``, ``model`` or ``model_state_dict`` (the usual public
 layout ``{"state_dict": ..., "best_prec1": ...}``); ``module.`` prefixes (DataParallel) and
-``_orig_mod.`` prefixes (``torch.compile``) are stripped. Missing or unexpected keys and shape
-mismatches are listed in the error.
+``_orig_mod.`` prefixes (``torch.compile``) are stripped. Whether the weights fit is decided by
+``model.load_state_dict(state, strict=True)`` itself (:func:`load_state`): what torch accepts
+loads (a BatchNorm saved by an older PyTorch without ``num_batches_tracked``, say), and what it
+refuses is reported with its missing and unexpected keys and shape mismatches. Integer tensors
+where the model has floating-point weights are refused rather than converted.
 """
 from __future__ import annotations
 
+import collections
 import importlib
 import os
 import sys
@@ -26,7 +30,8 @@ import torch.nn as nn
 
 from ..fileio import load_tensor_file
 
-__all__ = ["load_user_model", "build_user_model", "extract_state_dict", "state_dict_mismatch", "WRAPPER_KEYS"]
+__all__ = ["load_user_model", "build_user_model", "extract_state_dict", "state_dict_mismatch", "load_state",
+           "WRAPPER_KEYS"]
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 _PREFIXES = ("module.", "_orig_mod.")
@@ -100,13 +105,21 @@ def extract_state_dict(blob: Any, source: str = "weights") -> Dict[str, torch.Te
         keys = sorted(map(str, blob))[:8] if isinstance(blob, Mapping) else type(blob).__name__
         raise ValueError(f"{source} holds no state_dict (top-level keys {keys}); expected a mapping of parameter "
                          f"names to tensors, possibly under {', '.join(map(repr, WRAPPER_KEYS))}")
-    out = {}
-    for k, v in state.items():
-        for prefix in _PREFIXES:
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
+    out = collections.OrderedDict((_strip(k), v) for k, v in state.items())
+    # The per-module versions torch saves with a state (BatchNorm's tells whether it predates
+    # num_batches_tracked) follow the keys, so that load_state_dict judges the file as torch would.
+    versions = getattr(state, "_metadata", None)
+    if isinstance(versions, Mapping):
+        # Module paths: "module.layer1" -> "layer1", and the wrapper "module" -> "" (the root).
+        out._metadata = collections.OrderedDict((_strip(k + ".")[:-1], v) for k, v in versions.items())
     return out
+
+
+def _strip(key: str) -> str:
+    for prefix in _PREFIXES:
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
 
 
 def state_dict_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> Optional[str]:
@@ -127,6 +140,50 @@ def state_dict_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> 
     return "; ".join(parts)
 
 
+def _show(items) -> str:
+    return f"{items[:6]}{f' and {len(items) - 6} more' if len(items) > 6 else ''}"
+
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, target: str = "the model") -> None:
+    """``model.load_state_dict(state, strict=True)``, which alone decides whether ``state`` fits.
+
+    Raises ``ValueError`` naming ``source`` (the file) and ``target`` (the model): for integer
+    tensors where the model holds
+    floating-point ones (torch would convert them silently), and when torch refuses the state,
+    with the missing and unexpected keys it found, the shape mismatches and any other reason it
+    gave (a parameter value a module refuses, say).
+    """
+    own = model.state_dict()
+    integer = [f"{k} ({state[k].dtype})" for k, v in own.items()
+               if torch.is_tensor(v) and v.is_floating_point() and torch.is_tensor(state.get(k))
+               and not (state[k].is_floating_point() or state[k].is_complex())]
+    if integer:
+        raise ValueError(f"{source} holds integer tensors where {target} has floating-point weights: "
+                         f"{_show(integer)}; refused rather than converted")
+    found: Dict[str, list] = {}
+
+    def record(module, keys):
+        if module is model:
+            found.update(missing=list(keys.missing_keys), unexpected=list(keys.unexpected_keys))
+
+    hook = model.register_load_state_dict_post_hook(record)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
+                 if torch.is_tensor(v) and torch.is_tensor(state.get(k)) and state[k].shape != v.shape]
+        # torch's own lines, except those the lists above say more briefly.
+        other = [line.strip() for line in str(exc).splitlines()[1:] if line.strip() and not line.strip().startswith(
+            ("Missing key(s)", "Unexpected key(s)", "size mismatch for"))]
+        parts = [f"{label} {_show(items)}" for label, items in
+                 (("missing keys", found.get("missing", [])), ("unexpected keys", found.get("unexpected", [])),
+                  ("shape mismatches", wrong)) if items] + other
+        raise ValueError(f"{source} does not fit {target}: {'; '.join(parts) or ' '.join(str(exc).split())}"
+                         ) from None
+    finally:
+        hook.remove()
+
+
 def load_user_model(spec: str, weights: Optional[str] = None, **kwargs: Any) -> nn.Module:
     """Build the model ``spec`` names and load ``weights`` (a state_dict file) into it strictly.
 
@@ -137,16 +194,13 @@ def load_user_model(spec: str, weights: Optional[str] = None, **kwargs: Any) -> 
         kwargs: passed to the factory (``num_classes=10``, ...).
 
     Returns the model in eval mode. Raises ``ValueError`` naming the model and the file when the
-    model cannot be built or the weights do not fit it (listing missing/unexpected keys and shape
-    mismatches), and the errors of :func:`~sj_parallel_conversion.fileio.load_tensor_file` for
-    missing, corrupt or pickle-only files.
+    model cannot be built or ``load_state_dict(strict=True)`` refuses the weights (listing
+    missing/unexpected keys and shape mismatches, see :func:`load_state`), and the errors of
+    :func:`~sj_parallel_conversion.fileio.load_tensor_file` for missing, corrupt or pickle-only files.
     """
     model = build_user_model(spec, **kwargs)
     if weights is not None:
         blob = load_tensor_file(weights, what="weights file")
         state = extract_state_dict(blob, f"weights file {os.fspath(weights)!r}")
-        problem = state_dict_mismatch(model, state)
-        if problem:
-            raise ValueError(f"weights file {os.fspath(weights)!r} does not fit model {spec!r}: {problem}")
-        model.load_state_dict(state, strict=True)
+        load_state(model, state, f"weights file {os.fspath(weights)!r}", f"model {spec!r}")
     return model.eval()
