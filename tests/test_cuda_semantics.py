@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import inspect
+import os
 import re
 import sys
 import types
@@ -147,7 +148,12 @@ def fake_cupy(monkeypatch):
                                          "data": f.read() if f else None})
 
         def get_function(self, name):
-            return name
+            path = record["module"][-1]["path"]
+
+            class Kernel:
+                def compile(self):
+                    record.setdefault("compiled", []).append((name, os.path.exists(path)))
+            return Kernel()
 
     def compile_using_nvrtc(source, options=(), arch=None, **kwargs):
         record["compile"].append({"source": source, "options": tuple(options), "arch": arch})
@@ -178,6 +184,8 @@ def test_kernel_is_compiled_by_nvrtc_with_our_options_and_loaded_as_a_binary(fak
     # with cupy's -ftz=true appended.
     (module,) = fake_cupy["module"]
     assert module["code"] is None and module["path"] and module["data"] == b"CUBIN"
+    # Every kernel is loaded at build time, while its file exists.
+    assert sorted(fake_cupy["compiled"]) == sorted((n, True) for n in cupy_backend._KERNEL_NAMES.values())
     assert fake_cupy["devices"] == [1]
 
 

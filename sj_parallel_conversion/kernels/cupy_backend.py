@@ -8,8 +8,10 @@ memory order, so such inputs are neither copied in nor copied out.
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
 import tempfile
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
@@ -120,7 +122,8 @@ def compile_options() -> tuple:
 
 @functools.lru_cache(maxsize=None)
 def _module(device_index: int) -> Dict[str, object]:
-    """The four kernels, compiled by NVRTC with :func:`compile_options` for ``device_index``."""
+    """The four kernels, compiled by NVRTC with :func:`compile_options` for ``device_index`` and
+    loaded on that device."""
     import cupy
     from cupy.cuda import compiler
 
@@ -128,14 +131,25 @@ def _module(device_index: int) -> Dict[str, object]:
         binary = compiler.compile_using_nvrtc(_SOURCE, compile_options())
         if isinstance(binary, tuple):  # cupy 14 returns (binary, name mapping)
             binary = binary[0]
-        data = binary.encode() if isinstance(binary, str) else binary
-        with tempfile.TemporaryDirectory() as folder:
-            path = os.path.join(folder, "sjpc_fire.cubin")
-            with open(path, "wb") as f:
-                f.write(data)
-            module = cupy.RawModule(path=path)
-            # Load every kernel now, while the file exists.
-            return {name: module.get_function(name) for name in _KERNEL_NAMES.values()}
+        is_ptx = isinstance(binary, str)
+        data = binary.encode() if is_ptx else binary
+        # RawModule(path=...) reads the file when a kernel is first loaded on a device, so the
+        # file lives as long as the process.
+        path = os.path.join(_binary_folder(), f"sjpc_fire_{device_index}" + (".ptx" if is_ptx else ".cubin"))
+        with open(path, "wb") as f:
+            f.write(data)
+        module = cupy.RawModule(path=path)
+        kernels = {name: module.get_function(name) for name in _KERNEL_NAMES.values()}
+        for kernel in kernels.values():
+            kernel.compile()  # load it on this device now: a bad binary fails here, not at a launch
+        return kernels
+
+
+@functools.lru_cache(maxsize=1)
+def _binary_folder() -> str:
+    folder = tempfile.mkdtemp(prefix="sjpc_cupy_")
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 def launch_stream(device: torch.device):
