@@ -36,6 +36,23 @@ def cifar10_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def pretrained_dir() -> Path:
+    """The public pretrained ResNet-32/44 files (``SJPC_PRETRAINED_DIR``, set by tools/env.sh):
+    skipped where absent, a failure where SJPC_REQUIRE_DATA=1, as for CIFAR-10."""
+    from pretrained_resnets import ENV_VAR, FILES
+
+    env = os.environ.get(ENV_VAR)
+    d = Path(env) if env else None
+    if d is None or not all((d / f).is_file() for f, _ in FILES.values()):
+        msg = (f"{ENV_VAR} is not set" if d is None
+               else f"pretrained ResNet files {[f for f, _ in FILES.values()]} not found in {str(d)!r} (set {ENV_VAR})")
+        if os.environ.get("SJPC_REQUIRE_DATA") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return d
+
+
+@pytest.fixture(scope="session")
 def load_example():
     """``load_example("train_cifar")`` imports ``examples/train_cifar.py`` as a module."""
     def load(name: str):

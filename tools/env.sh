@@ -16,5 +16,7 @@ fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
 export SJPC_CIFAR10_DIR="${SJPC_CIFAR10_DIR:-$ROOT/../shared/data/cifar10}"
+# The public pretrained CIFAR-10 ResNet-32/44 that tests/test_pretrained_resnets.py evaluates.
+export SJPC_PRETRAINED_DIR="${SJPC_PRETRAINED_DIR:-$ROOT/../shared/data/pretrained_cifar10_resnets}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 cd "$ROOT"
