@@ -25,7 +25,8 @@ def _payloads(marker: str):
     touch = f'open({marker!r},"w")'
     return [
         f"x=exec({set_flag!r})",                    # a placeholder default evaluated at definition
-        f'x"),{set_flag},getattr(self,"x',         # leaves getattr(self, "...") and runs at forward
+        f'x") if {set_flag} else getattr(self,"x',  # closes getattr(self, "..."): runs at forward
+        f'x"),{set_flag},getattr(self,"x',
         f"x,{set_flag}",
         f'{set_flag} or x',
         touch,
@@ -73,11 +74,16 @@ class Residual(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
 
 
+def _saved(model, path):
+    save_snn(model, path, metadata={"T": 4})
+    load_snn(path)  # the unmutated file loads
+    return torch.load(path, weights_only=True)
+
+
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """Two real files: a traced graph holding every op, and a converted network (neurons, joins)."""
+def traced_blob(tmp_path_factory):
+    """A traced graph holding every op and a plain tensor constant, as saved."""
     torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("saved")
     traced = torch.fx.symbolic_trace(Everything().eval())
     ops = {n.op for n in traced.graph.nodes}
     assert ops == {"placeholder", "get_attr", "call_module", "call_function", "call_method", "output"}
@@ -85,17 +91,28 @@ def saved(tmp_path_factory):
     # file's "constants" describe, so one of them becomes one.
     constant = traced._buffers.pop("_tensor_constant1")
     setattr(traced, "_tensor_constant1", constant)
+    blob = _saved(traced, tmp_path_factory.mktemp("traced") / "traced.pt")
+    assert list(blob["constants"]) == ["_tensor_constant1"]
+    return blob
+
+
+@pytest.fixture(scope="module")
+def snn_blob(tmp_path_factory):
+    """A converted network (neurons, a time-mean join), as saved."""
+    torch.manual_seed(0)
     x = torch.rand(4, 3, 8, 8)
     snn = ParallelConverter(ParallelConversionRecipe({"relu1": 8, "relu2": 4}, [x], progress=False,
                                                      method="ema")).convert(Residual().eval())
-    files = {}
-    for name, model in (("traced", traced), ("snn", snn)):
-        path = d / f"{name}.pt"
-        save_snn(model, path, metadata={"T": 4})
-        load_snn(path)  # the unmutated file loads
-        files[name] = torch.load(path, weights_only=True)
-    assert list(files["traced"]["constants"]) == ["_tensor_constant1"]
-    return files
+    return _saved(snn, tmp_path_factory.mktemp("snn") / "snn.pt")
+
+
+@pytest.fixture
+def saved(request):
+    """Both files by name; each built only when a test asks for it."""
+    class Files(dict):
+        def __missing__(self, key):
+            return request.getfixturevalue(f"{key}_blob")
+    return Files()
 
 
 def _ran(marker) -> bool:
@@ -207,19 +224,27 @@ def test_placeholder_target_attack_of_the_issue_runs_nothing(saved, tmp_path):
     assert not marker.exists()
 
 
-def test_get_attr_expression_attack_of_the_issue_runs_nothing(saved, tmp_path):
-    """A constant named so that ``getattr(self, "<name>")`` closes early and calls code at forward."""
-    blob = copy.deepcopy(saved["traced"])
-    key = next(iter(blob["constants"]))
-    evil = f'c"),setattr(__import__("builtins"),"{SENTINEL}",1),getattr(self,"c'
-    blob["constants"][evil] = blob["constants"].pop(key)
-    for rec in blob["graph"]:
-        if rec["op"] == "get_attr" and rec["target"] == key:
-            rec["target"] = evil
+@pytest.mark.parametrize("via", ["constant", "module path"])
+def test_get_attr_expression_attack_of_the_issue_runs_nothing(saved, tmp_path, via):
+    """A name that closes fx's ``getattr(self.fc, "<name>")`` early and calls code at the first
+    forward: a constant read by a get_attr node, or a module called by a call_module node."""
+    blob = copy.deepcopy(saved["snn"])
+    evil = f'k") if setattr(__import__("builtins"),"{SENTINEL}",1) else getattr(self,"k'
+    if via == "constant":
+        blob["constants"][f"fc.{evil}"] = torch.ones(3)
+        blob["graph"].insert(len(blob["graph"]) - 1, {"op": "get_attr", "name": "k", "target": f"fc.{evil}",
+                                                      "args": (), "kwargs": {"$dict": []}})
+    else:
+        for rec in blob["modules"]:
+            rec["path"] = evil if rec["path"] == "fc" else rec["path"]
+        for key in [k for k in blob["state_dict"] if k.startswith("fc.")]:
+            blob["state_dict"][evil + key[2:]] = blob["state_dict"].pop(key)
+        for rec in blob["graph"]:
+            rec["target"] = evil if rec["target"] == "fc" else rec["target"]
     torch.save(blob, tmp_path / "evil.pt")
-    with pytest.raises(fileio.FileError, match="constant"):
+    with pytest.raises(fileio.FileError, match=f"{via}.* is not a plain"):
         model = load_snn(tmp_path / "evil.pt")
-        model(torch.rand(1, 3, 8, 8))  # before the fix: loaded, and this forward ran the payload
+        model(torch.rand(1, 3, 8, 8).unsqueeze(0))  # before the fix: loaded, and this forward ran the payload
     assert not hasattr(builtins, SENTINEL)
 
 
