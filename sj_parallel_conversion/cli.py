@@ -43,47 +43,101 @@ def _positive_int(text: str) -> int:
     return v
 
 
+class LayerT(dict):
+    """Per-layer time steps read from a ``--T FILE`` (``site name -> T``); ``source`` is the file."""
+
+    source = ""
+
+
+class _TFile(str):
+    """A ``--T`` value that names a file; read (and checked) by :func:`_read_T_files`."""
+
+
+def _T_arg(text: str):
+    """``--T`` of convert/evaluate/stats: a positive integer, or a JSON file of per-layer T."""
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        if text.lower().endswith(".json") or os.path.exists(text):
+            return _TFile(text)
+        raise argparse.ArgumentTypeError(f"expected a positive integer or a JSON file of per-layer T "
+                                         f"(as 'search-t --json' writes), got {text!r}") from None
+
+
+def _calib_images(args) -> int:
+    """--calib-images, or its default where the arguments have not been through :func:`_check_args`."""
+    return getattr(args, "calib_images", None) or CALIB_IMAGES
+
+
+def _T_max(T) -> int:
+    """The most steps any layer of a (uniform or per-layer) ``T`` runs."""
+    return max(T.values()) if isinstance(T, dict) else T
+
+
+def _T_label(T) -> str:
+    if not isinstance(T, dict):
+        return f"T={T}"
+    src = f" from {T.source}" if getattr(T, "source", "") else ""
+    return f"per-layer T{src} ({min(T.values())}..{max(T.values())}, mean {sum(T.values()) / len(T):.2f})"
+
+
+#: Bounded default of --calib-images: about 1,000 images calibrate as well as an epoch (the
+#: calibration page's measurements) at a fraction of its time.
+CALIB_IMAGES = 1024
+#: Defaults of the options whose value must be told apart from "not given" (they are refused
+#: where they would be ignored); :func:`_check_args` fills them in after its checks.
+DEFAULTS = {"method": "auto", "alpha": 0.99, "calib_images": CALIB_IMAGES}
+
+
 def _add_data_args(p: argparse.ArgumentParser, test_images: bool = True) -> None:
     """Data options; ``test_images=False`` for subcommands that never read the test split (no --limit)."""
     g = p.add_argument_group("data")
     g.add_argument("--data", default="npz", choices=["npz", "subset", "cifar10", "cifar100", "imagefolder", "digits"],
-                   help="npz: the project's CIFAR-10 arrays (SJPC_CIFAR10_DIR); subset: the CIFAR-10 subset "
-                        "shipped in the package (1,000 test, 1,024 training images); cifar10/cifar100: "
-                        "torchvision datasets; imagefolder: an ImageNet-style folder; digits: scikit-learn 8x8")
-    g.add_argument("--data-root", default=None, help="dataset folder (npz dir, torchvision root or ImageFolder root)")
-    g.add_argument("--download", action="store_true", help="let torchvision download CIFAR (never by default)")
+                   help="npz (default): the project's CIFAR-10 arrays (SJPC_CIFAR10_DIR or --data-root); subset: "
+                        "the CIFAR-10 subset shipped in the package (1,000 test, 1,024 training images); "
+                        "cifar10/cifar100: torchvision datasets; imagefolder: an ImageNet-style folder; "
+                        "digits: scikit-learn 8x8")
+    g.add_argument("--data-root", default=None,
+                   help="dataset folder for npz (default: SJPC_CIFAR10_DIR), cifar10/cifar100 and imagefolder "
+                        "(required there); refused with subset and digits, which ship with the packages")
+    g.add_argument("--download", action="store_true",
+                   help="let torchvision download CIFAR (--data cifar10/cifar100 only; never by default)")
     g.add_argument("--batch-size", type=_positive_int, default=128, help="images per batch (default 128)")
     if test_images:
-        g.add_argument("--limit", type=_positive_int, default=None, help="evaluate on at most this many test images")
-    g.add_argument("--calib-batches", type=_positive_int, default=None,
-                   help="at most this many calibration batches (from the training split)")
+        g.add_argument("--limit", type=_positive_int, default=None,
+                       help="evaluate on at most this many test images (default: the whole test split)")
+    g.add_argument("--calib-images", type=_positive_int, default=None, metavar="N",
+                   help=f"calibrate on at most N training images (default {CALIB_IMAGES}), the first N of one "
+                        "shuffle seeded with 0, the same for every T and method")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device to run on (default: cuda when available, else cpu)")
     g.add_argument("--mean", type=float, nargs="+", default=None, metavar="M",
                    help="input normalisation mean per channel of the built-in datasets (default: the dataset's "
                         "usual one); give with --std, e.g. for a model trained with other preprocessing")
-    g.add_argument("--std", type=float, nargs="+", default=None, metavar="S", help="normalisation std per channel")
+    g.add_argument("--std", type=float, nargs="+", default=None, metavar="S",
+                   help="normalisation std per channel (default: the dataset's usual one)")
 
 
 def _add_source_args(p: argparse.ArgumentParser, snn: bool = False) -> None:
     """Where the network comes from: the project's checkpoint, any model + weights, or an SNN file."""
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--checkpoint", help="ANN checkpoint written by save_checkpoint / train_cifar.py")
+    g.add_argument("--checkpoint", help="ANN checkpoint written by save_checkpoint / train_cifar.py (a plain "
+                                        "state_dict goes with --model NAME --weights FILE)")
     g.add_argument("--model", metavar="NAME",
                    help="any model, with --weights: a zoo name (resnet20, ...), torchvision:NAME or MODULE:CALLABLE "
                         "(a factory importable from PYTHONPATH or the working directory)")
     if snn:
-        g.add_argument("--snn", help="SNN file written by 'convert' / save_snn (its own T)")
+        g.add_argument("--snn", help="SNN file written by 'convert' / save_snn (its own T, already calibrated)")
     p.add_argument("--weights", metavar="FILE",
-                   help="state_dict file for --model (also wrapped under state_dict/model/model_state_dict; "
-                        "'module.' prefixes are stripped)")
+                   help="state_dict file, required with --model (also wrapped under state_dict/model/"
+                        "model_state_dict; 'module.' prefixes are stripped)")
     p.add_argument("--num-classes", type=_positive_int, default=None,
-                   help="passed to the --model factory as num_classes")
+                   help="passed to the --model factory as num_classes (default: the factory's own)")
 
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibration")
-    g.add_argument("--method", choices=["auto", "learned", "ema", "moment"], default="auto",
+    g.add_argument("--method", choices=["auto", "learned", "ema", "moment"], default=None,
                    help="auto (default): keep whichever of no calibration, Algorithm 1 and learned calibration "
                         "agrees best with the ANN on held-out calibration images; learned: learn every neuron's "
                         "per-channel thresholds and shift; ema: Algorithm 1 as published; moment: moment matching")
@@ -95,10 +149,11 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", default=None, help="also write the table as JSON")
-    p.add_argument("--csv", default=None, help="also write the table as CSV")
+    p.add_argument("--json", default=None, help="also write the table as JSON (default: none)")
+    p.add_argument("--csv", default=None, help="also write the table as CSV (default: none)")
     p.add_argument("--plot", default=None, help="also write a PNG plot (accuracy vs T; compare: and throughput "
-                                                "vs T from the median of the timed runs, labelled with the machine)")
+                                                "vs T from the median of the timed runs, labelled with the machine; "
+                                                "default: none)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -126,9 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     cifar, digits = DEMO_OPTIONS["cifar10"], DEMO_OPTIONS["digits"]
     d.add_argument("--images", type=_positive_int, default=None,
                    help=f"cifar10: test images to evaluate on, at most 1000 (default {cifar['test_images'][1]})")
-    d.add_argument("--calib-images", type=_positive_int, default=None,
-                   help="cifar10: training images Algorithm 1 calibrates on, 2 to 1024 "
-                        f"(default {cifar['calib_images'][1]})")
+    d.add_argument("--calib-images", type=_positive_int, default=None, metavar="N",
+                   help="cifar10: shipped training images that Algorithm 1 and SpikingJelly's converters calibrate "
+                        f"on, 2 to 1024 (default {cifar['calib_images'][1]})")
     from .compare import BUILTIN
     d.add_argument("--baselines", nargs="+", choices=list(BUILTIN), default=None,
                    help="cifar10: SpikingJelly converters to compare with, each evaluated at every T from one "
@@ -154,21 +209,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="convert an ANN checkpoint into a parallel SNN file")
     _add_source_args(c)
-    c.add_argument("--T", type=_positive_int, required=True, help="time steps of the converted network")
-    c.add_argument("--out", required=True, help="output file for the converted SNN")
+    c.add_argument("--T", type=_T_arg, required=True, metavar="T|FILE",
+                   help="time steps of the converted network (required): an integer, or a JSON file of per-layer "
+                        "T such as 'search-t --json' writes")
+    c.add_argument("--out", required=True, help="output file for the converted SNN (required)")
     c.add_argument("--calibrate", choices=["auto", "yes", "no"], default="auto",
                    help="calibrate DA-QCFS: auto (default) where the conversion case needs it (ReLU source, "
                         "or QCFS at T != L), yes always, no never")
-    c.add_argument("--alpha", type=float, default=0.99,
-                   help="momentum of Algorithm 1's moving average (default 0.99)")
+    c.add_argument("--alpha", type=float, default=None,
+                   help="momentum of Algorithm 1's moving average, in [0, 1) (default 0.99, the paper's); used by "
+                        "--method ema and by auto's Algorithm-1 candidate, refused where nothing uses it")
     _add_method_args(c)
     _add_data_args(c, test_images=False)
     c.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     e = sub.add_parser("evaluate", help="accuracy at a list of T, spike-level or count-domain")
     _add_source_args(e, snn=True)
-    e.add_argument("--T", type=_positive_int, nargs="+", default=None,
-                   help="time steps to convert for and evaluate (required with --checkpoint)")
+    e.add_argument("--T", type=_T_arg, nargs="+", default=None, metavar="T|FILE",
+                   help="time steps to convert for and evaluate, each an integer or a JSON file of per-layer T "
+                        "('search-t --json'); required with --checkpoint / --model; with --snn only the file's "
+                        "own T (default)")
     e.add_argument("--mode", choices=["spike", "count"], default="count",
                    help="count (default): count-domain evaluation, one pass; spike: a spike-level run")
     _add_method_args(e)
@@ -184,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="methods to compare (default all but parallel-learned, which adds a learned fit at every T); rate-cw-*: SpikingJelly's RateCodingRecipe with "
                         "channel_wise=True, half_threshold=True, its strongest setting; rate-*: its defaults; "
                         "ltb: LocalThresholdBalancingRecipe")
-    m.add_argument("--title", default=None, help="title of the table and plot")
+    m.add_argument("--title", default=None,
+                   help="title of the table, its JSON and the plot (default: the model, --data and the number of "
+                        "test images)")
     m.add_argument("--repeats", type=_positive_int, default=3,
                    help="timed runs of every test batch; times are the median per-image time of all timed "
                         "runs (default 3; with 1 and a single batch the plot leaves throughput out)")
@@ -194,14 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("stats", help="per-layer firing rates, SOPs and an energy estimate of a converted model")
     _add_source_args(st, snn=True)
-    st.add_argument("--T", type=_positive_int, default=None,
-                    help="time steps to convert for (required with --checkpoint / --model; with --snn only the "
-                         "file's own T is accepted)")
+    st.add_argument("--T", type=_T_arg, default=None, metavar="T|FILE",
+                    help="time steps to convert for, an integer or a JSON file of per-layer T ('search-t --json'); "
+                         "required with --checkpoint / --model; with --snn only the file's own T (default)")
     _add_method_args(st)
-    _add_data_args(st)
-    st.add_argument("--images", type=_positive_int, default=256, help="test images to run (spike level)")
-    st.add_argument("--json", default=None, help="also write the statistics as JSON")
-    st.add_argument("--plot", default=None, help="per-layer PNG plot")
+    _add_data_args(st, test_images=False)  # --images says how many test images run
+    st.add_argument("--images", type=_positive_int, default=256,
+                    help="the first this many test images run at spike level (default 256)")
+    st.add_argument("--json", default=None, help="also write the statistics as JSON (default: none)")
+    st.add_argument("--plot", default=None, help="also write a per-layer PNG plot (default: none)")
     st.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     lt = sub.add_parser("search-t", help="search per-layer time steps for an accuracy budget")
@@ -210,12 +273,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="uniform time steps the search starts from and never exceeds (default 16)")
     lt.add_argument("--candidates", type=_positive_int, nargs="+", default=[1, 2, 4, 8],
                     help="smaller time steps tried per layer (default 1 2 4 8)")
-    lt.add_argument("--max-loss", type=float, default=0.01, help="allowed accuracy loss (fraction)")
+    lt.add_argument("--max-loss", type=float, default=0.01,
+                    help="allowed accuracy loss against uniform --T-max, a fraction (default 0.01: one point)")
     lt.add_argument("--search-batches", type=_positive_int, default=4,
-                    help="batches of training images held out (never calibrated on) to score candidates")
-    lt.add_argument("--seed", type=int, default=0, help="seed of the search/calibration split")
+                    help="batches of training images held out (never calibrated on) to score candidates "
+                         "(default 4, of --batch-size images each)")
+    lt.add_argument("--seed", type=int, default=0, help="seed of the search/calibration split (default 0)")
     _add_data_args(lt, test_images=False)
-    lt.add_argument("--json", default=None, help="also write the result as JSON")
+    lt.add_argument("--json", default=None,
+                    help="also write the result as JSON (default: none); its per-layer T is what convert, evaluate "
+                         "and stats take as --T FILE")
     lt.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 
@@ -265,17 +332,16 @@ def _loaders(args, need_train: bool):
 
         test = Subset(test, range(limit))
     test = _shard(test)
-    train = _shard(train) if train is not None else None
     test_loader = data.make_loader(test, args.batch_size)
     calib_loader = None
     if train is not None:
         # One seeded shuffle, then a fixed order: every T and every method of one run calibrates
-        # on the same batches (mixed classes), and a rerun gives the same networks.
-        import torch
+        # on the same images (mixed classes), and a rerun gives the same networks. Shards are cut
+        # from those images, so torchrun calibrates on the images a single process would.
         from torch.utils.data import Subset
 
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
-        calib_loader = data.make_loader(Subset(train, order), args.batch_size)
+        calib_loader = data.make_loader(_shard(Subset(train, order[:_calib_images(args)])), args.batch_size)
     return calib_loader, test_loader
 
 
@@ -284,12 +350,63 @@ def _load_ann(args):
     from . import models
 
     if args.checkpoint is not None:
-        model, meta = models.load_checkpoint(args.checkpoint, map_location="cpu")
+        try:
+            model, meta = models.load_checkpoint(args.checkpoint, map_location="cpu")
+        except ValueError as exc:
+            if _is_state_dict(args.checkpoint):
+                raise CLIError(f"--checkpoint {args.checkpoint}: a plain state_dict (weights without the model's "
+                               f"name), not a checkpoint of save_checkpoint; load it with --model NAME --weights "
+                               f"{args.checkpoint} (NAME: a zoo name such as resnet20, torchvision:NAME or "
+                               "MODULE:CALLABLE)") from exc
+            raise
     else:
         kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
-        model = models.load_user_model(args.model, args.weights, **kwargs)
+        try:
+            model = models.load_user_model(args.model, args.weights, **kwargs)
+        except ValueError as exc:
+            hint = _num_classes_hint(args.model, args.weights, kwargs)
+            if not hint:
+                raise
+            raise CLIError(f"{_one_line(exc)}; {hint}") from exc
         meta = {"name": args.model, "weights": os.path.abspath(args.weights), **kwargs}
     return model.to(args.device).eval(), meta
+
+
+def _is_state_dict(path: str) -> bool:
+    """Does ``path`` hold a state_dict (plain or wrapped) without the model name a checkpoint has?"""
+    from .fileio import load_tensor_file
+    from .models import extract_state_dict
+
+    try:
+        blob = load_tensor_file(path, what="checkpoint")
+        extract_state_dict(blob)
+    except (ValueError, OSError):
+        return False
+    return not (isinstance(blob, dict) and "name" in blob)
+
+
+def _num_classes_hint(spec: str, weights: str, kwargs: dict) -> str:
+    """``"... add --num-classes N"`` where the weights' last linear layer has ``N`` outputs and
+    the model built from ``spec`` another number; ``""`` otherwise."""
+    from .fileio import load_tensor_file
+    from .models import build_user_model, extract_state_dict
+
+    try:
+        model = build_user_model(spec, **kwargs)
+        state = extract_state_dict(load_tensor_file(weights, what="weights file"))
+    except Exception:  # the hint is optional: the original error is reported either way
+        return ""
+    heads = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if not heads:
+        return ""
+    key = f"{heads[-1]}.weight"
+    mine, theirs = model.state_dict().get(key), state.get(key)
+    if not (torch.is_tensor(mine) and torch.is_tensor(theirs) and mine.dim() == theirs.dim() == 2):
+        return ""
+    if mine.shape[1] != theirs.shape[1] or mine.shape[0] == theirs.shape[0]:
+        return ""
+    return (f"the weights' output layer {heads[-1]} has {theirs.shape[0]} outputs where the model built has "
+            f"{mine.shape[0]}: add --num-classes {theirs.shape[0]}")
 
 
 def _recipe(args, T, calib_loader, calibrate=None):
@@ -297,15 +414,15 @@ def _recipe(args, T, calib_loader, calibrate=None):
     from .recipe import ParallelConversionRecipe
 
     reducer = distributed.allreduce_reducer() if distributed.is_distributed() else None
-    return ParallelConversionRecipe(T, calib_loader, calibrate=calibrate, num_batches=args.calib_batches,
-                                    progress=not args.no_progress, alpha=getattr(args, "alpha", 0.99),
-                                    reducer=reducer, **_method_options(args))
+    return ParallelConversionRecipe(T, calib_loader, calibrate=calibrate, progress=not args.no_progress,
+                                    alpha=getattr(args, "alpha", DEFAULTS["alpha"]), reducer=reducer,
+                                    **_method_options(args))
 
 
 def _method_options(args) -> dict:
     from .learned import LearnedCalibration
 
-    options = {"method": getattr(args, "method", "auto")}
+    options = {"method": getattr(args, "method", None) or DEFAULTS["method"]}
     if getattr(args, "learn_steps", None) is not None:
         options["learned"] = LearnedCalibration(steps=args.learn_steps)
     return options
@@ -369,9 +486,14 @@ def _check_fits(model, loader, args, what: str, snn_T=None) -> None:
     # the user's own code, so anything it raises is about that model.
     spec = getattr(args, "model", None) if snn_T is None else None
     caught = Exception if spec and ":" in spec and not spec.startswith("torchvision:") else RuntimeError
-    runs = [(count_domain_model(model), None)] if snn_T is not None else [(model, None)]
-    if snn_T is not None and _spike_bytes(runs[0][0], x, snn_T, 1, probe=True) <= _memory_bytes(args.device):
-        runs.append((predictor(model, snn_T), snn_T))
+    runs = [(model, None)]
+    if snn_T is not None:
+        try:
+            runs = [(count_domain_model(model), None)]
+        except ValueError:  # no parallel neurons: only a spike-level run can say anything
+            runs = []
+        if not runs or _spike_bytes(runs[0][0], x, snn_T, 1, probe=True) <= _memory_bytes(args.device):
+            runs.append((predictor(model, snn_T), snn_T))
     largest = 0
     for run, T in runs:
         try:
@@ -470,11 +592,11 @@ def _spike_runs(args, snn_T, available: int) -> List[Tuple[int, int]]:
     cmd = args.command
     batch = min(args.batch_size, available)
     if cmd == "convert":
-        return [(args.T, 1)]
+        return [(_T_max(args.T), 1)]
     if cmd == "evaluate" and args.mode == "spike":
-        return [(T, batch) for T in ([snn_T] if snn_T else args.T or [])]
+        return [(_T_max(T), batch) for T in ([snn_T] if snn_T else args.T or [])]
     if cmd == "stats":
-        return [(snn_T or args.T, min(args.images, available))]
+        return [(_T_max(snn_T or args.T), min(args.images, available))]
     if cmd == "compare":
         return [(max(args.T), batch)]
     return []
@@ -510,9 +632,12 @@ def cmd_convert(args) -> int:
         return 0
     from .serialization import save_snn
 
-    save_snn(snn, args.out, metadata={"T": args.T, "model": meta, "case": recipe.case})
+    metadata = {"T": _T_max(args.T), "model": meta, "case": recipe.case}
+    if isinstance(args.T, dict):
+        metadata["layer_T"] = dict(args.T)
+    save_snn(snn, args.out, metadata=metadata)
     print(f"converted {meta.get('name') or 'model'} ({recipe.case['source']} source, "
-          f"calibrated={recipe.case['calibrate']}) at T={args.T}: wrote {args.out}")
+          f"calibrated={recipe.case['calibrate']}) at {_T_label(args.T)}: wrote {args.out}")
     return 0
 
 
@@ -531,6 +656,9 @@ def _read_snn(path: str, device: str):
         if not ts:
             raise CLIError(f"SNN file {path!r} holds no ParallelConversionNode and no T in its metadata")
         T = max(ts)
+    layers = info.get("layer_T")
+    if isinstance(layers, dict) and layers:  # converted from a per-layer --T FILE
+        T = LayerT(layers)
     return snn, info.get("model", {}), T
 
 
@@ -545,12 +673,13 @@ def cmd_evaluate(args) -> int:
     if args.snn:
         snn, meta, T = _read_snn(args.snn, args.device)
         if args.T and args.T != [T]:
-            raise CLIError(f"{args.snn} was converted for T={T}; convert again for other T")
+            raise CLIError(f"{args.snn} was converted for {_T_label(T)}; convert again for other T")
         _, test_loader = _loaders(args, need_train=False)
         _check_fits(snn, test_loader, args, f"SNN file {args.snn!r}", snn_T=T)
         pred = predictor(snn, T, count_domain=args.mode == "count")
         acc, n, sec = evaluate(pred, test_loader, **ev)
-        table.rows.append(ComparisonRow("parallel" if args.mode == "spike" else "parallel-count", T, acc, n, 0.0, sec))
+        table.rows.append(ComparisonRow("parallel" if args.mode == "spike" else "parallel-count", _T_max(T), acc, n,
+                                        0.0, sec, "ok" if not isinstance(T, dict) else f"ok ({_T_label(T)})"))
     else:
         if not args.T:
             raise CLIError("--T is required with --checkpoint / --model")
@@ -568,8 +697,9 @@ def cmd_evaluate(args) -> int:
             conv = time.perf_counter() - t0
             pred = predictor(snn, T, count_domain=args.mode == "count")
             acc, n, sec = evaluate(pred, test_loader, **ev)
-            table.rows.append(ComparisonRow("parallel" if args.mode == "spike" else "parallel-count", T, acc, n,
-                                            conv, sec))
+            # A per-layer T's row shows its largest T (what a spike-level run emits) and says so.
+            table.rows.append(ComparisonRow("parallel" if args.mode == "spike" else "parallel-count", _T_max(T), acc,
+                                            n, conv, sec, "ok" if not isinstance(T, dict) else f"ok ({_T_label(T)})"))
     _finish_table(table, args)
     return 0
 
@@ -583,7 +713,7 @@ def cmd_compare(args) -> int:
     title = args.title or (f"{_model_label(meta)} on {args.data}, "
                            f"{'all' if args.limit is None else args.limit} test images")
     table = compare_converters(ann, calib_loader, test_loader, args.T, methods=args.methods,
-                               num_calib_batches=args.calib_batches, device=args.device,
+                               device=args.device,
                                progress=not args.no_progress, title=title, recipe_options=_method_options(args),
                                repeats=args.repeats)
     _finish_table(table, args)
@@ -597,7 +727,7 @@ def _snn_for(args):
     if args.snn:
         snn, meta, T = _read_snn(args.snn, args.device)
         if args.T is not None and args.T != T:
-            raise CLIError(f"--T {args.T}: {args.snn} was converted for T={T}; convert again for another T")
+            raise CLIError(f"--T {args.T}: {args.snn} was converted for {_T_label(T)}; convert again for another T")
         return snn, meta, T
     if not args.T:
         raise CLIError("--T is required with --checkpoint / --model")
@@ -624,7 +754,7 @@ def cmd_stats(args) -> int:
             break
     x = torch.cat(xs)[: args.images]
     report = spike_statistics(snn, x)
-    print(f"{_model_label(meta)} at T={T}, {len(x)} test images")
+    print(f"{_model_label(meta)} at {_T_label(T)}, {len(x)} test images")
     print(report.to_text())
     if args.json:
         write_json(args.json, report.as_dict())
@@ -649,7 +779,7 @@ def _search_loaders(args):
                        f"{len(train)} training images; none would be left for calibration")
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
     search = data.make_loader(Subset(train, order[:n_search]), args.batch_size)
-    calib = data.make_loader(Subset(train, order[n_search:]), args.batch_size)
+    calib = data.make_loader(Subset(train, order[n_search:n_search + _calib_images(args)]), args.batch_size)
     return calib, search
 
 
@@ -660,8 +790,7 @@ def cmd_search_t(args) -> int:
     calib_loader, search_loader = _search_loaders(args)
     _check_fits(ann, search_loader, args, _model_label(meta))
     res = search_layer_T(ann, calib_loader, search_loader, T_max=args.T_max, candidates=args.candidates,
-                         max_loss=args.max_loss, num_calib_batches=args.calib_batches,
-                         num_search_batches=args.search_batches, device=args.device)
+                         max_loss=args.max_loss, num_search_batches=args.search_batches, device=args.device)
     print(res.to_text())
     if args.json:
         write_json(args.json, {"T": res.T, "accuracy": res.accuracy, "uniform_T": res.uniform_T,
@@ -689,7 +818,9 @@ def _show_calibration_log() -> None:
 
 
 def _check_args(args) -> None:
-    """Argument checks that need no file contents, and every output path: before any work."""
+    """Every argument check, before any work: options that go together or would be ignored
+    (:func:`_check_ignored`), per-layer ``--T`` files (:func:`_read_T_files`), every output path;
+    then the defaults of :data:`DEFAULTS` are filled in."""
     from .fileio import check_output_path
 
     model = getattr(args, "model", None)
@@ -710,7 +841,9 @@ def _check_args(args) -> None:
         # The data sets read as RGB have 3 channels; npz files are checked against their own arrays.
         check_normalisation(mean, std, 3 if args.data in ("subset", "cifar10", "cifar100", "imagefolder") else None,
                             names=("--mean", "--std"))
+    _check_ignored(args)
     _check_learn_steps(args)
+    _read_T_files(args)
     if getattr(args, "device", None) is not None:
         _check_device(args.device)
     inputs = [getattr(args, k, None) for k in ("checkpoint", "weights", "snn")]
@@ -724,6 +857,79 @@ def _check_args(args) -> None:
         if real in seen:
             raise CLIError(f"{flag} and {seen[real]} name the same file {path!r}")
         seen[real] = flag
+    for name, value in DEFAULTS.items():
+        if args.command != "demo" and hasattr(args, name) and getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def _check_ignored(args) -> None:
+    """Refuse, with one line each, options that the rest of the command would ignore."""
+    if args.command == "demo":
+        return  # run_demo refuses the options of the other demo itself
+    given = lambda name: getattr(args, name, None) is not None  # noqa: E731
+    data = getattr(args, "data", None)
+    if getattr(args, "download", False) and data not in ("cifar10", "cifar100"):
+        raise CLIError(f"--download applies to --data cifar10 / cifar100 only, not --data {data}")
+    if given("data_root") and data in ("subset", "digits"):
+        raise CLIError(f"--data-root does not apply to --data {data}, which ships with the installed packages")
+    if getattr(args, "snn", None):
+        for name in ("method", "calib_images"):
+            if given(name):
+                raise CLIError(f"--{name.replace('_', '-')} does not apply to --snn: the saved network is already "
+                               "converted and calibrated (convert again from the ANN to change it)")
+        Ts = args.T if isinstance(args.T, list) else [args.T]
+        if any(isinstance(t, _TFile) for t in Ts):
+            raise CLIError("--T FILE does not apply to --snn: the SNN file holds its own (per-layer) T")
+    if getattr(args, "calibrate", None) == "no":
+        for name in ("method", "alpha"):
+            if given(name):
+                raise CLIError(f"--{name} does not apply with --calibrate no: nothing is calibrated")
+    if given("alpha"):
+        if args.method in ("learned", "moment"):
+            raise CLIError(f"--alpha does not apply with --method {args.method}, which has no moving average "
+                           "(it sets Algorithm 1's: --method ema or auto)")
+        if not 0.0 <= args.alpha < 1.0:
+            raise CLIError(f"--alpha must lie in [0, 1), got {args.alpha}")
+    if args.command == "compare":
+        if given("method") and not {"parallel", "parallel-count"} & set(args.methods):
+            raise CLIError(f"--method does not apply: --methods {' '.join(args.methods)} has no parallel or "
+                           "parallel-count row (parallel-learned always learns)")
+        if given("calib_images") and set(args.methods) == {"ann"}:
+            raise CLIError("--calib-images does not apply: --methods ann converts nothing")
+
+
+def _read_T_files(args) -> None:
+    """Replace every ``--T FILE`` by the per-layer T it holds (:class:`LayerT`): the ``"T"`` mapping
+    of a ``search-t --json`` file, or a plain ``{site: T}`` mapping."""
+    import json
+
+    def read(path: str) -> LayerT:
+        if not os.path.isfile(path):
+            raise CLIError(f"--T {path}: " + ("is a folder, not a file" if os.path.isdir(path) else "no such file"))
+        try:
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CLIError(f"--T {path}: not a JSON file ({_one_line(exc)})") from None
+        layers = doc.get("T") if isinstance(doc, dict) and isinstance(doc.get("T"), dict) else doc
+        if not isinstance(layers, dict) or not layers:
+            raise CLIError(f"--T {path}: expected a JSON object of per-layer T ({{\"site\": T, ...}}) or the "
+                           "output of 'search-t --json' (with such an object under \"T\")")
+        bad = [f"{k!r}: {v!r}" for k, v in layers.items()
+               if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+        if bad:
+            raise CLIError(f"--T {path}: every layer's T must be a positive integer; got {', '.join(bad[:3])}")
+        out = LayerT(layers)
+        out.source = path
+        return out
+
+    T = getattr(args, "T", None)
+    if args.command not in ("convert", "evaluate", "stats") or T is None:
+        return
+    if isinstance(T, list):
+        args.T = [read(t) if isinstance(t, _TFile) else t for t in T]
+    elif isinstance(T, _TFile):
+        args.T = read(T)
 
 
 def _check_learn_steps(args) -> None:
@@ -734,17 +940,18 @@ def _check_learn_steps(args) -> None:
         raise CLIError("--learn-steps does not apply to --snn: the saved network is already calibrated")
     if getattr(args, "calibrate", None) == "no":
         raise CLIError("--learn-steps does not apply with --calibrate no: nothing is calibrated")
-    learns = args.method in ("auto", "learned")
+    method = args.method or DEFAULTS["method"]
+    learns = method in ("auto", "learned")
     if args.command == "compare":
         # parallel-learned always learns; the other parallel rows follow --method.
         learns = "parallel-learned" in args.methods or (
             learns and any(m in args.methods for m in ("parallel", "parallel-count")))
         if not learns:
-            raise CLIError(f"--learn-steps does not apply: with --method {args.method} and --methods "
+            raise CLIError(f"--learn-steps does not apply: with --method {method} and --methods "
                            f"{' '.join(args.methods)} no learned calibration runs (add parallel-learned to "
                            "--methods, or use --method auto or learned)")
     elif not learns:
-        raise CLIError(f"--learn-steps does not apply with --method {args.method}, which learns nothing "
+        raise CLIError(f"--learn-steps does not apply with --method {method}, which learns nothing "
                        "(use --method auto or learned, or drop --learn-steps)")
 
 
