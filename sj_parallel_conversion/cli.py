@@ -501,7 +501,7 @@ def _check_fits(model, loader, args, what: str, snn_T=None) -> None:
                 out, size = _largest_activation(run, x)
         except Exception as exc:  # memory first: an allocation failure says nothing about the data
             if _is_out_of_memory(exc):
-                raise CLIError(f"{what}: out of memory running one image" + (f" at T={T}" if T else "") +
+                raise CLIError(f"{what}: out of memory running one image" + (f" at {_T_label(T)}" if T else "") +
                                f" on {args.device} ({_one_line(exc)}); lower --T") from exc
             if isinstance(exc, caught):
                 raise CLIError(f"{what} does not accept --data {args.data} inputs (images of shape "
@@ -583,7 +583,7 @@ def _spike_bytes(model_or_size, x: torch.Tensor, T: int, images: int, probe: boo
                 return 0
     else:
         size = model_or_size
-    return 2 * T * images * size * x.element_size()
+    return 2 * _T_max(T) * images * size * x.element_size()
 
 
 def _spike_runs(args, snn_T, available: int) -> List[Tuple[int, int]]:

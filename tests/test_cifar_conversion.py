@@ -209,7 +209,7 @@ def test_cli_stats_on_converted_resnet20(cifar10_dir, tmp_path, capsys):
 
     out = tmp_path / "stats.json"
     code = cli.main(["stats", "--checkpoint", str(CKPT / "cifar10_resnet20_relu.pt"), "--T", "8", "--images", "16",
-                     "--batch-size", "16", "--calib-batches", "2", "--data-root", str(cifar10_dir), "--no-progress",
+                     "--batch-size", "16", "--calib-images", "32", "--data-root", str(cifar10_dir), "--no-progress",
                      "--method", "ema", "--json", str(out)])
     printed = capsys.readouterr().out
     assert code == 0
@@ -230,7 +230,7 @@ def test_cli_compare_on_resnet20_checkpoint(cifar10_dir, tmp_path, capsys):
 
     png, js = tmp_path / "cmp.png", tmp_path / "cmp.json"
     code = cli.main(["compare", "--checkpoint", str(CKPT / "cifar10_resnet20_relu.pt"), "--T", "8", "16",
-                     "--methods", "ann", "parallel-count", "rate-max", "--limit", "200", "--calib-batches", "4",
+                     "--methods", "ann", "parallel-count", "rate-max", "--limit", "200", "--calib-images", "512",
                      "--method", "ema",
                      "--data-root", str(cifar10_dir), "--no-progress", "--plot", str(png), "--json", str(js)])
     printed = capsys.readouterr().out

@@ -74,7 +74,7 @@ def test_convert_evaluate_stats_compare_on_digits(tmp_path, capsys):
     models.save_checkpoint(str(ckpt), m, name="digits_cnn", act="relu", L=8, num_classes=10, in_channels=1,
                            extra={"input_size": (8, 8)})
     snn_file = tmp_path / "snn.pt"
-    common = ["--data", "digits", "--calib-batches", "4", "--batch-size", "64", "--method", "ema"]
+    common = ["--data", "digits", "--calib-images", "256", "--batch-size", "64", "--method", "ema"]
     code, out, err = _run(["convert", "--checkpoint", str(ckpt), "--T", "8", "--out", str(snn_file), *common], capsys)
     assert code == 0, err
     assert "wrote" in out and snn_file.is_file()
@@ -117,7 +117,9 @@ def test_search_t_split_is_fixed_disjoint_and_seeded():
         return calib.dataset.indices, search.dataset.indices, calib, search
 
     c0, s0, calib, search = split(0)
-    assert len(s0) == 64 and not set(c0) & set(s0) and len(c0) + len(s0) == len(calib.dataset.dataset)
+    assert len(s0) == 64 and not set(c0) & set(s0)
+    # calibration: the next --calib-images (default 1024) images of the same order
+    assert len(c0) == min(cli.CALIB_IMAGES, len(calib.dataset.dataset) - 64)
     c1, s1, _, _ = split(0)
     assert (c0, s0) == (c1, s1)
     assert split(1)[1] != s0
@@ -147,7 +149,7 @@ def test_search_t_is_reproducible(tmp_path, capsys):
     for i in range(2):
         out = tmp_path / f"s{i}.json"
         code, _, err = _run(["search-t", "--checkpoint", str(ckpt), "--data", "digits", "--batch-size", "64",
-                             "--calib-batches", "2", "--search-batches", "3", "--T-max", "8", "--candidates", "2",
+                             "--calib-images", "128", "--search-batches", "3", "--T-max", "8", "--candidates", "2",
                              "4", "--json", str(out)], capsys)
         assert code == 0, err
         results.append(json.loads(out.read_text()))

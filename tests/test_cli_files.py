@@ -41,7 +41,9 @@ def digits_ckpt(tmp_path):
     return path
 
 
-DIGITS = ["--data", "digits", "--calib-batches", "1", "--batch-size", "32", "--no-progress", "--method", "ema"]
+# DIGITS_DATA for --snn, which refuses calibration options; DIGITS for the ANN sources.
+DIGITS_DATA = ["--data", "digits", "--batch-size", "32", "--no-progress"]
+DIGITS = [*DIGITS_DATA, "--calib-images", "32", "--method", "ema"]
 
 
 def test_crafted_file_runs_nothing_through_any_subcommand(tmp_path, capsys):
@@ -101,7 +103,7 @@ def test_bad_input_files_one_line_exit_2(tmp_path, capsys, kind):
         torch.save(models.build_model("digits_cnn", in_channels=1).state_dict(), path)
     code, _, err = _run(["stats", "--checkpoint", path, "--T", "4", *DIGITS], capsys)
     assert code == 2 and str(path) in _one_error_line(err)
-    code, _, err = _run(["evaluate", "--snn", path, *DIGITS], capsys)
+    code, _, err = _run(["evaluate", "--snn", path, *DIGITS_DATA], capsys)
     assert code == 2 and str(path) in _one_error_line(err)
 
 
@@ -145,7 +147,7 @@ def test_evaluate_user_model_with_public_layout_weights(tmp_path, capsys):
     weights = tmp_path / "public_layout.pth"
     torch.save(public_layout_weights(), weights)
     common = ["evaluate", "--model", "cli_user_models:factory", "--weights", weights, "--T", "8",
-              "--data", "npz", "--data-root", tmp_path / "cifar", "--limit", "40", "--calib-batches", "1",
+              "--data", "npz", "--data-root", tmp_path / "cifar", "--limit", "40", "--calib-images", "32",
               "--batch-size", "32", "--no-progress", "--method", "ema"]
     # With mean 1 and std 1 every normalised image is negative, and the model answers class 0.
     code, out, err = _run([*common, "--mean", "1", "1", "1", "--std", "1", "1", "1", "--json", tmp_path / "e.json"],
@@ -244,7 +246,7 @@ def test_user_models_that_fail_are_user_errors(tmp_path, capsys):
     weights = tmp_path / "w.pth"
     torch.save(public_layout_weights(), weights)
     base = ["evaluate", "--weights", weights, "--T", "2", "--data", "subset", "--limit", "8", "--no-progress",
-            "--calib-batches", "1", "--batch-size", "8", "--method", "ema"]
+            "--calib-images", "8", "--batch-size", "8", "--method", "ema"]
     # forward runs, but torch.fx cannot trace it (TypeError from the tracer)
     code, _, err = _run([*base, "--model", "cli_user_models:untraceable"], capsys)
     assert code == 2 and "cannot be traced by torch.fx" in _one_error_line(err) and "TypeError" in err
@@ -265,9 +267,9 @@ def test_saved_snn_given_other_data_is_a_user_error(digits_ckpt, tmp_path, capsy
     code, _, err = _run(["evaluate", "--snn", out, "--data", "subset", "--limit", "4"], capsys)
     assert code == 2 and f"SNN file '{out}' does not accept --data subset" in _one_error_line(err)
     # stats cannot run a saved network at another T: refused, not ignored
-    code, _, err = _run(["stats", "--snn", out, "--T", "8", "--images", "4", *DIGITS[:-2]], capsys)
+    code, _, err = _run(["stats", "--snn", out, "--T", "8", "--images", "4", *DIGITS_DATA], capsys)
     assert code == 2 and "--T 8" in _one_error_line(err) and "converted for T=4" in err
-    code, out_text, err = _run(["stats", "--snn", out, "--T", "4", "--images", "4", *DIGITS[:-2]], capsys)
+    code, out_text, err = _run(["stats", "--snn", out, "--T", "4", "--images", "4", *DIGITS_DATA], capsys)
     assert code == 0 and "at T=4, 4 test images" in out_text, err
 
 
@@ -303,7 +305,7 @@ def test_learn_steps_without_learned_calibration_is_refused(argv, pattern, capsy
 @pytest.mark.parametrize("argv", [
     ["convert", "--checkpoint", "x.pt", "--T", "4", "--out", "y.pt", "--method", "learned"],
     ["evaluate", "--checkpoint", "x.pt", "--T", "4"],  # auto may keep a learned fit
-    ["compare", "--checkpoint", "x.pt", "--method", "ema", "--methods", "ann", "parallel-learned"],
+    ["compare", "--checkpoint", "x.pt", "--methods", "ann", "parallel-learned"],
 ])
 def test_learn_steps_where_learned_calibration_runs(argv, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -328,7 +330,7 @@ def test_compare_title_names_a_model_given_by_name(tmp_path, capsys):
     weights = tmp_path / "w.pth"
     torch.save(public_layout_weights(), weights)
     code, out, err = _run(["compare", "--model", "cli_user_models:factory", "--weights", weights, "--data", "subset",
-                           "--limit", "8", "--methods", "ann", "--T", "2", "--calib-batches", "1", "--batch-size", "8",
+                           "--limit", "8", "--methods", "ann", "--T", "2", "--batch-size", "8",
                            "--no-progress", "--json", tmp_path / "t.json"], capsys)
     assert code == 0, err
     title = json.loads((tmp_path / "t.json").read_text())["title"]

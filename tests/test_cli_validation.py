@@ -23,7 +23,9 @@ from cli_user_models import factory, public_layout_weights, with_batchnorm
 
 ROOT = Path(__file__).resolve().parents[1]
 CNN = ROOT / "sj_parallel_conversion" / "checkpoints" / "cifar10_cnn_relu.pt"
-FAST = ["--no-progress", "--method", "ema", "--calib-batches", "1", "--batch-size", "16"]
+# Calibration options go with the ANN sources only: --snn refuses them (nothing is calibrated).
+CALIB = ["--method", "ema", "--calib-images", "16"]
+FAST = ["--no-progress", "--batch-size", "16"]
 
 
 def _run(argv, capsys):
@@ -44,8 +46,8 @@ def sources(tmp_path_factory):
     for T in (4, 2 ** 24):
         snn = ParallelConverter(ParallelConversionRecipe(T, [x], progress=False, method="ema")).convert(model)
         save_snn(snn, d / f"snn_T{T}.pt", metadata={"T": T})
-    return {"checkpoint": ["--checkpoint", CNN, "--T", "4"],
-            "model": ["--model", "cli_user_models:factory", "--weights", d / "w.pth", "--T", "4"],
+    return {"checkpoint": ["--checkpoint", CNN, "--T", "4", *CALIB],
+            "model": ["--model", "cli_user_models:factory", "--weights", d / "w.pth", "--T", "4", *CALIB],
             "snn": ["--snn", d / "snn_T4.pt"], "dir": d}
 
 
@@ -113,7 +115,7 @@ def test_mean_length_against_an_npz_of_other_channels(tmp_path, capsys, sources)
 def test_labels_beyond_the_model_outputs_are_refused(sources, tmp_path, capsys):
     torch.save(factory(5).state_dict(), tmp_path / "five.pth")
     code, _, line = _run(["evaluate", "--model", "cli_user_models:factory", "--num-classes", "5", "--weights",
-                          tmp_path / "five.pth", "--T", "4", "--data", "subset", "--limit", "20", *FAST], capsys)
+                          tmp_path / "five.pth", "--T", "4", "--data", "subset", "--limit", "20", *CALIB, *FAST], capsys)
     assert code == 2 and "labels go up to 9 but cli_user_models:factory has 5 outputs" in line, line
 
 
@@ -125,7 +127,7 @@ def test_integer_weights_are_refused_not_converted(tmp_path, capsys):
                                          r"weights: \['conv.weight \(torch.int64\)'"):
         load_user_model("cli_user_models:factory", str(tmp_path / "int.pth"))
     code, _, line = _run(["evaluate", "--model", "cli_user_models:factory", "--weights", tmp_path / "int.pth",
-                          "--T", "4", "--data", "subset", *FAST], capsys)
+                          "--T", "4", "--data", "subset", *CALIB, *FAST], capsys)
     assert code == 2 and "integer tensors" in line
 
 
@@ -139,7 +141,7 @@ def test_weights_fit_is_decided_by_load_state_dict(tmp_path, capsys):
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(loaded(x), model(x))
     code, out, line = _run(["evaluate", "--model", "cli_user_models:with_batchnorm", "--weights", tmp_path / "old.th",
-                            "--T", "4", "--data", "subset", "--limit", "20", *FAST], capsys)
+                            "--T", "4", "--data", "subset", "--limit", "20", *CALIB, *FAST], capsys)
     assert code == 0 and "parallel" in out, line
     # Saved by a PyTorch that writes num_batches_tracked (BatchNorm version 2), yet without it.
     modern = model.state_dict()
@@ -174,7 +176,7 @@ def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
 def test_T_whose_spike_level_run_cannot_fit_is_refused_with_the_estimate(sources, tmp_path, capsys):
     out = tmp_path / "huge.pt"
     code, _, line = _run(["convert", "--checkpoint", CNN, "--T", "1000000000", "--out", out, "--data", "subset",
-                          *FAST], capsys)
+                          *CALIB, *FAST], capsys)
     assert code == 2 and "at T=1000000000: the converted network needs for one image at least" in line, line
     assert "GiB" in line and "lower --T" in line and not out.exists()
     big = sources["dir"] / f"snn_T{2 ** 24}.pt"

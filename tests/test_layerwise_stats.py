@@ -122,3 +122,48 @@ def test_spikingjelly_synop_counter_misses_scaled_spikes():
         spike_inference(snn, x)
     assert counter.get_total() == 0
     assert spike_statistics(snn, x).total_sops > 0
+
+
+class _Joins(nn.Module):
+    """Two spiking branches of different T summed (a time-mean join), average-pooled into a conv,
+    then a global average pool into a linear layer: inputs that carry several spikes each."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.r1, self.r2, self.r3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
+        self.pool, self.c3 = nn.AvgPool2d(2), nn.Conv2d(4, 4, 3, padding=1)
+        self.gap, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = self.pool(self.r1(self.c1(x)) + self.r2(self.c2(x)))
+        return self.fc(torch.flatten(self.gap(self.r3(self.c3(h))), 1))
+
+
+def test_sops_count_every_spike_after_pooling_sums_and_time_mean_joins():
+    """Issue 26: a value that gathers several spikes (window of an average pool, residual sum,
+    time-mean join of trains of different T, global pooling) counts each of them, not once."""
+    x = _data(8)
+    snn = ParallelConverter("parallel", T={"r1": 2, "r2": 4, "r3": 4}, dataloader=[x], progress=False,
+                            method="ema").convert(_Joins().eval())
+    rep = spike_statistics(snn, x)
+    assert rep.unmodelled == []
+    by = {l.name: l for l in rep.layers}
+    recorded = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: recorded.__setitem__(n, (o != 0).float().clone()))
+             for n, m in snn.named_modules() if isinstance(m, ParallelConversionNode)]
+    spike_inference(snn, x)
+    for h in hooks:
+        h.remove()
+    # The join gathers each train's spikes into one step; the pool sums each 2x2 window.
+    gathered = recorded["r1"].sum(0) + recorded["r2"].sum(0)                 # [N, 4, 8, 8]
+    per_entry = F.avg_pool2d(gathered, 2, divisor_override=1)                # [N, 4, 4, 4]
+    reach = torch.tensor([2.0, 3.0, 3.0, 2.0])                              # 3x3, padding 1, on 4x4
+    brute_c3 = float((per_entry * reach[:, None] * reach[None, :]).sum()) * 4 / 8
+    assert by["c3"].input == "spikes" and by["c3"].sops_per_image == pytest.approx(brute_c3)
+    brute_fc = float(recorded["r3"].sum()) * 5 / 8                            # every spike reaches 5 outputs
+    assert by["fc"].sops_per_image == pytest.approx(brute_fc)
+    # Counting nonzero inputs instead (what a value-based count sees) is strictly less here.
+    assert float((per_entry != 0).float().mul(reach[:, None] * reach[None, :]).sum()) * 4 / 8 < brute_c3
+    assert rep.total_sops == pytest.approx(brute_c3 + brute_fc)

@@ -31,7 +31,7 @@ def test_pretrained_resnet_matches_the_published_accuracy(pretrained_dir, cifar1
     file, published = FILES[name]
     argv = ["evaluate", "--model", f"pretrained_resnets:{name}", "--weights", str(pretrained_dir / file),
             "--T", "32", "--data", "npz", "--data-root", str(cifar10_dir), "--mean", *map(str, MEAN),
-            "--std", *map(str, STD), "--method", "ema", "--calib-batches", "4", "--batch-size", "250",
+            "--std", *map(str, STD), "--method", "ema", "--calib-images", "1000", "--batch-size", "250",
             "--no-progress", "--json", str(tmp_path / "t.json")]
     assert cli.main(argv) == 0, capsys.readouterr().err
     rows = {r["method"]: r for r in json.loads((tmp_path / "t.json").read_text())["rows"]}

@@ -1,0 +1,180 @@
+"""Issue 26, the command line a user meets: bounded and documented defaults, ignored options
+refused, search-t's JSON accepted by --T, errors that point at the fix."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from sj_parallel_conversion import ParallelConversionNode, cli, load_snn, models
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    assert "Traceback" not in out.err and len(lines) <= 1, out.err
+    return code, out.out, lines[0] if lines else ""
+
+
+def _subcommands():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+def _valued_options(sub):
+    """Options that take a value (flags, --help and the required choice of source excluded)."""
+    required = {a for g in sub._mutually_exclusive_groups if g.required for a in g._group_actions}
+    return [a for a in sub._actions if a.option_strings and a.nargs != 0 and a not in required
+            and not isinstance(a, (argparse._HelpAction, argparse._StoreTrueAction, argparse._StoreConstAction))]
+
+
+# -- item 4: bounded, documented defaults ---------------------------------------------------------
+def test_every_option_that_takes_a_value_states_its_default_in_help():
+    missing = [f"{name} {a.option_strings[0]}" for name, sub in _subcommands().items() for a in _valued_options(sub)
+               if not re.search(r"\b(default|required)\b", a.help or "")]
+    assert not missing, f"--help does not state the default of {missing}"
+
+
+def test_calibration_reads_a_bounded_number_of_images_by_default():
+    parser = cli.build_parser()
+    convert = _subcommands()["convert"]
+    help_text = " ".join(convert.format_help().split())
+    assert "--calib-images N" in help_text and "(default 1024)" in help_text
+    args = parser.parse_args(["convert", "--checkpoint", "c.pt", "--T", "4", "--out", "o.pt", "--data", "digits"])
+    cli._check_args(args)
+    assert args.calib_images == cli.CALIB_IMAGES == 1024
+    calib, _ = cli._loaders(args, need_train=True)
+    assert len(calib.dataset) == 1024 < len(calib.dataset.dataset)  # digits has 1,347 training images
+    args = parser.parse_args(["convert", "--checkpoint", "c.pt", "--T", "4", "--out", "o.pt", "--data", "digits",
+                              "--calib-images", "100", "--batch-size", "32"])
+    cli._check_args(args)
+    calib, _ = cli._loaders(args, need_train=True)
+    assert sum(len(x) for x, _ in calib) == 100
+
+
+def test_every_option_is_in_the_command_line_reference():
+    """docs/cli.rst names every option of every subcommand in that subcommand's section."""
+    text = (ROOT / "docs" / "cli.rst").read_text()
+    missing = []
+    for name, sub in _subcommands().items():
+        match = re.search(rf"^``sj-parallel {re.escape(name)}``\n[-~^=]+\n(.*?)(?=^``sj-parallel |\Z)", text,
+                          re.S | re.M)
+        assert match, f"docs/cli.rst has no section for {name}"
+        section = match.group(1)
+        missing += [f"{name} {a.option_strings[-1]}" for a in sub._actions
+                    if a.option_strings and not isinstance(a, argparse._HelpAction)
+                    and f"``{a.option_strings[-1]}" not in section]
+    assert not missing, f"docs/cli.rst does not document {missing}"
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["evaluate", "--snn", "f.pt", "--method", "learned"], "--method does not apply to --snn"),
+    (["stats", "--snn", "f.pt", "--calib-images", "3"], "--calib-images does not apply to --snn"),
+    (["evaluate", "--snn", "f.pt", "--T", "layer_T.json"], "--T FILE does not apply to --snn"),
+    (["convert", "--checkpoint", "c.pt", "--T", "4", "--out", "o.pt", "--calibrate", "no", "--method", "ema"],
+     "--method does not apply with --calibrate no"),
+    (["convert", "--checkpoint", "c.pt", "--T", "4", "--out", "o.pt", "--calibrate", "no", "--alpha", "0.9"],
+     "--alpha does not apply with --calibrate no"),
+    (["convert", "--checkpoint", "c.pt", "--T", "4", "--out", "o.pt", "--method", "learned", "--alpha", "0.9"],
+     "--alpha does not apply with --method learned"),
+    (["convert", "--checkpoint", "c.pt", "--T", "4", "--out", "o.pt", "--alpha", "1.5"], "--alpha must lie in [0, 1)"),
+    (["compare", "--checkpoint", "c.pt", "--methods", "ann", "ltb", "--method", "ema"], "--method does not apply"),
+    (["compare", "--checkpoint", "c.pt", "--methods", "ann", "--calib-images", "64"], "--calib-images does not apply"),
+    (["evaluate", "--checkpoint", "c.pt", "--T", "4", "--data", "subset", "--data-root", "x"],
+     "--data-root does not apply to --data subset"),
+    (["evaluate", "--checkpoint", "c.pt", "--T", "4", "--data", "npz", "--download"],
+     "--download applies to --data cifar10 / cifar100 only"),
+])
+def test_options_that_would_be_ignored_are_refused_in_one_line(argv, pattern, capsys):
+    code, out, line = _run(argv, capsys)
+    assert code == 2 and line.startswith("sj-parallel: error: ") and pattern in line, line
+    assert not out
+
+
+def test_stats_has_one_option_for_its_image_count(capsys):
+    """stats runs --images test images; --limit, which it used to take and ignore, is not an option."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["stats", "--checkpoint", "c.pt", "--T", "4", "--images", "64", "--limit", "32"])
+    assert exc.value.code == 2 and "unrecognized arguments: --limit 32" in capsys.readouterr().err
+
+
+# -- item 5: search-t's JSON is a --T FILE ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "digits.pt"
+    models.save_checkpoint(str(path), models.build_model("digits_cnn", in_channels=1), name="digits_cnn", act="relu",
+                           L=8, num_classes=10, in_channels=1)
+    return path
+
+
+def test_search_t_json_round_trips_through_convert_evaluate_and_stats(digits_checkpoint, tmp_path, capsys):
+    data = ["--data", "digits", "--batch-size", "64", "--no-progress"]
+    layer_T = tmp_path / "layer_T.json"
+    code, _, line = _run(["search-t", "--checkpoint", digits_checkpoint, "--T-max", "4", "--candidates", "2",
+                          "--search-batches", "1", "--calib-images", "64", "--max-loss", "0.99", "--json", layer_T,
+                          *data], capsys)
+    assert code == 0, line
+    searched = json.loads(layer_T.read_text())["T"]
+    assert set(searched.values()) == {2}  # a loss budget of 99 points: every layer takes the candidate
+
+    out = tmp_path / "snn.pt"
+    code, printed, line = _run(["convert", "--checkpoint", digits_checkpoint, "--T", layer_T, "--out", out,
+                                "--method", "ema", "--calib-images", "64", *data], capsys)
+    assert code == 0, line
+    assert f"per-layer T from {layer_T}" in printed
+    snn = load_snn(out)
+    assert {n: m.T for n, m in snn.named_modules() if isinstance(m, ParallelConversionNode)} == searched
+    assert snn.snn_metadata["layer_T"] == searched and snn.snn_metadata["T"] == 2
+
+    code, printed, line = _run(["evaluate", "--checkpoint", digits_checkpoint, "--T", "4", layer_T, "--method", "ema",
+                                "--calib-images", "64", "--limit", "64", *data], capsys)
+    assert code == 0, line
+    assert "per-layer T from" in printed
+    code, printed, line = _run(["evaluate", "--snn", out, "--limit", "64", *data], capsys)
+    assert code == 0 and "per-layer T (2..2" in printed, line
+    code, printed, line = _run(["stats", "--checkpoint", digits_checkpoint, "--T", layer_T, "--method", "ema",
+                                "--calib-images", "64", "--images", "8", *data], capsys)
+    assert code == 0 and f"at per-layer T from {layer_T}" in printed, line
+
+
+@pytest.mark.parametrize("content, pattern", [
+    ("not json", "not a JSON file"),
+    ('{"T": {"conv": 0}}', "every layer's T must be a positive integer"),
+    ('{"T": {}}', "expected a JSON object of per-layer T"),
+    ("[4, 8]", "expected a JSON object of per-layer T"),
+])
+def test_bad_T_files_are_refused_in_one_line(content, pattern, tmp_path, capsys):
+    path = tmp_path / "t.json"
+    path.write_text(content)
+    code, _, line = _run(["convert", "--checkpoint", tmp_path / "missing.pt", "--T", path, "--out", tmp_path / "o.pt"],
+                         capsys)
+    assert code == 2 and f"--T {path}" in line and pattern in line, line
+    code, _, line = _run(["convert", "--checkpoint", "c.pt", "--T", tmp_path / "none.json", "--out", "o.pt"], capsys)
+    assert code == 2 and "no such file" in line
+
+
+# -- item 7: errors that point at the fix ----------------------------------------------------------
+def test_a_plain_state_dict_given_as_checkpoint_points_at_model_and_weights(tmp_path, capsys):
+    path = tmp_path / "small_cnn.pth"
+    torch.save(models.build_model("digits_cnn", in_channels=1).state_dict(), path)
+    code, _, line = _run(["evaluate", "--checkpoint", path, "--T", "4", "--data", "digits"], capsys)
+    assert code == 2 and "plain state_dict" in line and f"--model NAME --weights {path}" in line, line
+
+
+def test_a_torchvision_head_of_another_size_points_at_num_classes(tmp_path, capsys):
+    import torchvision
+
+    path = tmp_path / "r18_10.pth"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), path)
+    code, _, line = _run(["evaluate", "--model", "torchvision:resnet18", "--weights", path, "--T", "4", "--data",
+                          "subset"], capsys)
+    assert code == 2 and "does not fit" in line and line.endswith("add --num-classes 10"), line
