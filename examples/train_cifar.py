@@ -1,13 +1,25 @@
-"""Train a zoo model (ReLU or QCFS) on CIFAR-10/100 with the paper's A.2 recipe.
+"""Train a zoo model (ReLU or QCFS) on CIFAR-10/100: the paper's A.2 optimiser, and its
+augmentation with ``--augment paper``.
 
-    python examples/train_cifar.py --model cnn --act qcfs --L 4 --epochs 8 --amp \
-        --checkpoint runs/cnn_qcfs.pt --export sj_parallel_conversion/checkpoints/cifar10_cnn_qcfs_L4.pt
+    python examples/train_cifar.py --model cnn --act qcfs --L 4 --epochs 300 --augment paper \
+        --checkpoint runs/cnn_qcfs.pt --export runs/cifar10_cnn_qcfs_L4.pt
 
-SGD (momentum 0.9), lr 0.1 (CIFAR-10) / 0.02 (CIFAR-100), weight decay 5e-4, cosine annealing,
-random crop (pad 4) + horizontal flip. ``--checkpoint`` is written after every epoch with the
-optimizer/scheduler state (``--resume`` continues from it, also to a larger ``--epochs``);
-``--export`` writes the final weights + metadata only (small; what ``load_checkpoint`` needs).
-Test accuracy is measured in float32 after every epoch, even with ``--amp``.
+SGD (momentum 0.9), lr 0.1 (CIFAR-10) / 0.02 (CIFAR-100), weight decay 5e-4, cosine annealing:
+the hyper-parameters of the paper's appendix A.2. Augmentation (``--augment``):
+
+* ``crop-flip`` (default, what the shipped checkpoints were trained with): random crop (pad 4) +
+  horizontal flip;
+* ``paper``: A.2's augmentation, crop + flip, AutoAugment's CIFAR-10 policy (Cubuk et al. 2019)
+  and Cutout of one 16 x 16 square (DeVries & Taylor 2017), the pipeline of the QCFS code the
+  paper builds on;
+* ``none``.
+
+The paper trains for hundreds of epochs on a GPU; the shipped checkpoints are short CPU runs
+(``sj_parallel_conversion/checkpoints/README.md``), so they are not the paper's recipe.
+``--checkpoint`` is written after every epoch with the optimizer/scheduler state (``--resume``
+continues from it, also to a larger ``--epochs``); ``--export`` writes the final weights +
+metadata only (small; what ``load_checkpoint`` needs). Test accuracy is measured in float32 after
+every epoch, even with ``--amp``.
 """
 from __future__ import annotations
 
@@ -47,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="default 0.1 (CIFAR-10) / 0.02 (CIFAR-100)")
     p.add_argument("--wd", type=float, default=5e-4)
     p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--augment", choices=["crop-flip", "paper", "none"], default="crop-flip",
+                   help="crop-flip (default): random crop + flip; paper: crop + flip + AutoAugment (CIFAR-10 "
+                        "policy) + Cutout 16x16, the paper's A.2; none")
     p.add_argument("--amp", action="store_true", help="autocast: bf16 on CPU, fp16 + GradScaler on CUDA")
     p.add_argument("--channels-last", action="store_true",
                    help="NHWC memory format (about 1.25x faster training on CPU here)")
@@ -63,17 +77,55 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class PaperAugment:
+    """Collate function of the paper's augmentation for normalised ``[C, 32, 32]`` images: random
+    crop (pad 4, black) + horizontal flip, AutoAugment's CIFAR-10 policy drawn per image, then
+    Cutout (one ``length`` x ``length`` square set to 0 after normalisation, clipped at borders)."""
+
+    def __init__(self, mean, std, length: int = 16):
+        import torchvision.transforms as T
+
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.length = length
+        self.autoaugment = T.AutoAugment(T.AutoAugmentPolicy.CIFAR10)
+
+    def __call__(self, batch):
+        from torch.utils.data import default_collate
+
+        x, y = default_collate(batch)
+        pixels = data.random_crop_flip(x * self.std + self.mean)  # [0, 1]: pads black like torchvision
+        pixels = (pixels * 255).round_().clamp_(0, 255).to(torch.uint8)
+        # AutoAugment draws one sub-policy per call: per image, not one for the whole batch.
+        pixels = torch.stack([self.autoaugment(img) for img in pixels])
+        x = (pixels.float() / 255 - self.mean) / self.std
+        return cutout(x, self.length), y
+
+
+def cutout(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero one ``length`` x ``length`` square per image, centred anywhere in the image (DeVries &
+    Taylor 2017: parts of the square outside the image are simply lost)."""
+    b, _, h, w = x.shape
+    cy, cx = torch.randint(0, h, (b,)), torch.randint(0, w, (b,))
+    rows, cols = torch.arange(h), torch.arange(w)
+    inside_y = (rows[None, :] >= (cy - length // 2)[:, None]) & (rows[None, :] < (cy + length - length // 2)[:, None])
+    inside_x = (cols[None, :] >= (cx - length // 2)[:, None]) & (cols[None, :] < (cx + length - length // 2)[:, None])
+    hole = inside_y[:, :, None] & inside_x[:, None, :]  # [B, H, W]
+    return x.masked_fill(hole[:, None], 0.0)
+
+
 def _datasets(args):
+    crop_flip = args.augment == "crop-flip"
     if args.data == "npz":
         if args.dataset != "cifar10":
             raise SystemExit("--data npz holds CIFAR-10 only; use --data torchvision for CIFAR-100")
         train = data.cifar10_npz("train", root=args.data_root, limit=args.limit_train)
         test = data.cifar10_npz("test", root=args.data_root, limit=args.limit_test)
-        return train, test, not args.no_augment
+        return train, test, crop_flip
     if args.data_root is None:
         raise SystemExit("--data torchvision needs --data-root")
     train = data.torchvision_dataset(args.dataset, args.data_root, "train", download=args.download,
-                                     train_transform=not args.no_augment)
+                                     train_transform=crop_flip)
     test = data.torchvision_dataset(args.dataset, args.data_root, "test", download=args.download)
     if args.limit_train is not None:
         train = torch.utils.data.Subset(train, data.balanced_indices(train.targets, args.limit_train).tolist())
@@ -115,7 +167,13 @@ def main(argv=None) -> dict:
 
     train_set, test_set, augment = _datasets(args)
     g = torch.Generator().manual_seed(args.seed)
-    train_loader = data.make_loader(train_set, args.batch_size, shuffle=True, augment=augment, generator=g)
+    if args.augment == "paper":
+        mean, std = ((data.CIFAR10_MEAN, data.CIFAR10_STD) if args.dataset == "cifar10"
+                     else (data.CIFAR100_MEAN, data.CIFAR100_STD))
+        train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=g,
+                                                   collate_fn=PaperAugment(mean, std))
+    else:
+        train_loader = data.make_loader(train_set, args.batch_size, shuffle=True, augment=augment, generator=g)
     test_loader = data.make_loader(test_set, 256)
 
     model = models.build_model(args.model, num_classes=num_classes, act=args.act, L=args.L, theta=args.theta,
@@ -151,7 +209,7 @@ def main(argv=None) -> dict:
     def extra(acc):
         return {"input_size": (32, 32), "dataset": args.dataset, "test_accuracy": acc,
                 "test_images": len(test_set), "train_images": len(train_set), "epochs": args.epochs,
-                "theta_init": args.theta if args.act == "qcfs" else None, "command": command, "history": history}
+                "augment": args.augment, "theta_init": args.theta if args.act == "qcfs" else None, "command": command, "history": history}
 
     acc = history[-1]["test_accuracy"] if history else float("nan")
     for epoch in range(start_epoch, args.epochs):

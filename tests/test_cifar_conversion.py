@@ -173,16 +173,16 @@ def test_imagenet_training_free_example_on_imagefolder(cifar10_dir, tmp_path, lo
     from PIL import Image
 
     with np.load(cifar10_dir / "test.npz") as z:
-        xs, ys = z["x"][:40], z["y"][:40]
-    for i, (img, lab) in enumerate(zip(xs, ys)):
-        d = tmp_path / "folder" / f"class{int(lab)}"
+        xs, ys = z["x"][:60], z["y"][:60]
+    for i, (img, lab) in enumerate(zip(xs, ys)):  # 40 evaluation images in val/, 20 for calibration in train/
+        d = tmp_path / "folder" / ("val" if i < 40 else "train") / f"class{int(lab)}"
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(d / f"{i}.png")
     out = tmp_path / "r.json"
     load_example("imagenet_training_free").main([
-        "--data-root", str(tmp_path / "folder"), "--num-classes", "10", "--T", "8", "--batch-size", "20",
-        "--calib-batches", "1", "--image-size", "64", "--count-domain", "--device", "cpu",
-        "--json", str(out)])
+        "--data-root", str(tmp_path / "folder"), "--calib-root", str(tmp_path / "folder"), "--num-classes", "10",
+        "--T", "8", "--batch-size", "20", "--calib-images", "20", "--image-size", "64", "--count-domain",
+        "--device", "cpu", "--json", str(out)])
     r = json.loads(out.read_text())
     assert [row["T"] for row in r["rows"]] == [8]
     # Every one of the 40 images was evaluated (random weights: the accuracy itself means nothing).

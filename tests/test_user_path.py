@@ -178,3 +178,95 @@ def test_a_torchvision_head_of_another_size_points_at_num_classes(tmp_path, caps
     code, _, line = _run(["evaluate", "--model", "torchvision:resnet18", "--weights", path, "--T", "4", "--data",
                           "subset"], capsys)
     assert code == 2 and "does not fit" in line and line.endswith("add --num-classes 10"), line
+
+
+# -- item 6: the examples do what they claim of the paper ------------------------------------------
+def test_train_cifar_offers_the_papers_augmentation(load_example):
+    """AutoAugment's CIFAR-10 policy and Cutout, per image, on normalised tensors (the paper's A.2)."""
+    import torchvision.transforms as T
+
+    from sj_parallel_conversion import data
+
+    train = load_example("train_cifar")
+    assert "AutoAugment" in train.__doc__ and "Cutout" in train.__doc__
+    args = train.build_parser().parse_args(["--augment", "paper"])
+    assert args.augment == "paper" and train.build_parser().parse_args([]).augment == "crop-flip"
+    ds = data.cifar10_subset("train", limit=16)
+    augment = train.PaperAugment(data.CIFAR10_MEAN, data.CIFAR10_STD)
+    assert augment.autoaugment.policy == T.AutoAugmentPolicy.CIFAR10
+    torch.manual_seed(0)
+    x, y = augment([ds[i] for i in range(16)])
+    assert x.shape == (16, 3, 32, 32) and torch.equal(y, ds.tensors[1])
+    holes = (x == 0).all(1).flatten(1).sum(1)  # pixels zeroed in every channel, per image
+    assert bool((holes >= 8 * 8).all()) and bool((holes <= 16 * 16).all())  # one square, clipped at most to 8x8
+    assert not torch.allclose(x, ds.tensors[0])
+
+
+def test_cutout_zeroes_one_square_per_image():
+    from importlib import util
+
+    spec = util.spec_from_file_location("train_cifar", ROOT / "examples" / "train_cifar.py")
+    train = util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    torch.manual_seed(1)
+    out = train.cutout(torch.ones(64, 2, 32, 32), 16)
+    zero = (out == 0).all(1)
+    for img in zero:
+        rows, cols = img.any(1).nonzero().flatten(), img.any(0).nonzero().flatten()
+        assert 8 <= len(rows) <= 16 and 8 <= len(cols) <= 16
+        assert int(img.sum()) == len(rows) * len(cols)  # a rectangle: the square clipped at the border
+
+
+@pytest.fixture(scope="module")
+def imagefolder(tmp_path_factory):
+    """val/ and train/ ImageFolders of random 32x32 images, two classes each."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imagenet")
+    rng = np.random.default_rng(0)
+    for split in ("val", "train"):
+        for c in range(2):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / split / f"c{c}" / f"{i}.png")
+    return root
+
+
+def test_imagenet_example_needs_its_own_calibration_folder(load_example, imagefolder, tmp_path, capsys):
+    example = load_example("imagenet_training_free")
+    with pytest.raises(SystemExit) as exc:
+        example.main(["--data-root", str(imagefolder)])
+    assert exc.value.code == 2 and "--calib-root" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="holds the evaluation images of --data-root"):
+        example.main(["--data-root", str(imagefolder), "--calib-root", str(imagefolder / "val"), "--image-size", "32"])
+    # A folder that holds the evaluation folder (ImageFolder would read it as one more class) too.
+    import shutil
+
+    nested = tmp_path / "nested"
+    shutil.copytree(imagefolder / "val", nested / "val")
+    with pytest.raises(SystemExit, match="holds the evaluation images of --data-root"):
+        example.main(["--data-root", str(nested), "--calib-root", str(nested), "--image-size", "32"])
+
+
+@pytest.mark.parametrize("stem", ["--keep-stem-analog", "--no-keep-stem-analog"])
+def test_imagenet_example_keeps_the_stem_analog_as_the_paper_does(load_example, imagefolder, stem):
+    from sj_parallel_conversion.graph import AnalogReLU
+
+    argv = ["--data-root", str(imagefolder), "--calib-root", str(imagefolder), "--num-classes", "2", "--T", "2",
+            "--batch-size", "4", "--calib-images", "4", "--image-size", "32", "--count-domain", "--device", "cpu"]
+    r = load_example("imagenet_training_free").main(argv if stem == "--keep-stem-analog" else [*argv, stem])
+    assert r["calibration_folder"].endswith("train") and r["evaluation_folder"].endswith("val")
+    assert r["calibration_images"] == 4
+    stem_module = dict(r["snn"].named_modules())["relu"]  # the first call of torchvision's shared relu
+    if stem == "--keep-stem-analog":  # the default
+        assert r["analog_sites"] == ["relu"] and isinstance(stem_module, AnalogReLU)
+    else:
+        assert r["analog_sites"] == [] and isinstance(stem_module, ParallelConversionNode)
+
+
+def test_readme_cites_the_papers_six_authors():
+    """The ICML 2025 paper (arXiv 2412.13610 v2) lists six authors."""
+    readme = (ROOT / "README.md").read_text()
+    for name in ("Zecheng Hao", "Qichao Ma", "Kang Chen", "Yi Zhang", "Zhaofei Yu", "Tiejun Huang"):
+        assert name in readme, name
