@@ -415,9 +415,10 @@ def _attach_tensors(desc: Dict[str, Any], built: Dict[str, nn.Module], source: s
         setattr(built[owner], n, value)
     for key, value in loose.items():
         owner, _, n = _dotted(key, f"{source}: loose buffer").rpartition(".")
-        if owner not in built or n not in built[owner]._buffers or key in state or not torch.is_tensor(value):
+        if owner not in built or n not in dict(built[owner].named_buffers(recurse=False)) or key in state \
+                or not torch.is_tensor(value):
             raise ValueError(f"{source}: loose buffer {key!r} is not a declared non-persistent buffer")
-        built[owner]._buffers[n] = value
+        setattr(built[owner], n, value)  # a registered buffer's name: assigns the buffer
     return constants
 
 
@@ -427,7 +428,8 @@ def _target_kind(built: Dict[str, nn.Module], constants: Dict[str, Any], target:
         return "module"
     owner, _, n = target.rpartition(".")
     m = built.get(owner)
-    if m is not None and (n in m._parameters or n in m._buffers or target in constants):
+    if m is not None and (n in dict(m.named_parameters(recurse=False)) or n in dict(m.named_buffers(recurse=False))
+                          or target in constants):
         return "tensor"
     return None
 
@@ -530,9 +532,10 @@ def _build(desc: Dict[str, Any], source: str) -> nn.Module:
             # GraphModule registers a plain tensor it copies as a buffer; a constant is no state.
             owner, _, n = key.rpartition(".")
             m = gm.get_submodule(owner)
-            if n in m._buffers:
-                value = m._buffers.pop(n)
-                setattr(m, n, value)
+            if n in dict(m.named_buffers(recurse=False)):
+                value = getattr(m, n)
+                delattr(m, n)
+                setattr(m, n, value)  # no longer a buffer name: a plain attribute again
         root = gm
     elif desc["modules"][0]["type"] == "torch.fx.GraphModule" or desc.get("constants"):
         raise ValueError(f"{source}: a GraphModule or constants without a graph")

@@ -20,6 +20,7 @@ where the model has floating-point weights are refused rather than converted.
 from __future__ import annotations
 
 import collections
+import copy
 import importlib
 import os
 import sys
@@ -27,6 +28,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from ..fileio import load_tensor_file
 
@@ -105,21 +107,14 @@ def extract_state_dict(blob: Any, source: str = "weights") -> Dict[str, torch.Te
         keys = sorted(map(str, blob))[:8] if isinstance(blob, Mapping) else type(blob).__name__
         raise ValueError(f"{source} holds no state_dict (top-level keys {keys}); expected a mapping of parameter "
                          f"names to tensors, possibly under {', '.join(map(repr, WRAPPER_KEYS))}")
-    out = collections.OrderedDict((_strip(k), v) for k, v in state.items())
-    # The per-module versions torch saves with a state (BatchNorm's tells whether it predates
-    # num_batches_tracked) follow the keys, so that load_state_dict judges the file as torch would.
-    versions = getattr(state, "_metadata", None)
-    if isinstance(versions, Mapping):
-        # Module paths: "module.layer1" -> "layer1", and the wrapper "module" -> "" (the root).
-        out._metadata = collections.OrderedDict((_strip(k + ".")[:-1], v) for k, v in versions.items())
-    return out
-
-
-def _strip(key: str) -> str:
+    # A shallow copy keeps the per-module versions torch saves with a state (BatchNorm's says
+    # whether it predates num_batches_tracked); torch's own prefix helper renames them with the
+    # keys, so that load_state_dict judges the file as torch would.
+    out = copy.copy(state) if isinstance(state, collections.OrderedDict) else collections.OrderedDict(state)
     for prefix in _PREFIXES:
-        while key.startswith(prefix):
-            key = key[len(prefix):]
-    return key
+        while any(k.startswith(prefix) for k in out):
+            consume_prefix_in_state_dict_if_present(out, prefix)
+    return out
 
 
 def state_dict_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> Optional[str]:
