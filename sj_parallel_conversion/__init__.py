@@ -13,7 +13,9 @@ Conversion (SpikingJelly ``ann2snn`` flow)
     :func:`parallel_neuron_factory`  drop-in ``neuron_factory`` for SpikingJelly's ``RateCodingRecipe``.
     :func:`register_recipe`, :func:`available_recipes`  the recipe registry.
     :class:`GraphConversionError`  raised, before calibration, for unsupported graph patterns.
-    :class:`LearnedCalibration`  options of the learned calibration (``method="learned"``/``"auto"``).
+    :class:`LearnedCalibration`  options of the learned calibration (``method="learned"``).
+    :class:`DistillCalibration`  options of the distilled calibration, which also learns the
+    weights (``method="distill"``, and the fit ``method="auto"`` tries).
     :class:`CalibrationReport`  what calibration chose and measured (``snn.calibration_report``).
 
 Evaluation
@@ -32,7 +34,7 @@ from . import _cli_startup  # noqa: F401  (first: Ctrl-C during the imports belo
 from .activation import DAQCFS, QCFS, ClipReLU
 from .graph import GraphConversionError
 from .inference import count_domain_model, count_inference, predictor, spike_inference
-from .learned import LearnedCalibration
+from .learned import DistillCalibration, LearnedCalibration
 from .models.user import load_user_model
 from .neuron import ParallelConversionNode
 from .recipe import ParallelConversionRecipe, ParallelConverter, parallel_neuron_factory
@@ -46,7 +48,7 @@ __all__ = [
     "ParallelConversionNode", "QCFS", "ClipReLU", "DAQCFS",
     "ParallelConversionRecipe", "ParallelConverter", "parallel_neuron_factory",
     "register_recipe", "available_recipes", "GraphConversionError",
-    "LearnedCalibration", "CalibrationReport",
+    "LearnedCalibration", "DistillCalibration", "CalibrationReport",
     "count_domain_model", "count_inference", "spike_inference", "predictor",
     "save_snn", "load_snn", "load_user_model",
 ]

@@ -10,18 +10,19 @@ the module behind every activation site.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Union
 
 import torch
 import torch.nn as nn
 from torch import fx
 
+from . import formulas
 from .activation import DAQCFS, QCFS, ClipReLU
-from .graph import AnalogReLU
+from .graph import AnalogReLU, activation_sites
 from .observers import DACalibrator, MaxObserver, Reducer
 from .progress import progress as progress_bar
 
-__all__ = ["extract_input", "check_input", "CalibrationData", "iterate_inputs", "record_thresholds", "calibrate_da", "to_daqcfs", "to_nodes", "replace_sites"]
+__all__ = ["extract_input", "check_input", "CalibrationData", "iterate_inputs", "record_thresholds", "calibrate_da", "convolution_sites", "mse_thresholds", "to_daqcfs", "to_nodes", "replace_sites"]
 
 
 _INPUT_KEYS = ("input", "inputs", "image", "images", "img", "x", "data", "pixel_values")
@@ -196,18 +197,23 @@ def record_thresholds(
 def calibrate_da(
     gm: fx.GraphModule, loader: Iterable, T: Union[int, Callable[[str], int]], device,
     num_batches: Optional[int] = None, alpha: float = 0.99, bias_correction: bool = True,
-    progress: bool = True, reducer: Reducer = None, method: str = "ema",
+    progress: bool = True, reducer: Reducer = None, method: str = "ema", sites: Optional[Iterable[str]] = None,
+    thresholds: Optional[Dict[str, torch.Tensor]] = None,
 ) -> fx.GraphModule:
     """Algorithm 1: calibrate a DA-QCFS at ``T`` levels against each QCFS/ClipReLU site.
 
-    ``T`` is an int or a function of the site's name (per-layer time steps).
+    ``T`` is an int or a function of the site's name (per-layer time steps). ``sites`` names the
+    sites to calibrate (default all); the others become uncalibrated DA-QCFS. ``thresholds``
+    (from :func:`mse_thresholds`) replaces the DA-QCFS thresholds of the sites it names; the
+    reference stream keeps the original activations.
     """
     t_of = T if callable(T) else (lambda _: T)
+    chosen = None if sites is None else set(sites)
 
     def wrap(name, m):
         if isinstance(m, (QCFS, ClipReLU)):
-            return DACalibrator(m, m.to_daqcfs(t_of(name)), alpha=alpha, bias_correction=bias_correction,
-                                reducer=reducer, method=method)
+            return DACalibrator(m, _start(m, t_of(name), (thresholds or {}).get(name)), alpha=alpha, bias_correction=bias_correction,
+                                reducer=reducer, method=method, update=chosen is None or name in chosen)
         raise TypeError(f"activation site {name!r} holds {type(m).__name__}; expected QCFS or ClipReLU")
 
     replace_sites(gm, wrap)
@@ -220,10 +226,101 @@ def calibrate_da(
     return gm
 
 
-def to_daqcfs(gm: fx.GraphModule, T: Union[int, Callable[[str], int]]) -> fx.GraphModule:
-    """Uncalibrated DA-QCFS (psi_da = phi_da = 0) at every QCFS/ClipReLU site."""
+def convolution_sites(gm: fx.GraphModule) -> List[str]:
+    """Activation sites whose input comes from a convolution (through sums, pads, norms and other
+    single-input steps along the first argument) rather than from a fully connected layer."""
+    modules = dict(gm.named_modules())
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    found = []
+    for site in activation_sites(gm):
+        node = site.args[0] if site.args else None
+        while isinstance(node, fx.Node):
+            module = modules.get(node.target) if node.op == "call_module" else None
+            if isinstance(module, convs):
+                found.append(site.target)
+                break
+            if isinstance(module, nn.Linear) or node.op == "placeholder":
+                break
+            node = node.args[0] if node.args else None
+    return found
+
+
+@torch.no_grad()
+def mse_thresholds(
+    gm: fx.GraphModule, loader: Iterable, T: Union[int, Callable[[str], int]], device,
+    max_images: int = 256, samples: int = 16384, grid: int = 64, reducer: Reducer = None,
+) -> Dict[str, torch.Tensor]:
+    """Per-channel thresholds for the ``T``-level DA-QCFS of every ClipReLU site, by site name.
+
+    The recorded maximum is the right clip for a ReLU but a poor step for ``T`` levels: at small
+    ``T`` most activations round to 0. Each channel's threshold becomes the fraction of its
+    maximum (from ``grid`` candidates in (0, 1]) whose uncalibrated ``T``-level DA-QCFS output is
+    closest, in mean squared error, to the site's own output on the first ``max_images``
+    calibration images (at most ``samples`` values per channel, drawn with a fixed seed). This is
+    how post-training quantisation picks step sizes; the ANN's own inputs reach every site, so
+    the sites are independent. QCFS sites keep their trained threshold (they are not in the
+    result). ``gm`` is not changed: :func:`calibrate_da` and :func:`to_daqcfs` take the result.
+    """
     t_of = T if callable(T) else (lambda _: T)
-    return replace_sites(gm, lambda name, m: m.to_daqcfs(t_of(name)) if isinstance(m, (QCFS, ClipReLU)) else m)
+    sites = {n.target: gm.get_submodule(n.target) for n in activation_sites(gm)}
+    sites = {name: m for name, m in sites.items() if isinstance(m, ClipReLU)}
+    inputs: dict = {name: [] for name in sites}
+    gen = torch.Generator().manual_seed(0)
+
+    def keep(name):
+        def hook(module, args, out):
+            x = args[0].detach()
+            flat = x.movedim(module.channel_dim, 0).reshape(x.shape[module.channel_dim], -1)
+            take = torch.randperm(flat.shape[1], generator=gen)[:samples].to(flat.device)
+            inputs[name].append(flat[:, take].float().cpu())
+        return hook
+
+    hooks = [m.register_forward_hook(keep(name)) for name, m in sites.items()]
+    seen = 0
+    try:
+        for x in iterate_inputs(loader, device, None, "choosing thresholds", False):
+            gm(x[:max_images - seen])
+            seen += min(x.shape[0], max_images - seen)
+            if seen >= max_images:
+                break
+    finally:
+        for h in hooks:
+            h.remove()
+    fractions = torch.arange(1, grid + 1, dtype=torch.float32) / grid
+    chosen: Dict[str, torch.Tensor] = {}
+    for name, m in sites.items():
+        x = torch.cat(inputs[name], dim=1)
+        x = x[:, torch.randperm(x.shape[1], generator=gen)[:samples]]
+        theta_max = m.theta.detach().float().cpu().expand(x.shape[0]).clone()
+        target = torch.minimum(x.clamp(min=0), theta_max[:, None])
+        T_site = t_of(name)
+        errors = torch.empty(grid, x.shape[0], dtype=torch.float64)
+        for i, f in enumerate(fractions):
+            theta = (theta_max * f)[:, None]
+            out = formulas.da_qcfs(x, theta, T_site, 0.0, 0.0, 0.5 * theta)
+            errors[i] = (out - target).double().pow(2).sum(dim=1)
+        if reducer is not None:
+            errors = reducer(errors, "sum")
+        best = theta_max * fractions[errors.argmin(dim=0)]
+        chosen[name] = best.clamp(min=1e-4).to(m.theta.device, m.theta.dtype)
+    return chosen
+
+
+def _start(m: nn.Module, T: int, theta: Optional[torch.Tensor]) -> DAQCFS:
+    """The uncalibrated DA-QCFS of a QCFS/ClipReLU site, with ``theta`` in place of its own if given."""
+    da = m.to_daqcfs(T)
+    if theta is not None:
+        da.theta = theta.detach().clone().to(da.theta.device, da.theta.dtype)
+    return da
+
+
+def to_daqcfs(gm: fx.GraphModule, T: Union[int, Callable[[str], int]],
+              thresholds: Optional[Dict[str, torch.Tensor]] = None) -> fx.GraphModule:
+    """Uncalibrated DA-QCFS (psi_da = phi_da = 0) at every QCFS/ClipReLU site (``thresholds``: as
+    in :func:`calibrate_da`)."""
+    t_of = T if callable(T) else (lambda _: T)
+    return replace_sites(gm, lambda name, m: _start(m, t_of(name), (thresholds or {}).get(name))
+                         if isinstance(m, (QCFS, ClipReLU)) else m)
 
 
 def to_nodes(gm: fx.GraphModule, **node_kwargs) -> fx.GraphModule:

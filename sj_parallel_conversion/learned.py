@@ -19,6 +19,7 @@ parameters to keep, when to cut the step size and when to stop.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -34,11 +35,13 @@ from .activation import DAQCFS, QCFS, ClipReLU
 from .observers import Reducer
 from .progress import progress as progress_bar
 
-__all__ = ["LearnedCalibration", "LearnedSite", "daqcfs_fit", "take_images", "split_holdout", "learn_calibration", "held_out_score",
+__all__ = ["LearnedCalibration", "DistillCalibration", "LearnedSite", "daqcfs_fit", "take_images", "split_images", "learn_calibration", "held_out_score",
            "distillation_kl", "LOSSES"]
 
 LOSSES = ("kl", "mse", "kl+sites")
+STARTS = ("mse", "ema", "none")
 LOG_RANGE = math.log(100.0)
+logger = logging.getLogger("sj_parallel_conversion")
 
 
 @dataclass
@@ -47,19 +50,27 @@ class LearnedCalibration:
 
     Args:
         steps: at most this many Adam steps (one minibatch each).
-        lr: initial Adam learning rate of the log-thresholds and of ``psi_da / theta0``.
+        lr: peak Adam learning rate of the log-thresholds and of ``psi_da / theta0``.
+        weight_lr: peak Adam learning rate of the network's weights and biases; 0 (the default
+            here) fits the neurons' parameters only. :class:`DistillCalibration` sets it.
+        warmup: steps over which every rate rises linearly to its peak.
         loss: ``"kl"`` (KL divergence from the ANN's softmax to the SNN's, at ``temperature``;
             the default), ``"mse"`` (squared error of the logits) or ``"kl+sites"`` (KL plus the
             normalised squared error of every site's output against the ANN's activation there,
-            which guides deep networks layer by layer as block-wise reconstruction does).
+            weighted by ``site_weight``, which guides deep networks layer by layer as block-wise
+            reconstruction does).
+        site_weight: weight of the per-site terms of ``"kl+sites"``.
         temperature: both softmaxes of the KL loss divide the logits by it, and the loss is
             multiplied by its square (:func:`distillation_kl`). Softened targets carry the ANN's
             whole ranking of the classes, so every image informs the fit, not only those whose
             top class is in doubt; 1 is the plain KL. The held-out score that steers the fit is
             always the plain KL.
+        start: where the fit starts: ``"mse"`` (thresholds chosen for ``T`` levels by squared
+            error, then Algorithm 1; the recipe's ``method="mse"``), ``"ema"`` (Algorithm 1) or
+            ``"none"`` (the uncalibrated DA-QCFS).
         batch_size: images per step (calibration batches are cut into chunks of at most this).
         holdout: fraction of the calibration images kept out of fitting, for early stopping
-            (whole batches when there are at least 4, else the tail of every batch).
+            (spread evenly over the images).
         eval_every: steps between two evaluations of the held-out loss.
         patience: evaluations without improvement that make a plateau. At a plateau the fit returns
             to the best parameters so far and multiplies the learning rate by ``decay``; the
@@ -71,11 +82,15 @@ class LearnedCalibration:
     """
 
     steps: int = 600
-    lr: float = 1e-2
+    lr: float = 1e-3
+    weight_lr: float = 0.0
+    warmup: int = 0
     loss: str = "kl"
-    temperature: float = 4.0
-    batch_size: int = 128
-    holdout: float = 0.25
+    site_weight: float = 1.0
+    temperature: float = 1.0
+    start: str = "mse"
+    batch_size: int = 64
+    holdout: float = 0.2
     eval_every: int = 25
     patience: int = 2
     decay: float = 0.3
@@ -88,28 +103,43 @@ class LearnedCalibration:
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first invalid option."""
-        for name in ("steps", "batch_size", "eval_every", "patience"):
-            v = getattr(self, name)
+        name = type(self).__name__
+        for field in ("steps", "batch_size", "eval_every", "patience"):
+            v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"LearnedCalibration.{name} must be an integer >= 1, got {v!r}")
-        if isinstance(self.cuts, bool) or not isinstance(self.cuts, int) or self.cuts < 0:
-            raise ValueError(f"LearnedCalibration.cuts must be an integer >= 0, got {self.cuts!r}")
+                raise ValueError(f"{name}.{field} must be an integer >= 1, got {v!r}")
+        for field in ("cuts", "warmup"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}.{field} must be an integer >= 0, got {v!r}")
         if not (isinstance(self.decay, (int, float)) and not isinstance(self.decay, bool) and 0 < self.decay < 1):
-            raise ValueError(f"LearnedCalibration.decay must be a number in (0, 1), got {self.decay!r}")
+            raise ValueError(f"{name}.decay must be a number in (0, 1), got {self.decay!r}")
         if self.max_images is not None and (isinstance(self.max_images, bool) or not isinstance(self.max_images, int)
                                             or self.max_images < 2):
-            raise ValueError(f"LearnedCalibration.max_images must be None or an integer >= 2, got {self.max_images!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"LearnedCalibration.lr must be a positive number, got {self.lr!r}")
+            raise ValueError(f"{name}.max_images must be None or an integer >= 2, got {self.max_images!r}")
+        for field, positive in (("lr", True), ("weight_lr", False), ("site_weight", False), ("temperature", True)):
+            v = getattr(self, field)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                    and (v > 0 if positive else v >= 0)):
+                raise ValueError(f"{name}.{field} must be a {'positive' if positive else 'non-negative'} number, "
+                                 f"got {v!r}")
         if not (isinstance(self.holdout, (int, float)) and 0 < self.holdout < 1):
-            raise ValueError(f"LearnedCalibration.holdout must be a fraction in (0, 1), got {self.holdout!r}")
-        if not (isinstance(self.temperature, (int, float)) and not isinstance(self.temperature, bool)
-                and math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"LearnedCalibration.temperature must be a positive number, got {self.temperature!r}")
+            raise ValueError(f"{name}.holdout must be a fraction in (0, 1), got {self.holdout!r}")
         if self.loss not in LOSSES:
-            raise ValueError(f"LearnedCalibration.loss must be one of {LOSSES}, got {self.loss!r}")
+            raise ValueError(f"{name}.loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.start not in STARTS:
+            raise ValueError(f"{name}.start must be one of {STARTS}, got {self.start!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"LearnedCalibration.seed must be an int, got {self.seed!r}")
+            raise ValueError(f"{name}.seed must be an int, got {self.seed!r}")
+
+
+@dataclass
+class DistillCalibration(LearnedCalibration):
+    """Options of ``method="distill"``: :class:`LearnedCalibration` that also learns the network's
+    weights and biases (``weight_lr > 0``); the fields and their meaning are the same."""
+
+    weight_lr: float = 1e-5
+    loss: str = "kl"
 
 
 def _channel_sum(t: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -165,19 +195,25 @@ def daqcfs_fit(x: torch.Tensor, theta_pre: torch.Tensor, theta_post: torch.Tenso
 class LearnedSite(nn.Module):
     """One activation site during learned calibration (DA-QCFS with learnable per-channel parameters).
 
-    Built from the site's ClipReLU (recorded maxima) or QCFS (trained threshold); the starting
-    point is the uncalibrated DA-QCFS (``theta_pre = theta_post = theta0``, ``psi_da = 0``).
-    Per-channel parameters are created on the first forward, from the input's channel count.
+    Built from the site's ClipReLU (recorded maxima), QCFS (trained threshold) or DA-QCFS (an
+    Algorithm 1 result): the fit starts exactly where the source is, i.e. at the uncalibrated
+    DA-QCFS (``theta_pre = theta_post = theta0``, ``psi_da = 0``) for the first two and at the
+    calibrated values for a DA-QCFS. Per-channel parameters are created on the first forward, from
+    the input's channel count.
     """
 
     def __init__(self, source: nn.Module, T: int) -> None:
         super().__init__()
-        if not isinstance(source, (QCFS, ClipReLU)):
-            raise TypeError(f"learned calibration starts from QCFS or ClipReLU, got {type(source).__name__}")
+        if not isinstance(source, (QCFS, ClipReLU, DAQCFS)):
+            raise TypeError(f"learned calibration starts from QCFS, ClipReLU or DAQCFS, got {type(source).__name__}")
+        if isinstance(source, DAQCFS) and source.T != T:
+            raise ValueError(f"learned calibration at T={T} cannot start from a DA-QCFS at T={source.T}")
         self.T = T
         self.channel_dim = source.channel_dim
-        self.shift = source.shift if isinstance(source, QCFS) else 0.5
+        self.shift = source.shift if isinstance(source, (QCFS, DAQCFS)) else 0.5
         self.register_buffer("theta0", source.theta.detach().clone().to(torch.float32))
+        start = (source.psi_da, source.phi_da) if isinstance(source, DAQCFS) else None
+        self._start = None if start is None else tuple(t.detach().clone().to(torch.float32) for t in start)
         self.log_pre = nn.Parameter(torch.zeros(0))
         self.log_post = nn.Parameter(torch.zeros(0))
         self.bias = nn.Parameter(torch.zeros(0))
@@ -191,6 +227,14 @@ class LearnedSite(nn.Module):
         self.theta0 = self.theta0.to(dev).expand(c).clone() if self.theta0.numel() == 1 else self.theta0.to(dev)
         for name in ("log_pre", "log_post", "bias"):
             setattr(self, name, nn.Parameter(torch.zeros(c, device=dev)))
+        if self._start is not None:
+            psi_da, phi_da = (t.to(dev).expand(c) for t in self._start)
+            with torch.no_grad():
+                # theta_post = theta0 * exp(log_post) = theta0 + phi_da; a DA-QCFS that reached a
+                # spike value below 10 % of theta0 starts at 10 % (the moment method's own floor).
+                self.log_post.copy_(torch.log(((self.theta0 + phi_da) / self.theta0).clamp(min=0.1)))
+                self.bias.copy_(psi_da / self.theta0)
+            self._start = None
 
     def parameters_now(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(theta_pre, theta_post, psi_da)``, per channel."""
@@ -213,23 +257,24 @@ class LearnedSite(nn.Module):
         return DAQCFS(self.T, pre, psi_da=psi_da, phi_da=post - pre, shift=self.shift, channel_dim=self.channel_dim)
 
 
-def split_holdout(batches: Sequence[torch.Tensor], fraction: float) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-    """``(fit, held_out)``: the last ``fraction`` of the batches, or of every batch's images."""
+def split_images(batches: Sequence[torch.Tensor], fraction: float) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """``(rest, held)``: ``ceil(fraction * n)`` of the ``n`` images, spread evenly over them, and the rest.
+
+    Taking every k-th image rather than the last ones keeps a loader that is sorted (by class, by
+    source) represented in both parts. Both parts keep at least one image; the images of a part
+    come back as one batch.
+    """
     if not batches:
         raise ValueError("no calibration batch to split")
-    n = len(batches)
-    if n >= 4:
-        k = min(n - 1, max(1, math.ceil(n * fraction)))
-        return list(batches[:n - k]), list(batches[n - k:])
-    fit, held = [], []
-    for i, b in enumerate(batches):
-        if b.shape[0] < 2:
-            raise ValueError(f"calibration batch {i} holds {b.shape[0]} image; learned calibration needs at least "
-                             "2 images per batch (or 4 batches) to hold some out for early stopping")
-        k = min(b.shape[0] - 1, max(1, math.ceil(b.shape[0] * fraction)))
-        fit.append(b[:b.shape[0] - k])
-        held.append(b[b.shape[0] - k:])
-    return fit, held
+    images = torch.cat(list(batches))
+    n = images.shape[0]
+    if n < 2:
+        raise ValueError(f"the calibration data holds {n} image; at least 2 are needed to hold some out for "
+                         "measuring the fit")
+    k = min(n - 1, max(1, math.ceil(n * fraction)))
+    held = torch.zeros(n, dtype=torch.bool)
+    held[torch.div(torch.arange(k) * n + n // 2, k, rounding_mode="floor").clamp(max=n - 1)] = True
+    return [images[~held]], [images[held]]
 
 
 def _chunks(batches: Sequence[torch.Tensor], size: int) -> List[torch.Tensor]:
@@ -302,6 +347,11 @@ def _site_outputs(model: nn.Module, names: Sequence[str]) -> Tuple[Dict[str, tor
     return store, hooks
 
 
+def _set_site(gm: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, child, module)
+
+
 def learn_calibration(
     gm: fx.GraphModule,
     reference: nn.Module,
@@ -313,21 +363,24 @@ def learn_calibration(
     device,
     reducer: Reducer = None,
     progress: bool = True,
+    label: str = "learned",
 ) -> Tuple[fx.GraphModule, Dict]:
-    """Learn the per-channel parameters of every site of ``gm`` (ClipReLU/QCFS sites) in place.
+    """Fit every site of ``gm`` (ClipReLU, QCFS or DA-QCFS sites), and its weights when
+    ``options.weight_lr > 0``, to the ANN's outputs, in place.
 
     ``reference`` is the ANN (same graph, original activations); ``fit`` and ``held`` are input
-    tensors (on any device). Returns ``gm`` with DA-QCFS sites and a history dict (held-out KL
-    per evaluation, the step kept, the number of steps run, seconds).
+    tensors (on any device): the fit steps on ``fit``, and ``held`` alone decides which parameters
+    are kept, when the step size is cut and when the fit stops. The fit never returns a network
+    that agrees with the ANN on ``held`` less often than its starting point: it then returns the
+    start (``history["fell_back"]``) and logs one warning. Returns ``gm`` with DA-QCFS sites and a
+    history dict (held-out KL and agreement per evaluation, the step kept, steps run, seconds).
     """
     options.check()
     start = time.perf_counter()
     sites: Dict[str, LearnedSite] = {}
     for name in site_names:
-        parent, _, child = name.rpartition(".")
-        owner = gm.get_submodule(parent) if parent else gm
-        sites[name] = LearnedSite(getattr(owner, child), T_of(name))
-        setattr(owner, child, sites[name])
+        sites[name] = LearnedSite(gm.get_submodule(name), T_of(name))
+        _set_site(gm, name, sites[name])
     gm.eval()
     reference.eval()
     for p in gm.parameters():
@@ -338,9 +391,18 @@ def learn_calibration(
     held_chunks = _chunks(held, options.batch_size)
     with torch.no_grad():
         gm(chunks[0][:1].to(device))  # materialise the per-channel parameters
+        # The ANN's outputs are fixed: computed once per image, not at every step.
         fit_ref = [_logits(reference, c.to(device)) for c in chunks]
         held_ref = [_logits(reference, c.to(device)) for c in held_chunks]
-    params = [p for s in sites.values() for p in (s.log_pre, s.log_post, s.bias)]
+    logger.info("%s: %d fitting and %d held-out images, ANN outputs ready (%.1f s)", label,
+                sum(int(c.shape[0]) for c in chunks), sum(int(c.shape[0]) for c in held_chunks),
+                time.perf_counter() - start)
+    site_params = [p for s in sites.values() for p in (s.log_pre, s.log_post, s.bias)]
+    weight_params: List[nn.Parameter] = []
+    if options.weight_lr > 0:
+        ids = {id(p) for p in site_params}
+        weight_params = [p for p in gm.parameters() if id(p) not in ids]
+    params = site_params + weight_params
     for p in params:
         p.requires_grad_(True)
     world = 1.0
@@ -350,7 +412,12 @@ def learn_calibration(
         if float(counts[1]) != world * len(chunks):
             raise ValueError("learned calibration under torch.distributed needs the same number of calibration "
                              f"minibatches on every process (this one has {len(chunks)}); shard the data evenly")
-    opt = torch.optim.Adam(params, lr=options.lr)
+    groups = [{"params": site_params, "lr": options.lr}]
+    if weight_params:
+        groups.append({"params": weight_params, "lr": options.weight_lr})
+    for group in groups:
+        group["peak"] = group["lr"]
+    opt = torch.optim.Adam(groups)
     gen = torch.Generator().manual_seed(options.seed)
     site_store, hooks, ref_store, ref_hooks = {}, [], {}, []
     if options.loss == "kl+sites":
@@ -365,15 +432,22 @@ def learn_calibration(
         for p, v in zip(params, state):
             p.copy_(v)
 
-    best = held_out_score(gm, held_chunks, held_ref, device, reducer)
-    best_state, best_step = snapshot(), 0
+    initial = best = held_out_score(gm, held_chunks, held_ref, device, reducer)
+    initial_state = best_state = snapshot()
+    best_step = 0
     history = {"held_out_kl": [(0, best["kl"])], "held_out_agreement": [(0, best["agreement"])], "cuts": []}
     order: List[int] = []
     bad = 0
     step = 0
-    bar = progress_bar(range(options.steps), "learned calibration", progress)
+    scale = 1.0  # the plateau cuts' factor on every group's rate
+    bar = progress_bar(range(options.steps), label, progress)
     try:
         for step in bar:
+            # Adam's first steps move every parameter by about the full rate in the direction of a
+            # noisy gradient; on deep networks at small T that alone can leave the start's basin.
+            ramp = min(1.0, (step + 1) / options.warmup) if options.warmup else 1.0
+            for group in opt.param_groups:
+                group["lr"] = group["peak"] * scale * ramp
             if not order:
                 order = torch.randperm(len(chunks), generator=gen).tolist()
             i = order.pop()
@@ -388,7 +462,7 @@ def learn_calibration(
                     reference(x)
                 terms = [F.mse_loss(site_store[n], ref_store[n]) / ref_store[n].pow(2).mean().clamp(min=1e-12)
                          for n in sites]
-                loss = loss + torch.stack(terms).mean()
+                loss = loss + options.site_weight * torch.stack(terms).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if reducer is not None:
@@ -400,6 +474,8 @@ def learn_calibration(
                 score = held_out_score(gm, held_chunks, held_ref, device, reducer)
                 history["held_out_kl"].append((step + 1, score["kl"]))
                 history["held_out_agreement"].append((step + 1, score["agreement"]))
+                logger.debug("%s: step %d, held-out KL %.4f, agreement %.1f %% (%.0f s)", label, step + 1, score["kl"],
+                             100 * score["agreement"], time.perf_counter() - start)
                 if score["kl"] < best["kl"]:
                     best, best_state, best_step, bad = score, snapshot(), step + 1, 0
                     continue
@@ -413,21 +489,33 @@ def learn_calibration(
                 if len(history["cuts"]) >= options.cuts or step + 1 >= options.steps:
                     break
                 history["cuts"].append(step + 1)
+                logger.info("%s: plateau at step %d, back to step %d (held-out agreement %.1f %%), rate x%g (%.0f s)",
+                            label, step + 1, best_step, 100 * best["agreement"], options.decay,
+                            time.perf_counter() - start)
                 bad = 0
                 restore(best_state)
                 # Adam's moment estimates are kept: they still describe the gradients near the best
                 # parameters, and the smaller rate bounds how far they carry the fit.
-                for group in opt.param_groups:
-                    group["lr"] *= options.decay
+                scale *= options.decay
     finally:
         bar.close()
         for h in hooks + ref_hooks:
             h.remove()
+    fell_back = best["agreement"] < initial["agreement"]
+    if fell_back:
+        # The held-out KL can fall while the ranking of the classes gets worse (a fit that flattens
+        # the logits); a network that agrees with the ANN less than the start is never returned.
+        logger.warning("%s: the fit agreed with the ANN on %.1f %% of held-out images against %.1f %% at its start; "
+                       "keeping the start", label, 100 * best["agreement"], 100 * initial["agreement"])
+        best_state, best_step, best = initial_state, 0, initial
     restore(best_state)
+    for p in params:
+        p.requires_grad_(False)
     for name, site in sites.items():
-        parent, _, child = name.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, child, site.to_daqcfs())
+        _set_site(gm, name, site.to_daqcfs())
     history.update(kept_step=best_step, steps_run=step + 1, seconds=time.perf_counter() - start,
-                   fit_images=sum(int(c.shape[0]) for c in chunks),
+                   fell_back=fell_back, fit_images=sum(int(c.shape[0]) for c in chunks),
                    held_out_images=sum(int(c.shape[0]) for c in held_chunks), options=asdict(options))
+    logger.info("%s: kept step %d of %d, held-out agreement %.1f %% (start %.1f %%), %.0f s", label, best_step,
+                step + 1, 100 * best["agreement"], 100 * initial["agreement"], history["seconds"])
     return gm, history

@@ -97,8 +97,9 @@ class DACalibrator(nn.Module):
     """
 
     def __init__(self, ref: nn.Module, da: DAQCFS, alpha: float = 0.99, bias_correction: bool = True,
-                 reducer: Reducer = None, method: str = "ema"):
+                 reducer: Reducer = None, method: str = "ema", update: bool = True):
         super().__init__()
+        self.update = bool(update)
         if not isinstance(ref, (QCFS, ClipReLU)):
             raise TypeError(f"reference activation must be QCFS or ClipReLU, got {type(ref).__name__}")
         if method not in ("ema", "moment"):
@@ -151,6 +152,9 @@ class DACalibrator(nn.Module):
             raise RuntimeError("DACalibrator expects a batch holding the reference and calibrated streams")
         cd = self.da.channel_dim
         z_ref, z_cal = z.chunk(2, dim=0)
+        if not self.update:
+            # A site left out of calibration still carries both streams to the deeper sites.
+            return torch.cat([self.ref(z_ref), self.da(z_cal)], dim=0)
         self.steps += 1
         if self.method == "moment":
             return self._forward_moment(z_ref, z_cal)

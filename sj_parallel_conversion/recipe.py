@@ -33,7 +33,7 @@ from . import calibration, kernels, registry
 from .activation import DAQCFS, QCFS, ClipReLU
 from .graph import activation_sites, check_batch_axis, keep_analog, prepare_graph, to_multistep
 from .joins import insert_time_joins
-from .learned import LearnedCalibration, held_out_score, learn_calibration, split_holdout, take_images
+from .learned import DistillCalibration, LearnedCalibration, held_out_score, learn_calibration, split_images, take_images
 from .neuron import ParallelConversionNode
 from .observers import MaxObserver
 from .selection import CalibrationReport, choose
@@ -45,7 +45,12 @@ from .tracing import activation_calls_to_modules, fold_bn
 __all__ = ["ParallelConversionRecipe", "ParallelConverter", "parallel_neuron_factory", "conversion_case"]
 
 MODES = ("auto", "qcfs", "relu")
-METHODS = ("auto", "ema", "moment", "learned")
+METHODS = ("auto", "paper", "ema", "moment", "mse", "learned", "distill")
+#: Methods that fit parameters by gradient descent, and the fit ``method="auto"`` tries.
+FITS = ("learned", "distill")
+#: Methods that calibrate in one or two passes over the data.
+CHEAP = ("paper", "ema", "moment", "mse")
+AUTO_FIT = "distill"
 
 
 def conversion_case(gm: fx.GraphModule, T: Union[int, Callable[[str], int]], mode: str = "auto") -> Dict[str, Any]:
@@ -98,14 +103,34 @@ class ParallelConversionRecipe(FXConversionRecipe):
         progress: show tqdm progress bars.
         reducer: ``reducer(tensor, op)`` summing/maxing statistics across processes (distributed).
         default_T: T of sites missing from a per-layer ``T`` dict.
-        method: how to calibrate: ``"auto"`` (default) fits the candidates "none" (no
-            calibration), "ema" (Algorithm 1) and "learned" on part of the calibration images and
-            keeps the one whose predictions agree best with the ANN's on the rest (see
-            :class:`~.selection.CalibrationReport`, stored as ``snn.calibration_report``);
-            ``"learned"`` learns every neuron's per-channel ``theta_pre``, ``theta_post`` and
-            ``psi_da`` (:class:`~.learned.LearnedCalibration`); ``"ema"`` is Algorithm 1 as
-            published; ``"moment"`` per-channel moment matching of ``phi_da`` and ``psi_da``.
-        learned: options of the learned calibration (default ``LearnedCalibration()``).
+        method: how to calibrate:
+
+            * ``"auto"`` (default): fits the candidates "none" (no calibration), "ema"
+              (Algorithm 1) and "mse", then ``"distill"`` unless one of those already agrees with
+              the ANN on at least ``skip_agreement`` of the selection images, and keeps the one
+              that agrees best with the ANN on those images (a share ``selection_fraction`` of the
+              calibration images that no fit reads; see :class:`~.selection.CalibrationReport`,
+              stored as ``snn.calibration_report``);
+            * ``"distill"``: learns every neuron's per-channel ``theta_pre``, ``theta_post`` and
+              ``psi_da`` and the network's weights and biases from the ANN's outputs
+              (:class:`~.learned.DistillCalibration`);
+            * ``"learned"``: the same with the neurons' parameters only
+              (:class:`~.learned.LearnedCalibration`);
+            * ``"ema"``: Algorithm 1 with this library's settings (``alpha``, ``bias_correction``);
+            * ``"paper"``: Algorithm 1 with the paper's settings: ``alpha = 0.99``, no bias
+              correction, statistics over every calibration batch, sites fed by convolutions
+              only (sites after fully connected layers keep ``psi_da = phi_da = 0``);
+            * ``"moment"``: per-channel moment matching of ``phi_da`` and ``psi_da``;
+            * ``"mse"``: each ClipReLU site's per-channel threshold chosen for ``T`` levels by the
+              squared error of its output (:func:`~.calibration.mse_thresholds`) instead of the
+              recorded maximum, then Algorithm 1 (the start of the two fits by default).
+        learned: options of ``method="learned"`` (default ``LearnedCalibration()``).
+        distill: options of ``method="distill"`` and of auto's fit (default ``DistillCalibration()``).
+        selection_fraction: ``method="auto"``: the share of the calibration images kept for the
+            choice between candidates.
+        skip_agreement: ``method="auto"``: the held-out agreement of the best of "none" and
+            "ema" at which the fit is skipped (it could gain at most the remaining images);
+            ``None`` always fits.
         inplace: let the converted network overwrite its temporaries (default ``True``): each
             neuron that is the only reader of its input currents writes its spikes over them, and
             each residual sum adds into the convolution output it reads (same outputs, bit for
@@ -134,6 +159,9 @@ class ParallelConversionRecipe(FXConversionRecipe):
         analog_sites=(),
         learned: Optional[LearnedCalibration] = None,
         inplace: bool = True,
+        distill: Optional[DistillCalibration] = None,
+        selection_fraction: float = 0.125,
+        skip_agreement: Optional[float] = 0.99,
     ) -> None:
         self.T = T
         self.dataloader = dataloader
@@ -150,6 +178,9 @@ class ParallelConversionRecipe(FXConversionRecipe):
         self.default_T = default_T
         self.method = method
         self.learned = LearnedCalibration() if learned is None else learned
+        self.distill = DistillCalibration() if distill is None else distill
+        self.selection_fraction = selection_fraction
+        self.skip_agreement = skip_agreement
         self.analog_sites = tuple(analog_sites)
         self.inplace = inplace
         self.case: Optional[Dict[str, Any]] = None
@@ -189,9 +220,18 @@ class ParallelConversionRecipe(FXConversionRecipe):
             raise ValueError(f"spike_order must be 'late' or 'early', got {self.spike_order!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if not isinstance(self.learned, LearnedCalibration):
-            raise TypeError(f"learned must be a LearnedCalibration, got {type(self.learned).__name__}")
-        self.learned.check()
+        for name, kind in (("learned", LearnedCalibration), ("distill", LearnedCalibration)):
+            value = getattr(self, name)
+            if not isinstance(value, kind):
+                raise TypeError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
+            value.check()
+        for name in ("selection_fraction", "skip_agreement"):
+            v = getattr(self, name)
+            if name == "skip_agreement" and v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+                raise ValueError(f"{name} must be a number in (0, 1){' or None' if name == 'skip_agreement' else ''}, "
+                                 f"got {v!r}")
         if not isinstance(self.inplace, bool):
             raise TypeError(f"inplace must be True or False, got {self.inplace!r}")
         if self.fuse_bn not in (None, True, False):
@@ -257,7 +297,7 @@ class ParallelConversionRecipe(FXConversionRecipe):
         return fx_model
 
     def insert_observers(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
-        if self.case["calibrate"] and self.method in ("auto", "learned"):
+        if self.case["calibrate"] and self.method in ("auto",) + FITS:
             # The ANN itself (original activations, BN folded as in the SNN) is what learned
             # calibration matches; keep it before observers and calibration change the sites.
             self._reference = copy.deepcopy(fx_model).eval()
@@ -276,46 +316,93 @@ class ParallelConversionRecipe(FXConversionRecipe):
             calibration.replace_sites(fx_model, lambda name, m: m.to_clip_relu(site=name) if isinstance(m, MaxObserver) else m)
         if not self.case["calibrate"]:
             return calibration.to_daqcfs(fx_model, self.T_of)
-        if self.method in ("ema", "moment"):
+        if self.method in CHEAP:
             start = time.perf_counter()
-            calibration.calibrate_da(fx_model, self._data, self.T_of, dev, None, self.alpha,
-                                     self.bias_correction, self.progress, self.reducer, self.method)
+            fx_model = self._cheap(self.method, fx_model, self._data, dev)
             self.report = CalibrationReport(requested=self.method, method=self.method,
                                             seconds={self.method: time.perf_counter() - start})
             return fx_model
         return self._calibrate_by_measurement(fx_model, dev)
 
+    def _cheap(self, name: str, fx_model: fx.GraphModule, data, dev) -> fx.GraphModule:
+        """The calibrations that fit nothing by gradient descent, on ``data``."""
+        if name == "none":
+            return calibration.to_daqcfs(fx_model, self.T_of)
+        if name == "paper":
+            return calibration.calibrate_da(fx_model, data, self.T_of, dev, None, 0.99, False, self.progress,
+                                            self.reducer, "ema", sites=calibration.convolution_sites(fx_model))
+        thresholds = None
+        if name == "mse":
+            thresholds = calibration.mse_thresholds(fx_model, data, self.T_of, dev, reducer=self.reducer)
+        return calibration.calibrate_da(fx_model, data, self.T_of, dev, None, self.alpha, self.bias_correction,
+                                        self.progress, self.reducer, "moment" if name == "moment" else "ema",
+                                        thresholds=thresholds)
+
+    def _fit_options(self, method: str) -> LearnedCalibration:
+        return self.distill if method == "distill" else self.learned
+
     def _calibrate_by_measurement(self, fx_model: fx.GraphModule, dev) -> fx.GraphModule:
-        """``method="learned"`` / ``"auto"``: fit on part of the calibration images, measure on the rest."""
-        opts = self.learned
+        """``method="learned"``, ``"distill"`` or ``"auto"``: fit, then measure on images held out.
+
+        The calibration images are split three ways, each part used by one step only: the fit
+        (and Algorithm 1) learns from the first, the fit's early stopping reads the second, and
+        ``auto``'s choice between the candidates reads the third.
+        """
+        fitting = self.method if self.method in FITS else AUTO_FIT
+        opts = self._fit_options(fitting)
+        clock = time.perf_counter()
         images = take_images(calibration.iterate_inputs(self._data, "cpu", None, "reading calibration data",
                                                         self.progress), opts.max_images)
-        fit, held = split_holdout(images, opts.holdout)
+        select: Optional[list] = None
+        if self.method == "auto":
+            images, select = split_images(images, self.selection_fraction)
+        fit, stop = split_images(images, opts.holdout)
+        logger.info("calibration: %d images read (%.1f s)", sum(int(x.shape[0]) for x in images) +
+                    (int(select[0].shape[0]) if select else 0), time.perf_counter() - clock)
         sites = [n.target for n in activation_sites(fx_model)]
-        with torch.no_grad():
-            held_ref = [self._reference(x.to(dev)) for x in held]
         candidates: Dict[str, fx.GraphModule] = {}
         seconds: Dict[str, float] = {}
+        skipped: Dict[str, str] = {}
+        scores: Dict[str, Dict[str, float]] = {}
+        judge = select if select is not None else stop
+        with torch.no_grad():
+            judge_ref = [self._reference(x.to(dev)) for x in judge]
+
+        def score(name: str) -> None:
+            scores[name] = held_out_score(candidates[name], judge, judge_ref, dev, self.reducer)
+            logger.info("calibration: %s agrees with the ANN on %.1f %% of %d %s images (%.1f s)", name,
+                        100 * scores[name]["agreement"], scores[name]["images"],
+                        "selection" if select is not None else "held-out", seconds[name])
+
+        for name in (("none", "ema", "mse") if self.method == "auto" else (opts.start,)):
+            start = time.perf_counter()
+            candidates[name] = self._cheap(name, copy.deepcopy(fx_model), fit, dev)
+            seconds[name] = time.perf_counter() - start
         if self.method == "auto":
-            start = time.perf_counter()
-            candidates["none"] = calibration.to_daqcfs(copy.deepcopy(fx_model), self.T_of)
-            seconds["none"] = time.perf_counter() - start
-            start = time.perf_counter()
-            candidates["ema"] = calibration.calibrate_da(
-                copy.deepcopy(fx_model), fit, self.T_of, dev, None, self.alpha, self.bias_correction,
-                self.progress, self.reducer, "ema")
-            seconds["ema"] = time.perf_counter() - start
-        with torch.enable_grad():
-            learned_model, history = learn_calibration(
-                fx_model if self.method == "learned" else copy.deepcopy(fx_model), self._reference, fit, held,
-                self.T_of, sites, opts, dev, self.reducer, self.progress)
-        candidates["learned"] = learned_model
-        seconds["learned"] = history["seconds"]
-        scores = {name: held_out_score(m, held, held_ref, dev, self.reducer) for name, m in candidates.items()}
-        chosen = choose(scores) if self.method == "auto" else "learned"
+            for name in candidates:
+                score(name)
+            best = choose(scores)
+            if self.skip_agreement is not None and scores[best]["agreement"] >= self.skip_agreement:
+                skipped[fitting] = (f"{best} already agrees with the ANN on {100 * scores[best]['agreement']:.1f} % "
+                                    f"of the selection images (>= {100 * self.skip_agreement:g} %)")
+                logger.info("calibration: %s skipped: %s", fitting, skipped[fitting])
+        history = None
+        if fitting not in skipped:
+            origin = candidates[opts.start]
+            with torch.enable_grad():
+                fitted, history = learn_calibration(
+                    copy.deepcopy(origin) if self.method == "auto" else origin, self._reference, fit, stop,
+                    self.T_of, sites, opts, dev, self.reducer, self.progress, label=fitting)
+            candidates[fitting] = fitted
+            seconds[fitting] = history["seconds"]
+            score(fitting)
+        chosen = choose(scores) if self.method == "auto" else fitting
+        if self.method != "auto":
+            candidates = {chosen: candidates[chosen]}
         self.report = CalibrationReport(
-            requested=self.method, method=chosen, scores=scores, seconds=seconds,
-            fit_images=history["fit_images"], held_out_images=history["held_out_images"], learned=history)
+            requested=self.method, method=chosen, scores=scores, seconds=seconds, skipped=skipped,
+            fit_images=sum(int(x.shape[0]) for x in fit), held_out_images=sum(int(x.shape[0]) for x in stop),
+            selection_images=sum(int(x.shape[0]) for x in select) if select else 0, learned=history)
         logger.info("%s", self.report.summary())
         self._reference = None
         return candidates[chosen]

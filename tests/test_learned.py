@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -10,11 +11,14 @@ import torch.nn as nn
 from sj_parallel_conversion import ParallelConversionNode, ParallelConverter, count_inference, spike_inference
 from sj_parallel_conversion import formulas
 from sj_parallel_conversion.activation import DAQCFS, QCFS, ClipReLU
-from sj_parallel_conversion.learned import LearnedCalibration, LearnedSite, distillation_kl, held_out_score, split_holdout
+from sj_parallel_conversion.learned import (DistillCalibration, LearnedCalibration, LearnedSite, distillation_kl,
+                                            held_out_score, split_images)
 from sj_parallel_conversion.recipe import ParallelConversionRecipe
 from sj_parallel_conversion.selection import CalibrationReport, choose
 
-FAST = LearnedCalibration(steps=40, eval_every=10, patience=10, batch_size=32)
+# From the uncalibrated start with a large rate: a fit that visibly moves in a few steps.
+FAST = LearnedCalibration(steps=40, lr=1e-2, start="none", eval_every=10, patience=10, batch_size=32)
+FAST_DISTILL = DistillCalibration(steps=40, eval_every=10, patience=10, batch_size=32)
 
 
 def _net(act=nn.ReLU):
@@ -78,7 +82,7 @@ def test_learned_result_is_the_parallel_snn_and_improves_the_held_out_fit():
     kept_kl = dict(hist["held_out_kl"])[hist["kept_step"]]
     assert hist["kept_step"] > 0 and kept_kl < 0.9 * start_kl
     # The kept KL is that of the final spiking network, measured independently here.
-    fit, held = split_holdout(batches, FAST.holdout)
+    fit, held = split_images(batches, FAST.holdout)
     with torch.no_grad():
         kl = sum(float(nn.functional.kl_div(count_inference(snn, x).log_softmax(1), ann(x).log_softmax(1),
                                             log_target=True, reduction="sum")) for x in held)
@@ -103,7 +107,7 @@ def test_learned_calibration_of_a_qcfs_network_at_T_not_L():
     snn = ParallelConverter("parallel", T=2, dataloader=batches, progress=False, method="learned",
                             learned=FAST).convert(_net(lambda: QCFS(L=8, theta=2.0)))
     report = snn.calibration_report
-    assert report.method == "learned" and report.scores["learned"]["images"] == 64
+    assert report.method == "learned" and report.scores["learned"]["images"] == math.ceil(192 * FAST.holdout)
 
 
 def test_kl_plus_sites_loss_runs_and_mse_and_the_temperature_differ_from_kl():
@@ -140,13 +144,18 @@ def test_learned_options_are_validated(kw, match):
         LearnedCalibration(**kw)
 
 
-def test_split_holdout_whole_batches_or_batch_tails():
-    fit, held = split_holdout([torch.zeros(8, 1)] * 8, 0.25)
-    assert len(fit) == 6 and len(held) == 2
-    fit, held = split_holdout([torch.zeros(8, 1)] * 2, 0.25)
-    assert [b.shape[0] for b in fit] == [6, 6] and [b.shape[0] for b in held] == [2, 2]
-    with pytest.raises(ValueError, match="at least 2 images"):
-        split_holdout([torch.zeros(1, 1)], 0.25)
+def test_split_images_spreads_the_held_out_part_over_sorted_data():
+    # Images numbered 0..63 in 8 batches, "sorted by class" in blocks of 8: the held-out quarter
+    # must take images from every block, and the two parts must partition the images.
+    batches = [torch.arange(8 * i, 8 * i + 8, dtype=torch.float32)[:, None] for i in range(8)]
+    rest, held = split_images(batches, 0.25)
+    ids_rest, ids_held = rest[0].flatten().tolist(), held[0].flatten().tolist()
+    assert len(ids_held) == 16 and sorted(ids_rest + ids_held) == list(range(64))
+    assert {int(i) // 8 for i in ids_held} == set(range(8))
+    rest, held = split_images([torch.zeros(3, 1)], 0.01)
+    assert rest[0].shape[0] == 2 and held[0].shape[0] == 1
+    with pytest.raises(ValueError, match="at least 2 are needed"):
+        split_images([torch.zeros(1, 1)], 0.25)
 
 
 # -- auto ---------------------------------------------------------------------------------------------
@@ -165,21 +174,219 @@ def test_auto_is_the_default_reports_its_choice_and_keeps_the_chosen_network(cap
     batches = _batches()
     ann = _net()
     with caplog.at_level(logging.INFO, logger="sj_parallel_conversion"):
-        snn = ParallelConverter("parallel", T=2, dataloader=batches, progress=False, learned=FAST).convert(ann)
+        snn = ParallelConverter("parallel", T=2, dataloader=batches, progress=False, skip_agreement=None,
+                                distill=FAST_DISTILL).convert(ann)
     report = snn.calibration_report
     assert isinstance(report, CalibrationReport) and report.requested == "auto"
-    assert set(report.scores) == {"none", "ema", "learned"}
+    assert set(report.scores) == {"none", "ema", "mse", "distill"} and not report.skipped
     assert report.method == choose(report.scores)
     assert report.scores[report.method]["agreement"] >= report.scores["none"]["agreement"]
     lines = [r.getMessage() for r in caplog.records if "calibration (auto)" in r.getMessage()]
-    assert len(lines) == 1 and f"kept {report.method}" in lines[0]
-    # The network returned is the one that was scored: re-measure it on the held-out images.
-    _, held = split_holdout(batches, FAST.holdout)
+    assert len(lines) == 1 and f"kept {report.method} (auto)" in lines[0]
+    # The network returned is the one that was scored: re-measure it on the selection images.
+    _, select = split_images(batches, ParallelConversionRecipe(2).selection_fraction)
+    assert report.selection_images == select[0].shape[0]
     with torch.no_grad():
-        refs = [ann(x) for x in held]
-    measured = held_out_score(lambda x: count_inference(snn, x), held, refs, "cpu")
+        refs = [ann(x) for x in select]
+    measured = held_out_score(lambda x: count_inference(snn, x), select, refs, "cpu")
     assert measured["agreement"] == report.scores[report.method]["agreement"]
     assert measured["kl"] == pytest.approx(report.scores[report.method]["kl"], rel=1e-4, abs=1e-7)
+
+
+def _tagged_batches(n=6, size=32):
+    """Batches whose every image carries its own number in its first pixel, so that any image seen
+    anywhere can be told apart."""
+    batches = _batches(n, size)
+    for i, b in enumerate(batches):
+        b[:, 0, 0, 0] = torch.arange(i * size, (i + 1) * size, dtype=b.dtype) + 1000.0
+    return batches
+
+
+def _ids(tensors):
+    return {int(v) for t in tensors for v in t[:, 0, 0, 0].round().tolist()}
+
+
+def test_fit_early_stopping_and_selection_read_disjoint_images(monkeypatch):
+    from sj_parallel_conversion import learned as learned_mod, recipe as recipe_mod
+
+    seen = {"fit": set(), "stop": set(), "scored": []}
+    real_fit, real_score = learned_mod.learn_calibration, recipe_mod.held_out_score
+
+    def spy_fit(gm, reference, fit, held, *a, **k):
+        seen["fit"] |= _ids(fit)
+        seen["stop"] |= _ids(held)
+        return real_fit(gm, reference, fit, held, *a, **k)
+
+    def spy_score(model, held, refs, *a, **k):
+        seen["scored"].append(_ids(held))
+        return real_score(model, held, refs, *a, **k)
+
+    monkeypatch.setattr(recipe_mod, "learn_calibration", spy_fit)
+    monkeypatch.setattr(recipe_mod, "held_out_score", spy_score)
+    batches = _tagged_batches()
+    snn = ParallelConverter("parallel", T=2, dataloader=batches, progress=False, skip_agreement=None,
+                            distill=FAST_DISTILL).convert(_net())
+    select = set().union(*seen["scored"])
+    assert all(ids == select for ids in seen["scored"]) and len(seen["scored"]) == 4  # none, ema, mse, distill
+    assert seen["fit"] and seen["stop"] and select
+    assert not (seen["fit"] & seen["stop"]) and not (seen["fit"] & select) and not (seen["stop"] & select)
+    assert seen["fit"] | seen["stop"] | select == _ids(batches)
+    assert snn.calibration_report.selection_images == len(select)
+    assert snn.calibration_report.held_out_images == len(seen["stop"])
+
+
+@pytest.mark.parametrize("method", ["distill", "auto"])
+def test_no_label_is_read_garbage_labels_give_the_same_network(method):
+    batches = _batches()
+    g = torch.Generator().manual_seed(5)
+    real = [(x, torch.randint(0, 10, (x.shape[0],), generator=g)) for x in batches]
+    garbage = [(x, torch.full((3,), -12345)) for x in batches]
+    options = dict(progress=False, method=method, distill=FAST_DISTILL, skip_agreement=None)
+    a = ParallelConverter("parallel", T=2, dataloader=real, **options).convert(_net()).state_dict()
+    b = ParallelConverter("parallel", T=2, dataloader=garbage, **options).convert(_net()).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _confident_net():
+    """_net with logits ten times larger: an ANN whose ranking of the classes is clear."""
+    ann = _net()
+    with torch.no_grad():
+        ann[-1].weight.mul_(10)
+        ann[-1].bias.mul_(10)
+    return ann
+
+
+def test_distill_beats_learned_where_thresholds_alone_cannot_fit():
+    # At T = 1 every hidden neuron says one bit; its own threshold and spike value cannot make 32
+    # bits carry what the ANN's 32 real numbers do, the weights can choose which bits to compute.
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    with torch.no_grad():
+        ann[2].weight.mul_(5)  # confident logits: a clear ranking of the classes to match
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(64, 20, generator=g) for _ in range(8)]
+    common = dict(steps=150, eval_every=25, patience=3, batch_size=32, lr=1e-2, start="mse")
+    learned = ParallelConverter("parallel", T=1, dataloader=batches, progress=False, method="learned",
+                                learned=LearnedCalibration(**common)).convert(ann)
+    distilled = ParallelConverter("parallel", T=1, dataloader=batches, progress=False, method="distill",
+                                  distill=DistillCalibration(weight_lr=3e-3, **common)).convert(ann)
+    # The same held-out images (same split, same options) for both.
+    s_learned, s_distilled = learned.calibration_report.scores["learned"], distilled.calibration_report.scores["distill"]
+    assert s_distilled["images"] == s_learned["images"]
+    assert s_distilled["kl"] < 0.85 * s_learned["kl"] and s_distilled["agreement"] >= s_learned["agreement"]
+    assert not distilled.calibration_report.learned["fell_back"]
+    # The weights moved, the ANN's did not, and the result is still a plain parallel SNN whose
+    # spike level equals its count domain.
+    first = lambda m: [c for c in m.modules() if isinstance(c, nn.Linear)][0].weight  # noqa: E731
+    assert not torch.allclose(first(distilled), first(ann)) and torch.equal(first(learned), first(ann))
+    x = batches[0].double()
+    snn64 = distilled.double()
+    torch.testing.assert_close(spike_inference(snn64, x).mean(0), count_inference(snn64, x), rtol=0, atol=1e-10)
+
+
+def test_a_fit_that_worsens_held_out_agreement_returns_its_start(monkeypatch, caplog):
+    # Every evaluation lowers the held-out KL (so the fit keeps moving) while the agreement falls:
+    # the ranking degrades as the logits flatten. The fit must return its starting parameters.
+    from sj_parallel_conversion import learned as learned_mod
+
+    calls = []
+    probe = torch.cat(_batches(seed=7))
+
+    def worsening(model, *a, **k):
+        with torch.no_grad():
+            calls.append(model(probe))
+        n = len(calls) - 1
+        return {"agreement": 0.9 - 0.05 * n, "kl": 1.0 - 0.05 * n, "images": 40}
+
+    monkeypatch.setattr(learned_mod, "held_out_score", worsening)
+    opts = LearnedCalibration(steps=30, lr=0.05, eval_every=5, patience=10, batch_size=32, start="none")
+    with caplog.at_level(logging.WARNING, logger="sj_parallel_conversion"):
+        snn = ParallelConverter("parallel", T=2, dataloader=_batches(), progress=False, method="learned",
+                                learned=opts).convert(_net())
+    history = snn.calibration_report.learned
+    assert history["fell_back"] and history["kept_step"] == 0 and history["steps_run"] == 30
+    assert "fell back to its start" in snn.calibration_report.label
+    assert sum("keeping the start" in r.getMessage() for r in caplog.records) == 1
+    start = ParallelConverter("parallel", T=2, dataloader=_batches(), progress=False,
+                              calibrate=False).convert(_net())
+    assert not torch.equal(calls[-1], calls[0])  # the fit did move away from its start
+    assert torch.equal(count_inference(snn, probe), count_inference(start, probe))
+
+
+def test_auto_skips_the_fit_when_a_cheap_candidate_already_agrees(monkeypatch):
+    from sj_parallel_conversion import recipe as recipe_mod
+
+    def no_fit(*a, **k):
+        raise AssertionError("the fit ran although a cheap candidate agreed on every selection image")
+
+    monkeypatch.setattr(recipe_mod, "learn_calibration", no_fit)
+    snn = ParallelConverter("parallel", T=64, dataloader=_batches(), progress=False, skip_agreement=0.95).convert(_net())
+    report = snn.calibration_report
+    assert "distill" in report.skipped and "agrees with the ANN" in report.skipped["distill"]
+    assert set(report.scores) == {"none", "ema", "mse"} and report.method in report.scores
+    assert "skipped distill" in report.summary()
+
+
+def test_paper_method_is_algorithm_1_with_the_papers_settings_on_convolution_sites():
+    from sj_parallel_conversion import calibration
+    from sj_parallel_conversion.activation import DAQCFS
+
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 16), nn.ReLU(),
+                        nn.Linear(16, 10)).eval()
+    batches = _batches()
+    snn = ParallelConverter("parallel", T=4, dataloader=batches, progress=False, method="paper").convert(ann)
+    assert snn.calibration_report.method == "paper"
+    nodes = [m for m in snn.modules() if isinstance(m, ParallelConversionNode)]
+    # The fully connected site keeps psi_da = phi_da = 0: no shift beyond the half threshold,
+    # spike value = threshold.
+    assert torch.equal(nodes[1].bias, torch.zeros_like(nodes[1].bias))
+    assert torch.equal(nodes[1].spike_value, nodes[1].v_threshold)
+    # The convolution site: alpha = 0.99 without bias correction, i.e. after n batches the shift
+    # holds only 1 - 0.99**n of the averaged error (independent check with calibrate_da).
+    recipe = ParallelConversionRecipe(4, batches, method="ema", alpha=0.99, bias_correction=False, progress=False)
+    reference = ParallelConverter(recipe).convert(ann)
+    ref_nodes = [m for m in reference.modules() if isinstance(m, ParallelConversionNode)]
+    torch.testing.assert_close(nodes[0].bias, ref_nodes[0].bias)
+    assert not torch.equal(ref_nodes[1].bias, torch.zeros_like(ref_nodes[1].bias))
+
+
+def test_convolution_sites_follow_the_first_argument_through_sums_to_a_convolution():
+    from sj_parallel_conversion import calibration
+    from sj_parallel_conversion.models.cifar import CifarResNet
+    from torch import fx
+
+    gm = fx.symbolic_trace(CifarResNet(nn.ReLU, depth=8))
+    sites = calibration.convolution_sites(gm)
+    assert len(sites) == 7  # stem + 3 blocks x 2: every ReLU of a ResNet follows a convolution
+    gm = fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)))
+    assert calibration.convolution_sites(gm) == []
+
+
+def test_mse_thresholds_equal_a_brute_force_search():
+    from sj_parallel_conversion import calibration
+    from torch import fx
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 3, 4, 4, generator=g) * torch.tensor([0.5, 1.0, 3.0]).view(1, 3, 1, 1)
+    from sj_parallel_conversion.tracing import activation_calls_to_modules
+
+    site = ClipReLU(x.clamp(min=0).amax(dim=(0, 2, 3)))
+    gm = activation_calls_to_modules(fx.symbolic_trace(nn.Sequential(site)))
+    T, grid = 3, 16
+    chosen = calibration.mse_thresholds(gm, [x], T, "cpu", samples=10 ** 6, grid=grid)["0"]
+    # Brute force in float64, written out: theta/T * clip(floor(x*T/theta + 1/2), 0, T) per channel.
+    for c in range(3):
+        v = x[:, c].double().flatten()
+        best = None
+        for i in range(1, grid + 1):
+            theta = float(site.theta[c]) * i / grid
+            q = theta / T * torch.clamp(torch.floor(v * T / theta + 0.5), 0, T)
+            err = float(((q - v.clamp(min=0).clamp(max=float(site.theta[c]))) ** 2).sum())
+            if best is None or err < best[0] - 1e-9:
+                best = (err, theta)
+        assert float(chosen[c]) == pytest.approx(best[1], rel=1e-5)
+    assert bool((chosen < site.theta).all())  # at T = 3 the maximum is never the best clip here
 
 
 def test_lossless_qcfs_needs_no_calibration_and_no_report():
@@ -297,7 +504,7 @@ def test_a_plateau_returns_to_the_best_parameters_with_a_smaller_step_and_the_la
         return step(self, *a, **kw)
 
     monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
-    opts = LearnedCalibration(steps=100, lr=0.02, eval_every=3, patience=2, decay=0.5, cuts=2, batch_size=32)
+    opts = LearnedCalibration(steps=100, lr=0.02, eval_every=3, patience=2, decay=0.5, cuts=2, batch_size=32, start="none")
     snn = ParallelConverter("parallel", T=2, dataloader=_batches(), progress=False, method="learned",
                             learned=opts).convert(_net())
     history = snn.calibration_report.learned
