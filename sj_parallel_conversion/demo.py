@@ -31,7 +31,8 @@ from .learned import LearnedCalibration
 from .recipe import ParallelConversionRecipe, ParallelConverter
 from .training import train_classifier
 
-__all__ = ["run_demo", "CIFAR_CHECKPOINT", "DEMO_DATA", "DEMO_OPTIONS", "LEARN_STEPS", "REPEATS"]
+__all__ = ["run_demo", "planned_rows", "CIFAR_CHECKPOINT", "CIFAR_T", "DEMO_DATA", "DEMO_OPTIONS", "LEARN_STEPS",
+           "REPEATS"]
 
 #: The checkpoint the CIFAR-10 demo converts (shipped with the package).
 CIFAR_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "cifar10_resnet20_relu.pt"
@@ -49,6 +50,8 @@ LEARN_STEPS = 120
 REPEATS = 1
 #: Test batch size of the CIFAR-10 demo.
 TEST_BATCH = 64
+#: Default time steps of the CIFAR-10 demo.
+CIFAR_T = (4, 8, 16, 32)
 
 
 def _check_T_list(T_list: Sequence[int], name: str = "T_list", empty: bool = False) -> list:
@@ -121,8 +124,10 @@ def run_demo(out_dir: str = "runs/demo", data: str = "cifar10", T_list: Optional
             v = opts[name]
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"run_demo: {name} must be an integer >= 1, got {v!r}")
+        changed = {"epochs": given["epochs"], "T_list": T_list and _check_T_list(T_list),
+                   "repeats": repeats if repeats != REPEATS else None}
         return _run_digits(out_dir, _check_T_list(T_list or (2, 4, 8, 16, 32)), opts["epochs"], seed, progress,
-                           opts["L"], repeats)
+                           opts["L"], repeats, _command("digits", changed))
     # The one check of these sizes; the CLI option is named in the message.
     for name, top, low in (("test_images", 1000, 1), ("calib_images", 1024, 2), ("learn_images", 1024, 4)):
         value, flag = opts[name], DEMO_OPTIONS["cifar10"][name][0]
@@ -133,7 +138,7 @@ def run_demo(out_dir: str = "runs/demo", data: str = "cifar10", T_list: Optional
     unknown = [b for b in opts["baselines"] if b not in BUILTIN]
     if unknown:
         raise ValueError(f"run_demo: unknown baselines {unknown}; choose from {sorted(BUILTIN)}")
-    Ts = _check_T_list(T_list or (4, 8, 16, 32))
+    Ts = _check_T_list(T_list or CIFAR_T)
     if opts["learned_T"] is None:
         learned = {4} & set(Ts)
     else:
@@ -142,8 +147,62 @@ def run_demo(out_dir: str = "runs/demo", data: str = "cifar10", T_list: Optional
             raise ValueError(f"run_demo: learned_T {sorted(learned - set(Ts))} not among the T converted, {Ts}")
     # Options are checked here, before any work (LearnedCalibration names a bad one).
     options = LearnedCalibration(steps=opts["learn_steps"], eval_every=20, max_images=opts["learn_images"], seed=seed)
+    changed = {name: given[name] for name in DEMO_OPTIONS["cifar10"] if given[name] is not None}
+    command = _command("cifar10", {"T_list": T_list and Ts, **changed,
+                                   "repeats": repeats if repeats != REPEATS else None})
     return _run_cifar10(out_dir, Ts, opts["test_images"], opts["calib_images"], list(opts["baselines"]), learned,
-                        options, repeats, progress)
+                        options, repeats, progress, command)
+
+
+def planned_rows(T_list: Sequence[int] = CIFAR_T, learned_T: Sequence[int] = (4,),
+                 baselines: Sequence[str] = CIFAR_BASELINES) -> list:
+    """``(method, T)`` of the CIFAR-10 demo's rows, in table order (defaults: the default demo)."""
+    Ts = sorted(set(T_list))
+    return ([("ann", None)] + [("parallel-ema", T) for T in Ts]
+            + [("parallel-learned", T) for T in sorted(set(learned_T))] + [(m, T) for m in baselines for T in Ts])
+
+
+def _command(data: str, options: dict) -> str:
+    """The ``sj-parallel demo`` command line that gives these options (those left at their defaults omitted)."""
+    flags = {"T_list": "--T", "repeats": "--repeats"}
+    parts = ["sj-parallel", "demo"] + ([] if data == "cifar10" else ["--data", data])
+    for name, value in options.items():
+        flag = flags.get(name) or (DEMO_OPTIONS.get(data, {}).get(name, (None,))[0])
+        if flag is None or value is None:
+            continue
+        if name == "learned_T":
+            parts += ["--learned-T", *map(str, value)] if value else ["--no-learned"]
+        elif isinstance(value, (list, tuple, set)):
+            parts += [flag, *map(str, sorted(value) if isinstance(value, set) else value)]
+        else:
+            parts += [flag, str(value)]
+    return " ".join(parts)
+
+
+def _load() -> str:
+    """The machine's 1-minute load average, which the times depend on ("" where unknown)."""
+    try:
+        return f"load average {os.getloadavg()[0]:.1f} at the start"
+    except (OSError, AttributeError):
+        return ""
+
+
+def _provenance(t_start: float, load: str, command: str) -> list:
+    """Footer lines of table.md: where, with what and how the table was made."""
+    import datetime
+    from importlib import metadata
+
+    from . import __version__
+
+    try:
+        sj = metadata.version("spikingjelly")
+    except metadata.PackageNotFoundError:
+        sj = "unknown"
+    day = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    return [f"Machine: {machine_label('cpu')}" + (f", {load}" if load else "") + f"; torch {torch.__version__}, "
+            f"SpikingJelly {sj}, sj-parallel-conversion {__version__}; {day} (UTC); "
+            f"{time.perf_counter() - t_start:.0f} s in all.",
+            f"Command: {command}"]
 
 
 def _logger(t_start: float):
@@ -153,8 +212,8 @@ def _logger(t_start: float):
 
 
 def _run_cifar10(out_dir: str, Ts: list, test_images: int, calib_images: int, baselines: list, learned_T: set,
-                 learned: LearnedCalibration, repeats: int, progress: bool) -> ComparisonTable:
-    t_start = time.perf_counter()
+                 learned: LearnedCalibration, repeats: int, progress: bool, command: str) -> ComparisonTable:
+    t_start, load = time.perf_counter(), _load()
     log = _logger(t_start)
     os.makedirs(out_dir, exist_ok=True)
     ann, meta = models.load_checkpoint(str(CIFAR_CHECKPOINT), map_location="cpu")
@@ -177,9 +236,11 @@ def _run_cifar10(out_dir: str, Ts: list, test_images: int, calib_images: int, ba
     # The parallel recipe, converted per T (each neuron reads the mean of its T input steps).
     # Rows are count-domain evaluations: the spike-level run's time mean at one ANN forward's cost.
     rows = {"parallel-ema": [], "parallel-learned": []}
+    describe = {}
     for T in Ts:
         t0 = time.perf_counter()
         recipe = ParallelConversionRecipe(T, calib, progress=False, method="ema")
+        describe["ema"] = f"ParallelConversionRecipe(T, method={recipe.method!r})"
         snn = ParallelConverter(recipe, device="cpu").convert(copy.deepcopy(ann))
         conv = time.perf_counter() - t0
         acc, n, sec = evaluate(predictor(snn, T, count_domain=True), test, **ev)
@@ -192,6 +253,9 @@ def _run_cifar10(out_dir: str, Ts: list, test_images: int, calib_images: int, ba
         t0 = time.perf_counter()
         recipe = ParallelConversionRecipe(T, DataLoader(learn_set, batch_size=128), progress=False,
                                           method="learned", learned=learned)
+        describe["learned"] = (f"ParallelConversionRecipe(T, method={recipe.method!r}, learned=LearnedCalibration("
+                               f"steps={learned.steps}, eval_every={learned.eval_every}, "
+                               f"max_images={learned.max_images}))")
         snn = ParallelConverter(recipe, device="cpu").convert(copy.deepcopy(ann))
         conv = time.perf_counter() - t0
         acc, n, sec = evaluate(predictor(snn, T, count_domain=True), test, **ev)
@@ -214,24 +278,45 @@ def _run_cifar10(out_dir: str, Ts: list, test_images: int, calib_images: int, ba
             table.rows.append(ComparisonRow(m, T, acc, n, conv, sec,
                                             "ok" if T == Ts[-1] else f"ok (from the T={Ts[-1]} run)"))
         log(f"{m}: " + ", ".join(f"T={T} {100 * results[T][0]:.1f} %" for T in Ts))
-    return _finish(table, out_dir, log)
+    plan = {key: i for i, key in enumerate(planned_rows(Ts, learned_T, baselines))}
+    table.rows.sort(key=lambda r: plan[(r.method, r.T)])
+
+    def builtin(m):
+        options = BUILTIN[m]
+        if options is None:
+            return "LocalThresholdBalancingRecipe()"
+        return "RateCodingRecipe(" + ", ".join(f"{k}={v!r}" for k, v in options.items()) + ")"
+
+    notes = [f"ANN: the shipped ResNet-20 (ReLU, option-B shortcuts; {100 * meta['test_accuracy']:.2f} % on all "
+             "10,000 CIFAR-10 test images).",
+             f"Parallel rows, evaluated in the count domain: {describe['ema']} (Algorithm 1) on the "
+             f"{len(calib_set)} calibration images at every T"
+             + (f"; {describe['learned']} on {len(learn_set)} training images (a quarter held out to steer the fit) "
+                f"at T = {', '.join(map(str, sorted(learned_T)))}" if learned_T else "") + ".",
+             *(f"SJ rows: SpikingJelly's {builtin(m)} on the same {len(calib_set)} calibration images; its rows at "
+               f"T < {Ts[-1]} come from the cumulative output of one {Ts[-1]}-step run." for m in baselines),
+             f"Times: {len(test_set)} test images times the median per-image time of {table.timed_calls} timed calls "
+             f"(test batches of {TEST_BATCH}, after one warm-up call)."]
+    return _finish(table, out_dir, log, notes + _provenance(t_start, load, command))
 
 
-def _finish(table: ComparisonTable, out_dir: str, log) -> ComparisonTable:
+def _finish(table: ComparisonTable, out_dir: str, log, notes: Sequence[str] = ()) -> ComparisonTable:
+    """Print the table and its notes, write table.md (both), table.json and the plot."""
+    text = table.to_text() + ("\n\n" + "\n".join(notes) if notes else "")
     print()
-    print(table.to_text())
+    print(text)
     print()
     table.to_json(os.path.join(out_dir, "table.json"))
-    write_text(os.path.join(out_dir, "table.md"), table.to_text() + "\n")
+    write_text(os.path.join(out_dir, "table.md"), text + "\n")
     plot = table.plot(os.path.join(out_dir, "accuracy_speed.png"))
     log(f"wrote {os.path.join(out_dir, 'table.md')}, table.json and the plot {plot}")
     return table
 
 
 def _run_digits(out_dir: str, T_list: list, epochs: int, seed: int, progress: bool, L: int,
-                repeats: int) -> ComparisonTable:
+                repeats: int, command: str) -> ComparisonTable:
     """Train two tiny CNNs on 8x8 digits, convert them three ways, compare."""
-    t_start = time.perf_counter()
+    t_start, load = time.perf_counter(), _load()
     log = _logger(t_start)
     torch.manual_seed(seed)
     os.makedirs(out_dir, exist_ok=True)
@@ -268,4 +353,4 @@ def _run_digits(out_dir: str, T_list: list, epochs: int, seed: int, progress: bo
                                              "rate-max", "rate-99.9%", "ltb"), repeats=repeats)
     table.rows.extend(relu_table.rows)
     log("converted the ReLU CNN with the parallel recipe and with SpikingJelly's RateCoding and LTB recipes")
-    return _finish(table, out_dir, log)
+    return _finish(table, out_dir, log, _provenance(t_start, load, command))
