@@ -1,7 +1,7 @@
 """sj-parallel-conversion: parallel ANN-SNN conversion for SpikingJelly 2.x.
 
-Implements Hao, Yu & Huang, "Faster and Stronger: When ANN-SNN Conversion Meets Parallel Spiking
-Calculation" (ICML 2025). Public API:
+Implements Hao, Ma, Chen, Zhang, Yu & Huang, "Faster and Stronger: When ANN-SNN Conversion Meets
+Parallel Spiking Calculation" (ICML 2025, arXiv:2412.13610). Public API:
 
 Neuron and activations
     :class:`ParallelConversionNode`  SpikingJelly neuron computing all T steps at once.
