@@ -74,21 +74,22 @@ def test_convert_evaluate_stats_compare_on_digits(tmp_path, capsys):
     models.save_checkpoint(str(ckpt), m, name="digits_cnn", act="relu", L=8, num_classes=10, in_channels=1,
                            extra={"input_size": (8, 8)})
     snn_file = tmp_path / "snn.pt"
-    common = ["--data", "digits", "--calib-images", "256", "--batch-size", "64", "--method", "ema"]
+    data_opts = ["--data", "digits", "--batch-size", "64"]
+    common = [*data_opts, "--calib-images", "256", "--method", "ema"]  # --snn refuses calibration options
     code, out, err = _run(["convert", "--checkpoint", str(ckpt), "--T", "8", "--out", str(snn_file), *common], capsys)
     assert code == 0, err
     assert "wrote" in out and snn_file.is_file()
     code, out, err = _run(["evaluate", "--snn", str(snn_file), "--mode", "spike", "--json", str(tmp_path / "e.json"),
-                           *common], capsys)
+                           *data_opts], capsys)
     assert code == 0, err
     spike_acc = json.loads((tmp_path / "e.json").read_text())["rows"][0]["accuracy"]
     code, out, err = _run(["evaluate", "--snn", str(snn_file), "--mode", "count", "--json", str(tmp_path / "c.json"),
-                           *common], capsys)
+                           *data_opts], capsys)
     assert code == 0, err
     count_acc = json.loads((tmp_path / "c.json").read_text())["rows"][0]["accuracy"]
     assert abs(spike_acc - count_acc) <= 2 / 450 and spike_acc > 0.5
     code, out, err = _run(["stats", "--snn", str(snn_file), "--images", "64", "--plot", str(tmp_path / "s.png"),
-                           *common], capsys)
+                           *data_opts], capsys)
     assert code == 0, err
     assert "SOPs" in out and (tmp_path / "s.png").stat().st_size > 1000
     code, out, err = _run(["compare", "--checkpoint", str(ckpt), "--T", "4", "8", "--methods", "ann", "parallel",
