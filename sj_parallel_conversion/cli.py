@@ -890,6 +890,11 @@ def _check_ignored(args) -> None:
                            "(it sets Algorithm 1's: --method ema or auto)")
         if not 0.0 <= args.alpha < 1.0:
             raise CLIError(f"--alpha must lie in [0, 1), got {args.alpha}")
+    if args.command == "search-t":
+        above = sorted({c for c in args.candidates if c >= args.T_max})
+        if above:
+            raise CLIError(f"--candidates {' '.join(map(str, above))}: not below --T-max {args.T_max}, so never tried "
+                           "(the search only lowers a layer's T)")
     if args.command == "compare":
         if given("method") and not {"parallel", "parallel-count"} & set(args.methods):
             raise CLIError(f"--method does not apply: --methods {' '.join(args.methods)} has no parallel or "

@@ -92,6 +92,8 @@ def test_every_option_is_in_the_command_line_reference():
      "--data-root does not apply to --data subset"),
     (["evaluate", "--checkpoint", "c.pt", "--T", "4", "--data", "npz", "--download"],
      "--download applies to --data cifar10 / cifar100 only"),
+    (["search-t", "--checkpoint", "c.pt", "--T-max", "8", "--candidates", "2", "8", "16"],
+     "--candidates 8 16: not below --T-max 8"),
 ])
 def test_options_that_would_be_ignored_are_refused_in_one_line(argv, pattern, capsys):
     code, out, line = _run(argv, capsys)
