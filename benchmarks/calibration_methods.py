@@ -1,13 +1,19 @@
 """Calibration methods side by side: accuracy on held-out CIFAR-10 test images and calibration time.
 
-For each checkpoint and each T, the ANN is converted five ways (no calibration, Algorithm 1,
-moment matching, learned, auto) with the same calibration images, and each converted network is
-evaluated in the count domain on the same test images. Writes a Markdown table, a JSON file and a
-plot (accuracy vs T, one panel per checkpoint).
+For each network and each T, the ANN is converted with every method asked for (no calibration,
+Algorithm 1 as published, Algorithm 1 with this library's settings, moment matching, mse
+thresholds, learned, distill, auto) with the same calibration images, and each converted network
+is evaluated in the count domain on the same test images. Writes a Markdown table, a JSON file
+and a plot (accuracy vs T, one panel per network). Networks are the project's checkpoints
+(``--checkpoint``) or any model with its weights (``--model MODULE:CALLABLE --weights FILE``,
+normalised with ``--mean``/``--std``), e.g. the public pretrained ResNets:
 
     python benchmarks/calibration_methods.py \\
         --checkpoint sj_parallel_conversion/checkpoints/cifar10_resnet20_relu.pt \\
         --T 2 4 8 16 32 --calib-images 1024 --test-images 2000 --out docs/results/calibration_methods_resnet20
+    PYTHONPATH=tests python benchmarks/calibration_methods.py --model pretrained_resnets:resnet32 \\
+        --weights ../shared/data/pretrained_cifar10_resnets/resnet32-d509ac18.th \\
+        --mean 0.485 0.456 0.406 --std 0.229 0.224 0.225 --T 4 8 --out docs/results/calibration_methods_resnet32
     python benchmarks/calibration_methods.py --combine docs/results/calibration_methods_*.json \\
         --out docs/results/calibration_methods
 
@@ -27,19 +33,35 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sj_parallel_conversion import ParallelConverter, count_domain_model, data, models  # noqa: E402
+from sj_parallel_conversion import ParallelConverter, count_domain_model, data, load_user_model, models  # noqa: E402
+from sj_parallel_conversion.compare import calibration_label  # noqa: E402
 from sj_parallel_conversion.fileio import save_figure, write_json, write_text  # noqa: E402
-from sj_parallel_conversion.learned import LearnedCalibration  # noqa: E402
+from sj_parallel_conversion.learned import DistillCalibration, LearnedCalibration  # noqa: E402
 
 METHODS = {
     "none": dict(calibrate=False),
+    "paper": dict(method="paper"),
     "ema": dict(method="ema"),
     "moment": dict(method="moment"),
+    "mse": dict(method="mse"),
     "learned": dict(method="learned"),
+    "distill": dict(method="distill"),
     "auto": dict(method="auto"),
 }
-LABELS = {"none": "no calibration", "ema": "Algorithm 1 (EMA)", "moment": "moment matching",
-          "learned": "learned", "auto": "auto (default)"}
+LABELS = {"none": "no calibration", "paper": "Algorithm 1 as published", "ema": "Algorithm 1 (bias-corrected)",
+          "moment": "moment matching", "mse": "mse thresholds + Algorithm 1", "learned": "learned (thresholds)",
+          "distill": "distill (thresholds and weights)", "auto": "auto (default)"}
+#: What each method is given, for the rows (the images are the same for all).
+SETTINGS = {
+    "none": "max thresholds, no calibration",
+    "paper": "alpha 0.99, no bias correction, convolution sites, every calibration image",
+    "ema": "alpha 0.99 with bias correction, every site, every calibration image",
+    "moment": "moment matching, every calibration image",
+    "mse": "squared-error thresholds, then Algorithm 1 (bias-corrected), every calibration image",
+    "learned": "fit on 80 %, early stopping on 20 % of the calibration images",
+    "distill": "fit on 80 %, early stopping on 20 % of the calibration images",
+    "auto": "selection on 12.5 %; fits on 70 %, early stopping on 17.5 % of the calibration images",
+}
 
 
 def accuracy(snn, x, y, batch=500) -> float:
@@ -54,6 +76,11 @@ def accuracy(snn, x, y, batch=500) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", nargs="+")
+    p.add_argument("--model", help="MODULE:CALLABLE, a zoo name or torchvision:NAME (with --weights)")
+    p.add_argument("--weights", help="state_dict file for --model")
+    p.add_argument("--name", help="the network's name in the table (default: the weights file's)")
+    p.add_argument("--mean", type=float, nargs="+", default=None, help="input normalisation (default CIFAR-10's)")
+    p.add_argument("--std", type=float, nargs="+", default=None)
     p.add_argument("--combine", nargs="+", metavar="JSON",
                    help="instead of measuring: merge the .json files of earlier runs into one table and plot")
     p.add_argument("--T", type=int, nargs="+", default=[2, 4, 8, 16, 32])
@@ -67,8 +94,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="docs/results/calibration_methods", help="output prefix (.md, .json, .png)")
     args = p.parse_args(argv)
-    if bool(args.checkpoint) == bool(args.combine):
-        p.error("give either --checkpoint (measure) or --combine (merge earlier runs)")
+    if sum(map(bool, (args.checkpoint, args.combine, args.model))) != 1:
+        p.error("give one of --checkpoint or --model (measure) or --combine (merge earlier runs)")
     if args.combine:
         runs = [json.load(open(f)) for f in args.combine]
         # A cell measured again in a later file replaces the earlier one (a rerun after a change
@@ -84,15 +111,21 @@ def main(argv=None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    calib = data.cifar10_npz("train", limit=args.calib_images).tensors[0]
-    test_x, test_y = data.cifar10_npz("test", limit=args.test_images).tensors
+    norm = dict(mean=args.mean, std=args.std)
+    calib = data.cifar10_npz("train", limit=args.calib_images, **norm).tensors[0]
+    test_x, test_y = data.cifar10_npz("test", limit=args.test_images, **norm).tensors
     batches = list(torch.split(calib, args.batch_size))
-    learned = LearnedCalibration(seed=args.seed, **({} if args.steps is None else {"steps": args.steps}))
+    fit_options = dict(seed=args.seed, **({} if args.steps is None else {"steps": args.steps}))
+    learned, distill = LearnedCalibration(**fit_options), DistillCalibration(**fit_options)
     results = []
-    for path in args.checkpoint:
-        ann, meta = models.load_checkpoint(path)
+    networks = [(p, None) for p in args.checkpoint] if args.checkpoint else [(args.weights, args.model)]
+    for path, spec in networks:
+        if spec is None:
+            ann, meta = models.load_checkpoint(path)
+        else:
+            ann = load_user_model(spec, path)
         ann.eval()
-        name = os.path.splitext(os.path.basename(path))[0]
+        name = args.name or os.path.splitext(os.path.basename(path))[0]
         with torch.no_grad():
             ann_acc = 100.0 * sum(int((ann(test_x[i:i + 500]).argmax(1) == test_y[i:i + 500]).sum())
                                   for i in range(0, len(test_x), 500)) / len(test_x)
@@ -101,15 +134,20 @@ def main(argv=None) -> int:
             for method in args.methods:
                 start = time.perf_counter()
                 snn = ParallelConverter("parallel", T=T, dataloader=batches, progress=False, learned=learned,
-                                        **METHODS[method]).convert(copy.deepcopy(ann))
+                                        distill=distill, **METHODS[method]).convert(copy.deepcopy(ann))
                 seconds = time.perf_counter() - start
                 acc = accuracy(snn, test_x, test_y)
                 report = snn.calibration_report
                 row = dict(model=name, T=T, method=method, accuracy=acc, ann_accuracy=ann_acc,
-                           calibration_seconds=seconds, load_average=os.getloadavg()[0], chosen=report.method if report else "none",
-                           held_out=report.scores if report else {})
+                           calibration_seconds=seconds, load_average=os.getloadavg()[0],
+                           chosen=report.method if report else "none", calibration=calibration_label(snn),
+                           settings=SETTINGS[method], held_out=report.scores if report else {},
+                           skipped=report.skipped if report else {},
+                           fit=({k: report.learned[k] for k in ("kept_step", "steps_run", "fell_back", "views",
+                                                                 "fit_images", "held_out_images")}
+                                if report and report.learned else None))
                 results.append(row)
-                print(f"  T={T:<3} {method:<8} {acc:6.2f} %  {seconds:7.1f} s  chosen={row['chosen']}", flush=True)
+                print(f"  T={T:<3} {method:<8} {acc:6.2f} %  {seconds:7.1f} s  {row['calibration']}", flush=True)
                 # After every row: a long sweep cut short keeps what it measured.
                 write(results, args.out, ["python benchmarks/calibration_methods.py " + " ".join(sys.argv[1:])],
                       [_machine()], dict(test=args.test_images, calibration=args.calib_images))
@@ -132,7 +170,8 @@ def write(results, out, commands, machines, images, combined=None) -> None:
         "", f"Machine: {'; '.join(machines)}. Count-domain accuracy (%) on {images['test']} "
         f"class-balanced CIFAR-10 test images; calibration on {images['calibration']} training images "
         f"(labels unused); calibration time in seconds (conversion included), measured with {load} on "
-        "the machine (times are comparable only at a low load).", ""]
+        "the machine (times are comparable only at a low load). What each method is given:", ""] + [
+        f"- {LABELS[m]}: {SETTINGS[m]}" for m in METHODS if any(r["method"] == m for r in results)] + [""]
     for model in dict.fromkeys(r["model"] for r in results):
         rows = [r for r in results if r["model"] == model]
         Ts = sorted({r["T"] for r in rows})
@@ -156,7 +195,8 @@ def write(results, out, commands, machines, images, combined=None) -> None:
         return
     models_ = list(dict.fromkeys(r["model"] for r in results))
     fig, axes = plt.subplots(1, len(models_), figsize=(5 * len(models_), 3.8), squeeze=False)
-    markers = {"none": "o", "ema": "s", "moment": "^", "learned": "D", "auto": "x"}
+    markers = {"none": "o", "paper": "v", "ema": "s", "moment": "^", "mse": "P", "learned": "D", "distill": "*",
+               "auto": "x"}
     for ax, model in zip(axes[0], models_):
         rows = [r for r in results if r["model"] == model]
         for i, m in enumerate(METHODS):

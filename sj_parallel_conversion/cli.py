@@ -137,13 +137,17 @@ def _add_source_args(p: argparse.ArgumentParser, snn: bool = False) -> None:
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibration")
-    g.add_argument("--method", choices=["auto", "learned", "ema", "moment"], default=None,
-                   help="auto (default): keep whichever of no calibration, Algorithm 1 and learned calibration "
-                        "agrees best with the ANN on held-out calibration images; learned: learn every neuron's "
-                        "per-channel thresholds and shift; ema: Algorithm 1 as published; moment: moment matching")
+    g.add_argument("--method", choices=["auto", "distill", "learned", "mse", "ema", "paper", "moment"], default=None,
+                   help="auto (default): keep whichever of no calibration, Algorithm 1, mse and distill agrees best "
+                        "with the ANN on held-out calibration images (distill is skipped where a cheaper one already "
+                        "agrees on 99 %%); distill: learn every neuron's per-channel thresholds and shift and the "
+                        "network's weights from the ANN's outputs; learned: the neurons' parameters only; mse: "
+                        "thresholds chosen for T levels by squared error, then Algorithm 1; ema: Algorithm 1 "
+                        "(bias-corrected averages); paper: Algorithm 1 with the paper's settings (alpha 0.99, no "
+                        "bias correction, convolution sites); moment: moment matching")
     from .learned import LearnedCalibration
     g.add_argument("--learn-steps", type=_positive_int, default=None,
-                   help="learned calibration (--method auto or learned; compare: also parallel-learned): at "
+                   help="the fit of --method auto, distill or learned (compare: also parallel-learned): at "
                         f"most this many optimisation steps (default {LearnedCalibration.steps}; plateaus of the "
                         "held-out loss usually end it sooner)")
 
@@ -420,11 +424,12 @@ def _recipe(args, T, calib_loader, calibrate=None):
 
 
 def _method_options(args) -> dict:
-    from .learned import LearnedCalibration
+    from .learned import DistillCalibration, LearnedCalibration
 
     options = {"method": getattr(args, "method", None) or DEFAULTS["method"]}
     if getattr(args, "learn_steps", None) is not None:
         options["learned"] = LearnedCalibration(steps=args.learn_steps)
+        options["distill"] = DistillCalibration(steps=args.learn_steps)
     return options
 
 
@@ -663,7 +668,7 @@ def _read_snn(path: str, device: str):
 
 
 def cmd_evaluate(args) -> int:
-    from .compare import ComparisonRow, ComparisonTable
+    from .compare import ComparisonRow, ComparisonTable, calibration_label
     from .distributed import distributed_evaluate as evaluate
     from .inference import predictor
     from .recipe import ParallelConverter
@@ -679,7 +684,8 @@ def cmd_evaluate(args) -> int:
         pred = predictor(snn, T, count_domain=args.mode == "count")
         acc, n, sec = evaluate(pred, test_loader, **ev)
         table.rows.append(ComparisonRow("parallel" if args.mode == "spike" else "parallel-count", _T_max(T), acc, n,
-                                        0.0, sec, "ok" if not isinstance(T, dict) else f"ok ({_T_label(T)})"))
+                                        0.0, sec, "ok" if not isinstance(T, dict) else f"ok ({_T_label(T)})",
+                                        calibration=calibration_label(snn)))
     else:
         if not args.T:
             raise CLIError("--T is required with --checkpoint / --model")
@@ -699,7 +705,8 @@ def cmd_evaluate(args) -> int:
             acc, n, sec = evaluate(pred, test_loader, **ev)
             # A per-layer T's row shows its largest T (what a spike-level run emits) and says so.
             table.rows.append(ComparisonRow("parallel" if args.mode == "spike" else "parallel-count", _T_max(T), acc,
-                                            n, conv, sec, "ok" if not isinstance(T, dict) else f"ok ({_T_label(T)})"))
+                                            n, conv, sec, "ok" if not isinstance(T, dict) else f"ok ({_T_label(T)})",
+                                            calibration=calibration_label(snn)))
     _finish_table(table, args)
     return 0
 
@@ -946,7 +953,7 @@ def _check_learn_steps(args) -> None:
     if getattr(args, "calibrate", None) == "no":
         raise CLIError("--learn-steps does not apply with --calibrate no: nothing is calibrated")
     method = args.method or DEFAULTS["method"]
-    learns = method in ("auto", "learned")
+    learns = method in ("auto", "learned", "distill")
     if args.command == "compare":
         # parallel-learned always learns; the other parallel rows follow --method.
         learns = "parallel-learned" in args.methods or (
@@ -954,10 +961,10 @@ def _check_learn_steps(args) -> None:
         if not learns:
             raise CLIError(f"--learn-steps does not apply: with --method {method} and --methods "
                            f"{' '.join(args.methods)} no learned calibration runs (add parallel-learned to "
-                           "--methods, or use --method auto or learned)")
+                           "--methods, or use --method auto, distill or learned)")
     elif not learns:
         raise CLIError(f"--learn-steps does not apply with --method {method}, which learns nothing "
-                       "(use --method auto or learned, or drop --learn-steps)")
+                       "(use --method auto, distill or learned, or drop --learn-steps)")
 
 
 def _check_device(device: str) -> None:

@@ -44,6 +44,14 @@ BUILTIN = {
     "rate-99.9%": dict(mode="99.9%"),
     "ltb": None,
 }
+#: What each SpikingJelly baseline sets its thresholds from, for the rows' calibration column.
+BUILTIN_CALIBRATION = {
+    "rate-cw-max": "SpikingJelly: channel-wise max, half threshold",
+    "rate-cw-99.9%": "SpikingJelly: channel-wise 99.9 %, half threshold",
+    "rate-max": "SpikingJelly: layer max",
+    "rate-99.9%": "SpikingJelly: layer 99.9 %",
+    "ltb": "SpikingJelly: local threshold balancing",
+}
 #: The label of every method (and of the demo's ``parallel-ema`` rows) in tables and plots.
 LABELS = {
     "ann": "ANN",
@@ -101,6 +109,9 @@ class ComparisonRow:
     convert_s: float = 0.0
     eval_s: float = 0.0
     status: str = "ok"
+    #: The calibration the network got (``snn.calibration_report.label``: ``"distill (auto)"``,
+    #: ``"ema"``, ...), or the baseline's own threshold setting; empty for the ANN.
+    calibration: str = ""
 
     @property
     def images_per_s(self) -> Optional[float]:
@@ -136,9 +147,9 @@ class ComparisonTable:
         for r in self.rows:
             acc = "-" if r.accuracy is None else f"{100 * r.accuracy:.2f}"
             ips = r.images_per_s
-            body.append([LABELS.get(r.method, r.method), "-" if r.T is None else r.T, acc,
+            body.append([LABELS.get(r.method, r.method), "-" if r.T is None else r.T, r.calibration or "-", acc,
                          f"{r.convert_s:.2f}", f"{r.eval_s:.2f}", "-" if ips is None else f"{ips:.0f}", r.status])
-        text = tabulate(body, headers=["method", "T", "acc %", "convert s", "eval s", "img/s", "status"],
+        text = tabulate(body, headers=["method", "T", "calibration", "acc %", "convert s", "eval s", "img/s", "status"],
                         tablefmt="github")
         return f"{self.title}\n{text}" if self.title else text
 
@@ -319,6 +330,13 @@ def convert_builtin(method: str, ann: nn.Module, calib: Iterable, num_calib_batc
     return snn.eval()
 
 
+def calibration_label(snn: nn.Module) -> str:
+    """What calibration a converted parallel network got, for result rows: its report's label, or
+    ``"none"`` where it got none (``calibrate=False``, or QCFS at ``T == L``, which needs none)."""
+    report = getattr(snn, "calibration_report", None)
+    return report.label if report is not None else "none"
+
+
 def compare_converters(
     ann: nn.Module,
     calib_loader: Iterable,
@@ -371,13 +389,14 @@ def compare_converters(
                                                         f"cannot convert: {exc}"))
                 continue
             conv = time.perf_counter() - t0
+            label = calibration_label(snn)
             if want_spike:
                 acc, n, sec = evaluate(predictor(snn, T), test_loader, desc=f"parallel T={T}", **ev)
-                table.rows.append(ComparisonRow("parallel", T, acc, n, conv, sec))
+                table.rows.append(ComparisonRow("parallel", T, acc, n, conv, sec, calibration=label))
             if want_count:
                 acc, n, sec = evaluate(predictor(snn, T, count_domain=True), test_loader,
                                        desc=f"count-domain T={T}", **ev)
-                table.rows.append(ComparisonRow("parallel-count", T, acc, n, conv, sec))
+                table.rows.append(ComparisonRow("parallel-count", T, acc, n, conv, sec, calibration=label))
 
     if "parallel-learned" in methods:
         options = {**(recipe_options or {}), "method": "learned"}
@@ -394,7 +413,7 @@ def compare_converters(
             conv = time.perf_counter() - t0
             acc, n, sec = evaluate(predictor(snn, T, count_domain=True), test_loader,
                                    desc=f"learned T={T}", **ev)
-            table.rows.append(ComparisonRow("parallel-learned", T, acc, n, conv, sec))
+            table.rows.append(ComparisonRow("parallel-learned", T, acc, n, conv, sec, calibration=calibration_label(snn)))
 
     for m in BUILTIN:
         if m not in methods:
@@ -414,7 +433,7 @@ def compare_converters(
         for T in Ts:
             acc, n, sec = results[T]
             status = "ok" if T == max(Ts) else f"ok (from the T={max(Ts)} run)"
-            table.rows.append(ComparisonRow(m, T, acc, n, conv, sec, status))
+            table.rows.append(ComparisonRow(m, T, acc, n, conv, sec, status, calibration=BUILTIN_CALIBRATION[m]))
     return table
 
 

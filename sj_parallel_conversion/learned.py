@@ -32,6 +32,7 @@ from torch import fx
 
 from . import formulas
 from .activation import DAQCFS, QCFS, ClipReLU
+from .data import random_crop_flip
 from .observers import Reducer
 from .progress import progress as progress_bar
 
@@ -78,13 +79,17 @@ class LearnedCalibration:
         decay: factor of each cut of the learning rate (in (0, 1)).
         cuts: cuts of the learning rate before a plateau ends the fit (0: the first plateau does).
         max_images: use at most this many calibration images (per process).
-        seed: seed of the minibatch order; the same seed gives the same parameters.
+        seed: seed of the minibatch order and of the views; the same seed gives the same parameters.
+        views: for image inputs (``[N, C, H, W]``, H and W at least 8): this many extra views of
+            every fitting image, each randomly cropped (zero padding of H/8) and flipped, made once
+            with the ANN's outputs for them, so that the fit sees more than the images themselves
+            (labels are never needed). Other inputs get no views (the history says so).
     """
 
     steps: int = 600
     lr: float = 1e-3
     weight_lr: float = 0.0
-    warmup: int = 0
+    warmup: int = 50
     loss: str = "kl"
     site_weight: float = 1.0
     temperature: float = 1.0
@@ -97,6 +102,7 @@ class LearnedCalibration:
     cuts: int = 3
     max_images: Optional[int] = 1024
     seed: int = 0
+    views: int = 3
 
     def __post_init__(self) -> None:
         self.check()
@@ -108,7 +114,7 @@ class LearnedCalibration:
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}.{field} must be an integer >= 1, got {v!r}")
-        for field in ("cuts", "warmup"):
+        for field in ("cuts", "warmup", "views"):
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}.{field} must be an integer >= 0, got {v!r}")
@@ -138,8 +144,7 @@ class DistillCalibration(LearnedCalibration):
     """Options of ``method="distill"``: :class:`LearnedCalibration` that also learns the network's
     weights and biases (``weight_lr > 0``); the fields and their meaning are the same."""
 
-    weight_lr: float = 1e-5
-    loss: str = "kl"
+    weight_lr: float = 3e-5
 
 
 def _channel_sum(t: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -347,6 +352,10 @@ def _site_outputs(model: nn.Module, names: Sequence[str]) -> Tuple[Dict[str, tor
     return store, hooks
 
 
+def _is_image(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.shape[-1] >= 8 and x.shape[-2] >= 8
+
+
 def _set_site(gm: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, child, module)
@@ -387,6 +396,10 @@ def learn_calibration(
         p.requires_grad_(False)
     for p in reference.parameters():
         p.requires_grad_(False)
+    views = options.views if all(_is_image(x) for x in fit) else 0
+    if views:
+        gen = torch.Generator().manual_seed(options.seed + 1)
+        fit = list(fit) + [random_crop_flip(x, max(1, x.shape[-1] // 8), gen) for _ in range(views) for x in fit]
     chunks = _chunks(fit, options.batch_size)
     held_chunks = _chunks(held, options.batch_size)
     with torch.no_grad():
@@ -513,7 +526,7 @@ def learn_calibration(
         p.requires_grad_(False)
     for name, site in sites.items():
         _set_site(gm, name, site.to_daqcfs())
-    history.update(kept_step=best_step, steps_run=step + 1, seconds=time.perf_counter() - start,
+    history.update(kept_step=best_step, steps_run=step + 1, seconds=time.perf_counter() - start, views=views,
                    fell_back=fell_back, fit_images=sum(int(c.shape[0]) for c in chunks),
                    held_out_images=sum(int(c.shape[0]) for c in held_chunks), options=asdict(options))
     logger.info("%s: kept step %d of %d, held-out agreement %.1f %% (start %.1f %%), %.0f s", label, best_step,

@@ -100,6 +100,17 @@ def test_convert_evaluate_stats_compare_on_digits(tmp_path, capsys):
     assert "SJ LocalThresholdBalancing" in out and (tmp_path / "t.png").stat().st_size > 1000
     rows = (tmp_path / "t.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 1 + 2 * 2 + 2
+    # Every row names the calibration its network got: Algorithm 1 here, SpikingJelly's own for LTB.
+    import csv
+    table = list(csv.DictReader(rows))
+    assert {r["calibration"] for r in table if r["method"].startswith("parallel")} == {"ema"}
+    assert {r["calibration"] for r in table if r["method"] == "ltb"} == {"SpikingJelly: local threshold balancing"}
+    assert "| calibration |" in out.replace("  ", " ") or "calibration" in out.splitlines()[1]
+    code, out, err = _run(["evaluate", "--checkpoint", str(ckpt), "--T", "4", "--json", str(tmp_path / "a.json"),
+                           *data_opts, "--calib-images", "256", "--learn-steps", "10"], capsys)
+    assert code == 0, err
+    rows = json.loads((tmp_path / "a.json").read_text())["rows"]
+    assert rows[0]["calibration"] == "" and rows[1]["calibration"].endswith("(auto)")
 
 
 @pytest.mark.slow  # a fresh interpreter imports torch and SpikingJelly

@@ -520,3 +520,24 @@ def test_plateau_options_are_checked():
                         (dict(cuts=-1), "cuts must be an integer >= 0"), (dict(patience=0), "patience")):
         with pytest.raises(ValueError, match=pattern):
             LearnedCalibration(**kw)
+
+
+def test_comparison_rows_and_json_name_the_calibration(tmp_path):
+    import json
+
+    from sj_parallel_conversion.compare import compare_converters
+
+    batches = _batches()
+    test = [(x, torch.zeros(x.shape[0], dtype=torch.long)) for x in _batches(n=1, seed=9)]
+    labels = {}
+    for options in (dict(method="ema"), dict(calibrate=False), dict(method="auto", distill=FAST_DISTILL,
+                                                                       skip_agreement=None)):
+        table = compare_converters(_net(), batches, test, [2], methods=["ann", "parallel-count"], progress=False,
+                                   recipe_options=options)
+        table.to_json(str(tmp_path / "t.json"))
+        rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+        assert rows[0]["calibration"] == ""  # the ANN
+        labels[str(options.get("method", "none"))] = rows[1]["calibration"]
+        assert rows[1]["calibration"] in table.to_text()
+    assert labels["ema"] == "ema" and labels["none"] == "none"
+    assert labels["auto"].endswith("(auto)") and labels["auto"].split()[0] in ("none", "ema", "mse", "distill")
