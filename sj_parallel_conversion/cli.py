@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "or QCFS at T != L), yes always, no never")
     c.add_argument("--alpha", type=float, default=None,
                    help="momentum of Algorithm 1's moving average, in [0, 1) (default 0.99, the paper's); used by "
-                        "--method ema and by auto's Algorithm-1 candidate, refused where nothing uses it")
+                        "--method ema and mse and by the Algorithm-1 start of auto, distill and learned; refused "
+                        "with paper (fixed 0.99) and moment")
     _add_method_args(c)
     _add_data_args(c, test_images=False)
     c.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -892,9 +893,10 @@ def _check_ignored(args) -> None:
             if given(name):
                 raise CLIError(f"--{name} does not apply with --calibrate no: nothing is calibrated")
     if given("alpha"):
-        if args.method in ("learned", "moment"):
-            raise CLIError(f"--alpha does not apply with --method {args.method}, which has no moving average "
-                           "(it sets Algorithm 1's: --method ema or auto)")
+        if args.method in ("paper", "moment"):
+            why = "fixes the paper's 0.99" if args.method == "paper" else "has no moving average"
+            raise CLIError(f"--alpha does not apply with --method {args.method}, which {why} (it sets Algorithm 1's "
+                           "moving average: --method ema, mse, or the start of auto, distill and learned)")
         if not 0.0 <= args.alpha < 1.0:
             raise CLIError(f"--alpha must lie in [0, 1), got {args.alpha}")
     if args.command == "search-t":
