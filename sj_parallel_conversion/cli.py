@@ -182,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--T", type=_positive_int, nargs="+", default=None,
                    help="time steps to convert for (default 4 8 16 32; digits: 2 4 8 16 32)")
     from .demo import DEMO_OPTIONS, REPEATS as _DEMO_REPEATS
+    from .learned import LearnedCalibration
     cifar, digits = DEMO_OPTIONS["cifar10"], DEMO_OPTIONS["digits"]
     d.add_argument("--images", type=_positive_int, default=None,
                    help=f"cifar10: test images to evaluate on, at most 1000 (default {cifar['test_images'][1]})")
@@ -195,15 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "strongest setting)")
     learned = d.add_mutually_exclusive_group()
     learned.add_argument("--learned-T", type=_positive_int, nargs="*", default=None,
-                         help="cifar10: the T that also get a learned-calibration row (default 4; about a minute "
+                         help="cifar10: the T that also get a learned-calibration row (default 4; a few minutes "
                               "on 2 CPU cores per T); with no value, none")
     learned.add_argument("--no-learned", action="store_const", const=True, default=None,
                          help="cifar10: no learned-calibration row (same as --learned-T with no value)")
     d.add_argument("--learn-steps", type=_positive_int, default=None,
                    help=f"cifar10: optimisation steps of each learned calibration (default {cifar['learn_steps'][1]})")
     d.add_argument("--learn-images", type=_positive_int, default=None,
-                   help="cifar10: shipped training images the learned calibration fits on (a quarter held out), "
-                        f"4 to 1024 (default {cifar['learn_images'][1]})")
+                   help="cifar10: shipped training images the learned calibration uses (a share "
+                        f"{LearnedCalibration.holdout:g} of them held out to steer the fit), 4 to 1024 "
+                        f"(default {cifar['learn_images'][1]})")
     d.add_argument("--repeats", type=_positive_int, default=None,
                    help="timed runs of every test batch; times are the median per-image time of all timed "
                         "batches (default %d: the 4 batches of the 256 default test images)" % _DEMO_REPEATS)

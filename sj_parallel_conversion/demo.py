@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader
 
 from . import data, models
 from .fileio import write_text
-from .compare import (BUILTIN, ComparisonRow, ComparisonTable, compare_converters, convert_builtin, count_batches,
-                      evaluate, evaluate_steps, machine_label)
+from .compare import (BUILTIN, BUILTIN_CALIBRATION, ComparisonRow, ComparisonTable, calibration_label,
+                      compare_converters, convert_builtin, count_batches, evaluate, evaluate_steps, machine_label)
 from .inference import predictor, spike_inference
 from .learned import LearnedCalibration
 from .recipe import ParallelConversionRecipe, ParallelConverter
@@ -244,7 +244,8 @@ def _run_cifar10(out_dir: str, Ts: list, test_images: int, calib_images: int, ba
         snn = ParallelConverter(recipe, device="cpu").convert(copy.deepcopy(ann))
         conv = time.perf_counter() - t0
         acc, n, sec = evaluate(predictor(snn, T, count_domain=True), test, **ev)
-        rows["parallel-ema"].append(ComparisonRow("parallel-ema", T, acc, n, conv, sec))
+        rows["parallel-ema"].append(ComparisonRow("parallel-ema", T, acc, n, conv, sec,
+                                                  calibration=calibration_label(snn)))
         log(f"parallel T={T}, Algorithm 1: {100 * acc:.1f} % ({conv:.1f} s to convert)")
         if T not in learned_T:
             continue
@@ -260,9 +261,10 @@ def _run_cifar10(out_dir: str, Ts: list, test_images: int, calib_images: int, ba
         conv = time.perf_counter() - t0
         acc, n, sec = evaluate(predictor(snn, T, count_domain=True), test, **ev)
         history = snn.calibration_report.learned
+        held_out = snn.calibration_report.held_out_images
         rows["parallel-learned"].append(ComparisonRow(
             "parallel-learned", T, acc, n, conv, sec,
-            f"ok ({history['steps_run']} steps, kept step {history['kept_step']})"))
+            f"ok ({history['steps_run']} steps, kept step {history['kept_step']})", calibration=calibration_label(snn)))
         log(f"parallel T={T}, learned calibration: {100 * acc:.1f} % ({conv:.1f} s to convert, "
             f"{history['steps_run']} steps)")
     table.rows.extend(rows["parallel-ema"] + rows["parallel-learned"])
@@ -276,7 +278,8 @@ def _run_cifar10(out_dir: str, Ts: list, test_images: int, calib_images: int, ba
         for T in Ts:
             acc, n, sec = results[T]
             table.rows.append(ComparisonRow(m, T, acc, n, conv, sec,
-                                            "ok" if T == Ts[-1] else f"ok (from the T={Ts[-1]} run)"))
+                                            "ok" if T == Ts[-1] else f"ok (from the T={Ts[-1]} run)",
+                                            calibration=BUILTIN_CALIBRATION[m]))
         log(f"{m}: " + ", ".join(f"T={T} {100 * results[T][0]:.1f} %" for T in Ts))
     plan = {key: i for i, key in enumerate(planned_rows(Ts, learned_T, baselines))}
     table.rows.sort(key=lambda r: plan[(r.method, r.T)])
@@ -291,8 +294,8 @@ def _run_cifar10(out_dir: str, Ts: list, test_images: int, calib_images: int, ba
              "10,000 CIFAR-10 test images).",
              f"Parallel rows, evaluated in the count domain: {describe['ema']} (Algorithm 1) on the "
              f"{len(calib_set)} calibration images at every T"
-             + (f"; {describe['learned']} on {len(learn_set)} training images (a quarter held out to steer the fit) "
-                f"at T = {', '.join(map(str, sorted(learned_T)))}" if learned_T else "") + ".",
+             + (f"; {describe['learned']} on {len(learn_set)} training images ({held_out} of them held out to steer "
+                f"the fit) at T = {', '.join(map(str, sorted(learned_T)))}" if learned_T else "") + ".",
              *(f"SJ rows: SpikingJelly's {builtin(m)} on the same {len(calib_set)} calibration images; its rows at "
                f"T < {Ts[-1]} come from the cumulative output of one {Ts[-1]}-step run." for m in baselines),
              f"Times: {len(test_set)} test images times the median per-image time of {table.timed_calls} timed calls "
@@ -345,7 +348,7 @@ def _run_digits(out_dir: str, T_list: list, epochs: int, seed: int, progress: bo
     acc, n, sec = evaluate(qcfs_ann, test, progress=False, repeats=repeats)
     table.rows.append(ComparisonRow("qcfs-ann", None, acc, n, 0.0, sec))
     acc, n, sec = evaluate(lambda b: spike_inference(snn, b).mean(0), test, progress=False, repeats=repeats)
-    table.rows.append(ComparisonRow("qcfs-parallel", L, acc, n, 0.0, sec))
+    table.rows.append(ComparisonRow("qcfs-parallel", L, acc, n, 0.0, sec, calibration=calibration_label(snn)))
 
     # 2 + 3. ReLU network: training-free parallel conversion vs SpikingJelly's IF converters.
     relu_table = compare_converters(relu_ann, calib, test, T_list, progress=False,
