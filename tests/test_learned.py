@@ -504,7 +504,8 @@ def test_a_plateau_returns_to_the_best_parameters_with_a_smaller_step_and_the_la
         return step(self, *a, **kw)
 
     monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
-    opts = LearnedCalibration(steps=100, lr=0.02, eval_every=3, patience=2, decay=0.5, cuts=2, batch_size=32, start="none")
+    opts = LearnedCalibration(steps=100, lr=0.02, eval_every=3, patience=2, decay=0.5, cuts=2, batch_size=32, start="none",
+                              warmup=0)
     snn = ParallelConverter("parallel", T=2, dataloader=_batches(), progress=False, method="learned",
                             learned=opts).convert(_net())
     history = snn.calibration_report.learned
@@ -541,3 +542,18 @@ def test_comparison_rows_and_json_name_the_calibration(tmp_path):
         assert rows[1]["calibration"] in table.to_text()
     assert labels["ema"] == "ema" and labels["none"] == "none"
     assert labels["auto"].endswith("(auto)") and labels["auto"].split()[0] in ("none", "ema", "mse", "distill")
+
+
+def test_the_rates_rise_linearly_over_the_warm_up(monkeypatch):
+    seen = []
+    step = torch.optim.Adam.step
+
+    def recording_step(self, *a, **kw):
+        seen.append([g["lr"] for g in self.param_groups])
+        return step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    opts = DistillCalibration(steps=12, lr=0.01, weight_lr=0.002, warmup=8, eval_every=100, batch_size=32, start="none")
+    ParallelConverter("parallel", T=2, dataloader=_batches(), progress=False, method="distill", distill=opts).convert(_net())
+    assert [s[0] for s in seen] == pytest.approx([0.01 * min(1, (i + 1) / 8) for i in range(12)])
+    assert [s[1] for s in seen] == pytest.approx([0.002 * min(1, (i + 1) / 8) for i in range(12)])
