@@ -218,6 +218,7 @@ def write(results, out, commands, machines, images, combined=None) -> None:
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, out + ".png", dpi=120)
+    plt.close(fig)  # written after every row: a long sweep would otherwise keep every figure
 
 
 if __name__ == "__main__":

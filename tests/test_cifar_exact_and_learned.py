@@ -117,21 +117,27 @@ def test_searched_per_layer_T_runs_at_spike_level(cifar10_dir):
 
 
 @pytest.mark.slow
-def test_learned_beats_algorithm_1_on_the_shipped_resnet20_at_T4(cifar10_dir):
-    """Learned calibration at least 10 points above Algorithm 1 at T = 4 with default options (the
-    full table is in docs/results/calibration_methods.md: 81.35 % against 69.30 %; with seed 1 the
-    fit reaches 80.25 %, so the bound holds across the run-to-run spread of the fit)."""
+def test_mse_thresholds_and_a_short_distill_beat_algorithm_1_on_the_shipped_resnet20_at_T4(cifar10_dir):
+    """At T = 4 the recorded maxima leave most activations at 0: thresholds chosen for 4 levels
+    (method="mse") recover at least 10 points over Algorithm 1 (the calibration page: 82.75 %
+    against 68.55 % on these 2,000 test images), and a short distilled fit (100 steps) that starts
+    there keeps that margin (it may not fall below its start on held-out images)."""
+    from sj_parallel_conversion import DistillCalibration
+
     ann, _ = models.load_checkpoint(CKPT / "cifar10_resnet20_relu.pt")
     ann.eval()
     calib = _calib(cifar10_dir)
     x, y = _test_set(cifar10_dir, limit=2000)
 
-    def acc(method):
-        snn = ParallelConverter("parallel", T=4, dataloader=calib, progress=False, method=method).convert(
-            copy.deepcopy(ann))
+    def acc(method, **options):
+        snn = ParallelConverter("parallel", T=4, dataloader=calib, progress=False, method=method,
+                                **options).convert(copy.deepcopy(ann))
         pred = _logits(lambda b: count_inference(snn, b), x).argmax(1)
         return 100.0 * float((pred == y).float().mean()), snn
 
     ema, _ = acc("ema")
-    learned, _ = acc("learned")
-    assert learned >= ema + 10.0, f"learned {learned:.2f} % vs Algorithm 1 {ema:.2f} %"
+    mse, _ = acc("mse")
+    assert mse >= ema + 10.0, f"mse {mse:.2f} % vs Algorithm 1 {ema:.2f} %"
+    distilled, snn = acc("distill", distill=DistillCalibration(steps=100, views=1))
+    assert distilled >= ema + 10.0, f"distill {distilled:.2f} % vs Algorithm 1 {ema:.2f} %"
+    assert snn.calibration_report.method == "distill"
