@@ -215,7 +215,12 @@ def write(results, out, commands, machines, images, combined=None) -> None:
         ax.set_ylabel("accuracy (%)")
         ax.set_title(model)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    # One legend for every method drawn in any panel (a method may be missing from the first).
+    handles = {}
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    axes[0][0].legend(handles.values(), handles.keys(), fontsize=8)
     fig.tight_layout()
     save_figure(fig, out + ".png", dpi=120)
     plt.close(fig)  # written after every row: a long sweep would otherwise keep every figure
