@@ -84,6 +84,9 @@ def _T_label(T) -> str:
 #: Bounded default of --calib-images: about 1,000 images calibrate as well as an epoch (the
 #: calibration page's measurements) at a fraction of its time.
 CALIB_IMAGES = 1024
+#: Settings of a run that its JSON file records beside the versions (as the options resolved them).
+RUN_SETTINGS = ("method", "alpha", "calib_images", "seed", "learn_steps", "data", "limit", "batch_size", "device",
+                "mode", "T")
 #: Defaults of the options whose value must be told apart from "not given" (they are refused
 #: where they would be ignored); :func:`_check_args` fills them in after its checks.
 DEFAULTS = {"method": "auto", "alpha": 0.99, "calib_images": CALIB_IMAGES}
@@ -445,6 +448,17 @@ def _is_main_process() -> bool:
 def _finish_table(table, args) -> None:
     if not _is_main_process():
         return
+    import shlex
+
+    from .compare import machine_label
+
+    table.machine = table.machine or machine_label(getattr(args, "device", "cpu"))
+    def plain(v):  # JSON as it is where it can be (numbers, lists), else its text (a T file)
+        return v if isinstance(v, (int, float, str, bool)) or (
+            isinstance(v, list) and all(isinstance(x, (int, float, str)) for x in v)) else str(v)
+
+    table.run = {"command": " ".join(["sj-parallel"] + [shlex.quote(a) for a in getattr(args, "argv", [])]),
+                 **{k: plain(v) for k, v in vars(args).items() if k in RUN_SETTINGS and v is not None}}
     print(table.to_text())
     if args.json:
         table.to_json(args.json)
@@ -984,6 +998,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     Ctrl-C; 1 for a bug)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the provenance of result files
     from . import distributed
 
     try:

@@ -69,6 +69,25 @@ LABELS = {
 }
 
 
+def provenance() -> Dict[str, str]:
+    """Versions of this package, torch, SpikingJelly and Python, the platform, and the time (UTC)
+    at which a result file is written: what a reader needs to reproduce it."""
+    import datetime
+    import sys
+    from importlib import metadata
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {"sj_parallel_conversion": version("sj-parallel-conversion"), "torch": torch.__version__,
+            "spikingjelly": version("spikingjelly"), "python": sys.version.split()[0],
+            "platform": platform.platform(), "written": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds")}
+
+
 def machine_label(device="cpu") -> str:
     """What the timings were measured on: the CPU (or GPU) model and torch's thread count."""
     dev = torch.device(device)
@@ -129,6 +148,9 @@ class ComparisonTable:
     title: str = ""
     timed_calls: int = 1
     machine: str = ""
+    #: What produced the rows beyond the versions :func:`provenance` adds (the command, the
+    #: number of calibration images, the seed...); written to the JSON file.
+    run: Dict = field(default_factory=dict)
 
     def as_dicts(self) -> List[Dict]:
         out = []
@@ -157,7 +179,8 @@ class ComparisonTable:
         return self.to_text()
 
     def to_json(self, path: str) -> None:
-        write_json(path, {"title": self.title, "timed_calls": self.timed_calls, "machine": self.machine,
+        write_json(path, {"title": self.title, "timed_calls": self.timed_calls,
+                          "machine": self.machine or machine_label(), "provenance": {**provenance(), **self.run},
                           "rows": self.as_dicts()})
 
     @classmethod

@@ -109,8 +109,14 @@ def test_convert_evaluate_stats_compare_on_digits(tmp_path, capsys):
     code, out, err = _run(["evaluate", "--checkpoint", str(ckpt), "--T", "4", "--json", str(tmp_path / "a.json"),
                            *data_opts, "--calib-images", "256", "--learn-steps", "10"], capsys)
     assert code == 0, err
-    rows = json.loads((tmp_path / "a.json").read_text())["rows"]
+    doc = json.loads((tmp_path / "a.json").read_text())
+    rows = doc["rows"]
     assert rows[0]["calibration"] == "" and rows[1]["calibration"].endswith("(auto)")
+    # Provenance: versions, the machine, the command and the settings the options resolved to.
+    run = doc["provenance"]
+    assert doc["machine"] and run["torch"] == torch.__version__ and run["spikingjelly"] != "not installed"
+    assert run["command"].startswith("sj-parallel evaluate") and run["calib_images"] == 256
+    assert run["learn_steps"] == 10 and run["method"] == "auto" and run["T"] == [4]
 
 
 @pytest.mark.slow  # a fresh interpreter imports torch and SpikingJelly

@@ -536,8 +536,12 @@ def test_comparison_rows_and_json_name_the_calibration(tmp_path):
         table = compare_converters(_net(), batches, test, [2], methods=["ann", "parallel-count"], progress=False,
                                    recipe_options=options)
         table.to_json(str(tmp_path / "t.json"))
-        rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+        doc = json.loads((tmp_path / "t.json").read_text())
+        rows = doc["rows"]
         assert rows[0]["calibration"] == ""  # the ANN
+        assert doc["machine"] and doc["provenance"]["torch"] == torch.__version__
+        assert doc["provenance"]["spikingjelly"] not in ("", "not installed")
+        assert doc["provenance"]["sj_parallel_conversion"] not in ("", "not installed")
         labels[str(options.get("method", "none"))] = rows[1]["calibration"]
         assert rows[1]["calibration"] in table.to_text()
     assert labels["ema"] == "ema" and labels["none"] == "none"
