@@ -1,10 +1,12 @@
-"""Learned calibration: fit every neuron's per-channel parameters to the ANN's outputs.
+"""Learned and distilled calibration: fit every neuron's per-channel parameters (and, for
+``distill``, the network's weights) to the ANN's outputs.
 
 Algorithm 1 sets ``psi_da`` and ``phi_da`` layer by layer from mean errors. Here the same three
 per-channel quantities of every site, ``theta_pre`` (firing threshold), ``theta_post`` (spike
 value) and ``psi_da`` (input shift), are learned jointly, by gradient descent on a label-free loss
 between the converted network's logits and the ANN's on calibration images (the idea of
-post-training quantisation methods that learn step sizes and offsets from unlabeled data).
+post-training quantisation methods that learn step sizes and offsets from unlabeled data);
+:class:`DistillCalibration` moves the weights and biases too, with a smaller rate.
 
 The network being fitted computes exactly the count domain of the final spiking network: each
 site evaluates the DA-QCFS closed form ``theta_post / T * clip(floor(((x + psi_da) * T +
@@ -15,7 +17,8 @@ fitting, each site becomes an ordinary :class:`~sj_parallel_conversion.DAQCFS` a
 Thresholds are parameterised as ``theta0 * exp(a)`` with ``a`` clamped to ``[-LOG_RANGE,
 LOG_RANGE]``, so they stay positive and within a factor ``exp(LOG_RANGE)`` of where they started.
 The images are split into a fitting part and a held-out part; the held-out loss decides which
-parameters to keep, when to cut the step size and when to stop.
+parameters to keep, when to cut the step size and when to stop, and a fit that agrees with the
+ANN on the held-out images less often than its start returns the start.
 """
 from __future__ import annotations
 
