@@ -95,11 +95,15 @@ def try_parallel(family: str) -> Tuple[Optional[str], List[str]]:
     x = _images(family)
     try:
         snn = ParallelConverter("parallel", T=T, dataloader=[x], method="ema", progress=False).convert(build(family))
+        # Compared in float64: in float32 a current within rounding distance of a firing boundary
+        # can flip one spike in a deep network (see the docs' exactness section), which says
+        # nothing about whether the family converts.
+        snn, x = snn.double(), x.double()
         spikes = spike_inference(snn, x).mean(0)
         counts = count_inference(snn, x)
     except Exception as exc:  # the table records every failure, whatever its kind
         return _reason(exc), unsupported_kinds(exc)
-    if not torch.allclose(spikes, counts, rtol=1e-4, atol=1e-5):
+    if not torch.allclose(spikes, counts, rtol=1e-7, atol=1e-9):
         return f"spike level differs from the count domain by {float((spikes - counts).abs().max()):.3g}", []
     return None, []
 

@@ -94,7 +94,9 @@ def test_per_layer_T_resnet20_runs_at_spike_level_and_agrees_with_the_count_doma
     x, _ = _test_set(cifar10_dir, limit=200)
     spikes = spike_inference(snn, x)
     count = count_inference(snn, x)
-    assert torch.equal(spikes.mean(0).argmax(1), count.argmax(1))
+    # float32: a current within rounding distance of a firing boundary may flip one spike and, near
+    # a tie of two logits, one prediction (the docs' exactness section); float64 below is exact.
+    assert int((spikes.mean(0).argmax(1) != count.argmax(1)).sum()) <= 1
     snn64 = copy.deepcopy(snn).double()
     torch.testing.assert_close(spike_inference(snn64, x[:8].double()).mean(0), count_inference(snn64, x[:8].double()),
                                rtol=0, atol=1e-9)
