@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
-import torch.nn as nn
 from torch import fx
 from torch.utils.data import RandomSampler
 
+from . import patterns
 from .compare import evaluate
 from .inference import count_domain_model, count_inference
 from .neuron import ParallelConversionNode
@@ -26,7 +26,8 @@ from .stats import macs
 
 __all__ = ["LayerTSearch", "search_layer_T", "effective_T", "site_weights"]
 
-_SYNAPTIC = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# The layers whose work a site's spikes drive: those spike statistics count (the pattern table).
+_SYNAPTIC = patterns.module_types(lambda p: p.spikes == patterns.SYNAPSE)
 
 
 def site_weights(snn: fx.GraphModule, x: torch.Tensor) -> Dict[str, float]:

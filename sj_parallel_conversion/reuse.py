@@ -22,7 +22,6 @@ from __future__ import annotations
 import operator
 
 import torch
-import torch.nn as nn
 from torch import fx
 
 from . import formulas
@@ -51,25 +50,24 @@ def accumulate(a: torch.Tensor, b) -> torch.Tensor:
     return a + b
 
 
-# Producers whose output is a new tensor, never a view of or an alias for another one: only such
-# a tensor, read by nobody else, may be overwritten (Identity, Dropout in eval, reshape, getitem
-# or a chunk hand their input on, and overwriting it would corrupt another reader). SpikingJelly's
-# step-mode layers subclass these torch layers.
-FRESH_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-                 nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-                 nn.AdaptiveAvgPool3d)
-# accumulate returns its first operand, which reuse_memory only passes when that operand is a
-# temporary read by nobody else, or a new tensor: either way a tensor only its readers see.
-FRESH_FUNCTIONS = (operator.add, operator.sub, torch.add, torch.sub, torch.cat, accumulate)
+# Only a tensor that its producer made new (no view of or alias for another one), read by nobody
+# else, may be overwritten: Identity, Dropout in eval, reshape, getitem or a chunk hand their input
+# on, and overwriting it would corrupt another reader. The pattern table says which modules and
+# functions make new tensors (``fresh``).
 _SUMS = (operator.add, torch.add)
 
 
 def fresh(gm: fx.GraphModule, n: fx.Node) -> bool:
     """Whether graph node ``n`` produces a new tensor (no view of or alias for another one)."""
+    from .patterns import function_pattern, module_pattern  # the table lists accumulate: imported late
+
     if n.op == "call_module":
-        return isinstance(gm.get_submodule(n.target), FRESH_MODULES)
-    # With out=, torch.cat / torch.add return the out tensor, which others may read.
-    return n.op == "call_function" and n.target in FRESH_FUNCTIONS and "out" not in n.kwargs
+        pattern = module_pattern(gm.get_submodule(n.target))
+    elif n.op == "call_function" and "out" not in n.kwargs:  # with out=, the out tensor others may read
+        pattern = function_pattern(n.target)
+    else:
+        return False
+    return pattern is not None and pattern.fresh
 
 
 def _temporary(gm: fx.GraphModule, n) -> bool:

@@ -38,16 +38,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from spikingjelly.activation_based import layer as sj_layer
 from torch import fx
 
-from .activation import DAQCFS, QCFS, ClipReLU
+from . import patterns
 from .fileio import FileError, load_tensor_file, save_tensors
-from .joins import TimeMean
 from .models.user import load_state
-from .neuron import ParallelConversionNode
-from .reuse import accumulate
+from .multistep import step_tensor_op_type
 
 __all__ = ["save_snn", "load_snn", "SNN_FORMAT", "SAVABLE_MODULES", "SAVABLE_FUNCTIONS", "SAVABLE_METHODS",
            "SAVABLE_ATTRIBUTES", "GRAPH_OPS"]
@@ -56,76 +52,43 @@ SNN_FORMAT = "sj-parallel-conversion/snn-v2"
 _HINT = "save converted networks with sj_parallel_conversion.save_snn(model, path)"
 
 # -- allowlists ------------------------------------------------------------------------------------
-_TORCH_NN = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Linear",
-             "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
-             "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool1d",
-             "AdaptiveMaxPool2d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "Upsample", "Flatten",
-             "Unflatten", "Dropout", "Dropout2d", "Identity", "ReLU", "ZeroPad2d", "ConstantPad2d",
-             "ChannelShuffle", "Module", "Sequential", "ModuleList", "ModuleDict")
-_SJ_LAYER = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Linear",
-             "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
-             "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "BatchNorm1d", "BatchNorm2d",
-             "BatchNorm3d", "GroupNorm", "Upsample", "Flatten", "Dropout", "Dropout2d")
-
-#: Module types :func:`load_snn` may construct, by the name written in the file. Exact types
-#: only: a subclass could run other code in ``forward``.
-SAVABLE_MODULES: Dict[str, type] = {}
-SAVABLE_MODULES.update({f"torch.nn.{n}": getattr(nn, n) for n in _TORCH_NN if hasattr(nn, n)})
-SAVABLE_MODULES.update({f"spikingjelly.layer.{n}": getattr(sj_layer, n) for n in _SJ_LAYER if hasattr(sj_layer, n)})
-SAVABLE_MODULES.update({
-    "sj_parallel_conversion.ParallelConversionNode": ParallelConversionNode,
-    "sj_parallel_conversion.TimeMean": TimeMean,
-    "sj_parallel_conversion.QCFS": QCFS,
-    "sj_parallel_conversion.ClipReLU": ClipReLU,
-    "sj_parallel_conversion.DAQCFS": DAQCFS,
-})
+def _saved_name(cls: type) -> str:
+    """The name a file writes for a module type (the names files have always used)."""
+    if cls.__module__.startswith("spikingjelly"):
+        return f"spikingjelly.layer.{cls.__name__}"
+    if cls.__module__.startswith("torch.nn"):
+        return f"torch.nn.{cls.__name__}"
+    return f"sj_parallel_conversion.{cls.__name__}"
 
 
-def _late_module_types() -> None:
-    """Types that importing here would make circular (graph.py) or that SpikingJelly creates
-    without exporting (its step-mode tensor-op wrapper, found through its public adapter)."""
-    if "sj_parallel_conversion.StepPad" in SAVABLE_MODULES:
-        return
-    from .graph import AnalogReLU, ChunkPart, ConstantScale, StepPad
-
-    SAVABLE_MODULES["sj_parallel_conversion.StepPad"] = StepPad
-    SAVABLE_MODULES["sj_parallel_conversion.AnalogReLU"] = AnalogReLU
-    SAVABLE_MODULES["sj_parallel_conversion.ConstantScale"] = ConstantScale
-    SAVABLE_MODULES["sj_parallel_conversion.ChunkPart"] = ChunkPart
-    from spikingjelly.activation_based.ann2snn.recipes.step_mode_adapters import adapt_step_mode_graph
-
-    class _Probe(nn.Module):
-        def forward(self, x):
-            return torch.flatten(x, 1)
-
-    probe = adapt_step_mode_graph(fx.symbolic_trace(_Probe()), context="save_snn probe",
-                                  wrap_module_types=(), safe_module_types=(), safe_call_functions=())
-    for m in probe.modules():
-        if m is not probe and type(m) is not nn.Module:
-            SAVABLE_MODULES["spikingjelly.StepModeTensorOp"] = type(m)
+def _function_name(fn: Callable) -> str:
+    mod = getattr(fn, "__module__", None) or ""
+    if mod in ("_operator", "operator"):
+        return f"operator.{fn.__name__}"
+    if mod == "builtins":
+        return f"builtins.{fn.__name__}"
+    if mod.startswith("sj_parallel_conversion"):
+        return f"{mod}.{fn.__name__}"
+    if mod.startswith("torch.nn.functional"):
+        return f"torch.nn.functional.{fn.__name__}"
+    return f"torch.{fn.__name__}"
 
 
-#: Functions a graph node may call, by the name written in the file.
-SAVABLE_FUNCTIONS: Dict[str, Callable] = {}
-SAVABLE_FUNCTIONS.update({f"operator.{n}": getattr(operator, n) for n in (
-    "add", "sub", "mul", "truediv", "floordiv", "mod", "neg", "pos", "getitem", "iadd", "imul")})
-SAVABLE_FUNCTIONS["builtins.getattr"] = builtins.getattr
-SAVABLE_FUNCTIONS["sj_parallel_conversion.reuse.accumulate"] = accumulate
-SAVABLE_FUNCTIONS.update({f"torch.{n}": getattr(torch, n) for n in (
-    "cat", "concat", "stack", "flatten", "reshape", "transpose", "permute", "chunk", "split", "squeeze",
-    "unsqueeze", "add", "sub", "mul", "div", "mean", "sum", "relu", "clamp", "narrow", "channel_shuffle")
-    if hasattr(torch, n)})
-SAVABLE_FUNCTIONS.update({f"torch.nn.functional.{n}": getattr(F, n) for n in (
-    "relu", "pad", "dropout", "interpolate", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
-    "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d", "channel_shuffle")
-    if hasattr(F, n)})
+#: Module types :func:`load_snn` may construct, by the name written in the file: the savable
+#: patterns of :mod:`~.patterns` and their SpikingJelly twins. Exact types only: a subclass could
+#: run other code in ``forward``.
+SAVABLE_MODULES: Dict[str, type] = {
+    _saved_name(t): t for t in patterns.module_types(lambda p: p.savable)}
+# SpikingJelly's step-mode module for tensor operations (flatten, reshape, cat, ...), which it does
+# not export: the adapter writes one for each such operation of a converted graph.
+SAVABLE_MODULES["spikingjelly.StepModeTensorOp"] = step_tensor_op_type()
 
-#: Tensor methods a graph node may call.
-SAVABLE_METHODS = frozenset((
-    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "size", "dim", "mean", "sum", "permute",
-    "transpose", "t", "unsqueeze", "squeeze", "expand", "expand_as", "contiguous", "chunk", "split", "add", "sub",
-    "mul", "div", "clamp", "clamp_min", "relu", "narrow", "select", "repeat", "flip", "float", "double", "type_as",
-    "amax", "max", "min"))
+#: Functions a graph node may call, by the name written in the file: the savable function patterns.
+SAVABLE_FUNCTIONS: Dict[str, Callable] = {
+    _function_name(p.target): p.target for p in patterns.FUNCTION_PATTERNS if p.savable}
+
+#: Tensor methods a graph node may call: the savable method patterns.
+SAVABLE_METHODS = frozenset(p.target for p in patterns.METHOD_PATTERNS if p.savable)
 
 #: Tensor attributes a ``builtins.getattr`` node may read (traced shape arithmetic).
 SAVABLE_ATTRIBUTES = frozenset(("shape", "dtype", "device", "ndim"))
@@ -237,7 +200,6 @@ def _dotted(value: Any, what: str, root: bool = False) -> str:
 
 # -- describing a model ----------------------------------------------------------------------------
 def _type_name(module: nn.Module, path: str) -> str:
-    _late_module_types()
     if isinstance(module, fx.GraphModule):
         return "torch.fx.GraphModule"
     for name, cls in SAVABLE_MODULES.items():
@@ -507,7 +469,6 @@ def _build_graph(desc: Dict[str, Any], built: Dict[str, nn.Module], constants: D
 def _build(desc: Dict[str, Any], source: str) -> nn.Module:
     """Rebuild a network from its description; every part is checked before use (see the module
     documentation), and code is generated only once the whole graph has passed."""
-    _late_module_types()
     state = desc["state_dict"]
     if not (isinstance(state, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())):
         raise ValueError(f"{source}: the state is not a mapping of names to tensors")

@@ -28,7 +28,6 @@ counts them from the graph instead.
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
@@ -36,11 +35,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from spikingjelly.activation_based import functional
-from spikingjelly.activation_based import layer as sj_layer
 from torch import fx
 
+from . import patterns
 from .fileio import save_plot
 from .inference import repeat_input
+from .multistep import step_tensor_op_type
 from .neuron import ParallelConversionNode
 
 __all__ = ["LayerStats", "StatsReport", "spike_statistics", "macs", "E_MAC_PJ", "E_AC_PJ"]
@@ -50,7 +50,8 @@ E_MAC_PJ = 4.6
 #: Energy of one 32-bit float accumulate in pJ (Horowitz, ISSCC 2014, 45 nm).
 E_AC_PJ = 0.9
 
-_SYNAPTIC = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# The layers whose synaptic operations are counted from spikes (the pattern table's ``spikes``).
+_SYNAPTIC = patterns.module_types(lambda p: p.spikes == patterns.SYNAPSE)
 
 
 @dataclass
@@ -213,13 +214,12 @@ def macs(module: nn.Module, out: torch.Tensor, per: int = 1) -> float:
     raise TypeError(f"MACs are defined for Conv1d/2d/3d and Linear, got {type(module).__name__}")
 
 
-_SUMS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, "add", "sub", "add_", "sub_"}
-_SAME = {operator.neg, operator.pos, torch.neg, "neg", operator.mul, operator.truediv, torch.mul, torch.div, "mul",
-         "div"}
-_SHAPES = {torch.flatten, torch.reshape, torch.transpose, torch.unsqueeze, torch.squeeze, torch.permute,
-           operator.getitem, "view", "reshape", "flatten", "permute", "transpose", "unsqueeze", "unflatten", "squeeze",
-           "expand", "contiguous", "clone"}
-_MEANS = {torch.mean, "mean"}
+def _flow(spikes: str) -> set:
+    """Function targets and method names through which the table says spikes flow so."""
+    return set(patterns.function_targets(lambda p: p.spikes == spikes))
+
+
+_SUMS, _SAME, _SHAPES, _MEANS = _flow(patterns.SUM), _flow(patterns.SAME), _flow(patterns.MOVE), _flow(patterns.MEAN)
 
 
 def _window_sums(mod: nn.Module, counts: torch.Tensor) -> torch.Tensor:
@@ -283,10 +283,6 @@ class _SpikeCounter(fx.Interpreter):
         return (out != 0).to(torch.float32)
 
     def _count(self, n: fx.Node, out: torch.Tensor) -> Optional[torch.Tensor]:
-        from .graph import ChunkPart, ConstantScale, StepPad
-        from .joins import TimeMean
-        from .reuse import accumulate
-
         inputs = {a: self.counts.get(a) for a in n.all_input_nodes}
         if n.op == "call_module":
             mod = self.modules[n.target]
@@ -294,33 +290,33 @@ class _SpikeCounter(fx.Interpreter):
                 return (out != 0).to(torch.float32)
             first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
             counts = inputs.get(first)
-            if isinstance(mod, _SYNAPTIC):
+            pattern = patterns.module_pattern(mod)
+            flow = pattern.spikes if pattern is not None else None
+            if flow == patterns.SYNAPSE:
                 if counts is not None and self.spike_in.get(n.target, False):
                     multi = getattr(mod, "step_mode", "s") == "m"
                     self.on_synapse(n.target, mod, counts.flatten(0, 1) if multi else counts)
                 return None  # currents
             if counts is None:
                 return None
-            if isinstance(mod, TimeMean):
+            if flow == patterns.TRAIN:
                 return counts.sum(0, keepdim=True)  # every spike of the train, in its one step
-            if isinstance(mod, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
-                                nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
+            if flow == patterns.WINDOW:
                 return _window_sums(mod, counts)
-            if isinstance(mod, (ConstantScale, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Dropout,
-                                nn.Dropout2d, nn.Identity, sj_layer.Dropout)) and not (
-                    isinstance(mod, (nn.Dropout, nn.Dropout2d, sj_layer.Dropout)) and mod.training):
+            if flow == patterns.SAME and not (pattern.role == "identity" and pattern.module is not nn.Identity
+                                              and mod.training):
                 return counts  # a per-channel scale and shift moves no spike (dropout: in eval mode)
-            if isinstance(mod, StepPad):
+            if flow == patterns.PAD:
                 return F.pad(counts, mod.pad)  # padded entries carry no spike, whatever their value
-            if isinstance(mod, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, ChunkPart)):
+            if flow == patterns.MOVE:
                 return mod(counts)  # a max of sorted trains passes one train; the rest only move entries
-            if type(mod).__name__ == "_StepModeTensorOp":  # SpikingJelly's step-mode form of a tensor op
+            if type(mod) is step_tensor_op_type():  # SpikingJelly's step-mode form of a tensor op
                 return self._tensor_op(n, mod, inputs)
             return self._nonzero(n, out)
         if n.op not in ("call_function", "call_method") or all(c is None for c in inputs.values()):
             return None
         target = n.target
-        if target in _SUMS or target is accumulate:
+        if target in _SUMS:
             total = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
             for c in inputs.values():
                 if c is not None:
