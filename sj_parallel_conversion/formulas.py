@@ -26,6 +26,8 @@ __all__ = [
     "da_qcfs",
     "spike_count",
     "spikes_from_count",
+    "SPIKE_ORDERS",
+    "check_spike_order",
     "step_strides",
     "divide_",
     "check_channels",
@@ -174,6 +176,18 @@ def _rows_per_chunk(m: torch.Tensor, params):
     return max(1, _CHUNK_BYTES // row_bytes)
 
 
+#: The spike orders of a train of ``k`` spikes in ``T`` steps: ``"late"`` (the paper's text) fires
+#: the last ``k`` steps, ``"early"`` (the authors' code) the first ``k``; counts are the same.
+SPIKE_ORDERS = ("late", "early")
+
+
+def check_spike_order(order: str, name: str = "spike_order") -> None:
+    """Raise ``ValueError`` (naming the argument ``name``) unless ``order`` is one of
+    :data:`SPIKE_ORDERS`: the one check every entry point that takes an order calls."""
+    if order not in SPIKE_ORDERS:
+        raise ValueError(f"{name} must be 'late' or 'early', got {order!r}")
+
+
 def spikes_from_count(
     k: torch.Tensor, T: int, spike_value: Scalar = 1.0, order: str = "late"
 ) -> torch.Tensor:
@@ -181,26 +195,66 @@ def spikes_from_count(
 
     ``order="late"`` (the paper's text) fires at steps ``T-k+1 .. T`` (1-based), so every train
     reads 0...0 1...1; ``order="early"`` (the authors' code) fires at steps ``1 .. k``.
-    Values are ``spike_value`` where a spike is fired and 0 elsewhere.
+    Values are ``spike_value`` where a spike is fired and 0 elsewhere. Every step has ``k``'s
+    memory layout (:func:`step_strides`).
     """
-    steps = torch.arange(T, device=k.device, dtype=k.dtype).reshape((T,) + (1,) * k.dim())
-    if order not in ("late", "early"):
-        raise ValueError(f"order must be 'late' or 'early', got {order!r}")
+    check_spike_order(order, "order")
+    late = order == "late"
     sv = torch.as_tensor(spike_value, dtype=k.dtype, device=k.device)
+    out = _spikes_blocked(k, T, sv, late)
+    if out is not None:
+        return out
+    steps = torch.arange(T, device=k.device, dtype=k.dtype).reshape((T,) + (1,) * k.dim())
     # The comparison writes 1.0/0.0 straight into the output, then one in-place multiply by the
     # spike value: the same values as torch.where(fired, sv, 0) (a NaN count never fires) in
     # about half the time on CPU, where writing the [T, ...] output dominates the node's cost.
     shape = torch.broadcast_shapes(steps.shape, k.shape)
     out = torch.empty_strided(shape, step_strides(k, T), dtype=k.dtype, device=k.device)
     if torch.broadcast_shapes(shape, sv.shape) != shape:
-        bound = T - k if order == "late" else k
-        (torch.ge if order == "late" else torch.lt)(steps, bound, out=out)
+        bound = T - k if late else k
+        (torch.ge if late else torch.lt)(steps, bound, out=out)
         return out * sv
-    if order == "late":
+    if late:
         torch.ge(steps, T - k, out=out)
     else:
         torch.lt(steps, k, out=out)
     return out.mul_(sv)
+
+
+# Elements per block of the blocked CPU loops (here and in the reference time mean): one block's
+# rows stay in the CPU cache across the T steps, instead of one pass over memory per step.
+BLOCK = 1 << 17
+
+
+def _spikes_blocked(k: torch.Tensor, T: int, spike_value: torch.Tensor, late: bool) -> Optional[torch.Tensor]:
+    """:func:`spikes_from_count` for large dense CPU counts, block by block, or ``None``.
+
+    The output ``[T, ...]`` is the node's largest memory traffic. Writing the 0/1 comparison for
+    all steps and then multiplying by the spike value costs two passes over it; here both run on
+    one cache-sized block of neurons at a time, so the output is written to memory once. Step
+    ``t`` fires where ``k >= T - t`` (late) or ``k > t`` (early), the comparisons above with the
+    sides swapped, exact for the integer (or NaN) counts; then the same multiply.
+    """
+    if (k.device.type != "cpu" or torch.compiler.is_compiling() or k.numel() <= BLOCK
+            or torch.broadcast_shapes(k.shape, spike_value.shape) != k.shape):
+        return None
+    if k.stride() != step_strides(k, 1)[1:]:
+        return None  # not dense: the broadcast form above
+    sv = torch.empty_like(k).copy_(torch.broadcast_to(spike_value, k.shape))
+    out = torch.empty_strided((T,) + tuple(k.shape), step_strides(k, T), dtype=k.dtype, device=k.device)
+    n = k.numel()
+    flat_k, flat_sv = k.as_strided((n,), (1,)), sv.as_strided((n,), (1,))
+    flat_out = out.as_strided((T, n), (n, 1))
+    for s in range(0, n, BLOCK):
+        kb, svb = flat_k[s:s + BLOCK], flat_sv[s:s + BLOCK]
+        for t in range(T):
+            o = flat_out[t, s:s + BLOCK]
+            if late:
+                torch.ge(kb, T - t, out=o)
+            else:
+                torch.gt(kb, t, out=o)
+            o.mul_(svb)
+    return out
 
 
 def divide_(t: torch.Tensor, n: int) -> torch.Tensor:

@@ -76,10 +76,8 @@ class ParallelConversionNode(base.MemoryModule):
         super().__init__()
         if isinstance(T, bool) or not isinstance(T, int) or T < 1:
             raise ValueError(f"T must be an integer >= 1, got {T!r}")
-        if backend not in kernels.BACKENDS:
-            raise ValueError(f"backend must be one of {kernels.BACKENDS}, got {backend!r}")
-        if spike_order not in ("late", "early"):
-            raise ValueError(f"spike_order must be 'late' or 'early', got {spike_order!r}")
+        kernels.check_backend(backend)
+        formulas.check_spike_order(spike_order)
         if not isinstance(channel_dim, int) or isinstance(channel_dim, bool):
             raise ValueError(f"channel_dim must be an int, got {channel_dim!r}")
         self.T = T
@@ -213,7 +211,7 @@ class ParallelConversionNode(base.MemoryModule):
     # T=8 silently change predictions at T=4, so they travel with the state and must match. One
     # int64 tensor [T, order, channel_dim] keeps every state_dict entry a tensor (tools that map
     # over state dicts, torch.equal comparisons) while load_state_dict still checks it.
-    _ORDERS = ("late", "early")
+    _ORDERS = formulas.SPIKE_ORDERS
 
     def get_extra_state(self) -> torch.Tensor:
         return torch.tensor([self.T, self._ORDERS.index(self.spike_order), self.channel_dim], dtype=torch.int64)

@@ -29,7 +29,7 @@ from spikingjelly.activation_based import functional
 from spikingjelly.activation_based.ann2snn import FXConversionRecipe, FXConverter
 from torch import fx
 
-from . import calibration, kernels, registry
+from . import calibration, formulas, kernels, registry
 from .activation import DAQCFS, QCFS, ClipReLU
 from .graph import activation_sites, check_batch_axis, keep_analog, prepare_graph, to_multistep
 from .joins import insert_time_joins
@@ -214,10 +214,8 @@ class ParallelConversionRecipe(FXConversionRecipe):
         if self.num_batches is not None and (isinstance(self.num_batches, bool) or not isinstance(self.num_batches, int)
                                              or self.num_batches < 1):
             raise ValueError(f"num_batches must be None or an integer >= 1, got {self.num_batches!r}")
-        if self.backend not in kernels.BACKENDS:
-            raise ValueError(f"backend must be one of {kernels.BACKENDS}, got {self.backend!r}")
-        if self.spike_order not in ("late", "early"):
-            raise ValueError(f"spike_order must be 'late' or 'early', got {self.spike_order!r}")
+        kernels.check_backend(self.backend)
+        formulas.check_spike_order(self.spike_order)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         for name, kind in (("learned", LearnedCalibration), ("distill", LearnedCalibration)):

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from sj_parallel_conversion import ParallelConversionNode, ParallelConverter, count_domain_model, spike_inference
-from sj_parallel_conversion.kernels import fire_op
+from sj_parallel_conversion.kernels import fire_checked_op, fire_op, use_backend
 from sj_parallel_conversion.models import build_model
 
 
@@ -29,9 +29,9 @@ def test_opcheck_fire():
     g = torch.Generator().manual_seed(0)
     theta = torch.rand(5, generator=g) + 0.5
     # per-channel parameters, T_in != T, late order
-    args = (torch.randn(3, 4, 5, 6, generator=g), 4, theta, theta / 2, torch.tensor(0.1), theta * 1.1, 1, True,
-            "auto", False)
+    args = (torch.randn(3, 4, 5, 6, generator=g), 4, theta, theta / 2, torch.tensor(0.1), theta * 1.1, 1, True)
     torch.library.opcheck(fire_op, args)
+    torch.library.opcheck(fire_checked_op, args)
     # channels-last steps: the output keeps the layout (the fake implementation says so too)
     x_cl = torch.randn(2 * 4, 5, 3, 6, generator=g).contiguous(memory_format=torch.channels_last).view(2, 4, 5, 3, 6)
     torch.library.opcheck(fire_op, (x_cl,) + args[1:])
@@ -48,7 +48,8 @@ def test_channels_last_steps_stay_channels_last():
 def test_op_is_what_the_node_runs_and_backward_raises():
     node = ParallelConversionNode(4, v_threshold=torch.tensor([0.5, 1.0, 2.0]), bias=0.1)
     x = torch.randn(2, 6, 3, 5)
-    y = fire_op(x, 4, node.v_threshold, node.shift, node.bias, node.spike_value, 1, True, "torch", False)
+    with use_backend("torch"):
+        y = fire_op(x, 4, node.v_threshold, node.shift, node.bias, node.spike_value, 1, True)
     assert torch.equal(y, node(x))
     xr = x.clone().requires_grad_()
     with pytest.raises(RuntimeError, match="inference-only"):

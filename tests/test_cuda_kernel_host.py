@@ -1,7 +1,7 @@
 """The cupy backend's CUDA kernel, compiled for the host, agrees bit for bit with the torch backend.
 
 No GPU is needed: the kernel source that :mod:`sj_parallel_conversion.kernels.cupy_backend`
-hands to cupy is compiled unchanged with the host C++ compiler against a small shim that stands
+hands to cupy (``kernels/csrc/cupy_fire.cu``, read as package data) is compiled unchanged with the host C++ compiler against a small shim that stands
 in for the CUDA headers (``__global__``/``__device__`` as plain functions, ``blockIdx``/
 ``threadIdx`` as globals that a host loop sets for every (block, thread) pair in turn, so the
 kernel's grid-stride loop runs exactly as launched, and ``__half``/``__nv_bfloat16`` with
@@ -18,7 +18,7 @@ import torch
 
 from sj_parallel_conversion import formulas
 from sj_parallel_conversion.kernels import cupy_backend, native_backend, torch_backend
-from sj_parallel_conversion.kernels.cupy_backend import _KERNEL_NAMES, _SOURCE
+from sj_parallel_conversion.kernels.cupy_backend import _KERNEL_NAMES
 
 SHIM = r"""
 #pragma once
@@ -119,12 +119,12 @@ def host_kernel():
     if native_backend.compiler() is None:
         pytest.skip("no C++ compiler (c++, g++, clang++ or $CXX) on this machine to build the kernel for the host")
     flags = ["-std=c++17", "-O1", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC"]
-    files = {"cuda_fp16.h": SHIM, "cuda_bf16.h": '#include "cuda_fp16.h"\n', "kernel.cu": _SOURCE,
+    files = {"cuda_fp16.h": SHIM, "cuda_bf16.h": '#include "cuda_fp16.h"\n', "kernel.cu": cupy_backend.source(),
              "launch.cpp": _launcher_source()}
     return ctypes.CDLL(str(native_backend.build_library("sjpc_host_cuda_kernel", files, "launch.cpp", flags)))
 
 
-def _fire_host(lib, x, T, theta, psi, psi_da, spike_value, channel_dim, order, grid=3, block=4):
+def _fire_host(lib, x, T, theta, psi, psi_da, spike_value, channel_dim, late, grid=3, block=4):
     """Run the host-built kernel with the arguments cupy_backend.fire launches it with (the same
     :func:`cupy_backend.prepare`, so layouts and channel strides are the device's)."""
     a = cupy_backend.prepare(x, T, (theta, psi, psi_da, spike_value), channel_dim)
@@ -135,7 +135,7 @@ def _fire_host(lib, x, T, theta, psi, psi_da, spike_value, channel_dim, order, g
                                ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_int, ctypes.c_int, p)
     fn = fn_type(ctypes.c_void_p.in_dll(lib, f"host_{_KERNEL_NAMES[x.dtype]}").value)
     fn(grid, block, a.x.data_ptr(), out.data_ptr(), *[q.data_ptr() for q in a.params], a.M, a.T_in, a.T, a.inner,
-       a.C, 1 if order == "late" else 0, flag.data_ptr())
+       a.C, 1 if late else 0, flag.data_ptr())
     return out, bool(flag.item())
 
 
@@ -202,11 +202,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("order", ["late", "early"])
+@pytest.mark.parametrize("late", [True, False], ids=["late", "early"])
 @pytest.mark.parametrize("dtype, T_in, T, shape, channel_dim, per_channel", CASES,
                          ids=lambda v: str(v).replace("torch.", "") if isinstance(v, torch.dtype) else None)
 def test_host_kernel_matches_torch_backend_bit_for_bit(host_kernel, dtype, T_in, T, shape, channel_dim,
-                                                       per_channel, order):
+                                                       per_channel, late):
     gen = torch.Generator().manual_seed(T_in * 100 + T)
     shape = torch.Size(shape)
     acc = torch_backend.accumulation_dtype(dtype)
@@ -226,8 +226,8 @@ def test_host_kernel_matches_torch_backend_bit_for_bit(host_kernel, dtype, T_in,
     else:
         th, psi, psi_da, sv = th.reshape(()), psi.reshape(()), psi_da.reshape(()), torch.tensor(1 + 2 ** -11, dtype=acc)
     x = _currents(shape, T_in, T, th, psi, psi_da, _channel_of(shape, channel_dim, C), gen, dtype)
-    got, flag = _fire_host(host_kernel, x, T, th, psi, psi_da, sv, channel_dim, order)
-    want = torch_backend.fire(x, T, (th, psi, psi_da, sv), channel_dim, order)
+    got, flag = _fire_host(host_kernel, x, T, th, psi, psi_da, sv, channel_dim, late)
+    want = torch_backend.fire(x, T, (th, psi, psi_da, sv), channel_dim, late)
     _assert_same_bits(got, want)
     # The kernel raises its NaN flag exactly when a time mean is NaN (torch's check_nan).
     assert flag == bool(torch.isnan(torch_backend.time_mean(x)).any())
@@ -242,7 +242,7 @@ def test_host_kernel_matches_torch_backend_bit_for_bit(host_kernel, dtype, T_in,
 def test_grid_stride_loop_covers_every_neuron_for_any_launch(host_kernel, grid, block):
     """Fewer, as many or more CUDA threads than neurons: every output is written exactly once."""
     x = torch.linspace(-1, 3, 2 * 37).reshape(2, 37)
-    args = (4, torch.tensor(1.0), torch.tensor(0.5), torch.tensor(0.0), torch.tensor(2.0), 1, "late")
+    args = (4, torch.tensor(1.0), torch.tensor(0.5), torch.tensor(0.0), torch.tensor(2.0), 1, True)
     got, _ = _fire_host(host_kernel, x, *args, grid=grid, block=block)
     _assert_same_bits(got, torch_backend.fire(x, args[0], args[1:5], *args[5:]))
 
@@ -300,8 +300,8 @@ def test_host_kernel_matches_torch_backend_in_every_layout(host_kernel, layout, 
     a = cupy_backend.prepare(x, T, (th, psi, psi_da, sv), 1)
     assert (a.x.data_ptr() == x.data_ptr()) == (layout == "channels_last")  # copied only where not dense
     assert a.inner == (1 if layout == "channels_last" else shape[2:].numel())
-    got, _ = _fire_host(host_kernel, x, T, th, psi, psi_da, sv, 1, "late")
-    want = torch_backend.fire(x, T, (th, psi, psi_da, sv), 1, "late")
+    got, _ = _fire_host(host_kernel, x, T, th, psi, psi_da, sv, 1, True)
+    want = torch_backend.fire(x, T, (th, psi, psi_da, sv), 1, True)
     assert got.stride() == want.stride() == formulas.step_strides(x[0], T)
     _assert_same_bits(got, want)
     counts = (got != 0).sum(0)

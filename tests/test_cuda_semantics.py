@@ -97,8 +97,8 @@ def test_torch_backend_time_mean_has_the_same_bits_under_cuda_division_rules(dty
     boundary = ((torch.arange(9) * 1.1 - 0.55) / 8).to(dtype)
     x = boundary.expand(T_in, 9).contiguous()
     with CudaScalarDivision():
-        got = torch_backend.fire(x, 8, params, 1, "late")
-    assert torch.equal(got, torch_backend.fire(x, 8, params, 1, "late"))
+        got = torch_backend.fire(x, 8, params, 1, True)
+    assert torch.equal(got, torch_backend.fire(x, 8, params, 1, True))
 
 
 def test_time_mean_blocks_for_the_cache_on_cpu_only():
@@ -177,7 +177,7 @@ def test_kernel_is_compiled_by_nvrtc_with_our_options_and_loaded_as_a_binary(fak
     kernels = cupy_backend._module(1)
     assert set(kernels) == set(cupy_backend._KERNEL_NAMES.values())
     (build,) = fake_cupy["compile"]
-    assert build["source"] == cupy_backend._SOURCE
+    assert build["source"] == cupy_backend.source()
     assert build["options"] == cupy_backend.NVRTC_OPTIONS + ("-I/opt/cuda-headers/include",)
     assert not any(o.startswith("-ftz=true") or o.startswith("--ftz=true") for o in build["options"])
     # Loaded from the compiled binary, not from source: RawModule(code=...) would recompile it
@@ -216,7 +216,7 @@ def _nvrtc_ptx(options, arch):
     cupy = pytest.importorskip("cupy", reason="cupy is not installed")
     nvrtc = cupy.cuda.nvrtc
     try:
-        prog = nvrtc.createProgram(cupy_backend._SOURCE, "sjpc_fire.cu", [], [])
+        prog = nvrtc.createProgram(cupy_backend.source(), "sjpc_fire.cu", [], [])
     except Exception as exc:  # libnvrtc missing
         pytest.skip(f"NVRTC is not usable here: {exc}")
     try:

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from sj_parallel_conversion.kernels.cupy_backend import _KERNEL_NAMES, _SOURCE, NVRTC_OPTIONS
+from sj_parallel_conversion.kernels.cupy_backend import _KERNEL_NAMES, NVRTC_OPTIONS, source
 
 nvcc = shutil.which("nvcc")
 
@@ -19,7 +19,7 @@ nvcc = shutil.which("nvcc")
 @pytest.mark.skipif(nvcc is None, reason="nvcc is not installed here; the kernel source is compiled by cupy at run time")
 def test_kernel_source_compiles_without_fma_or_flush_to_zero(tmp_path):
     src = tmp_path / "k.cu"
-    src.write_text(_SOURCE)
+    src.write_text(source())
     ptx = tmp_path / "k.ptx"
     res = subprocess.run([nvcc, *NVRTC_OPTIONS, "-arch=sm_80", "-ptx", str(src), "-o", str(ptx)],
                          capture_output=True, text=True, timeout=120)

@@ -4,6 +4,9 @@ never be called), half-precision counts follow the spike path's float32 arithmet
 torch backend's CPU cache blocking stays on CPU."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -53,11 +56,10 @@ def test_fire_and_count_refuse_a_bad_T_before_any_backend(spies, T):
 
 
 def test_the_operators_themselves_refuse_zero_input_steps(spies):
-    args = (4, *PARAMS, 1, True, "auto", False)
-    with pytest.raises(ValueError, match="no time steps"):
-        kernels.fire_op(torch.empty(0, 5), *args)
-    with pytest.raises(ValueError, match="no time steps"):
-        kernels.fire_inplace_op(torch.empty(0, 5), *args)
+    args = (4, *PARAMS, 1, True)
+    for op in (kernels.fire_op, kernels.fire_inplace_op, kernels.fire_checked_op, kernels.fire_checked_inplace_op):
+        with pytest.raises(ValueError, match="no time steps"):
+            op(torch.empty(0, 5), *args)
     with pytest.raises(ValueError, match="T_in must be >= 1"):
         ParallelConversionNode(4, backend="torch")(torch.empty(0, 2, 3))
     assert spies == []
@@ -88,3 +90,124 @@ def test_half_precision_count_domain_equals_the_spike_level_time_mean(dtype, T):
     assert torch.equal(node.rate(x), spikes.float().mean(0).to(dtype))
     assert torch.equal(node.rate(x.clone(), inplace=True), node.rate(x))
     assert torch.equal(kernels.count(x, T, node.v_threshold, node.shift, node.bias), fired.to(dtype))
+
+
+# -- choosing the implementation: by device, with one setting (issue 25) ---------------------------
+OPS = (kernels.fire_op, kernels.fire_inplace_op, kernels.fire_checked_op, kernels.fire_checked_inplace_op)
+
+
+def test_operator_schemas_carry_tensors_and_the_neuron_shape_only():
+    for op in OPS:
+        args = op._schema.arguments
+        assert [a.name for a in args] == ["x_seq", "T", "theta_pre", "psi", "psi_da", "spike_value", "channel_dim",
+                                          "late"], op
+        assert not any(str(a.type) == "str" for a in args), op
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """The implementations that run, in order (each still computes its result)."""
+    calls = []
+    for name in ("torch", "native"):
+        real = kernels._IMPL[name]
+        monkeypatch.setitem(kernels._IMPL, name, lambda *a, _n=name, _r=real, **k: calls.append(_n) or _r(*a, **k))
+    yield calls
+    kernels.set_backend("auto")
+
+
+def test_the_process_setting_and_a_scoped_one_choose_the_implementation(recorded):
+    if native_backend.availability() is not None:
+        pytest.skip(f"the native kernel is unavailable: {native_backend.availability()}")
+    x = torch.randn(4, 3, 5)
+    want = kernels.fire(x, 4, *PARAMS, backend="torch")
+    recorded.clear()
+    assert kernels.get_backend() == "auto"
+    assert torch.equal(kernels.fire_op(x, 4, *PARAMS, 1, True), want)
+    kernels.set_backend("torch")
+    assert kernels.get_backend() == "torch"
+    assert torch.equal(ParallelConversionNode(4)(x), want)  # a node with backend="auto" follows it
+    with kernels.use_backend("native"):
+        assert kernels.get_backend() == "native"
+        assert torch.equal(kernels.fire_op(x, 4, *PARAMS, 1, True), want)
+    assert kernels.get_backend() == "torch"
+    assert torch.equal(ParallelConversionNode(4, backend="native")(x), want)  # the node's own setting wins
+    assert kernels.get_backend() == "torch"  # and ends with its call
+    assert recorded == ["native", "torch", "native", "native"]
+
+
+def test_a_node_backend_is_the_scoped_setting_of_its_calls(recorded, monkeypatch):
+    x = torch.randn(4, 3, 5)
+    node = ParallelConversionNode(4, backend="torch")
+    node(x)
+    node(x.clone())
+    assert recorded == ["torch", "torch"] and kernels.get_backend() == "auto"
+    # count follows the same setting: backend="torch" never runs the native count kernel
+    counted = []
+    real = native_backend.count
+    monkeypatch.setattr(native_backend, "count", lambda *a, **k: counted.append(1) or real(*a, **k))
+    node.count(torch.randn(3, 5))
+    with kernels.use_backend("torch"):
+        ParallelConversionNode(4).count(torch.randn(3, 5))
+    assert counted == []
+
+
+def test_a_use_backend_block_is_local_to_its_thread():
+    import threading
+
+    seen = {}
+    with kernels.use_backend("torch"):
+        t = threading.Thread(target=lambda: seen.setdefault("other", kernels.get_backend()))
+        t.start()
+        t.join()
+        seen["here"] = kernels.get_backend()
+    assert seen == {"other": "auto", "here": "torch"}
+
+
+@pytest.mark.parametrize("call", [
+    lambda: kernels.set_backend("cuda"),
+    lambda: kernels.use_backend("triton").__enter__(),
+    lambda: kernels.fire(torch.randn(2, 3), 4, *PARAMS, backend="opencl"),
+    lambda: kernels.count(torch.randn(2, 3), 4, *PARAMS[:3], backend="opencl"),
+    lambda: ParallelConversionNode(4, backend="gpu"),
+    lambda: kernels.check_backend(None),
+])
+def test_backend_names_are_refused_with_one_message(call):
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'torch', 'native', 'cupy'\)"):
+        call()
+    assert kernels.get_backend() == "auto"
+
+
+def test_backend_names_and_spike_orders_are_checked_in_one_place_each():
+    """No module but kernels tests a backend name against the list, and none but formulas tests
+    a spike order against ("late", "early"): each has one check every caller calls."""
+    package = Path(kernels.__file__).parents[1]
+    for path in package.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        rel = path.relative_to(package).as_posix()
+        backend_tests = re.findall(r"\bin (?:kernels\.)?BACKENDS\b", text)
+        order_lists = re.findall(r"[(\[]\s*[\"']late[\"'],\s*[\"']early[\"']\s*[)\]]", text)
+        assert len(backend_tests) == (1 if rel == "kernels/__init__.py" else 0), rel
+        assert len(order_lists) == (1 if rel == "formulas.py" else 0), rel
+
+
+@pytest.mark.parametrize("backend", ["torch", "native", "auto"])
+def test_compiled_nodes_of_every_backend_stay_one_graph(backend):
+    if backend == "native" and native_backend.availability() is not None:
+        pytest.skip(f"the native kernel is unavailable: {native_backend.availability()}")
+    torch._dynamo.reset()
+    node = ParallelConversionNode(4, v_threshold=torch.rand(3) + 0.5, backend=backend)
+    x = torch.randn(4, 2, 3, 5)
+    for check_nan in (False, True):
+        node.check_nan = check_nan
+        compiled = torch.compile(node, fullgraph=True, backend="aot_eager")
+        assert torch.equal(compiled(x), node(x))
+    # the setting in force when the compiled graph runs chooses the implementation
+    with kernels.use_backend("torch"):
+        assert torch.equal(compiled(x), node(x))
+
+
+def test_a_node_backend_that_cannot_run_is_refused_when_traced():
+    torch._dynamo.reset()
+    node = torch.compile(ParallelConversionNode(4, backend="cupy"), fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="backend='cupy' needs a CUDA tensor"):
+        node(torch.randn(4, 2, 3))

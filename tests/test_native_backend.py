@@ -76,8 +76,8 @@ def test_native_equals_torch_bit_for_bit(native_ready, dtype, order, case, T, T_
     g = torch.Generator().manual_seed(T * 100 + T_in)
     params = _params(C, dtype, g)
     x = _currents(T_in, step_shape, dtype, g, params, T, channel_dim)
-    want = torch_backend.fire(x, T, params, channel_dim, order)
-    got = native_backend.fire(x, T, params, channel_dim, order)
+    want = torch_backend.fire(x, T, params, channel_dim, order == "late")
+    got = native_backend.fire(x, T, params, channel_dim, order == "late")
     assert _same_bits(got, want)
 
 
@@ -92,10 +92,10 @@ def test_native_layouts_match_torch_and_the_fake_strides(native_ready, layout):
         x = x[::2]
     else:
         x = x[:, :, :, :, ::2]
-    want = torch_backend.fire(x, 5, params, 1, "late")
-    got = native_backend.fire(x, 5, params, 1, "late")
+    want = torch_backend.fire(x, 5, params, 1, True)
+    got = native_backend.fire(x, 5, params, 1, True)
     assert _same_bits(got, want)
-    assert got.stride() == kernels._fire_fake(x, 5, *params, 1, True, "native", False).stride()
+    assert got.stride() == kernels._fire_fake(x, 5, *params, 1, True).stride()
 
 
 def test_native_threads_split_the_work_without_changing_a_bit(native_ready):
@@ -108,11 +108,11 @@ def test_native_threads_split_the_work_without_changing_a_bit(native_ready):
         results = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            results.append(native_backend.fire(x, 9, params, 1, "early"))
+            results.append(native_backend.fire(x, 9, params, 1, False))
     finally:
         torch.set_num_threads(before)
     assert all(_same_bits(r, results[0]) for r in results[1:])
-    assert _same_bits(results[0], torch_backend.fire(x, 9, params, 1, "early"))
+    assert _same_bits(results[0], torch_backend.fire(x, 9, params, 1, False))
 
 
 @pytest.mark.parametrize("dtype,order", [(torch.float32, "late"), (torch.float64, "early")])
@@ -123,11 +123,11 @@ def test_native_large_outputs_written_with_streaming_stores_are_the_same(native_
     params = _params(7, dtype, g)
     x = _currents(5, (3, 7, 6247), dtype, g, params, 32, 1)
     assert 32 * x[0].numel() * x.element_size() >= 1 << 24
-    want = torch_backend.fire(x, 32, params, 1, order)
+    want = torch_backend.fire(x, 32, params, 1, order == "late")
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(3)  # several threads stream their rows (fenced before the join)
-        got = native_backend.fire(x, 32, params, 1, order)
+        got = native_backend.fire(x, 32, params, 1, order == "late")
     finally:
         torch.set_num_threads(before)
     assert _same_bits(got, want)
@@ -137,12 +137,20 @@ def test_native_nan_check(native_ready):
     x = torch.ones(4, 2, 3)
     x[1, 1, 2] = float("nan")
     p = [torch.tensor(v) for v in (1.0, 0.5, 0.0, 1.0)]
-    assert native_backend.fire(x, 4, p, 1, "late")[:, 1, 2].eq(0).all()  # unchecked: no spike
+    flag = torch.zeros(1, dtype=torch.int32)
+    assert native_backend.fire(x, 4, p, 1, True, flag)[:, 1, 2].eq(0).all()  # the NaN neuron is silent
+    assert int(flag) == 1
+    flag.zero_()
+    native_backend.fire(torch.ones(4, 2, 3), 4, p, 1, True, flag)
+    assert int(flag) == 0  # no NaN: the flag stays clear
+    for inplace in (False, True):
+        with pytest.raises(kernels.NaNMeanError):
+            kernels.fire(x.clone(), 4, *p, backend="native", check_nan=True, inplace=inplace)
     with pytest.raises(kernels.NaNMeanError):
-        native_backend.fire(x, 4, p, 1, "late", check_nan=True)
+        kernels.fire_checked_op(x, 4, *p, 1, True)
+    assert torch.equal(kernels.fire_checked_op(x[:, :1], 4, *p, 1, True), kernels.fire_op(x[:, :1], 4, *p, 1, True))
     with pytest.raises(ValueError, match="NaN input currents"):
         ParallelConversionNode(4, backend="native", check_nan=True)(x)
-    native_backend.fire(torch.ones(4, 2, 3), 4, p, 1, "late", check_nan=True)  # no NaN: no error
 
 
 def test_native_empty_input(native_ready):
@@ -180,10 +188,10 @@ def test_native_random_layouts_and_channel_axes(native_ready):
             x = x.as_strided(x.shape, strides)
         params = _params(shape[cd] if shape[cd] > 1 else None, dtype, rng)
         for order in ("late", "early"):
-            want = torch_backend.fire(x, T, params, cd, order)
-            got = native_backend.fire(x, T, params, cd, order)
+            want = torch_backend.fire(x, T, params, cd, order == "late")
+            got = native_backend.fire(x, T, params, cd, order == "late")
             assert _same_bits(got, want), (trial, kind, tuple(x.shape), x.stride(), cd, order)
-            assert got.stride() == kernels._fire_fake(x, T, *params, cd, order == "late", "native", False).stride()
+            assert got.stride() == kernels._fire_fake(x, T, *params, cd, order == "late").stride()
 
 
 def test_native_silent_steps_hold_zero_times_the_spike_value(native_ready):
@@ -193,22 +201,22 @@ def test_native_silent_steps_hold_zero_times_the_spike_value(native_ready):
     for value in (-1.5, float("inf"), float("nan")):
         params = [torch.tensor(1.0), torch.tensor(0.5), torch.tensor(0.0), torch.tensor(value)]
         for T in (2, 64):
-            assert _same_bits(native_backend.fire(x, T, params, 1, "late"), torch_backend.fire(x, T, params, 1, "late"))
+            assert _same_bits(native_backend.fire(x, T, params, 1, True), torch_backend.fire(x, T, params, 1, True))
 
 
 def test_native_refuses_parameters_it_would_misread(native_ready):
     x = torch.randn(2, 3, 5, 2)
     p = [torch.ones(3), torch.full((3,), 0.5), torch.zeros(3), torch.ones(3)]
     with pytest.raises(ValueError, match="3 per-channel parameters but the input has 5 channels"):
-        native_backend.fire(x, 4, p, 1, "late")
+        native_backend.fire(x, 4, p, 1, True)
     with pytest.raises(ValueError, match="disagree on the channel count"):
-        native_backend.fire(x, 4, p[:3] + [torch.ones(2)], 0, "late")
+        native_backend.fire(x, 4, p[:3] + [torch.ones(2)], 0, True)
     with pytest.raises(ValueError, match="channel_dim=4 is out of range"):
-        native_backend.fire(x, 4, p, 4, "late")
+        native_backend.fire(x, 4, p, 4, True)
     with pytest.raises(ValueError, match="channel_dim=-4 is out of range"):
-        native_backend.fire(x, 4, p, -4, "late")
+        native_backend.fire(x, 4, p, -4, True)
     with pytest.raises(ValueError, match="T and T_in from 1 to"):
-        native_backend.fire(x, native_backend.MAX_T + 1, [torch.tensor(1.0)] * 4, 1, "late")
+        native_backend.fire(x, native_backend.MAX_T + 1, [torch.tensor(1.0)] * 4, 1, True)
 
 
 # -- selection -----------------------------------------------------------------------------------
@@ -507,3 +515,202 @@ def test_compiler_errors_give_a_short_reason(fresh_load, monkeypatch, tmp_path):
     monkeypatch.setenv("SJPC_CACHE_DIR", str(tmp_path / "cache"))
     reason = native_backend.availability()
     assert "failed to build" in reason and "\n" not in reason and len(reason) <= 200
+
+
+# -- the ctypes boundary: every tensor is checked before the kernel sees a pointer ----------------
+def _launch_case(dtype=torch.float32):
+    """A valid launch: currents [3, 2, 4, 5], 4 output steps, 4 channels along axis 1 (inner 5)."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 2, 4, 5, generator=g).to(dtype)
+    out = torch.empty(4, 2, 4, 5, dtype=dtype)
+    params = [(torch.rand(4, generator=g) + 0.5).to(dtype), torch.full((4,), 0.3, dtype=dtype),
+              torch.zeros(4, dtype=dtype), torch.full((4,), 1.5, dtype=dtype)]
+    return x, out, params
+
+
+def test_kernel_wrapper_runs_a_valid_launch(native_ready):
+    x, out, params = _launch_case()
+    assert native_backend.launch_fire(x, out, params, T=4, inner=5, C=4, late=True, threads=2) is False
+    assert _same_bits(out, torch_backend.fire(x, 4, params, 1, True))
+
+
+def _wrong_launches():
+    x, out, params = _launch_case()
+    p = params
+    wide = torch.randn(3, 2, 4, 10)
+    shared = torch.empty(8 * 40)
+    return [
+        # (what, exception, message, x, out, params, T)
+        ("half input", TypeError, "x must be a float32 or float64 tensor", x.half(), out.half(), p, 4),
+        ("float64 parameter", TypeError, "theta_pre is torch.float64 but the kernel reads torch.float32",
+         x, out, [p[0].double()] + p[1:], 4),
+        ("float64 output", TypeError, "out is torch.float64", x, out.double(), p, 4),
+        ("a number as parameter", TypeError, "psi_da must be a tensor", x, out, p[:2] + [0.0, p[3]], 4),
+        ("strided parameter", ValueError, "psi must be 4 contiguous values", x, out,
+         [p[0], torch.full((8,), 0.3)[::2]] + p[2:], 4),
+        ("parameter of another size", ValueError, "spike_value must be 4 contiguous values", x, out,
+         p[:3] + [torch.ones(3)], 4),
+        ("input steps not dense", ValueError, "x must be .* dense steps", wide[..., ::2], out, p, 4),
+        ("input steps apart in time", ValueError, "x must be .* dense steps", torch.randn(6, 2, 4, 5)[::2], out, p, 4),
+        ("output of another shape", ValueError, "out must be", x, torch.empty(5, 2, 4, 5), p, 4),
+        ("output in another layout", ValueError, "out must be", x, torch.empty(4, 2, 5, 4).transpose(2, 3), p, 4),
+        ("meta input", ValueError, "strided CPU tensor", x.to("meta"), out, p, 4),
+        ("output partly over the input", ValueError, "partly overlaps",
+         shared[:120].view(3, 2, 4, 5), shared[40:200].view(4, 2, 4, 5), p, 4),
+        ("no output steps", ValueError, "T and T_in must lie in", x, out[:0], p, 0),
+    ]
+
+
+@pytest.mark.parametrize("case", _wrong_launches(), ids=lambda c: c[0])
+def test_kernel_wrapper_refuses_what_it_would_misread(native_ready, case):
+    _, exc, message, x, out, params, T = case
+    before = out.clone() if out.device.type == "cpu" else None
+    with pytest.raises(exc, match=message):
+        native_backend.launch_fire(x, out, params, T=T, inner=5, C=4, late=True, threads=1)
+    if before is not None and out.numel():
+        assert torch.equal(out.nan_to_num(), before.nan_to_num())  # nothing written
+
+
+def test_kernel_checks_its_own_arguments_and_says_why(native_ready):
+    """What the wrapper cannot know (the channel run length) the C++ side checks: its
+    std::invalid_argument arrives as a ValueError with the kernel's message."""
+    x, out, params = _launch_case()
+    with pytest.raises(ValueError, match="native kernel: M=40 is not a multiple of inner . C = 3 . 4"):
+        native_backend.launch_fire(x, out, params, T=4, inner=3, C=4, late=True, threads=1)
+    with pytest.raises(ValueError, match="threads must be an int >= 1"):
+        native_backend.launch_fire(x, out, params, T=4, inner=5, C=4, late=True, threads=0)
+
+
+def test_count_wrapper_refuses_what_it_would_misread(count_ready):
+    m = torch.randn(2, 4, 5)
+    p = [torch.ones(4), torch.full((4,), 0.5), torch.zeros(4)]
+    native_backend.launch_count(m, torch.empty_like(m), p, None, T=4, inner=5, C=4, threads=1)
+    with pytest.raises(TypeError, match="m must be a float32 or float64 tensor"):
+        native_backend.launch_count(m.bfloat16(), torch.empty_like(m), p, None, T=4, inner=5, C=4, threads=1)
+    with pytest.raises(TypeError, match="scale is torch.float64"):
+        native_backend.launch_count(m, torch.empty_like(m), p, torch.ones(4, dtype=torch.float64), T=4, inner=5, C=4,
+                                    threads=1)
+    with pytest.raises(ValueError, match="dense with one layout"):
+        native_backend.launch_count(torch.randn(2, 4, 10)[..., ::2], torch.empty_like(m), p, None, T=4, inner=5, C=4,
+                                    threads=1)
+    with pytest.raises(ValueError, match="dense with one layout"):
+        native_backend.launch_count(m, torch.empty(2, 5, 4).transpose(1, 2), p, None, T=4, inner=5, C=4, threads=1)
+    with pytest.raises(ValueError, match="theta_pre must be 4 contiguous values"):
+        native_backend.launch_count(m, torch.empty_like(m), [torch.ones(2)] + p[1:], None, T=4, inner=5, C=4,
+                                    threads=1)
+
+
+@pytest.mark.parametrize("kind,exc,message", [
+    (0, MemoryError, "out of memory"),
+    (1, ValueError, "an invalid argument"),
+    (2, RuntimeError, "a runtime error"),
+    (3, RuntimeError, "unknown C\\+\\+ exception"),
+])
+def test_cpp_exceptions_become_their_python_errors(native_ready, kind, exc, message):
+    with pytest.raises(exc, match=f"native kernel: {message}") as info:
+        native_backend._call(native_backend._load()[0].sjpc_native_raise, kind)
+    assert type(info.value) is exc
+
+
+# -- threads: torch's count, workers kept for the process ------------------------------------------
+def _big_launch():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 8, 64, 32, 32, generator=g)  # 2^19 neurons per step: many blocks per part
+    return x, [torch.tensor(0.9), torch.tensor(0.45), torch.tensor(0.0), torch.tensor(1.0)]
+
+
+def _worker_threads():
+    """Ids of the native library's worker threads (named ``sjpc_native``), or ``None`` off Linux."""
+    if not os.path.isdir("/proc/self/task"):
+        return None
+    ids = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().strip() == "sjpc_native":
+                    ids.add(tid)
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return ids
+
+
+def test_native_workers_are_started_once_and_reused(native_ready):
+    x, params = _big_launch()
+    want = torch_backend.fire(x, 4, params, 1, True)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        x.sum()  # let torch's own pool settle at 3 threads before the threads are listed
+        assert _same_bits(native_backend.fire(x, 4, params, 1, True), want)
+        workers = native_backend.workers()
+        assert workers >= 2  # 3 parts: this thread and two workers
+        named = _worker_threads()
+        if named is not None:
+            assert len(named) == workers
+        for threads in (3, 2, 1, 3):
+            torch.set_num_threads(threads)
+            assert _same_bits(native_backend.fire(x, 4, params, 1, True), want)
+        assert native_backend.workers() == workers  # no thread started per call
+        assert _worker_threads() == named  # the same threads, not new ones of the same number
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_native_calls_from_two_threads_at_once(native_ready):
+    """One parallel call at a time uses the workers; a call meanwhile runs its parts itself."""
+    import threading
+
+    x, params = _big_launch()
+    vectors = native_backend._per_channel(x[0], 1, params, "test")[0]
+    want = torch_backend.fire(x, 4, params, 1, False)
+    results, errors = [], []
+
+    def run():
+        try:
+            for _ in range(3):
+                out = torch.empty_like(want)
+                native_backend.launch_fire(x, out, vectors, 4, x[0].numel(), 1, False, 3)
+                results.append(out)
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and len(results) == 6
+    assert all(_same_bits(r, want) for r in results)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_native_kernel_runs_in_a_forked_child(native_ready):
+    """The child of a fork has none of the parent's workers; its pool starts empty instead of
+    waiting forever on threads that do not exist there."""
+    import time
+
+    x, params = _big_launch()
+    vectors = native_backend._per_channel(x[0], 1, params, "test")[0]
+    want = torch.empty(4, *x.shape[1:])
+    native_backend.launch_fire(x, want, vectors, 4, x[0].numel(), 1, True, 3)  # the parent's workers exist
+    digest = hashlib.sha256(want.numpy().tobytes()).hexdigest()
+    pid = os.fork()
+    if pid == 0:  # the child: only the kernel, then leave without running the parent's cleanup
+        code = 2
+        try:
+            out = torch.empty(4, *x.shape[1:])
+            native_backend.launch_fire(x, out, vectors, 4, x[0].numel(), 1, True, 3)
+            code = 0 if hashlib.sha256(out.numpy().tobytes()).hexdigest() == digest else 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 120
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the kernel hung in a forked child")
+        time.sleep(0.05)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status

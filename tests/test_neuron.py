@@ -354,26 +354,23 @@ def test_blocked_time_mean_adds_in_the_canonical_order():
 @pytest.mark.parametrize("order", ["late", "early"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 def test_blocked_spike_trains_equal_the_per_step_definition(order, layout):
-    # Above BLOCK neurons the torch backend writes the trains block by block (one pass over the
-    # output); each step must still read spike_value where the train fires and 0 elsewhere, as
-    # the step-by-step definition says (a NaN count never fires).
-    from sj_parallel_conversion.kernels import torch_backend
+    # Above BLOCK neurons spikes_from_count writes dense CPU trains block by block (one pass over
+    # the output); each step must still read spike_value where the train fires and 0 elsewhere,
+    # as the step-by-step definition says (a NaN count never fires).
+    from sj_parallel_conversion import formulas
 
     T = 5
     g = torch.Generator().manual_seed(3)
-    k = torch.randint(0, T + 1, (2, 4, torch_backend.BLOCK // 8 + 3, 3), generator=g).float()
+    k = torch.randint(0, T + 1, (2, 4, formulas.BLOCK // 8 + 3, 3), generator=g).float()
     k[0, 1, 2, 0] = float("nan")
     if layout == "channels_last":
         k = k.contiguous(memory_format=torch.channels_last)
     elif layout == "strided":
-        k = k[:, :, ::2]
+        k = k[:, :, ::2]  # not dense: the broadcast form
     sv = (torch.rand(4, generator=g) + 0.5).view(1, 4, 1, 1)
-    out = torch_backend.spikes_blocked(k, T, sv, order)
-    if layout == "strided":
-        assert out is None  # not dense: the caller falls back to the broadcast form
-        return
+    out = formulas.spikes_from_count(k, T, sv, order)
     # every step keeps the count's layout (the next convolution's fast path)
-    assert out[0].stride() == k.stride()
+    assert out[0].stride() == formulas.step_strides(k, 1)[1:]
     for t in range(T):
         fires = (t >= T - k) if order == "late" else (t < k)
         assert torch.equal(out[t], torch.where(fires, sv.expand_as(k), torch.zeros(())))

@@ -92,14 +92,14 @@ def test_fire_inplace_checks_its_arguments():
     with pytest.raises(ValueError, match="T_in == T"):
         kernels.fire(torch.randn(2, 3), 4, *params, inplace=True)
     with pytest.raises(ValueError, match="T_in == T"):
-        kernels.fire_inplace_op(torch.randn(2, 3), 4, *params, 1, True, "auto", False)
+        kernels.fire_inplace_op(torch.randn(2, 3), 4, *params, 1, True)
     with pytest.raises(ValueError, match="requires grad"):
         kernels.fire(torch.randn(4, 3, requires_grad=True), 4, *params, inplace=True)
     with pytest.raises(TypeError, match="inplace must be a bool"):
         ParallelConversionNode(4, inplace=1)
     if native_backend.compiler() is not None:
         with pytest.raises(ValueError, match="dense steps"):
-            native_backend.fire(torch.randn(3, 4, 2).transpose(0, 2), 2, params, 1, "late", inplace=True)
+            native_backend.fire(torch.randn(3, 4, 2).transpose(0, 2), 2, params, 1, True, inplace=True)
 
 
 def test_accumulate_writes_into_its_first_operand_only_when_the_sum_fits():

@@ -1,5 +1,5 @@
-"""CUDA backend: one fused cupy kernel per dtype that sums the input steps of a neuron, computes
-its spike count and writes its T output values.
+"""CUDA implementation: one fused cupy kernel per dtype (``csrc/cupy_fire.cu``, package data)
+that sums the input steps of a neuron, computes its spike count and writes its T output values.
 
 The kernel mirrors :mod:`.torch_backend` operation by operation (sequential float32/float64 sum,
 IEEE division, no fused multiply-add, subnormals kept) so that both backends give identical
@@ -18,64 +18,17 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 import torch
 
 from .. import formulas
+from . import sources
 from .torch_backend import accumulation_dtype, flat_steps
 
-_SOURCE = r"""
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
+#: The kernel source in ``kernels/csrc`` (package data).
+SOURCE = "cupy_fire.cu"
 
-__device__ __forceinline__ float sjpc_load(const float* p, long long i) { return p[i]; }
-__device__ __forceinline__ double sjpc_load(const double* p, long long i) { return p[i]; }
-__device__ __forceinline__ float sjpc_load(const __half* p, long long i) { return __half2float(p[i]); }
-__device__ __forceinline__ float sjpc_load(const __nv_bfloat16* p, long long i) { return __bfloat162float(p[i]); }
 
-__device__ __forceinline__ void sjpc_cast(float v, float* o) { *o = v; }
-__device__ __forceinline__ void sjpc_cast(double v, double* o) { *o = v; }
-__device__ __forceinline__ void sjpc_cast(float v, __half* o) { *o = __float2half_rn(v); }
-__device__ __forceinline__ void sjpc_cast(float v, __nv_bfloat16* o) { *o = __float2bfloat16_rn(v); }
+def source() -> str:
+    """The CUDA source of the kernels (``csrc/cupy_fire.cu``)."""
+    return sources.read(SOURCE)
 
-template <typename IO, typename ACC>
-__device__ void sjpc_fire(const IO* __restrict__ x, IO* __restrict__ out,
-                          const ACC* __restrict__ theta, const ACC* __restrict__ psi,
-                          const ACC* __restrict__ psi_da, const ACC* __restrict__ spike_value,
-                          long long M, int T_in, int T, long long inner, int C, int late,
-                          int* __restrict__ nan_flag) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < M;
-         i += (long long)blockDim.x * gridDim.x) {
-        int c = (C == 1) ? 0 : (int)((i / inner) % C);
-        ACC acc = sjpc_load(x, i);
-        for (int t = 1; t < T_in; ++t) acc += sjpc_load(x, (long long)t * M + i);
-        ACC m = acc / (ACC)T_in;
-        if (nan_flag != nullptr && m != m) *nan_flag = 1;
-        ACC u = (m + psi_da[c]) * (ACC)T + psi[c];
-        ACC k = floor(u / theta[c]);
-        k = k < (ACC)0 ? (ACC)0 : (k > (ACC)T ? (ACC)T : k);
-        int ki = (k == k) ? (int)k : 0;
-        IO v, zero;
-        sjpc_cast(spike_value[c], &v);
-        sjpc_cast((ACC)0, &zero);
-        int first = late ? (T - ki) : 0;
-        int last = late ? T : ki;
-        for (int t = 0; t < T; ++t) out[(long long)t * M + i] = (t >= first && t < last) ? v : zero;
-    }
-}
-
-extern "C" {
-__global__ void sjpc_fire_f32(const float* x, float* o, const float* a, const float* b, const float* c,
-                              const float* d, long long M, int Ti, int T, long long inner, int C, int late, int* nf)
-{ sjpc_fire<float, float>(x, o, a, b, c, d, M, Ti, T, inner, C, late, nf); }
-__global__ void sjpc_fire_f64(const double* x, double* o, const double* a, const double* b, const double* c,
-                              const double* d, long long M, int Ti, int T, long long inner, int C, int late, int* nf)
-{ sjpc_fire<double, double>(x, o, a, b, c, d, M, Ti, T, inner, C, late, nf); }
-__global__ void sjpc_fire_f16(const __half* x, __half* o, const float* a, const float* b, const float* c,
-                              const float* d, long long M, int Ti, int T, long long inner, int C, int late, int* nf)
-{ sjpc_fire<__half, float>(x, o, a, b, c, d, M, Ti, T, inner, C, late, nf); }
-__global__ void sjpc_fire_bf16(const __nv_bfloat16* x, __nv_bfloat16* o, const float* a, const float* b,
-                               const float* c, const float* d, long long M, int Ti, int T, long long inner,
-                               int C, int late, int* nf)
-{ sjpc_fire<__nv_bfloat16, float>(x, o, a, b, c, d, M, Ti, T, inner, C, late, nf); }
-}
-"""
 
 _KERNEL_NAMES = {
     torch.float32: "sjpc_fire_f32",
@@ -128,7 +81,7 @@ def _module(device_index: int) -> Dict[str, object]:
     from cupy.cuda import compiler
 
     with cupy.cuda.Device(device_index):
-        binary = compiler.compile_using_nvrtc(_SOURCE, compile_options())
+        binary = compiler.compile_using_nvrtc(source(), compile_options())
         if isinstance(binary, tuple):  # cupy 14 returns (binary, name mapping)
             binary = binary[0]
         is_ptx = isinstance(binary, str)
@@ -204,8 +157,8 @@ def prepare(x_seq: torch.Tensor, T: int, params: Sequence[torch.Tensor], channel
     return Launch(x, out, vecs, step_shape.numel(), T_in, T, inner, C)
 
 
-def fire(x_seq: torch.Tensor, T: int, params: Sequence[torch.Tensor], channel_dim: int, order: str,
-         check_nan: bool = False) -> torch.Tensor:
+def fire(x_seq: torch.Tensor, T: int, params: Sequence[torch.Tensor], channel_dim: int, late: bool,
+         nan_seen: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Same contract as :func:`.torch_backend.fire` (``params`` is ``(theta_pre, psi, psi_da,
     spike_value)``), for CUDA tensors."""
     import cupy
@@ -217,7 +170,6 @@ def fire(x_seq: torch.Tensor, T: int, params: Sequence[torch.Tensor], channel_di
         return a.out
     index = a.x.device.index if a.x.device.index is not None else torch.cuda.current_device()
     kernel = _module(index)[_KERNEL_NAMES[a.x.dtype]]
-    flag = torch.zeros(1, dtype=torch.int32, device=a.x.device) if check_nan else None
     threads = 256
     blocks = min((a.M + threads - 1) // threads, 65535 * 8)
     with cupy.cuda.Device(index):
@@ -225,11 +177,7 @@ def fire(x_seq: torch.Tensor, T: int, params: Sequence[torch.Tensor], channel_di
             (blocks,), (threads,),
             (a.x.data_ptr(), a.out.data_ptr(), *[p.data_ptr() for p in a.params],
              cupy.int64(a.M), cupy.int32(a.T_in), cupy.int32(a.T), cupy.int64(a.inner), cupy.int32(a.C),
-             cupy.int32(1 if order == "late" else 0), flag.data_ptr() if flag is not None else 0),
+             cupy.int32(1 if late else 0), nan_seen.data_ptr() if nan_seen is not None else 0),
             stream=launch_stream(a.x.device),
         )
-    if flag is not None and int(flag.item()):
-        from . import NaNMeanError
-
-        raise NaNMeanError("NaN time-mean current")
     return a.out

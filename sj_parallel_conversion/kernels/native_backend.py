@@ -1,23 +1,35 @@
-"""CPU backend: a fused C++ kernel, built with the host's C++ compiler on first use.
+"""CPU implementation: fused C++ kernels, built with the host's C++ compiler on first use.
 
-The torch backend needs about a dozen passes over a block of neurons (one addition per input
-step, the count's six operations, a comparison and a multiplication per output step), each a
-separate operator call. This kernel does the same arithmetic in one pass: for a block of
-neurons it sums the input steps in order, computes the count and writes the ``T`` output values,
-so each input value is read once and each output value written once. It mirrors
-:mod:`.torch_backend` operation by operation (sequential sum in the input dtype, IEEE
-division, no fused multiply-add), so both backends give identical bits.
+The reference implementation needs about a dozen passes over a block of neurons (one addition
+per input step, the count's six operations, a comparison and a multiplication per output step),
+each a separate operator call. The kernel in ``csrc/native_fire.cpp`` (package data) does the
+same arithmetic in one pass: for a block of neurons it sums the input steps in order, computes
+the count and writes the ``T`` output values, so each input value is read once and each output
+value written once. It mirrors :mod:`.torch_backend` operation by operation (sequential sum in
+the input dtype, IEEE division, no fused multiply-add), so both give identical bits. A second
+entry point is the count domain's quantiser (AVX2, used where the CPU has it).
 
-The library is compiled once per source version and compiler into a cache folder
-(``$SJPC_CACHE_DIR``, an absolute path, else ``$XDG_CACHE_HOME/sj_parallel_conversion`` or
-``~/.cache/sj_parallel_conversion``), written there atomically, and loaded with ctypes. Loading a
-library runs its code, so the cache is private: the folder is created with mode 0700 whatever the
-umask, a folder or file that is a symbolic link, belongs to another user or is writable by group
-or others is refused, and a library is loaded only if its SHA-256 matches the one recorded in
-``<library>.sha256`` when it was built; a library that fails the hash or fails to load is rebuilt.
-Where the kernel cannot be had, ``backend="auto"`` falls back to the torch operations with one
-short warning saying why. The compiler is ``$CXX``, else ``c++``, ``g++`` or ``clang++`` from
-``PATH``.
+The library is compiled once per source text, flags, compiler and platform (a SHA-256 of them
+names it) into a cache folder (``$SJPC_CACHE_DIR``, an absolute path, else
+``$XDG_CACHE_HOME/sj_parallel_conversion`` or ``~/.cache/sj_parallel_conversion``), written there
+atomically, and loaded with ctypes. Loading a library runs its code, so the cache is private: the
+folder is created with mode 0700 whatever the umask, a folder or file that is a symbolic link,
+belongs to another user or is writable by group or others is refused, and a library is loaded
+only if its SHA-256 matches the one recorded in ``<library>.sha256`` when it was built; a library
+that fails the hash or fails to load is rebuilt. The compiler is ``$CXX``, else ``c++``, ``g++``
+or ``clang++`` from ``PATH``.
+
+ctypes passes raw pointers, so :func:`launch_fire` and :func:`launch_count` check every tensor
+they hand over (device, dtype, layout, sizes, overlap) and raise ``TypeError``/``ValueError``
+rather than let the kernel read the wrong memory. The kernels split their work into at most
+``torch.get_num_threads()`` parts, run on the calling thread and on worker threads the library
+keeps for the life of the process. A C++ exception comes back as a status and a message:
+``MemoryError`` for ``std::bad_alloc``, ``ValueError`` for ``std::invalid_argument`` and
+``RuntimeError`` for anything else.
+
+Why ctypes rather than a torch C++ extension registered with the dispatcher: an extension
+compiles against torch's headers (a minute or more per torch version on a small CI machine, and
+ninja may be missing), and torch's extension cache has none of the protections above.
 """
 from __future__ import annotations
 
@@ -39,305 +51,14 @@ from typing import Optional, Sequence
 import torch
 
 from .. import formulas
-from . import torch_backend
-
-_SOURCE = r"""
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <thread>
-#include <vector>
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
-
-namespace {
-
-// Neurons per block: the block's running sums, counts and spike values stay in cache while its
-// T_in input rows are read and its T output rows written; rows of a few KiB keep the hardware
-// prefetchers streaming.
-constexpr int64_t kBlock = 4096;
-
-// Outputs at least this large are written with non-temporal stores: they cannot stay in cache
-// anyway, and bypassing it saves reading every output line before it is overwritten.
-constexpr int64_t kStreamBytes = int64_t(1) << 24;
-
-// floor() for values the count formula can produce; written out so that the compiler can
-// vectorise it on any x86-64 or ARM target. Exact: values of magnitude >= 2^(mantissa bits)
-// are integers already, NaN and infinities pass through.
-inline float sjpc_floor(float v) {
-    if (!(std::fabs(v) < 8388608.0f)) return v;
-    float t = (float)(int32_t)v;
-    return t > v ? t - 1.0f : t;
-}
-inline double sjpc_floor(double v) {
-    if (!(std::fabs(v) < 4503599627370496.0)) return v;
-    double t = (double)(int64_t)v;
-    return t > v ? t - 1.0 : t;
-}
-
-// Writes output row t for the n neurons of a block with non-temporal stores, from the first
-// 16-byte aligned neuron on; returns where it stopped (the caller writes the rest). The values
-// are those of the plain loop: on[i] where the neuron fires, off[i] elsewhere; off == nullptr
-// means +0 everywhere (spike values that are finite and positive), which saves a load and two
-// operations per vector.
-#if defined(__SSE2__)
-template <typename F>
-inline int64_t write_streamed(F* ot, const int32_t* edge, const F* on, const F* off, int64_t n, int t, int late) {
-    // Works on the values' bits (integer SSE2 operations), so one body serves float and double;
-    // only the lanes per vector and the widening of the int32 firing masks differ.
-    constexpr int64_t lanes = 16 / sizeof(F);
-    const auto bits = [](const F* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); };
-    int64_t i = 0;
-    for (; i < n && (reinterpret_cast<uintptr_t>(ot + i) & 15); ++i)
-        ot[i] = (late ? t >= edge[i] : t < edge[i]) ? on[i] : (off ? off[i] : (F)0);
-    const __m128i tv = _mm_set1_epi32(late ? t + 1 : t);
-    for (; i + lanes <= n; i += lanes) {
-        __m128i e, fire;
-        if constexpr (sizeof(F) == 4) {
-            e = _mm_loadu_si128(reinterpret_cast<const __m128i*>(edge + i));
-        } else {
-            e = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(edge + i));
-        }
-        fire = late ? _mm_cmpgt_epi32(tv, e) : _mm_cmpgt_epi32(e, tv);  // t >= e / t < e, all-ones lanes
-        if constexpr (sizeof(F) == 8) fire = _mm_unpacklo_epi32(fire, fire);  // each mask to 64 bits
-        __m128i v = _mm_and_si128(fire, bits(on + i));
-        if (off) v = _mm_or_si128(v, _mm_andnot_si128(fire, bits(off + i)));
-        _mm_stream_si128(reinterpret_cast<__m128i*>(ot + i), v);
-    }
-    return i;
-}
-#else
-template <typename F>
-inline int64_t write_streamed(F*, const int32_t*, const F*, const F*, int64_t, int, int) { return 0; }
-#endif
-
-template <typename F>
-// x and out may be the same array (a neuron overwriting its input): a block's inputs are all
-// read before its outputs are written, and threads own disjoint blocks, so no restrict on them.
-void fire_range(const F* x, F* out, const F* __restrict__ theta,
-                const F* __restrict__ psi, const F* __restrict__ psi_da, const F* __restrict__ value,
-                int64_t M, int T_in, int T, int64_t inner, int64_t C, int late, bool plain_zero,
-                int64_t begin, int64_t end, int* nan_seen) {
-    // On the heap: a block's buffers are too large for the stack of every thread that may call in.
-    std::vector<F> acc(kBlock), on(kBlock), off(kBlock);
-    std::vector<int32_t> edge(kBlock);
-    const F tf = (F)T, tin = (F)T_in, zero = (F)0;
-    const bool stream = (int64_t)T * M * (int64_t)sizeof(F) >= kStreamBytes;
-    for (int64_t s = begin; s < end; s += kBlock) {
-        const int64_t n = std::min(kBlock, end - s);
-        const F* x0 = x + s;
-        F* a = acc.data();
-        for (int64_t i = 0; i < n; ++i) a[i] = x0[i];
-        for (int t = 1; t < T_in; ++t) {
-            const F* xt = x + (int64_t)t * M + s;
-            for (int64_t i = 0; i < n; ++i) a[i] += xt[i];
-        }
-        // Channel of memory position s: positions advance the channel every `inner` elements.
-        int64_t c = (s / inner) % C, r = s % inner;
-        for (int64_t i = 0; i < n; ++i) {
-            const F m = a[i] / tin;
-            if (m != m) *nan_seen = 1;
-            F k = sjpc_floor(((m + psi_da[c]) * tf + psi[c]) / theta[c]);
-            k = k < zero ? zero : (k > tf ? tf : k);
-            const int32_t ki = (k == k) ? (int32_t)k : 0;  // NaN: no spike
-            edge[i] = late ? T - ki : ki;                    // late fires at t >= edge, early at t < edge
-            on[i] = value[c];
-            off[i] = zero * value[c];  // the torch backend multiplies 0/1 by the spike value
-            if (++r == inner) { r = 0; if (++c == C) c = 0; }
-        }
-        for (int t = 0; t < T; ++t) {
-            F* ot = out + (int64_t)t * M + s;
-            const int32_t* ed = edge.data();
-            const F* hi = on.data();
-            const F* lo = off.data();
-            int64_t i = stream ? write_streamed(ot, ed, hi, plain_zero ? nullptr : lo, n, t, late) : 0;
-            if (late) {
-                for (; i < n; ++i) ot[i] = t >= ed[i] ? hi[i] : lo[i];
-            } else {
-                for (; i < n; ++i) ot[i] = t < ed[i] ? hi[i] : lo[i];
-            }
-        }
-    }
-#if defined(__SSE2__)
-    if (stream) _mm_sfence();  // streamed stores become visible before the thread is joined
-#endif
-}
-
-// Calls body(part, begin, end) for the positions [0, M) cut into at most `threads` ranges of
-// whole blocks, part 0 on this thread and the others on their own; a thread that cannot be
-// started (resource limits) has its range run here instead. Returns the number of parts.
-template <typename Body>
-int64_t split(int64_t M, int threads, const Body& body) {
-    const int64_t blocks = (M + kBlock - 1) / kBlock;
-    const int64_t n = std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
-    const int64_t per = (blocks + n - 1) / n * kBlock;
-    std::vector<std::thread> pool;
-    for (int64_t j = 1; j < n; ++j) {
-        const int64_t b = std::min(M, j * per), e = std::min(M, (j + 1) * per);
-        try {
-            pool.emplace_back(body, j, b, e);
-        } catch (...) {
-            body(j, b, e);
-        }
-    }
-    body(0, 0, std::min(M, per));
-    for (auto& th : pool) th.join();
-    return n;
-}
-
-template <typename F>
-int fire(const F* x, F* out, const F* theta, const F* psi, const F* psi_da, const F* value,
-         int64_t M, int T_in, int T, int64_t inner, int64_t C, int late, int threads) {
-    bool plain_zero = true;  // 0 * value is +0 for every channel (finite, non-negative spike values)
-    for (int64_t c = 0; c < C; ++c) {
-        const F o = (F)0 * value[c];
-        plain_zero = plain_zero && o == (F)0 && !std::signbit(o);
-    }
-    std::vector<int> nan_seen(std::max(threads, 1), 0);
-    split(M, threads, [&](int64_t part, int64_t b, int64_t e) {
-        fire_range<F>(x, out, theta, psi, psi_da, value, M, T_in, T, inner, C, late, plain_zero, b, e,
-                      &nan_seen[part]);
-    });
-    return *std::max_element(nan_seen.begin(), nan_seen.end());
-}
-
-// ---- The count domain's quantiser ---------------------------------------------------------------
-// k = clip(floor(((m + psi_da) * T + psi) / theta), 0, T), times scale when given, in one pass over
-// memory (x may be out). About a dozen operations per value: bound by instructions rather than
-// memory, so it needs wide vectors to beat torch's separate (AVX-512) passes. It is built for
-// AVX2 on x86-64 and used only where the CPU runs AVX2 (sjpc_native_count_ok); elsewhere the
-// torch operations run. Lane width changes no value: each operation is IEEE-exact per lane.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define SJPC_COUNT_AVX2 1
-#include <immintrin.h>
-
-// Vec<F>: the AVX2 operations of one dtype (S: the intrinsics' ps / pd suffix).
-template <typename F> struct Vec;
-#define SJPC_AVX2 __attribute__((target("avx2")))
-#define SJPC_VEC(F, R, N, S)                                                                           \
-    template <> struct Vec<F> {                                                                         \
-        using V = R;                                                                                    \
-        static constexpr int lanes = N;                                                                 \
-        SJPC_AVX2 static V load(const F* p) { return _mm256_loadu_##S(p); }                             \
-        SJPC_AVX2 static V set1(F v) { return _mm256_set1_##S(v); }                                     \
-        SJPC_AVX2 static void store(F* p, V v) { _mm256_storeu_##S(p, v); }                             \
-        SJPC_AVX2 static V mul(V a, V b) { return _mm256_mul_##S(a, b); }                               \
-        /* clamp(floor(...), 0, T): hi where k > 0, else NaN kept and anything else +0 */              \
-        SJPC_AVX2 static V quant(V v, V pd, V ps, V th, V tf) {                                         \
-            const V k = _mm256_floor_##S(_mm256_div_##S(                                                \
-                _mm256_add_##S(_mm256_mul_##S(_mm256_add_##S(v, pd), tf), ps), th));                    \
-            const V hi = _mm256_min_##S(k, tf);                                                         \
-            const V lo = _mm256_and_##S(_mm256_cmp_##S(k, k, _CMP_UNORD_Q), k);                         \
-            return _mm256_blendv_##S(lo, hi, _mm256_cmp_##S(k, _mm256_setzero_##S(), _CMP_GT_OQ));     \
-        }                                                                                               \
-    };
-SJPC_VEC(float, __m256, 8, ps)
-SJPC_VEC(double, __m256d, 4, pd)
-
-// One value, the same operations (the tails of the vector loops).
-template <typename F>
-inline F quant_one(F v, F pd, F ps, F th, F tf) {
-    const F k = std::floor(((v + pd) * tf + ps) / th);
-    return k > (F)0 ? (k < tf ? k : tf) : (k != k ? k : (F)0);
-}
-
-// n values sharing one channel's parameters (per == false) or each with its own (per == true).
-template <typename F>
-SJPC_AVX2 void count_run(const F* x, F* out, int64_t n, const F* th, const F* ps,
-                                               const F* pd, const F* sc, bool per, F tf) {
-    using W = Vec<F>;
-    const auto vt = W::set1(tf);
-    int64_t i = 0;
-    if (per) {
-        for (; i + W::lanes <= n; i += W::lanes) {
-            auto r = W::quant(W::load(x + i), W::load(pd + i), W::load(ps + i), W::load(th + i), vt);
-            W::store(out + i, sc ? W::mul(r, W::load(sc + i)) : r);
-        }
-    } else {
-        const auto vpd = W::set1(pd[0]), vps = W::set1(ps[0]), vth = W::set1(th[0]);
-        const auto vsc = W::set1(sc ? sc[0] : (F)1);
-        for (; i + W::lanes <= n; i += W::lanes) {
-            auto r = W::quant(W::load(x + i), vpd, vps, vth, vt);
-            W::store(out + i, sc ? W::mul(r, vsc) : r);
-        }
-    }
-    for (; i < n; ++i) {
-        const int64_t c = per ? i : 0;
-        const F r = quant_one(x[i], pd[c], ps[c], th[c], tf);
-        out[i] = sc ? r * sc[c] : r;
-    }
-}
-
-// Positions [begin, end): channel (j / inner) % C; inner == 1 means channels fastest.
-template <typename F>
-void count_range(const F* x, F* out, const F* th, const F* ps, const F* pd, const F* sc, int T, int64_t inner,
-                 int64_t C, int64_t begin, int64_t end) {
-    const F tf = (F)T;
-    for (int64_t j = begin; j < end;) {
-        const int64_t c = (j / inner) % C;
-        const bool per = inner == 1 && C > 1;
-        const int64_t stop = std::min(end, per ? j - c + C : (j / inner + 1) * inner);
-        count_run<F>(x + j, out + j, stop - j, th + c, ps + c, pd + c, sc ? sc + c : nullptr, per, tf);
-        j = stop;
-    }
-}
-
-template <typename F>
-int count(const F* x, F* out, const F* th, const F* ps, const F* pd, const F* sc, int64_t M, int T, int64_t inner,
-          int64_t C, int threads) {
-    split(M, threads, [&](int64_t, int64_t b, int64_t e) {
-        count_range<F>(x, out, th, ps, pd, sc, T, inner, C, b, e);
-    });
-    return 0;
-}
-#endif
-
-}  // namespace
-
-// An exception must not cross into C (it would abort the interpreter): -1 instead.
-template <typename Fn>
-int guarded(const Fn& fn) {
-    try {
-        return fn();
-    } catch (...) {
-        return -1;
-    }
-}
-
-// The C entry points, one per dtype; the count returns -2 where it was not built (not x86-64).
-#ifdef SJPC_COUNT_AVX2
-#define SJPC_COUNT_BODY(F) return guarded([&] { return count<F>(x, out, th, ps, pd, sc, M, T, inner, C, threads); });
-#else
-#define SJPC_COUNT_BODY(F) return -2;
-#endif
-#define SJPC_ENTRIES(SUFFIX, F)                                                                           \
-    int sjpc_native_fire_##SUFFIX(const F* x, F* out, const F* theta, const F* psi, const F* psi_da,     \
-                                  const F* value, int64_t M, int T_in, int T, int64_t inner, int64_t C,   \
-                                  int late, int threads) {                                               \
-        return guarded([&] { return fire<F>(x, out, theta, psi, psi_da, value, M, T_in, T, inner, C, late, threads); }); \
-    }                                                                                                    \
-    int sjpc_native_count_##SUFFIX(const F* x, F* out, const F* th, const F* ps, const F* pd, const F* sc, \
-                                   int64_t M, int T, int64_t inner, int64_t C, int threads) {             \
-        SJPC_COUNT_BODY(F)                                                                               \
-    }
-
-extern "C" {
-int sjpc_native_count_ok() {
-#ifdef SJPC_COUNT_AVX2
-    return __builtin_cpu_supports("avx2") ? 1 : 0;
-#else
-    return 0;
-#endif
-}
-SJPC_ENTRIES(f32, float)
-SJPC_ENTRIES(f64, double)
-}
-"""
+from . import sources, torch_backend
 
 # No -ffast-math and no contraction into fused multiply-adds: every operation rounds as the
-# torch backend's does. No -march: the cached library must run on any machine sharing the cache.
+# reference's does. No -march: the cached library must run on any machine sharing the cache.
 FLAGS = ("-std=c++17", "-O3", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC", "-pthread")
+
+#: The kernel source in ``kernels/csrc`` (package data).
+SOURCE = "native_fire.cpp"
 
 _FUNCTIONS = {torch.float32: "sjpc_native_fire_f32", torch.float64: "sjpc_native_fire_f64"}
 DTYPES = tuple(_FUNCTIONS)
@@ -346,7 +67,6 @@ _COUNT_FUNCTIONS = {torch.float32: "sjpc_native_count_f32", torch.float64: "sjpc
 # Spike counts are exact integers in float32 only up to 2**24 (and the kernel counts steps in int32).
 MAX_T = 1 << 24
 
-# Below this many output values one thread is faster than starting others.
 _PARALLEL_MIN = 1 << 16
 
 
@@ -514,20 +234,23 @@ def _short(exc: BaseException) -> str:
 def _load():
     """``(library, None)`` or ``(None, reason)``; built and loaded once per process."""
     try:
-        lib = load_library("sjpc_native_fire", {"fire.cpp": _SOURCE}, "fire.cpp", FLAGS)
+        lib = load_library("sjpc_native_fire", {SOURCE: sources.read(SOURCE)}, SOURCE, FLAGS)
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         return None, _short(exc)
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    p, i64, i32, buf = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_char_p
     try:
         for fn in _FUNCTIONS.values():
             f = getattr(lib, fn)
-            f.argtypes = [p, p, p, p, p, p, i64, i32, i32, i64, i64, i32, i32]
+            f.argtypes = [p, p, p, p, p, p, i64, i32, i32, i64, i64, i32, i32, buf, i64]
             f.restype = i32
         for fn in _COUNT_FUNCTIONS.values():
             f = getattr(lib, fn)
-            f.argtypes = [p, p, p, p, p, p, i64, i32, i64, i64, i32]
+            f.argtypes = [p, p, p, p, p, p, i64, i32, i64, i64, i32, buf, i64]
             f.restype = i32
         lib.sjpc_native_count_ok.restype = i32
+        lib.sjpc_native_workers.restype = i64
+        lib.sjpc_native_raise.argtypes = [i32, buf, i64]
+        lib.sjpc_native_raise.restype = i32
     except AttributeError as exc:  # a library without the entry points is not this kernel
         return None, _short(exc)
     return lib, None
@@ -536,6 +259,132 @@ def _load():
 def availability() -> Optional[str]:
     """``None`` when the native kernel is built and loaded, else the reason it cannot be."""
     return _load()[1]
+
+
+def _library():
+    lib, reason = _load()
+    if lib is None:
+        raise RuntimeError(f"the native CPU kernel is unavailable: {reason}")
+    return lib
+
+
+# The kernels' statuses (enum Status in csrc/native_fire.cpp): 0 done, 1 done and a time mean was
+# NaN, negative: an error, with its message in the caller's buffer.
+_NAN_SEEN, _NOT_BUILT = 1, -4
+_ERRORS = {-1: MemoryError, -2: ValueError, -3: RuntimeError}
+_MESSAGE_BYTES = 512
+
+
+def _call(fn, *args) -> int:
+    """``fn(*args, message buffer, its size)``, with a negative status raised as its exception."""
+    err = ctypes.create_string_buffer(_MESSAGE_BYTES)
+    status = fn(*args, err, _MESSAGE_BYTES)
+    if status >= 0:
+        return status
+    if status == _NOT_BUILT:
+        raise RuntimeError("the native count kernel is not built for this architecture (x86-64 only)")
+    message = err.value.decode("utf-8", "replace") or f"status {status}"
+    raise _ERRORS.get(status, RuntimeError)(f"native kernel: {message}")
+
+
+def workers() -> int:
+    """Worker threads the native library has started (they stay until the process exits)."""
+    return int(_library().sjpc_native_workers())
+
+
+# -- the boundary: every tensor handed to the C entry points is checked here ----------------------
+def _check_tensor(t, name: str, dtype: torch.dtype) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"native kernel: {name} must be a tensor, got {type(t).__name__}")
+    if t.layout != torch.strided or t.device.type != "cpu":
+        raise ValueError(f"native kernel: {name} must be a strided CPU tensor, got {t.layout} on {t.device}")
+    if t.dtype != dtype:
+        raise TypeError(f"native kernel: {name} is {t.dtype} but the kernel reads {dtype} here")
+
+
+def _check_vectors(params: Sequence[torch.Tensor], names: Sequence[str], C: int, dtype: torch.dtype) -> None:
+    for p, name in zip(params, names):
+        _check_tensor(p, name, dtype)
+        if p.dim() != 1 or p.numel() != C or not p.is_contiguous():
+            raise ValueError(f"native kernel: {name} must be {C} contiguous values (one per channel), got shape "
+                             f"{tuple(p.shape)} with strides {p.stride()}")
+
+
+def _same_step_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether steps of ``a`` and ``b`` put every neuron at the same offset (sizes and the
+    strides of axes longer than 1 agree)."""
+    return a.shape[1:] == b.shape[1:] and all(
+        n == 1 or sa == sb for n, sa, sb in zip(a.shape[1:], a.stride()[1:], b.stride()[1:]))
+
+
+def _check_overlap(src: torch.Tensor, dst: torch.Tensor, src_n: int, dst_n: int) -> None:
+    """``dst`` either is ``src`` (same first element) or shares no memory with it."""
+    a, b = src.data_ptr(), dst.data_ptr()
+    if a != b and a < b + dst_n * dst.element_size() and b < a + src_n * src.element_size():
+        raise ValueError("native kernel: the output partly overlaps the input (it may be the input itself, "
+                         "or separate memory)")
+
+
+def launch_fire(x: torch.Tensor, out: torch.Tensor, params: Sequence[torch.Tensor], T: int, inner: int, C: int,
+                late: bool, threads: int) -> bool:
+    """Run the fire kernel on checked buffers; returns whether a neuron's time mean was NaN.
+
+    ``x`` ``[T_in, ...]`` and ``out`` ``[T, ...]`` must hold their steps dense, one after another,
+    in one shared layout (``out`` may be ``x`` itself when ``T_in == T``); ``params``
+    (``theta_pre, psi, psi_da, spike_value``) are ``C`` contiguous values each in ``x``'s dtype,
+    and a neuron at offset ``i`` of a step belongs to channel ``(i // inner) % C``. Anything else
+    raises ``TypeError`` or ``ValueError`` before the kernel sees a pointer.
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FUNCTIONS:
+        what = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"native kernel: x must be a float32 or float64 tensor, got {what}")
+    _check_tensor(x, "x", x.dtype)
+    _check_tensor(out, "out", x.dtype)
+    if not (isinstance(T, int) and 1 <= T <= MAX_T and x.dim() >= 1 and 1 <= x.shape[0] <= MAX_T):
+        raise ValueError(f"native kernel: T and T_in must lie in [1, {MAX_T}], got T={T!r}, x of shape "
+                         f"{tuple(x.shape)}")
+    if x.dim() < 2 or torch_backend.flat_steps(x) is None:
+        raise ValueError(f"native kernel: x must be [T_in, ...] with dense steps in one layout, got shape "
+                         f"{tuple(x.shape)} with strides {x.stride()}")
+    T_in = x.shape[0]
+    if out.shape != (T,) + x.shape[1:] or torch_backend.flat_steps(out) is None or not _same_step_layout(x, out):
+        raise ValueError(f"native kernel: out must be [{T}, {', '.join(map(str, x.shape[1:]))}] with dense steps "
+                         f"laid out as x's, got shape {tuple(out.shape)} with strides {out.stride()}")
+    if not (isinstance(threads, int) and threads >= 1):
+        raise ValueError(f"native kernel: threads must be an int >= 1, got {threads!r}")
+    _check_vectors(params, ("theta_pre", "psi", "psi_da", "spike_value"), C, x.dtype)
+    M = x[0].numel()
+    if out.data_ptr() == x.data_ptr() and T != T_in:
+        raise ValueError(f"native kernel: writing over the input needs T_in == T, got T_in={T_in}, T={T}")
+    _check_overlap(x, out, T_in * M, T * M)
+    status = _call(getattr(_library(), _FUNCTIONS[x.dtype]), x.data_ptr(), out.data_ptr(),
+                   *[p.data_ptr() for p in params], M, T_in, T, inner, C, 1 if late else 0, threads)
+    return status == _NAN_SEEN
+
+
+def launch_count(m: torch.Tensor, out: torch.Tensor, params: Sequence[torch.Tensor], scale: Optional[torch.Tensor],
+                 T: int, inner: int, C: int, threads: int) -> None:
+    """Run the count kernel on checked buffers: ``m`` and ``out`` dense with the same layout
+    (``out`` may be ``m``), ``params`` (``theta_pre, psi, psi_da``) and ``scale`` (or ``None``)
+    ``C`` contiguous values each in ``m``'s dtype."""
+    if not isinstance(m, torch.Tensor) or m.dtype not in _COUNT_FUNCTIONS:
+        what = m.dtype if isinstance(m, torch.Tensor) else type(m).__name__
+        raise TypeError(f"native count kernel: m must be a float32 or float64 tensor, got {what}")
+    _check_tensor(m, "m", m.dtype)
+    _check_tensor(out, "out", m.dtype)
+    if not (isinstance(T, int) and 1 <= T <= MAX_T):
+        raise ValueError(f"native count kernel: T must lie in [1, {MAX_T}], got {T!r}")
+    if not dense(m) or out.shape != m.shape or not dense(out) or not _same_step_layout(m[None], out[None]):
+        raise ValueError(f"native count kernel: m and out must be dense with one layout, got shapes "
+                         f"{tuple(m.shape)}, {tuple(out.shape)} with strides {m.stride()}, {out.stride()}")
+    if not (isinstance(threads, int) and threads >= 1):
+        raise ValueError(f"native count kernel: threads must be an int >= 1, got {threads!r}")
+    vectors = list(params) + ([] if scale is None else [scale])
+    _check_vectors(vectors, ("theta_pre", "psi", "psi_da", "scale"), C, m.dtype)
+    M = m.numel()
+    _check_overlap(m, out, M, M)
+    _call(getattr(_library(), _COUNT_FUNCTIONS[m.dtype]), m.data_ptr(), out.data_ptr(),
+          *[p.data_ptr() for p in params], None if scale is None else scale.data_ptr(), M, T, inner, C, threads)
 
 
 def _written(t: torch.Tensor) -> None:
@@ -552,25 +401,27 @@ def _per_channel(step: torch.Tensor, channel_dim: int, params: Sequence[torch.Te
     cd = formulas.check_channels(step.shape, channel_dim, [p.numel() for p in params], who)
     C = max(p.numel() for p in params)
     # Scalars: one run over all positions.
-    inner = step.stride(cd) if cd >= 0 else step.numel()
+    inner = step.stride(cd) if cd >= 0 else max(step.numel(), 1)
     return [p.expand(C).contiguous() for p in params], C, inner
 
 
-def fire(x_seq: torch.Tensor, T: int, params: Sequence[torch.Tensor], channel_dim: int, order: str,
-         check_nan: bool = False, inplace: bool = False) -> torch.Tensor:
+def _threads(work: int) -> int:
+    # Below _PARALLEL_MIN values one thread is faster than waking others.
+    return torch.get_num_threads() if work >= _PARALLEL_MIN else 1
+
+
+def fire(x_seq: torch.Tensor, T: int, params: Sequence[torch.Tensor], channel_dim: int, late: bool,
+         nan_seen: Optional[torch.Tensor] = None, inplace: bool = False) -> torch.Tensor:
     """Same contract as :func:`.torch_backend.fire` (``params`` is ``(theta_pre, psi, psi_da,
     spike_value)``), for float32 and float64 CPU tensors. ``inplace=True`` writes the spikes
     over ``x_seq`` and returns it; it needs ``T_in == T`` and steps in one dense layout."""
-    lib, reason = _load()
-    if lib is None:
-        raise RuntimeError(f"backend='native' is unavailable: {reason}")
     if x_seq.dtype not in _FUNCTIONS:
-        raise TypeError(f"the native backend supports {[str(d) for d in DTYPES]}, got {x_seq.dtype}")
+        raise TypeError(f"the native kernel supports {[str(d) for d in DTYPES]}, got {x_seq.dtype}")
     if x_seq.device.type != "cpu":
-        raise ValueError(f"the native backend runs on CPU tensors, got one on {x_seq.device}")
+        raise ValueError(f"the native kernel runs on CPU tensors, got one on {x_seq.device}")
     T_in = x_seq.shape[0]
     if not 1 <= T <= MAX_T or not 1 <= T_in <= MAX_T:
-        raise ValueError(f"the native backend supports T and T_in from 1 to {MAX_T}, got T={T}, T_in={T_in}")
+        raise ValueError(f"the native kernel supports T and T_in from 1 to {MAX_T}, got T={T}, T_in={T_in}")
     x = x_seq
     if inplace and (T_in != T or torch_backend.flat_steps(x) is None):
         raise ValueError(f"the native kernel writes in place only into T={T} dense steps of one layout, got "
@@ -579,24 +430,17 @@ def fire(x_seq: torch.Tensor, T: int, params: Sequence[torch.Tensor], channel_di
         # The kernel walks every step in one shared dense layout (the one the output gets too).
         x = torch.empty_strided(x.shape, formulas.step_strides(x[0], T_in), dtype=x.dtype).copy_(x)
     step = x[0]
-    M = step.numel()
     params, C, inner = _per_channel(step, channel_dim, params, "the native kernel")
     out = x if inplace else torch.empty_strided((T,) + tuple(step.shape), formulas.step_strides(step, T),
                                                 dtype=x.dtype)
+    M = step.numel()
     if M == 0:
         return out
-    threads = torch.get_num_threads() if M * max(T, T_in) >= _PARALLEL_MIN else 1
-    nan_seen = getattr(lib, _FUNCTIONS[x.dtype])(
-        x.data_ptr(), out.data_ptr(), *[p.data_ptr() for p in params], M, T_in, T, inner, C,
-        1 if order == "late" else 0, threads)
-    if nan_seen < 0:
-        raise MemoryError("the native kernel could not allocate its block buffers")
+    saw_nan = launch_fire(x, out, params, T, inner, C, late, _threads(M * max(T, T_in)))
     if inplace:
         _written(x)
-    if check_nan and nan_seen:
-        from . import NaNMeanError
-
-        raise NaNMeanError("NaN time-mean current")
+    if saw_nan and nan_seen is not None:
+        nan_seen.fill_(1)
     return out
 
 
@@ -625,20 +469,14 @@ def count(m: torch.Tensor, T: int, params: Sequence[torch.Tensor], scale: Option
         raise ValueError(f"the native count needs a dense float32/float64 CPU tensor, got {m.dtype} on "
                          f"{m.device} with shape {tuple(m.shape)} and strides {m.stride()}")
     if not 1 <= T <= MAX_T:
-        raise ValueError(f"the native backend supports T from 1 to {MAX_T}, got T={T}")
-    params, C, inner = _per_channel(m, channel_dim, (*params, *(() if scale is None else (scale,))),
-                                    "the native count")
+        raise ValueError(f"the native kernel supports T from 1 to {MAX_T}, got T={T}")
+    vectors, C, inner = _per_channel(m, channel_dim, (*params, *(() if scale is None else (scale,))),
+                                     "the native count")
     out = m if inplace else torch.empty_like(m)
-    M = m.numel()
-    if M == 0:
+    if m.numel() == 0:
         return out
-    threads = torch.get_num_threads() if M >= _PARALLEL_MIN else 1
-    sc = params[3].data_ptr() if scale is not None else None
-    status = getattr(_load()[0], _COUNT_FUNCTIONS[m.dtype])(m.data_ptr(), out.data_ptr(), params[0].data_ptr(),
-                                                           params[1].data_ptr(), params[2].data_ptr(), sc, M, T,
-                                                           inner, C, threads)
-    if status < 0:
-        raise MemoryError("the native count kernel failed (out of memory)")
+    launch_count(m, out, vectors[:3], vectors[3] if scale is not None else None, T, inner, C,
+                 _threads(m.numel()))
     if inplace:
         _written(m)
     return out

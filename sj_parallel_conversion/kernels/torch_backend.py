@@ -1,11 +1,20 @@
-"""Reference backend: the closed form in plain torch operations (CPU and CUDA)."""
+"""The reference implementation: the closed form in plain torch operations (any device and dtype).
+
+The fused kernels (:mod:`.native_backend`, :mod:`.cupy_backend`) mirror these functions
+operation by operation and are tested against them bit for bit. :func:`fire` is the neuron and
+:func:`count` the count domain's quantiser; both count with :func:`.formulas.spike_count` in the
+accumulation dtype, so a half precision count equals the spikes fired for the same mean.
+"""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from .. import formulas
+from ..formulas import BLOCK
+
+__all__ = ["accumulation_dtype", "flat_steps", "time_mean", "count", "fire", "BLOCK"]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -13,12 +22,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# Elements per block of the blocked loops below: the running sum (or output rows) of one block
-# stay in the CPU cache across the T steps, instead of one pass over memory per step.
-BLOCK = 1 << 17
-
-
-def flat_steps(x: torch.Tensor):
+def flat_steps(x: torch.Tensor) -> Optional[torch.Tensor]:
     """``x`` ``[T, ...]`` as a ``[T, M]`` view in memory order, or ``None`` when its steps are not
     dense with one shared layout (then the callers work step by step)."""
     if x.dim() < 2 or x.stride() != formulas.step_strides(x[0], x.shape[0]):
@@ -29,8 +33,8 @@ def flat_steps(x: torch.Tensor):
 def time_mean(x_seq: torch.Tensor) -> torch.Tensor:
     """Mean over the leading time axis, summed step after step in the accumulation dtype.
 
-    The sequential order is the canonical one: the cupy kernel sums in the same order, so the
-    two backends produce the same bits. Dense CPU inputs are summed block by block (the same
+    The sequential order is the canonical one: the fused kernels sum in the same order, so all
+    implementations produce the same bits. Dense CPU inputs are summed block by block (the same
     additions, in the same order for every element) so that the running sum stays in cache; on
     a GPU that would be thousands of tiny launches, so there every step is one addition.
     """
@@ -38,7 +42,7 @@ def time_mean(x_seq: torch.Tensor) -> torch.Tensor:
     acc = x_seq[0].to(accumulation_dtype(x_seq.dtype), copy=True)
     flat_x, flat_acc = flat_steps(x_seq), flat_steps(acc.unsqueeze(0))
     if (n > 1 and acc.device.type == "cpu" and flat_x is not None and flat_acc is not None
-            and acc.numel() > BLOCK):
+            and acc.numel() > BLOCK and not torch.compiler.is_compiling()):
         flat_acc = flat_acc[0]
         for s in range(0, flat_acc.numel(), BLOCK):
             a = flat_acc[s:s + BLOCK]
@@ -50,59 +54,43 @@ def time_mean(x_seq: torch.Tensor) -> torch.Tensor:
     return formulas.divide_(acc, n)  # acc is our own buffer: divide in place
 
 
-def fire(x_seq: torch.Tensor, T: int, params: Sequence[torch.Tensor], channel_dim: int, order: str,
-         check_nan: bool = False) -> torch.Tensor:
+def count(mean_current: torch.Tensor, T: int, params: Sequence[torch.Tensor], scale: Optional[torch.Tensor],
+          channel_dim: int, inplace: bool = False) -> torch.Tensor:
+    """Spike counts (times ``scale`` when given) of time means ``[N, ...]`` in their dtype.
+
+    ``params`` is ``(theta_pre, psi, psi_da)``, each a scalar or per-channel 1-D tensor. The
+    count is taken in the accumulation dtype, as :func:`fire` takes it, and rounded once to a
+    half precision input's dtype. Parameters go to the input's device, where dividing by them is
+    IEEE division (a CPU scalar divisor would be multiplied by its reciprocal on CUDA).
+    """
+    work = accumulation_dtype(mean_current.dtype)
+    nd = mean_current.dim()
+    cv = [formulas.channel_view(p.to(dtype=work, device=mean_current.device), nd, channel_dim)
+          for p in (*params, *(() if scale is None else (scale,)))]
+    sc = cv[3] if scale is not None else None
+    if work == mean_current.dtype:
+        return formulas.spike_count(mean_current, T, *cv[:3], inplace=inplace, scale=sc)
+    k = formulas.spike_count(mean_current.to(work), T, *cv[:3], inplace=True, scale=sc)
+    if inplace and not formulas.needs_grad(mean_current, k):
+        return mean_current.copy_(k)
+    return k.to(mean_current.dtype)
+
+
+def fire(x_seq: torch.Tensor, T: int, params: Sequence[torch.Tensor], channel_dim: int, late: bool,
+         nan_seen: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Spikes ``[T, N, ...]`` in ``x_seq.dtype`` from currents ``[T_in, N, ...]``.
 
     ``params`` is ``(theta_pre, psi, psi_da, spike_value)``, each a scalar or per-channel tensor
-    (one tuple, so that the operator, both backends and the tests pass the four in one order).
+    (one tuple, so that the operator and every implementation pass the four in one order).
+    ``late`` fires the last ``k`` steps of a train, else the first ``k``. ``nan_seen`` (an int32
+    tensor, when given) is set to 1 where a time mean is NaN, as the fused kernels set it.
     """
     m = time_mean(x_seq)
-    if check_nan and bool(torch.isnan(m).any()):
-        from . import NaNMeanError
-
-        raise NaNMeanError("NaN time-mean current")
-    acc = m.dtype
-    nd = m.dim()
-
-    def cv(p: torch.Tensor):
-        return formulas.channel_view(p.to(dtype=acc, device=m.device), nd, channel_dim)
-
+    if nan_seen is not None:
+        nan_seen.bitwise_or_(torch.isnan(m).any())
     theta_pre, psi, psi_da, spike_value = params
     # m is this function's own buffer, so the count may overwrite it.
-    k = formulas.spike_count(m, T, cv(theta_pre), cv(psi), cv(psi_da), inplace=True)
-    sv = cv(spike_value)
-    out = spikes_blocked(k, T, sv, order)
-    if out is None:
-        out = formulas.spikes_from_count(k, T, sv, order)
+    k = count(m, T, (theta_pre, psi, psi_da), None, channel_dim, inplace=True)
+    sv = formulas.channel_view(spike_value.to(dtype=m.dtype, device=m.device), m.dim(), channel_dim)
+    out = formulas.spikes_from_count(k, T, sv, "late" if late else "early")
     return out if out.dtype == x_seq.dtype else out.to(x_seq.dtype)
-
-
-def spikes_blocked(k: torch.Tensor, T: int, spike_value: torch.Tensor, order: str):
-    """:func:`.formulas.spikes_from_count` for large dense CPU counts, block by block, or ``None``.
-
-    The output ``[T, ...]`` is the node's largest memory traffic. Writing the 0/1 comparison for
-    all steps and then multiplying by the spike value costs two passes over it; here both run on
-    one cache-sized block of neurons at a time, so the output is written to memory once (the
-    same two operations per element, hence the same values).
-    """
-    if k.device.type != "cpu" or torch.compiler.is_compiling() or k.numel() <= BLOCK:
-        return None
-    flat_k = flat_steps(k.unsqueeze(0))
-    if flat_k is None:
-        return None
-    sv = torch.empty_like(k).copy_(torch.broadcast_to(spike_value, k.shape))
-    out = torch.empty_strided((T,) + tuple(k.shape), formulas.step_strides(k, T), dtype=k.dtype, device=k.device)
-    flat_k, flat_sv, flat_out = flat_k[0], flat_steps(sv.unsqueeze(0))[0], flat_steps(out)
-    late = order == "late"
-    for s in range(0, flat_k.numel(), BLOCK):
-        kb, svb = flat_k[s:s + BLOCK], flat_sv[s:s + BLOCK]
-        for t in range(T):
-            o = flat_out[t, s:s + BLOCK]
-            # late: step t (0-based) fires when t >= T - k; early: when t < k.
-            if late:
-                torch.ge(kb, T - t, out=o)
-            else:
-                torch.gt(kb, t, out=o)
-            o.mul_(svb)
-    return out
