@@ -204,6 +204,11 @@ def test_compiled_nodes_of_every_backend_stay_one_graph(backend):
     # the setting in force when the compiled graph runs chooses the implementation
     with kernels.use_backend("torch"):
         assert torch.equal(compiled(x), node(x))
+    # the NaN check raises inside the operator: a ValueError, compiled or not
+    x[1, 0, 2, 3] = float("nan")
+    for run in (node, compiled):
+        with pytest.raises(ValueError, match="NaN"):
+            run(x)
 
 
 def test_a_node_backend_that_cannot_run_is_refused_when_traced():

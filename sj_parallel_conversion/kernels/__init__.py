@@ -55,8 +55,10 @@ OP_NAME = "sj_parallel_conversion::fire"
 FUSED = {"cpu": "native", "cuda": "cupy"}
 
 
-class NaNMeanError(ArithmeticError):
-    """A neuron's time-mean input is NaN (raised by :func:`fire` when asked to check)."""
+class NaNMeanError(ValueError, ArithmeticError):
+    """A neuron's time-mean input is NaN (raised by :func:`fire` when asked to check). A
+    ``ValueError``, as the node's own error is, so that a compiled graph (which raises this one)
+    and an eager node can be caught alike."""
 
 
 def check_backend(backend: str) -> str:
