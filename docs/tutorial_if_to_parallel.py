@@ -185,7 +185,7 @@ try:
     functional.set_step_mode(snn, "s")
 except ValueError as exc:
     print(f"single-step mode refused: {str(exc)[:72]}...")
-functional.set_step_mode(snn, "m")  # layers switched before the refusal go back to multi-step
+# The converted model's root checks every module first: the refusal switched none of them.
 
 # Count domain: a separate one-pass module; its output is the time mean of the spike-level run
 # (up to float rounding).

@@ -20,6 +20,7 @@ from torch import fx
 
 from . import reuse
 from .joins import TimeMean
+from .network import ConvertedNetwork
 from .neuron import ParallelConversionNode
 
 __all__ = ["count_domain_model", "CountDomainNeuron", "count_inference", "spike_inference", "predictor",
@@ -74,7 +75,8 @@ def count_domain_model(snn: nn.Module) -> nn.Module:
     if not isinstance(snn, nn.Module):
         raise TypeError(f"count_domain_model expects an nn.Module, got {type(snn).__name__}")
     _nodes(snn)
-    others = sorted({type(m).__name__ for m in snn.modules() if isinstance(m, sj_neuron.BaseNode)})
+    others = sorted({type(m).__name__ for m in snn.modules()
+                     if isinstance(m, sj_neuron.BaseNode) and not isinstance(m, ParallelConversionNode)})
     if others:
         raise ValueError(f"count_domain_model: the model holds spiking neurons other than "
                          f"ParallelConversionNode ({', '.join(others)}); it has no count domain")
@@ -91,7 +93,9 @@ def count_domain_model(snn: nn.Module) -> nn.Module:
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
     for name, m in model.named_modules():
-        if isinstance(m, ParallelConversionNode) or not isinstance(m, base.StepModule):
+        # The root of a converted network is a step module too, whose modes are its modules' modes: the
+        # wrapped nodes stay multi-step, so it is skipped and its modules are set one by one.
+        if isinstance(m, (ParallelConversionNode, ConvertedNetwork)) or not isinstance(m, base.StepModule):
             continue
         if "s" not in m.supported_step_mode():
             raise ValueError(f"count_domain_model: module {name!r} ({type(m).__name__}) has no "

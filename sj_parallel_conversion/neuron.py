@@ -5,6 +5,7 @@ from typing import Optional, Union
 
 import torch
 from spikingjelly.activation_based import base
+from spikingjelly.activation_based import neuron as sj_neuron
 
 from . import formulas, kernels
 
@@ -16,7 +17,7 @@ NAN_MESSAGE = ("{name} received NaN input currents (or +inf and -inf for the sam
                "their time mean, which sets the spike count, is undefined")
 
 
-class ParallelConversionNode(base.MemoryModule):
+class ParallelConversionNode(sj_neuron.BaseNode):
     r"""A SpikingJelly neuron that computes all ``T`` time steps of a layer at once.
 
     For input currents ``I`` of shape ``[T_in, N, ...]`` (any ``T_in >= 1``) it computes the time
@@ -57,6 +58,43 @@ class ParallelConversionNode(base.MemoryModule):
     fullgraph=True)`` traces converted networks in one graph. Only multi-step mode is supported: a
     single step carries no information about the other ``T - 1``. For ``[N, ...]`` input use
     :func:`sj_parallel_conversion.count_domain_model` (or :func:`~sj_parallel_conversion.count_inference`).
+    A converted network checks every module before ``functional.set_step_mode`` switches any
+    (:class:`~sj_parallel_conversion.network.ConvertedNetwork`), so refusing ``"s"`` leaves it as
+    it was.
+
+    **As a SpikingJelly neuron.** The node is a :class:`spikingjelly.activation_based.neuron.BaseNode`,
+    so ``monitor.OutputMonitor(net, neuron.BaseNode)``, ``functional.reset_net`` /
+    ``detach_net``, SpikingJelly's op counters and other code looking for ``BaseNode`` find it;
+    ``v_threshold`` is its threshold ``theta_pre`` (a buffer: a 0-d or per-channel tensor, not a
+    float). BaseNode's other settings are fixed, because the closed form has no place for them,
+    and are not constructor arguments:
+
+    * ``v_reset`` is ``None``: the closed form is the neuron that resets by subtracting the
+      threshold (soft reset); there is no hard-reset variant.
+    * ``surrogate_function`` is ``None`` and ``detach_reset`` is ``False``: the node is
+      inference-only (its backward raises), so no surrogate gradient or detached reset applies.
+    * ``store_v_seq`` is ``False`` and setting it to ``True`` raises: the sorted trains are not the
+      trains of a step-by-step neuron, so no per-step potential belongs to them.
+
+    **Membrane potential** ``v``. After a forward with ``store_v = True`` (an attribute, off by
+    default), ``v`` holds, per neuron (shape ``[N, ...]``, the input's dtype), the residual
+    membrane potential after the ``T`` output steps::
+
+        v = (m + bias) * T + shift - k * v_threshold
+
+    with ``m`` the time mean of the input and ``k`` the spike count: the potential an
+    integrate-and-fire neuron with soft reset, threshold ``v_threshold`` and initial potential
+    ``shift`` holds after ``T`` steps of the constant current ``m + bias``. For
+    ``0 <= shift < v_threshold`` that IF neuron fires exactly ``k`` times (the parallel neuron
+    emits the same count, sorted), and ``0 <= v < v_threshold`` wherever
+    ``0 <= m + bias <= v_threshold``; saturated neurons (``k = T``) keep ``v >= v_threshold``
+    and silent ones may hold ``v < 0``. With ``store_v = False`` ``v`` is ``None``: computing it
+    takes another pass over the input currents, which inference does not need, so a monitor such
+    as ``monitor.AttributeMonitor("v", False, net, neuron.BaseNode)`` records ``None`` until it
+    is switched on. ``functional.reset_net`` sets ``v`` back to ``None``. Nothing carries over
+    between calls: every call is a complete ``T``-step window, whatever ``v`` holds.
+    ``store_v`` is a run-time setting, not part of the model: :func:`~sj_parallel_conversion.save_snn`
+    does not save it.
     """
 
     def __init__(
@@ -73,7 +111,14 @@ class ParallelConversionNode(base.MemoryModule):
         inplace: bool = False,
         step_mode: str = "m",
     ) -> None:
-        super().__init__()
+        # BaseNode insists on a float threshold; the real one (a tensor buffer) replaces it below.
+        # v_reset=None registers v with a float reset value; v here is None until stored.
+        super().__init__(v_threshold=1.0, v_reset=None, surrogate_function=None, detach_reset=False,
+                         step_mode="m", store_v_seq=False)
+        del self.v_threshold
+        self.set_reset_value("v", None)
+        self.v = None
+        self.store_v = False
         if isinstance(T, bool) or not isinstance(T, int) or T < 1:
             raise ValueError(f"T must be an integer >= 1, got {T!r}")
         kernels.check_backend(backend)
@@ -107,21 +152,46 @@ class ParallelConversionNode(base.MemoryModule):
     def supported_step_mode(self):
         return ("m",)
 
-    @property
-    def step_mode(self) -> str:
-        return self._step_mode
-
-    @step_mode.setter
-    def step_mode(self, value: str) -> None:
+    def step_mode_refusal(self, value: str) -> str:
+        """Why this node cannot take step mode ``value`` (the message its setter raises)."""
         # One step carries no information about the other T - 1, so there is no single-step form;
         # say where [N, ...] input goes instead of SpikingJelly's generic message.
-        if value != "m":
-            raise ValueError(
-                f"{self._get_name()} computes all T={self.T} steps at once and supports only "
+        return (f"{self._get_name()} computes all T={self.T} steps at once and supports only "
                 f"step_mode 'm', got {value!r}: feed [T, N, ...] input, or evaluate [N, ...] input "
-                "with sj_parallel_conversion.count_domain_model(net) or count_inference(net, x)"
-            )
-        self._step_mode = value
+                "with sj_parallel_conversion.count_domain_model(net) or count_inference(net, x)")
+
+    def _set_step_mode(self, value: str) -> None:
+        if value != "m":
+            raise ValueError(self.step_mode_refusal(value))
+        base.StepModule.step_mode.fset(self, value)
+
+    step_mode = property(base.StepModule.step_mode.fget, _set_step_mode,
+                         doc="Always ``'m'``: setting another mode raises ``ValueError``.")
+
+    # BaseNode's per-step potential record: refused, not silently left empty (see the class doc).
+    def _get_store_v_seq(self) -> bool:
+        return False
+
+    def _set_store_v_seq(self, value: bool) -> None:
+        if value:
+            raise ValueError(f"{self._get_name()} has no per-step membrane potential: its spike trains are sorted "
+                             "(all T steps at once), not the trains of a step-by-step neuron; set store_v=True "
+                             "for the residual potential after the T steps")
+        self.v_seq = None
+
+    store_v_seq = property(_get_store_v_seq, _set_store_v_seq,
+                           doc="Always ``False``: setting ``True`` raises ``ValueError`` (see the class doc).")
+
+    @property
+    def store_v(self) -> bool:
+        """Whether a forward stores the residual membrane potential in ``v`` (see the class doc)."""
+        return self._store_v
+
+    @store_v.setter
+    def store_v(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"store_v must be a bool, got {value!r}")
+        self._store_v = value
 
     def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         self._check_input(x_seq, time_axis=True)
@@ -137,6 +207,47 @@ class ParallelConversionNode(base.MemoryModule):
             return kernels.fire(*args, **kwargs, check_nan=True)
         except kernels.NaNMeanError:
             raise ValueError(NAN_MESSAGE.format(name=self._get_name())) from None
+
+    def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        if not self.store_v:
+            return super().forward(x_seq)
+        (spikes,), (self.v,) = self.multi_step_functional_forward((x_seq,), (self.v,))
+        return spikes
+
+    # -- SpikingJelly's explicit-state protocol (base.to_functional_forward) ---------------------
+    def materialize_states(self, inputs, states, step_mode):
+        # v is an output of the call, never an input to it: no state to shape like the input.
+        return states
+
+    def multi_step_functional_forward(self, inputs, states, **kwargs):
+        """``((spikes,), (v,))`` for ``inputs = (x_seq,)``, leaving the node's own ``v`` alone.
+
+        ``v`` is the residual potential when :attr:`store_v` is set, else ``states[0]`` unchanged.
+        """
+        (x_seq,) = inputs
+        # Before firing: an in-place node overwrites x_seq with the spikes.
+        v = self.residual_potential(x_seq) if self.store_v else states[0]
+        return (self.multi_step_forward(x_seq),), (v,)
+
+    def single_step_functional_forward(self, inputs, states, **kwargs):
+        raise ValueError(self.step_mode_refusal("s"))
+
+    def residual_potential(self, x_seq: torch.Tensor) -> torch.Tensor:
+        """The membrane potential ``v`` after the ``T`` steps for input currents ``[T_in, N, ...]``
+        (see the class doc): ``[N, ...]`` in ``x_seq``'s dtype."""
+        self._check_input(x_seq, time_axis=True)
+        # The time mean as the kernels take it (steps added in order in the accumulation dtype,
+        # then one division), so k below is the count the node emits for this input.
+        acc = torch.float64 if x_seq.dtype == torch.float64 else torch.float32
+        m = x_seq[0].to(acc, copy=True)
+        for t in range(1, x_seq.shape[0]):
+            m += x_seq[t]
+        m = formulas.divide_(m, x_seq.shape[0])
+        theta, psi, bias = (formulas.channel_view(p.to(acc), m.dim(), self.channel_dim)
+                            for p in (self.v_threshold, self.shift, self.bias))
+        k = formulas.spike_count(m, self.T, theta, psi, bias)
+        v = (m + bias) * self.T + psi - k * theta
+        return v.to(x_seq.dtype)
 
     # -- the same neuron in the count domain ---------------------------------------------------
     def count(self, mean_current: torch.Tensor, inplace: bool = False) -> torch.Tensor:

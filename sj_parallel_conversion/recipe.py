@@ -34,6 +34,7 @@ from .activation import DAQCFS, QCFS, ClipReLU
 from .graph import activation_sites, check_batch_axis, keep_analog, prepare_graph, to_multistep
 from .joins import insert_time_joins
 from .learned import DistillCalibration, LearnedCalibration, held_out_score, learn_calibration, split_images, take_images
+from .network import as_converted_network
 from .neuron import ParallelConversionNode
 from .observers import MaxObserver
 from .selection import CalibrationReport, choose
@@ -411,6 +412,8 @@ class ParallelConversionRecipe(FXConversionRecipe):
         return fx_model.to(converter.device)
 
     def finalize(self, converter: FXConverter, fx_model: fx.GraphModule) -> nn.Module:
+        # A root that checks every module before set_step_mode switches any (network.py).
+        fx_model = as_converted_network(fx_model)
         functional.set_step_mode(fx_model, "m")
         if self.inplace:
             reuse_memory(fx_model)

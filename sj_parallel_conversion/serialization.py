@@ -44,6 +44,7 @@ from . import patterns
 from .fileio import FileError, load_tensor_file, save_tensors
 from .models.user import load_state
 from .multistep import step_tensor_op_type
+from .network import ConvertedNetwork
 
 __all__ = ["save_snn", "load_snn", "SNN_FORMAT", "SAVABLE_MODULES", "SAVABLE_FUNCTIONS", "SAVABLE_METHODS",
            "SAVABLE_ATTRIBUTES", "GRAPH_OPS"]
@@ -483,7 +484,7 @@ def _build(desc: Dict[str, Any], source: str) -> nn.Module:
         if set(constants) - read:
             raise ValueError(f"{source}: constants {sorted(set(constants) - read)[:4]} are read by no graph node")
         class_name = _identifier(desc.get("class_name", "GraphModule"), f"{source}: class name")
-        gm = fx.GraphModule(root, graph, class_name=class_name)
+        gm = ConvertedNetwork(root, graph, class_name=class_name)
         # Keep the saved tree itself, in its order (also modules the graph does not call).
         gm._modules.clear()
         for name, child in root.named_children():

@@ -19,6 +19,7 @@ from sj_parallel_conversion import (
 )
 from sj_parallel_conversion.inference import CountDomainNeuron
 from sj_parallel_conversion.joins import TimeMean
+from sj_parallel_conversion.network import ConvertedNetwork
 
 
 class Residual(nn.Module):
@@ -85,8 +86,10 @@ def test_count_domain_model_is_a_separate_one_pass_module():
     nodes = [m for m in snn.modules() if isinstance(m, ParallelConversionNode)]
     wrapped = [m for m in cm.modules() if isinstance(m, CountDomainNeuron)]
     assert len(wrapped) == len(nodes) == 2
+    # every layer is single-step; the root reports no shared mode, since the wrapped nodes stay 'm'
     assert all(m.step_mode == "s" for m in cm.modules() if hasattr(m, "step_mode") and
-               not isinstance(m, ParallelConversionNode))
+               not isinstance(m, (ParallelConversionNode, ConvertedNetwork)))
+    assert cm.step_mode is None
     # snn is untouched: still multi-step, same values, and no hidden attributes on its nodes
     assert all(m.step_mode == "m" for m in snn.modules() if hasattr(m, "step_mode"))
     assert all(torch.equal(before[k], v) for k, v in snn.state_dict().items())
