@@ -148,10 +148,11 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                         "thresholds chosen for T levels by squared error, then Algorithm 1; ema: Algorithm 1 "
                         "(bias-corrected averages); paper: Algorithm 1 with the paper's settings (alpha 0.99, no "
                         "bias correction, convolution sites); moment: moment matching")
-    from .learned import LearnedCalibration
+    from .learned import DistillCalibration, LearnedCalibration
     g.add_argument("--learn-steps", type=_positive_int, default=None,
-                   help="the fit of --method auto, distill or learned (compare: also parallel-learned): at "
-                        f"most this many optimisation steps (default {LearnedCalibration.steps}; plateaus of the "
+                   help="the fit of --method auto, distill or learned (compare: also parallel-learned): "
+                        f"distill: this many optimisation steps per block (default {DistillCalibration.steps}); "
+                        f"learned: at most this many steps (default {LearnedCalibration.steps}; plateaus of the "
                         "held-out loss usually end it sooner)")
 
 

@@ -35,15 +35,17 @@ from torch import fx
 
 from . import formulas
 from .activation import DAQCFS, QCFS, ClipReLU
+from .blocks import block_boundaries, split_blocks
 from .data import random_crop_flip
 from .observers import Reducer
 from .progress import progress as progress_bar
 
-__all__ = ["LearnedCalibration", "DistillCalibration", "LearnedSite", "daqcfs_fit", "take_images", "split_images", "learn_calibration", "held_out_score",
+__all__ = ["LearnedCalibration", "DistillCalibration", "BlockCacheTooLarge", "check_block_cache", "LearnedSite", "daqcfs_fit", "take_images", "split_images", "learn_calibration", "held_out_score",
            "distillation_kl", "LOSSES"]
 
 LOSSES = ("kl", "mse", "kl+sites")
 STARTS = ("mse", "ema", "none")
+SCOPES = ("network", "blocks")
 LOG_RANGE = math.log(100.0)
 logger = logging.getLogger("sj_parallel_conversion")
 
@@ -57,7 +59,7 @@ class LearnedCalibration:
         lr: peak Adam learning rate of the log-thresholds and of ``psi_da / theta0``.
         weight_lr: peak Adam learning rate of the network's weights and biases; 0 (the default
             here) fits the neurons' parameters only. :class:`DistillCalibration` sets it.
-        warmup: steps over which every rate rises linearly to its peak.
+        warmup: steps over which every rate rises linearly to its peak (``scope="network"``).
         loss: ``"kl"`` (KL divergence from the ANN's softmax to the SNN's, at ``temperature``;
             the default), ``"mse"`` (squared error of the logits) or ``"kl+sites"`` (KL plus the
             normalised squared error of every site's output against the ANN's activation there,
@@ -75,8 +77,9 @@ class LearnedCalibration:
         batch_size: images per step (calibration batches are cut into chunks of at most this).
         holdout: fraction of the calibration images kept out of fitting, for early stopping
             (spread evenly over the images).
-        eval_every: steps between two evaluations of the held-out loss.
-        patience: evaluations without improvement that make a plateau. At a plateau the fit returns
+        eval_every: steps between two evaluations of the held-out loss (of the block, for
+            ``scope="blocks"``, where the best evaluation's parameters are kept).
+        patience: ``scope="network"``: evaluations without improvement that make a plateau. At a plateau the fit returns
             to the best parameters so far and multiplies the learning rate by ``decay``; the
             plateau after ``cuts`` such cuts ends the fit.
         decay: factor of each cut of the learning rate (in (0, 1)).
@@ -87,6 +90,19 @@ class LearnedCalibration:
             every fitting image, each randomly cropped (zero padding of H/8) and flipped, made once
             with the ANN's outputs for them, so that the fit sees more than the images themselves
             (labels are never needed). Other inputs get no views (the history says so).
+        scope: ``"network"`` fits every parameter at once to the ANN's logits; ``"blocks"`` fits
+            the network block by block (:mod:`~sj_parallel_conversion.blocks`), each block's output
+            to the ANN's output of the same block by squared error (the last block's logits by
+            KL), and ``steps`` is then per block, with a cosine-decaying rate and the held-out
+            error of the block choosing the step kept. Reconstructing a block at a time needs
+            only that block's forward and backward per step and cannot overfit the few
+            calibration images the way a whole-network fit does (BRECQ, Li et al., 2021).
+        mix: ``scope="blocks"``: probability that an element of a block's input comes from the
+            ANN instead of the converted blocks before it, drawn anew at every step (QDrop, Wei et
+            al., 2022); 0 feeds the converted network's own activations only.
+        cache_gib: ``scope="blocks"``: the most memory (GiB) the fit may keep for block inputs and
+            targets, on the calibration device; a fit that would need more is refused before it
+            starts (``auto`` then skips it and says why).
     """
 
     steps: int = 600
@@ -106,6 +122,9 @@ class LearnedCalibration:
     max_images: Optional[int] = 1024
     seed: int = 0
     views: int = 3
+    scope: str = "network"
+    mix: float = 0.5
+    cache_gib: float = 4.0
 
     def __post_init__(self) -> None:
         self.check()
@@ -126,7 +145,8 @@ class LearnedCalibration:
         if self.max_images is not None and (isinstance(self.max_images, bool) or not isinstance(self.max_images, int)
                                             or self.max_images < 2):
             raise ValueError(f"{name}.max_images must be None or an integer >= 2, got {self.max_images!r}")
-        for field, positive in (("lr", True), ("weight_lr", False), ("site_weight", False), ("temperature", True)):
+        for field, positive in (("lr", True), ("weight_lr", False), ("site_weight", False), ("temperature", True),
+                                ("cache_gib", True)):
             v = getattr(self, field)
             if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                     and (v > 0 if positive else v >= 0)):
@@ -136,6 +156,10 @@ class LearnedCalibration:
             raise ValueError(f"{name}.holdout must be a fraction in (0, 1), got {self.holdout!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"{name}.loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"{name}.scope must be one of {SCOPES}, got {self.scope!r}")
+        if not (isinstance(self.mix, (int, float)) and not isinstance(self.mix, bool) and 0 <= self.mix < 1):
+            raise ValueError(f"{name}.mix must be a number in [0, 1), got {self.mix!r}")
         if self.start not in STARTS:
             raise ValueError(f"{name}.start must be one of {STARTS}, got {self.start!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -145,9 +169,13 @@ class LearnedCalibration:
 @dataclass
 class DistillCalibration(LearnedCalibration):
     """Options of ``method="distill"``: :class:`LearnedCalibration` that also learns the network's
-    weights and biases (``weight_lr > 0``); the fields and their meaning are the same."""
+    weights and biases (``weight_lr > 0``), block by block (``scope="blocks"``, ``steps`` per
+    block); the fields and their meaning are the same."""
 
-    weight_lr: float = 3e-5
+    weight_lr: float = 3e-4
+    scope: str = "blocks"
+    steps: int = 300
+    batch_size: int = 32
 
 
 def _channel_sum(t: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -364,6 +392,216 @@ def _set_site(gm: nn.Module, name: str, module: nn.Module) -> None:
     setattr(gm.get_submodule(parent) if parent else gm, child, module)
 
 
+def _install_sites(gm: fx.GraphModule, reference: nn.Module, site_names: Sequence[str],
+                   T_of: Callable[[str], int]) -> Dict[str, LearnedSite]:
+    """Put a :class:`LearnedSite` at every site of ``gm`` and freeze both networks' parameters."""
+    sites: Dict[str, LearnedSite] = {}
+    for name in site_names:
+        sites[name] = LearnedSite(gm.get_submodule(name), T_of(name))
+        _set_site(gm, name, sites[name])
+    gm.eval()
+    reference.eval()
+    for p in list(gm.parameters()) + list(reference.parameters()):
+        p.requires_grad_(False)
+    return sites
+
+
+def _with_views(fit: Sequence[torch.Tensor], options: LearnedCalibration) -> Tuple[List[torch.Tensor], int]:
+    """The fitting images followed by ``options.views`` cropped and flipped copies of each (images only)."""
+    views = options.views if all(_is_image(x) for x in fit) else 0
+    fit = list(fit)
+    if views:
+        gen = torch.Generator().manual_seed(options.seed + 1)
+        fit += [random_crop_flip(x, max(1, x.shape[-1] // 8), gen) for _ in range(views) for x in fit]
+    return fit, views
+
+
+def _site_parameters(sites: Dict[str, LearnedSite]) -> List[nn.Parameter]:
+    return [p for s in sites.values() for p in (s.log_pre, s.log_post, s.bias)]
+
+
+def _finish(gm: fx.GraphModule, sites: Dict[str, LearnedSite], params: Sequence[nn.Parameter], initial: Dict,
+            initial_state: List[torch.Tensor], best: Dict, label: str) -> Tuple[Dict, bool]:
+    """Return to the start where the fit agrees with the ANN less often, and make the sites DA-QCFS."""
+    fell_back = best["agreement"] < initial["agreement"]
+    if fell_back:
+        # The held-out KL can fall while the ranking of the classes gets worse (a fit that flattens
+        # the logits); a network that agrees with the ANN less than the start is never returned.
+        logger.warning("%s: the fit agreed with the ANN on %.1f %% of held-out images against %.1f %% at its start; "
+                       "keeping the start", label, 100 * best["agreement"], 100 * initial["agreement"])
+        best = initial
+        with torch.no_grad():
+            for p, v in zip(params, initial_state):
+                p.copy_(v)
+    for p in params:
+        p.requires_grad_(False)
+    for name, site in sites.items():
+        _set_site(gm, name, site.to_daqcfs())
+    return best, fell_back
+
+
+def _cat_apply(module: nn.Module, x: torch.Tensor, size: int) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([module(c) for c in torch.split(x, size)])
+
+
+class BlockCacheTooLarge(ValueError):
+    """The activations a block-wise fit keeps would exceed ``cache_gib``."""
+
+
+def check_block_cache(blocks: Sequence[Tuple[str, nn.Module]], probe: torch.Tensor, images: int, cache_gib: float) -> int:
+    """Bytes the block-wise fit keeps for ``images`` inputs; raise :class:`BlockCacheTooLarge` above ``cache_gib``.
+
+    The fit keeps three tensors of the widest block boundary for every image (the converted
+    network's and the ANN's inputs of the block, and the ANN's output), measured on ``probe``
+    (one input).
+    """
+    widest = 0
+    with torch.no_grad():
+        x = probe
+        for _, block in blocks:
+            x = block(x)
+            if isinstance(x, torch.Tensor):
+                widest = max(widest, x[:1].numel() * x.element_size())
+    need = 3 * widest * images
+    if need > cache_gib * 2 ** 30:
+        raise BlockCacheTooLarge(
+            f"block-wise fitting would keep {need / 2 ** 30:.1f} GiB of activations ({images} images and views, "
+            f"{widest / 2 ** 20:.1f} MiB per image at the widest block) over cache_gib={cache_gib:g}; lower "
+            "max_images or views, raise cache_gib, or fit with scope='network'")
+    return need
+
+
+def _fit_blocks(gm: fx.GraphModule, reference: nn.Module, fit: Sequence[torch.Tensor], held: Sequence[torch.Tensor],
+                sites: Dict[str, LearnedSite], views: int, options: LearnedCalibration, device, reducer: Reducer,
+                progress: bool, label: str, start: float) -> Tuple[fx.GraphModule, Dict]:
+    """``scope="blocks"`` of :func:`learn_calibration`: reconstruct each block's output in turn."""
+    x_fit = torch.cat(list(fit)).to(device)
+    x_held = torch.cat(list(held)).to(device)
+    size = options.batch_size
+    with torch.no_grad():
+        gm(x_fit[:1])  # materialise the per-channel parameters
+    ours = split_blocks(gm, list(sites))
+    check_block_cache(ours, x_fit[:1], x_fit.shape[0] + x_held.shape[0], options.cache_gib)
+    held_chunks = list(torch.split(x_held, size))
+    with torch.no_grad():
+        held_ref = [_logits(reference, c) for c in held_chunks]
+    site_params = _site_parameters(sites)
+    site_ids = {id(p) for p in site_params}
+    params = site_params + [p for p in gm.parameters() if id(p) not in site_ids]
+    initial = held_out_score(gm, held_chunks, held_ref, device, reducer)
+    initial_state = [p.detach().clone() for p in params]
+    boundaries = block_boundaries(gm, list(sites))
+    reference_nodes = {n.name for n in reference.graph.nodes} if isinstance(reference, fx.GraphModule) else set()
+    if not set(boundaries) <= reference_nodes:
+        raise RuntimeError("the ANN's graph does not match the converted network's; cannot fit block by block")
+    theirs = split_blocks(reference, list(sites), boundaries)
+    logger.info("%s: %d blocks, %d fitting and %d held-out images (%.1f s)", label, len(ours), x_fit.shape[0],
+                x_held.shape[0], time.perf_counter() - start)
+    world = 1.0
+    if reducer is not None:
+        world = float(reducer(torch.ones((), dtype=torch.float64), "sum"))
+    gen = torch.Generator().manual_seed(options.seed)
+    # Inputs of the current block: from the converted blocks before it (q) and from the ANN (a).
+    q_fit, a_fit, q_held, a_held = x_fit, x_fit, x_held, x_held
+    history: Dict = {"blocks": [], "held_out_agreement": [(0, initial["agreement"])], "cuts": []}
+    bar = progress_bar(range(len(ours) * options.steps), label, progress)
+    try:
+        for index, ((name, block), (_, twin)) in enumerate(zip(ours, theirs)):
+            last = index == len(ours) - 1
+            target, held_target = _cat_apply(twin, a_fit, size), _cat_apply(twin, a_held, size)
+            members = {id(m) for m in block.modules()}
+            own_sites = [p for s in sites.values() if id(s) in members for p in (s.log_pre, s.log_post, s.bias)]
+            own_ids = {id(p) for p in own_sites}
+            weights = [p for p in block.parameters() if id(p) not in own_ids and id(p) not in site_ids]
+            groups = [g for g in ({"params": own_sites, "lr": options.lr},
+                                  {"params": weights, "lr": options.weight_lr}) if g["params"] and g["lr"] > 0]
+            if not groups:
+                bar.update(options.steps)
+            else:
+                record = _fit_block(block, groups, q_fit, a_fit, target, q_held, held_target, last, options, gen,
+                                    reducer, world, bar, index == 0)
+                record["block"] = name
+                history["blocks"].append(record)
+                logger.debug("%s: block %s, held-out error %.4g -> %.4g (step %d)", label, name, record["start"],
+                             record["best"], record["kept_step"])
+            if not last:
+                q_fit, q_held = _cat_apply(block, q_fit, size), _cat_apply(block, q_held, size)
+                a_fit, a_held = target, held_target
+    finally:
+        bar.close()
+    best = held_out_score(gm, held_chunks, held_ref, device, reducer)
+    history["held_out_agreement"].append((len(ours) * options.steps, best["agreement"]))
+    best, fell_back = _finish(gm, sites, params, initial, initial_state, best, label)
+    history.update(kept_step=0 if fell_back else len(ours) * options.steps, steps_run=len(ours) * options.steps,
+                   seconds=time.perf_counter() - start, views=views, fell_back=fell_back,
+                   fit_images=int(x_fit.shape[0]), held_out_images=int(x_held.shape[0]), options=asdict(options))
+    logger.info("%s: %d blocks fitted, held-out agreement %.1f %% (start %.1f %%), %.0f s", label, len(ours),
+                100 * best["agreement"], 100 * initial["agreement"], history["seconds"])
+    return gm, history
+
+
+def _fit_block(block: nn.Module, groups: List[Dict], q_in: torch.Tensor, a_in: torch.Tensor, target: torch.Tensor,
+               held_in: torch.Tensor, held_target: torch.Tensor, last: bool, options: LearnedCalibration,
+               gen: torch.Generator, reducer: Reducer, world: float, bar, first: bool) -> Dict:
+    """Fit one block's parameters so that ``block(input)`` matches ``target``; keep the best held-out step."""
+    params = [p for g in groups for p in g["params"]]
+    for p in params:
+        p.requires_grad_(True)
+    for g in groups:
+        g["peak"] = g["lr"]
+    opt = torch.optim.Adam(groups)
+
+    def error(out: torch.Tensor, ref: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        if last:
+            return _kl(ref, out, "batchmean" if reduction == "mean" else "sum")
+        err = F.mse_loss(out.float(), ref.float(), reduction="none").flatten(1).mean(1)
+        return err.mean() if reduction == "mean" else err.sum()
+
+    @torch.no_grad()
+    def held_error() -> float:
+        total = torch.zeros(2, dtype=torch.float64)
+        for x, ref in zip(torch.split(held_in, options.batch_size), torch.split(held_target, options.batch_size)):
+            total += torch.tensor([float(error(block(x), ref, "sum")), x.shape[0]], dtype=torch.float64)
+        if reducer is not None:
+            total = reducer(total, "sum")
+        return float(total[0] / total[1])
+
+    best = begin = held_error()
+    best_state, best_step = [p.detach().clone() for p in params], 0
+    n = q_in.shape[0]
+    for step in range(options.steps):
+        # A cosine decay instead of plateau cuts: a block is small, its fit short and smooth.
+        scale = 0.5 * (1 + math.cos(math.pi * step / options.steps))
+        for g in opt.param_groups:
+            g["lr"] = g["peak"] * scale
+        idx = torch.randint(0, n, (min(options.batch_size, n),), generator=gen).to(q_in.device)
+        x = q_in[idx]
+        if options.mix > 0 and not first:
+            keep_ann = torch.rand(x.shape, generator=gen).to(x.device) < options.mix
+            x = torch.where(keep_ann, a_in[idx], x)
+        loss = error(block(x), target[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if reducer is not None:
+            for p in params:
+                if p.grad is not None:
+                    p.grad = reducer(p.grad, "sum") / world
+        opt.step()
+        bar.update(1)
+        if (step + 1) % options.eval_every == 0 or step + 1 == options.steps:
+            now = held_error()
+            if now < best:
+                best, best_step = now, step + 1
+                best_state = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, v in zip(params, best_state):
+            p.copy_(v)
+    for p in params:
+        p.requires_grad_(False)
+    return {"start": begin, "best": best, "kept_step": best_step}
+
+
 def learn_calibration(
     gm: fx.GraphModule,
     reference: nn.Module,
@@ -389,20 +627,10 @@ def learn_calibration(
     """
     options.check()
     start = time.perf_counter()
-    sites: Dict[str, LearnedSite] = {}
-    for name in site_names:
-        sites[name] = LearnedSite(gm.get_submodule(name), T_of(name))
-        _set_site(gm, name, sites[name])
-    gm.eval()
-    reference.eval()
-    for p in gm.parameters():
-        p.requires_grad_(False)
-    for p in reference.parameters():
-        p.requires_grad_(False)
-    views = options.views if all(_is_image(x) for x in fit) else 0
-    if views:
-        gen = torch.Generator().manual_seed(options.seed + 1)
-        fit = list(fit) + [random_crop_flip(x, max(1, x.shape[-1] // 8), gen) for _ in range(views) for x in fit]
+    sites = _install_sites(gm, reference, site_names, T_of)
+    fit, views = _with_views(fit, options)
+    if options.scope == "blocks":
+        return _fit_blocks(gm, reference, fit, held, sites, views, options, device, reducer, progress, label, start)
     chunks = _chunks(fit, options.batch_size)
     held_chunks = _chunks(held, options.batch_size)
     with torch.no_grad():
@@ -413,7 +641,7 @@ def learn_calibration(
     logger.info("%s: %d fitting and %d held-out images, ANN outputs ready (%.1f s)", label,
                 sum(int(c.shape[0]) for c in chunks), sum(int(c.shape[0]) for c in held_chunks),
                 time.perf_counter() - start)
-    site_params = [p for s in sites.values() for p in (s.log_pre, s.log_post, s.bias)]
+    site_params = _site_parameters(sites)
     weight_params: List[nn.Parameter] = []
     if options.weight_lr > 0:
         ids = {id(p) for p in site_params}
@@ -517,18 +745,9 @@ def learn_calibration(
         bar.close()
         for h in hooks + ref_hooks:
             h.remove()
-    fell_back = best["agreement"] < initial["agreement"]
-    if fell_back:
-        # The held-out KL can fall while the ranking of the classes gets worse (a fit that flattens
-        # the logits); a network that agrees with the ANN less than the start is never returned.
-        logger.warning("%s: the fit agreed with the ANN on %.1f %% of held-out images against %.1f %% at its start; "
-                       "keeping the start", label, 100 * best["agreement"], 100 * initial["agreement"])
-        best_state, best_step, best = initial_state, 0, initial
     restore(best_state)
-    for p in params:
-        p.requires_grad_(False)
-    for name, site in sites.items():
-        _set_site(gm, name, site.to_daqcfs())
+    best, fell_back = _finish(gm, sites, params, initial, initial_state, best, label)
+    best_step = 0 if fell_back else best_step
     history.update(kept_step=best_step, steps_run=step + 1, seconds=time.perf_counter() - start, views=views,
                    fell_back=fell_back, fit_images=sum(int(c.shape[0]) for c in chunks),
                    held_out_images=sum(int(c.shape[0]) for c in held_chunks), options=asdict(options))

@@ -33,7 +33,7 @@ from . import calibration, formulas, kernels, registry
 from .activation import DAQCFS, QCFS, ClipReLU
 from .graph import activation_sites, check_batch_axis, keep_analog, prepare_graph, to_multistep
 from .joins import insert_time_joins
-from .learned import DistillCalibration, LearnedCalibration, held_out_score, learn_calibration, split_images, take_images
+from .learned import BlockCacheTooLarge, DistillCalibration, LearnedCalibration, held_out_score, learn_calibration, split_images, take_images
 from .network import as_converted_network
 from .neuron import ParallelConversionNode
 from .observers import MaxObserver
@@ -388,13 +388,21 @@ class ParallelConversionRecipe(FXConversionRecipe):
         history = None
         if fitting not in skipped:
             origin = candidates[opts.start]
-            with torch.enable_grad():
-                fitted, history = learn_calibration(
-                    copy.deepcopy(origin) if self.method == "auto" else origin, self._reference, fit, stop,
-                    self.T_of, sites, opts, dev, self.reducer, self.progress, label=fitting)
-            candidates[fitting] = fitted
-            seconds[fitting] = history["seconds"]
-            score(fitting)
+            try:
+                with torch.enable_grad():
+                    fitted, history = learn_calibration(
+                        copy.deepcopy(origin) if self.method == "auto" else origin, self._reference, fit, stop,
+                        self.T_of, sites, opts, dev, self.reducer, self.progress, label=fitting)
+            except BlockCacheTooLarge as err:
+                if self.method != "auto":
+                    raise
+                # auto still has its cheap candidates; the report says why the fit is missing.
+                skipped[fitting] = str(err)
+                logger.warning("calibration: %s skipped: %s", fitting, err)
+            else:
+                candidates[fitting] = fitted
+                seconds[fitting] = history["seconds"]
+                score(fitting)
         chosen = choose(scores) if self.method == "auto" else fitting
         if self.method != "auto":
             candidates = {chosen: candidates[chosen]}
