@@ -216,3 +216,23 @@ def test_a_node_backend_that_cannot_run_is_refused_when_traced():
     node = torch.compile(ParallelConversionNode(4, backend="cupy"), fullgraph=True, backend="aot_eager")
     with pytest.raises(Exception, match="backend='cupy' needs a CUDA tensor"):
         node(torch.randn(4, 2, 3))
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_saved_networks_keep_their_nodes_backend(tmp_path, backend):
+    """A node's backend is a constructor argument read back from the node, so saved networks keep
+    it, and a loaded one runs under it."""
+    import torch.nn as nn
+
+    from sj_parallel_conversion import ParallelConverter, load_snn, save_snn, spike_inference
+
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5)).eval()
+    x = torch.randn(8, 3, 6, 6)
+    snn = ParallelConverter("parallel", T=4, dataloader=[x], progress=False, method="ema",
+                            backend=backend).convert(ann)
+    save_snn(snn, tmp_path / "snn.pt")
+    loaded = load_snn(tmp_path / "snn.pt")
+    nodes = [m for m in loaded.modules() if isinstance(m, ParallelConversionNode)]
+    assert nodes and all(n.backend == backend for n in nodes)
+    assert torch.equal(spike_inference(loaded, x), spike_inference(snn, x))
