@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from sj_parallel_conversion import ParallelConverter, count_domain_model  # noqa: E402
-from sj_parallel_conversion.models import build_model  # noqa: E402
+from sj_parallel_conversion.tools.models import build_model  # noqa: E402
 from sj_parallel_conversion.timing import timed  # noqa: E402
 from sj_parallel_conversion.tracing import fold_bn  # noqa: E402
 

@@ -41,7 +41,7 @@ from spikingjelly.activation_based import ann2snn, functional  # noqa: E402
 from sj_parallel_conversion import ParallelConverter, count_domain_model, kernels  # noqa: E402
 from sj_parallel_conversion.fileio import write_json  # noqa: E402
 from sj_parallel_conversion.inference import repeat_input  # noqa: E402
-from sj_parallel_conversion.models import build_model  # noqa: E402
+from sj_parallel_conversion.tools.models import build_model  # noqa: E402
 from sj_parallel_conversion.timing import timed  # noqa: E402
 from sj_parallel_conversion.tracing import fold_bn  # noqa: E402
 

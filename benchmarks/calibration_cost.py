@@ -5,7 +5,7 @@ Converts one checkpoint once, in this fresh process, and prints the time of each
 resident memory before and after the conversion (``getrusage``; Linux reports kilobytes).
 
     python benchmarks/calibration_cost.py \\
-        --checkpoint sj_parallel_conversion/checkpoints/cifar10_resnet20_relu.pt --T 4 --threads 2
+        --checkpoint sj_parallel_conversion/tools/checkpoints/cifar10_resnet20_relu.pt --T 4 --threads 2
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sj_parallel_conversion import ParallelConverter, data, models  # noqa: E402
+from sj_parallel_conversion import ParallelConverter  # noqa: E402
+from sj_parallel_conversion.tools import data, models  # noqa: E402
 
 
 def peak_mib() -> float:
@@ -29,7 +30,7 @@ def peak_mib() -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", default="sj_parallel_conversion/checkpoints/cifar10_resnet20_relu.pt")
+    p.add_argument("--checkpoint", default="sj_parallel_conversion/tools/checkpoints/cifar10_resnet20_relu.pt")
     p.add_argument("--T", type=int, default=4)
     p.add_argument("--method", default="auto", choices=["auto", "learned", "ema", "moment"])
     p.add_argument("--calib-images", type=int, default=1024)

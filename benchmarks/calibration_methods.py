@@ -9,7 +9,7 @@ and a plot (accuracy vs T, one panel per network). Networks are the project's ch
 normalised with ``--mean``/``--std``), e.g. the public pretrained ResNets:
 
     python benchmarks/calibration_methods.py \\
-        --checkpoint sj_parallel_conversion/checkpoints/cifar10_resnet20_relu.pt \\
+        --checkpoint sj_parallel_conversion/tools/checkpoints/cifar10_resnet20_relu.pt \\
         --T 2 4 8 16 32 --calib-images 1024 --test-images 2000 --out docs/results/calibration_methods_resnet20
     PYTHONPATH=tests python benchmarks/calibration_methods.py --model pretrained_resnets:resnet32 \\
         --weights ../shared/data/pretrained_cifar10_resnets/resnet32-d509ac18.th \\
@@ -33,8 +33,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sj_parallel_conversion import ParallelConverter, count_domain_model, data, load_user_model, models  # noqa: E402
-from sj_parallel_conversion.compare import calibration_label  # noqa: E402
+from sj_parallel_conversion import ParallelConverter, count_domain_model, load_user_model  # noqa: E402
+from sj_parallel_conversion.tools import data, models  # noqa: E402
+from sj_parallel_conversion.tools.compare import calibration_label  # noqa: E402
 from sj_parallel_conversion.fileio import save_figure, write_json, write_text  # noqa: E402
 from sj_parallel_conversion.learned import DistillCalibration, LearnedCalibration  # noqa: E402
 

@@ -57,7 +57,7 @@ from sj_parallel_conversion.kernels import cupy_backend, native_backend  # noqa:
 from sj_parallel_conversion.timing import timed  # noqa: E402
 
 SCHEMA = 1
-CHECKPOINT = os.path.join(ROOT, "sj_parallel_conversion", "checkpoints", "cifar10_resnet20_relu.pt")
+CHECKPOINT = os.path.join(ROOT, "sj_parallel_conversion", "tools", "checkpoints", "cifar10_resnet20_relu.pt")
 #: SpikingJelly's IFNode CUDA implementations, chosen per process by this environment variable.
 IF_VARIABLE = "SJ_IF_CUDA_IMPLEMENTATION"
 IF_IMPLEMENTATIONS = ("cuda", "triton")
@@ -277,8 +277,9 @@ def network_worker(sizes: Sizes, device: torch.device) -> dict:
     from spikingjelly.activation_based import functional
     from torch.utils.data import DataLoader
 
-    from sj_parallel_conversion import ParallelConverter, count_domain_model, data, models
-    from sj_parallel_conversion.compare import BUILTIN, convert_builtin
+    from sj_parallel_conversion import ParallelConverter, count_domain_model
+    from sj_parallel_conversion.tools import data, models
+    from sj_parallel_conversion.tools.compare import BUILTIN, convert_builtin
     from sj_parallel_conversion.inference import repeat_input, spike_inference
 
     ann, meta = models.load_checkpoint(CHECKPOINT, map_location="cpu")

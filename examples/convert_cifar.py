@@ -1,6 +1,6 @@
 """Convert a trained CIFAR QCFS (or ReLU) network and evaluate it at several T (paper Table 3 style).
 
-    python examples/convert_cifar.py --checkpoint sj_parallel_conversion/checkpoints/cifar10_cnn_qcfs_L4.pt \
+    python examples/convert_cifar.py --checkpoint sj_parallel_conversion/tools/checkpoints/cifar10_cnn_qcfs_L4.pt \
         --T 1 2 4 8 --calib-batches 50
 
 For a QCFS network the row with T == L needs no calibration (lossless); other T are calibrated
@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from sj_parallel_conversion import ParallelConversionRecipe, ParallelConverter, predictor  # noqa: E402
-from sj_parallel_conversion import data, models  # noqa: E402
-from sj_parallel_conversion.compare import evaluate  # noqa: E402
+from sj_parallel_conversion.tools import data, models  # noqa: E402
+from sj_parallel_conversion.inference import evaluate  # noqa: E402
 from sj_parallel_conversion.fileio import write_json  # noqa: E402
 
 

@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from sj_parallel_conversion import ParallelConversionRecipe, ParallelConverter, predictor  # noqa: E402
-from sj_parallel_conversion import data, models  # noqa: E402
-from sj_parallel_conversion.compare import evaluate  # noqa: E402
+from sj_parallel_conversion.tools import data, models  # noqa: E402
+from sj_parallel_conversion.inference import evaluate  # noqa: E402
 from sj_parallel_conversion.fileio import write_json  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """Per-layer time steps on CIFAR-10: greedy search on training images, judged on held-out test images.
 
-    python examples/per_layer_T.py --checkpoint sj_parallel_conversion/checkpoints/cifar10_cnn_relu.pt \
+    python examples/per_layer_T.py --checkpoint sj_parallel_conversion/tools/checkpoints/cifar10_cnn_relu.pt \
         --T-max 32 --candidates 4 8 16 --max-loss 0.01 --calib-batches 10 --search-batches 10 --limit-test 2000
 
 The search (``search_layer_T``) calibrates on the first ``--calib-batches`` training batches and
@@ -19,8 +19,9 @@ from torch.utils.data import Subset
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from sj_parallel_conversion import ParallelConversionRecipe, ParallelConverter, data, models, predictor  # noqa: E402
-from sj_parallel_conversion.compare import evaluate  # noqa: E402
+from sj_parallel_conversion import ParallelConversionRecipe, ParallelConverter, predictor  # noqa: E402
+from sj_parallel_conversion.tools import data, models  # noqa: E402
+from sj_parallel_conversion.inference import evaluate  # noqa: E402
 from sj_parallel_conversion.fileio import write_json  # noqa: E402
 from sj_parallel_conversion.layerwise import search_layer_T  # noqa: E402
 

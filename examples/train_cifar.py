@@ -15,7 +15,7 @@ the hyper-parameters of the paper's appendix A.2. Augmentation (``--augment``):
 * ``none``.
 
 The paper trains for hundreds of epochs on a GPU; the shipped checkpoints are short CPU runs
-(``sj_parallel_conversion/checkpoints/README.md``), so they are not the paper's recipe.
+(``sj_parallel_conversion/tools/checkpoints/README.md``), so they are not the paper's recipe.
 ``--checkpoint`` is written after every epoch with the optimizer/scheduler state (``--resume``
 continues from it, also to a larger ``--epochs``); ``--export`` writes the final weights +
 metadata only (small; what ``load_checkpoint`` needs). Test accuracy is measured in float32 after
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sj_parallel_conversion import data, models  # noqa: E402
+from sj_parallel_conversion.tools import data, models  # noqa: E402
 from sj_parallel_conversion.fileio import load_tensor_file  # noqa: E402
 
 

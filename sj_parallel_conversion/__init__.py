@@ -29,13 +29,17 @@ Files
     data or pickle (tensors and plain containers, loaded with ``weights_only=True``).
     :func:`load_user_model`  any model (zoo name, ``torchvision:NAME``, ``MODULE:CALLABLE``) with
     its weights from a state_dict file, as the CLI's ``--model NAME --weights FILE``.
+
+The modules of this package are the library; :mod:`sj_parallel_conversion.tools` holds what is
+built on it (command line, demo, comparison tables and plots, training, model zoo, datasets and
+the shipped checkpoints). Importing the package imports no tool: :func:`load_user_model` loads
+its module on first use.
 """
 from . import _cli_startup  # noqa: F401  (first: Ctrl-C during the imports below, see there)
 from .activation import DAQCFS, QCFS, ClipReLU
 from .graph import GraphConversionError
 from .inference import count_domain_model, count_inference, predictor, spike_inference
 from .learned import DistillCalibration, LearnedCalibration
-from .models.user import load_user_model
 from .neuron import ParallelConversionNode
 from .recipe import ParallelConversionRecipe, ParallelConverter, parallel_neuron_factory
 from .registry import available_recipes, register_recipe
@@ -43,6 +47,9 @@ from .selection import CalibrationReport
 from .serialization import load_snn, save_snn
 
 __version__ = "0.1.0"
+
+#: Public names that live in :mod:`sj_parallel_conversion.tools` and are imported on first use.
+_TOOLS = {"load_user_model": "sj_parallel_conversion.tools.models.user"}
 
 __all__ = [
     "ParallelConversionNode", "QCFS", "ClipReLU", "DAQCFS",
@@ -52,3 +59,17 @@ __all__ = [
     "count_domain_model", "count_inference", "spike_inference", "predictor",
     "save_snn", "load_snn", "load_user_model",
 ]
+
+
+def __getattr__(name: str):
+    if name in _TOOLS:
+        import importlib
+
+        value = getattr(importlib.import_module(_TOOLS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_TOOLS))

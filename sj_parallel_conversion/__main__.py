@@ -1,6 +1,6 @@
 """``python -m sj_parallel_conversion`` runs the ``sj-parallel`` command line."""
 import sys
 
-from .cli import main
+from .tools.cli import main
 
 sys.exit(main())

@@ -163,11 +163,11 @@ def shard_indices(n: int, rank_: Optional[int] = None, world: Optional[int] = No
 @torch.no_grad()
 def distributed_evaluate(predict: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, device="cpu",
                          num_batches: Optional[int] = None, progress: bool = False):
-    """:func:`~sj_parallel_conversion.compare.evaluate` on this rank's shard, counts summed over ranks.
+    """:func:`~sj_parallel_conversion.inference.evaluate` on this rank's shard, counts summed over ranks.
 
     Returns ``(accuracy, images, seconds)`` with images summed and seconds maximised over ranks.
     """
-    from .compare import evaluate
+    from .inference import evaluate
 
     acc, n, sec = evaluate(predict, loader, device=device, num_batches=num_batches, progress=progress)
     if not is_distributed():

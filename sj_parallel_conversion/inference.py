@@ -5,12 +5,15 @@ sums, padding, reshaping) or a max pool of sorted trains, so it commutes with th
 neuron needs only the mean of its input. :func:`count_domain_model` therefore builds a separate
 module that runs the converted network once on ``[N, ...]`` input, with every neuron replaced by
 its rate ``(spike_value / T) * k``, and gets what the spike-level run's time mean would give at
-about the cost of one ANN forward.
+about the cost of one ANN forward. :func:`evaluate` measures the top-1 accuracy and time of any
+``x -> logits`` function (a :func:`predictor`, an ANN) over ``(x, y)`` batches.
 """
 from __future__ import annotations
 
 import copy
-from typing import Callable, Dict, Optional, Union
+import statistics
+import time
+from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -19,12 +22,15 @@ from spikingjelly.activation_based import neuron as sj_neuron
 from torch import fx
 
 from . import reuse
+from .calibration import extract_input
 from .joins import TimeMean
 from .network import ConvertedNetwork
 from .neuron import ParallelConversionNode
+from .progress import progress as progress_bar
+from .timing import synchronize
 
 __all__ = ["count_domain_model", "CountDomainNeuron", "count_inference", "spike_inference", "predictor",
-           "repeat_input"]
+           "repeat_input", "evaluate", "evaluation_batches", "check_repeats"]
 
 
 def _nodes(model: nn.Module):
@@ -173,3 +179,52 @@ def predictor(model: nn.Module, T: Union[int, Dict[str, int], None],
     if parallel:
         return lambda x: spike_inference(model, x).mean(0)
     return lambda x: spike_inference(model, x, T).mean(0)
+
+
+def check_repeats(repeats: int, where: str) -> None:
+    """``repeats`` (timed calls per batch) is an integer >= 1; ``where`` names the caller."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"{where}: repeats must be an integer >= 1, got {repeats!r}")
+
+
+def evaluation_batches(loader: Iterable, device, num_batches: Optional[int]) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """``(inputs, labels)`` of the first ``num_batches`` batches of ``loader`` on ``device``."""
+    for i, batch in enumerate(loader):
+        if num_batches is not None and i >= num_batches:
+            break
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise TypeError("evaluation batches must be (inputs, labels) pairs")
+        yield extract_input(batch).to(device), batch[1].to(device)
+
+
+@torch.no_grad()
+def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, device="cpu",
+             num_batches: Optional[int] = None, desc: str = "evaluating", progress: bool = True,
+             repeats: int = 1):
+    """Top-1 accuracy of ``predict(x) -> logits [N, classes]`` over ``(x, y)`` batches.
+
+    Returns ``(accuracy, images, seconds)``; the time covers ``predict`` calls only, after one
+    untimed warm-up call on the first batch (first calls pay for allocation and kernel set-up).
+    Every batch is timed ``repeats`` times, and ``seconds`` is the number of images times the
+    median per-image time of all these calls, which a brief load spike on a shared machine does
+    not move (with one batch and ``repeats=1``: the time of that one call).
+    """
+    check_repeats(repeats, "evaluate")
+    correct = total = 0
+    per_image = []
+    warm = False
+    for x, y in progress_bar(evaluation_batches(loader, device, num_batches), desc, progress):
+        if not warm:
+            predict(x)
+            warm = True
+        for _ in range(repeats):
+            synchronize(device)  # CUDA runs asynchronously: time the work, not its launch
+            t0 = time.perf_counter()
+            logits = predict(x)
+            synchronize(device)
+            per_image.append((time.perf_counter() - t0) / len(x))
+        correct += int((logits.argmax(-1) == y).sum())
+        total += int(y.numel())
+    if total == 0:
+        raise ValueError("the evaluation loader yielded no batch")
+    return correct / total, total, statistics.median(per_image) * total

@@ -18,8 +18,7 @@ from torch import fx
 from torch.utils.data import RandomSampler
 
 from . import patterns
-from .compare import evaluate
-from .inference import count_domain_model, count_inference
+from .inference import count_domain_model, count_inference, evaluate
 from .neuron import ParallelConversionNode
 from .recipe import ParallelConversionRecipe, ParallelConverter
 from .stats import macs

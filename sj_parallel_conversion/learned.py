@@ -36,7 +36,7 @@ from torch import fx
 from . import formulas
 from .activation import DAQCFS, QCFS, ClipReLU
 from .blocks import block_boundaries, split_blocks
-from .data import random_crop_flip
+from .augment import random_crop_flip
 from .observers import Reducer
 from .progress import progress as progress_bar
 

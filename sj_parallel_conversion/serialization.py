@@ -41,8 +41,7 @@ import torch.nn as nn
 from torch import fx
 
 from . import patterns
-from .fileio import FileError, load_tensor_file, save_tensors
-from .models.user import load_state
+from .fileio import FileError, load_state, load_tensor_file, save_tensors
 from .multistep import step_tensor_op_type
 from .network import ConvertedNetwork
 

@@ -8,7 +8,7 @@ from torch import fx
 
 from sj_parallel_conversion import DistillCalibration, ParallelConverter
 from sj_parallel_conversion.blocks import block_boundaries, split_blocks
-from sj_parallel_conversion.models.cifar import CifarResNet
+from sj_parallel_conversion.tools.models.cifar import CifarResNet
 
 
 def _relu_sites(gm):

@@ -14,16 +14,16 @@ import torch
 from spikingjelly.activation_based import functional
 
 from sj_parallel_conversion import ParallelConversionNode, ParallelConverter, count_inference, spike_inference
-from sj_parallel_conversion import data, models
+from sj_parallel_conversion.tools import data, models
 from sj_parallel_conversion.activation import QCFS
-from sj_parallel_conversion.compare import convert_builtin
+from sj_parallel_conversion.tools.compare import convert_builtin
 from sj_parallel_conversion.inference import predictor
 from sj_parallel_conversion.formulas import channel_view
 
 pytestmark = pytest.mark.slow  # real CIFAR-10 conversions, examples and CLI runs
 
 ROOT = Path(__file__).resolve().parents[1]
-CKPT = ROOT / "sj_parallel_conversion" / "checkpoints"
+CKPT = ROOT / "sj_parallel_conversion" / "tools" / "checkpoints"
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +205,7 @@ def test_per_layer_T_example(cifar10_dir, tmp_path, load_example):
 def test_cli_stats_on_converted_resnet20(cifar10_dir, tmp_path, capsys):
     """`sj-parallel stats` on the checked-in ResNet-20 converted with CIFAR-10 calibration:
     per-layer rates and nonzero SOPs at every site."""
-    from sj_parallel_conversion import cli
+    from sj_parallel_conversion.tools import cli
 
     out = tmp_path / "stats.json"
     code = cli.main(["stats", "--checkpoint", str(CKPT / "cifar10_resnet20_relu.pt"), "--T", "8", "--images", "16",
@@ -226,7 +226,7 @@ def test_cli_compare_on_resnet20_checkpoint(cifar10_dir, tmp_path, capsys):
     """The acceptance run of `sj-parallel compare` on a CIFAR-10 ResNet-20, on a subset: the
     table is printed, the plot and JSON are written, and the numbers tell the expected story
     (parallel close to the ANN at T=16, far above SpikingJelly's IF conversion at the same T)."""
-    from sj_parallel_conversion import cli
+    from sj_parallel_conversion.tools import cli
 
     png, js = tmp_path / "cmp.png", tmp_path / "cmp.json"
     code = cli.main(["compare", "--checkpoint", str(CKPT / "cifar10_resnet20_relu.pt"), "--T", "8", "16",

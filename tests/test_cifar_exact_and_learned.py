@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from sj_parallel_conversion import ParallelConversionNode, ParallelConverter, count_inference, data, models
+from sj_parallel_conversion import ParallelConversionNode, ParallelConverter, count_inference
+from sj_parallel_conversion.tools import data, models
 from sj_parallel_conversion import spike_inference
 from sj_parallel_conversion.joins import TimeMean
 from sj_parallel_conversion.stats import spike_statistics
 
-CKPT = Path(__file__).resolve().parents[1] / "sj_parallel_conversion" / "checkpoints"
+CKPT = Path(__file__).resolve().parents[1] / "sj_parallel_conversion" / "tools" / "checkpoints"
 
 
 def _test_set(root, limit=None):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from sj_parallel_conversion import cli
+from sj_parallel_conversion.tools import cli
 
 
 def _run(argv, capsys):
@@ -40,7 +40,7 @@ def test_non_positive_T_is_an_argument_error(bad, capsys):
 
 
 def test_unknown_model_and_mismatched_checkpoint(tmp_path, capsys):
-    from sj_parallel_conversion import models
+    from sj_parallel_conversion.tools import models
 
     bad_name = tmp_path / "bad_name.pt"
     torch.save({"name": "no-such-net", "act": "relu", "L": 8, "num_classes": 10, "in_channels": 3,
@@ -64,8 +64,8 @@ def test_convert_evaluate_stats_compare_on_digits(tmp_path, capsys):
     """A digits CNN trained for one epoch goes through every subcommand."""
     from torch.utils.data import DataLoader
 
-    from sj_parallel_conversion import data, models
-    from sj_parallel_conversion.training import train_classifier
+    from sj_parallel_conversion.tools import data, models
+    from sj_parallel_conversion.tools.training import train_classifier
 
     torch.manual_seed(0)
     m = models.build_model("digits_cnn", in_channels=1, act="relu")
@@ -154,8 +154,8 @@ def test_search_t_split_is_fixed_disjoint_and_seeded():
 def test_search_t_is_reproducible(tmp_path, capsys):
     from torch.utils.data import DataLoader
 
-    from sj_parallel_conversion import data, models
-    from sj_parallel_conversion.training import train_classifier
+    from sj_parallel_conversion.tools import data, models
+    from sj_parallel_conversion.tools.training import train_classifier
 
     torch.manual_seed(0)
     m = models.build_model("digits_cnn", in_channels=1, act="relu")

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from sj_parallel_conversion import cli, load_snn, models
+from sj_parallel_conversion import load_snn
+from sj_parallel_conversion.tools import cli, models
 
 from cli_user_models import public_layout_weights
 from test_files import crafted_file

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from sj_parallel_conversion import cli
+from sj_parallel_conversion.tools import cli
 
 
 def _subparsers(parser):

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from sj_parallel_conversion import (ParallelConversionRecipe, ParallelConverter, cli, data, fileio, load_user_model,
-                                    save_snn)
+from sj_parallel_conversion import ParallelConversionRecipe, ParallelConverter, fileio, load_user_model, save_snn
+from sj_parallel_conversion.tools import cli, data
 
 from cli_user_models import factory, public_layout_weights, with_batchnorm
 
 ROOT = Path(__file__).resolve().parents[1]
-CNN = ROOT / "sj_parallel_conversion" / "checkpoints" / "cifar10_cnn_relu.pt"
+CNN = ROOT / "sj_parallel_conversion" / "tools" / "checkpoints" / "cifar10_cnn_relu.pt"
 # Calibration options go with the ANN sources only: --snn refuses them (nothing is calibrated).
 CALIB = ["--method", "ema", "--calib-images", "16"]
 FAST = ["--no-progress", "--batch-size", "16"]
@@ -210,7 +210,7 @@ def test_ctrl_c_during_the_imports_prints_one_line(tmp_path):
         "            raise KeyboardInterrupt\n"
         "sys.meta_path.insert(0, Interrupt())\n"
         "sys.argv = ['sj-parallel', 'evaluate', '--help']\n"
-        "from sj_parallel_conversion.cli import main\n"
+        "from sj_parallel_conversion.tools.cli import main\n"
         "sys.exit(main())\n")
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert res.returncode == 130 and res.stderr.strip().splitlines() == [

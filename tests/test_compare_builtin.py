@@ -8,8 +8,8 @@ import torch.nn as nn
 from spikingjelly.activation_based import neuron
 
 from sj_parallel_conversion import ParallelConverter
-from sj_parallel_conversion.compare import (BUILTIN, METHODS, compare_converters, convert_builtin, evaluate,
-                                            evaluate_steps)
+from sj_parallel_conversion.inference import evaluate
+from sj_parallel_conversion.tools.compare import BUILTIN, METHODS, compare_converters, convert_builtin, evaluate_steps
 from sj_parallel_conversion.inference import predictor
 
 

@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from sj_parallel_conversion.compare import (ComparisonRow, ComparisonTable, evaluate, evaluate_steps,
-                                            machine_label)
+from sj_parallel_conversion.inference import evaluate
+from sj_parallel_conversion.tools.compare import ComparisonRow, ComparisonTable, evaluate_steps, machine_label
 
 
 def _slow_once(delay: float):
@@ -36,7 +36,7 @@ def test_evaluate_times_the_median_of_repeats_and_of_batches():
 
 
 def test_count_batches():
-    from sj_parallel_conversion.compare import count_batches
+    from sj_parallel_conversion.tools.compare import count_batches
 
     assert count_batches([1, 2, 3]) == 3 and count_batches([1, 2, 3], 2) == 2
     assert count_batches(iter([1, 2, 3])) == 1  # unknown length: counted as one

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from sj_parallel_conversion import ParallelConversionNode, ParallelConverter, count_domain_model, spike_inference
 from sj_parallel_conversion.kernels import fire_checked_op, fire_op, use_backend
-from sj_parallel_conversion.models import build_model
+from sj_parallel_conversion.tools.models import build_model
 
 
 def _cnn():

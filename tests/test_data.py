@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sj_parallel_conversion import data
+from sj_parallel_conversion.tools import data
 
 
 def test_cifar10_dir_comes_from_the_environment_only(monkeypatch):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sj_parallel_conversion import cli
-from sj_parallel_conversion.demo import CIFAR_CHECKPOINT, run_demo
+from sj_parallel_conversion.tools import cli
+from sj_parallel_conversion.tools.demo import CIFAR_CHECKPOINT, run_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def test_cli_demo_rejects_more_images_than_shipped(capsys):
     (["--no-learned"], ()),
 ])
 def test_cli_demo_passes_the_learned_T_choice(argv, learned_T, monkeypatch):
-    from sj_parallel_conversion import demo
+    from sj_parallel_conversion.tools import demo
 
     seen = {}
     monkeypatch.setattr(demo, "run_demo", lambda **kw: seen.update(kw))

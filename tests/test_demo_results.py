@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sj_parallel_conversion.compare import LABELS, ComparisonRow, ComparisonTable
-from sj_parallel_conversion.demo import planned_rows
+from sj_parallel_conversion.tools.compare import LABELS, ComparisonRow, ComparisonTable
+from sj_parallel_conversion.tools.demo import planned_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results" / "demo_resnet20_strongest.md"

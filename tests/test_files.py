@@ -4,7 +4,8 @@ import os
 import pytest
 import torch
 
-from sj_parallel_conversion import fileio, models
+from sj_parallel_conversion import fileio
+from sj_parallel_conversion.tools import models
 
 
 class _Marker:

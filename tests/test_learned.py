@@ -359,7 +359,7 @@ def test_paper_method_is_algorithm_1_with_the_papers_settings_on_convolution_sit
 
 def test_convolution_sites_follow_the_first_argument_through_sums_to_a_convolution():
     from sj_parallel_conversion import calibration
-    from sj_parallel_conversion.models.cifar import CifarResNet
+    from sj_parallel_conversion.tools.models.cifar import CifarResNet
     from torch import fx
 
     gm = fx.symbolic_trace(CifarResNet(nn.ReLU, depth=8))
@@ -532,7 +532,7 @@ def test_plateau_options_are_checked():
 def test_comparison_rows_and_json_name_the_calibration(tmp_path):
     import json
 
-    from sj_parallel_conversion.compare import compare_converters
+    from sj_parallel_conversion.tools.compare import compare_converters
 
     batches = _batches()
     test = [(x, torch.zeros(x.shape[0], dtype=torch.long)) for x in _batches(n=1, seed=9)]

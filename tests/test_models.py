@@ -10,7 +10,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sj_parallel_conversion import QCFS, models
+from sj_parallel_conversion import QCFS
+from sj_parallel_conversion.tools import models
 from sj_parallel_conversion.tracing import activation_calls_to_modules
 
 ACT_TYPES = (nn.ReLU, QCFS)
@@ -197,7 +198,7 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
 
 
 def test_checked_in_checkpoints_load():
-    ckpt_dir = ROOT / "sj_parallel_conversion" / "checkpoints"
+    ckpt_dir = ROOT / "sj_parallel_conversion" / "tools" / "checkpoints"
     files = sorted(ckpt_dir.glob("*.pt"))
     if not files:
         pytest.skip("no checkpoints checked in")

@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from sj_parallel_conversion import cli, data, load_user_model
+from sj_parallel_conversion import load_user_model
+from sj_parallel_conversion.tools import cli, data
 
 from pretrained_resnets import FILES, MEAN, STD
 

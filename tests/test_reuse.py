@@ -11,7 +11,7 @@ from spikingjelly.activation_based import monitor
 
 from sj_parallel_conversion import ParallelConversionNode, ParallelConverter, count_domain_model, kernels
 from sj_parallel_conversion.kernels import native_backend
-from sj_parallel_conversion.models import build_model
+from sj_parallel_conversion.tools.models import build_model
 from sj_parallel_conversion.reuse import accumulate, reuse_memory
 
 BACKENDS = ["torch"] + (["native"] if native_backend.compiler() is not None else [])

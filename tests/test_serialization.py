@@ -7,10 +7,11 @@ import torch.nn as nn
 
 from sj_parallel_conversion import (ParallelConversionNode, ParallelConversionRecipe, ParallelConverter,
                                     count_inference, load_snn, save_snn, spike_inference)
-from sj_parallel_conversion import fileio, models
+from sj_parallel_conversion import fileio
+from sj_parallel_conversion.tools import models
 from sj_parallel_conversion.joins import TimeMean
 
-CKPT = os.path.join(os.path.dirname(__file__), "..", "sj_parallel_conversion", "checkpoints")
+CKPT = os.path.join(os.path.dirname(__file__), "..", "sj_parallel_conversion", "tools", "checkpoints")
 
 
 def _convert(ann, T, x, **kw):

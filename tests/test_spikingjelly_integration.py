@@ -14,7 +14,7 @@ from spikingjelly.activation_based import base, functional, layer, monitor, neur
 from torch import fx
 
 from sj_parallel_conversion import ParallelConversionNode, ParallelConverter, load_snn, save_snn
-from sj_parallel_conversion.models import build_model
+from sj_parallel_conversion.tools.models import build_model
 from sj_parallel_conversion.network import ConvertedNetwork, as_converted_network
 
 F64 = torch.float64

@@ -1,4 +1,4 @@
-"""Timings wait for the device: every timed call in ``compare.evaluate`` and ``evaluate_steps``
+"""Timings wait for the device: every timed call in ``inference.evaluate`` and ``evaluate_steps``
 sits between two CUDA synchronisations (emulated on CPU by recording ``torch.cuda.synchronize``)."""
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sj_parallel_conversion import compare, timing
+from sj_parallel_conversion import inference, timing
+from sj_parallel_conversion.tools import compare
 
 
 @pytest.fixture
@@ -33,7 +34,7 @@ def test_evaluate_synchronises_cuda_around_every_timed_call(cuda_events):
         return torch.zeros(len(x), 3)
 
     loader = [(torch.randn(4, 2), torch.zeros(4, dtype=torch.long))] * 2
-    compare.evaluate(predict, loader, progress=False, repeats=2)
+    inference.evaluate(predict, loader, progress=False, repeats=2)
     _timed_calls_are_synchronised(cuda_events, "predict")
 
 

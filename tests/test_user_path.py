@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sj_parallel_conversion import ParallelConversionNode, cli, load_snn, models
+from sj_parallel_conversion import ParallelConversionNode, load_snn
+from sj_parallel_conversion.tools import cli, models
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -189,7 +190,7 @@ def test_train_cifar_offers_the_papers_augmentation(load_example):
     """AutoAugment's CIFAR-10 policy and Cutout, per image, on normalised tensors (the paper's A.2)."""
     import torchvision.transforms as T
 
-    from sj_parallel_conversion import data
+    from sj_parallel_conversion.tools import data
 
     train = load_example("train_cifar")
     assert "AutoAugment" in train.__doc__ and "Cutout" in train.__doc__

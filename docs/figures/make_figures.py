@@ -30,7 +30,7 @@ from spikingjelly.activation_based import functional, neuron  # noqa: E402
 
 from sj_parallel_conversion import ParallelConversionNode  # noqa: E402
 from sj_parallel_conversion import formulas  # noqa: E402
-from sj_parallel_conversion.compare import LABELS, ComparisonRow, ComparisonTable  # noqa: E402
+from sj_parallel_conversion.tools.compare import LABELS, ComparisonRow, ComparisonTable  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -19,17 +19,17 @@ import torch
 import torch.nn as nn
 from spikingjelly.activation_based import functional
 
-from .calibration import iterate_inputs
-from .fileio import save_plot, write_json, write_text
-from .inference import predictor
-from .neuron import ParallelConversionNode
-from .progress import progress as progress_bar
-from .progress import quiet_stderr
-from .recipe import ParallelConversionRecipe, ParallelConverter
-from .timing import synchronize
+from ..calibration import iterate_inputs
+from ..fileio import save_plot, write_json, write_text
+from ..inference import check_repeats, evaluate, evaluation_batches, predictor
+from ..neuron import ParallelConversionNode
+from ..progress import progress as progress_bar
+from ..progress import quiet_stderr
+from ..recipe import ParallelConversionRecipe, ParallelConverter
+from ..timing import synchronize
 
 __all__ = ["METHODS", "BUILTIN", "LABELS", "ComparisonRow", "ComparisonTable", "compare_converters", "convert_builtin",
-           "evaluate", "evaluate_steps", "machine_label", "count_batches"]
+           "evaluate_steps", "machine_label", "count_batches"]
 
 #: Method names :func:`compare_converters` accepts, in table order.
 METHODS = ("ann", "parallel", "parallel-count", "parallel-learned", "rate-cw-max", "rate-cw-99.9%",
@@ -112,11 +112,6 @@ def count_batches(loader: Iterable, num_batches: Optional[int] = None) -> int:
     except TypeError:
         n = 1
     return max(1, min(n, num_batches) if num_batches is not None else n)
-
-
-def _check_repeats(repeats, where: str) -> None:
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"{where}: repeats must be an integer >= 1, got {repeats!r}")
 
 
 @dataclass
@@ -283,50 +278,6 @@ class ComparisonTable:
         return fig
 
 
-def _batches(loader: Iterable, device, num_batches: Optional[int]):
-    from .calibration import extract_input
-
-    for i, batch in enumerate(loader):
-        if num_batches is not None and i >= num_batches:
-            break
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise TypeError("evaluation batches must be (inputs, labels) pairs")
-        yield extract_input(batch).to(device), batch[1].to(device)
-
-
-@torch.no_grad()
-def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, device="cpu",
-             num_batches: Optional[int] = None, desc: str = "evaluating", progress: bool = True,
-             repeats: int = 1):
-    """Top-1 accuracy of ``predict(x) -> logits [N, classes]`` over ``(x, y)`` batches.
-
-    Returns ``(accuracy, images, seconds)``; the time covers ``predict`` calls only, after one
-    untimed warm-up call on the first batch (first calls pay for allocation and kernel set-up).
-    Every batch is timed ``repeats`` times, and ``seconds`` is the number of images times the
-    median per-image time of all these calls, which a brief load spike on a shared machine does
-    not move (with one batch and ``repeats=1``: the time of that one call).
-    """
-    _check_repeats(repeats, "evaluate")
-    correct = total = 0
-    per_image = []
-    warm = False
-    for x, y in progress_bar(_batches(loader, device, num_batches), desc, progress):
-        if not warm:
-            predict(x)
-            warm = True
-        for _ in range(repeats):
-            synchronize(device)  # CUDA runs asynchronously: time the work, not its launch
-            t0 = time.perf_counter()
-            logits = predict(x)
-            synchronize(device)
-            per_image.append((time.perf_counter() - t0) / len(x))
-        correct += int((logits.argmax(-1) == y).sum())
-        total += int(y.numel())
-    if total == 0:
-        raise ValueError("the evaluation loader yielded no batch")
-    return correct / total, total, statistics.median(per_image) * total
-
-
 def convert_builtin(method: str, ann: nn.Module, calib: Iterable, num_calib_batches: Optional[int] = None,
                     device="cpu", progress: bool = True) -> nn.Module:
     """Convert ``ann`` with one of SpikingJelly's built-in recipes into a multi-step IF-neuron SNN.
@@ -387,7 +338,7 @@ def compare_converters(
     Ts = list(T_list)
     if not Ts or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in Ts):
         raise ValueError(f"T_list must hold integers >= 1, got {T_list!r}")
-    _check_repeats(repeats, "compare_converters")
+    check_repeats(repeats, "compare_converters")
     ann = ann.to(device).eval()
     table = ComparisonTable(title=title, timed_calls=repeats * count_batches(test_loader, num_test_batches),
                             machine=machine_label(device))
@@ -478,7 +429,7 @@ def evaluate_steps(snn: nn.Module, loader: Iterable, T_list: Sequence[int], devi
     first 8 images of the first batch; every batch's run is timed ``repeats`` times and the long
     run's time is the number of images times the median per-image time, as in :func:`evaluate`.
     """
-    from .inference import spike_inference
+    from ..inference import spike_inference
 
     if any(isinstance(m, ParallelConversionNode) for m in snn.modules()):
         raise ValueError("evaluate_steps: the model has parallel neurons, whose output at T steps is not a "
@@ -486,11 +437,11 @@ def evaluate_steps(snn: nn.Module, loader: Iterable, T_list: Sequence[int], devi
     Ts = sorted(set(T_list))
     if not Ts or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in Ts):
         raise ValueError(f"evaluate_steps: T_list must hold integers >= 1, got {T_list!r}")
-    _check_repeats(repeats, "evaluate_steps")
+    check_repeats(repeats, "evaluate_steps")
     t_max = Ts[-1]
     correct = {T: 0 for T in Ts}
     total, per_image, warm = 0, [], False
-    for x, y in progress_bar(_batches(loader, device, num_batches), desc, progress):
+    for x, y in progress_bar(evaluation_batches(loader, device, num_batches), desc, progress):
         if not warm:  # a few images suffice to set up kernels; a full batch would double a long run
             spike_inference(snn, x[:8], t_max)
             warm = True

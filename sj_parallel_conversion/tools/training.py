@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .progress import progress as progress_bar
+from ..progress import progress as progress_bar
 
 __all__ = ["train_classifier"]
 

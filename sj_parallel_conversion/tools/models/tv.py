@@ -70,7 +70,7 @@ def torchvision_resnet(depth: int, num_classes: int = 1000, weights_path: Option
         raise ValueError(f"depth must be one of {sorted(builders)}, got {depth!r}")
     model = builders[depth](weights=None, num_classes=num_classes)
     if weights_path is not None:
-        from ..fileio import load_tensor_file
+        from ...fileio import load_tensor_file
 
         from .user import extract_state_dict, state_dict_mismatch
 

@@ -25,9 +25,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
+from ..augment import random_crop_flip
+
 __all__ = [
     "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD",
-    "cifar10_dir", "cifar10_npz", "cifar10_subset", "CIFAR10_SUBSET_PATH", "digits", "torchvision_dataset", "make_loader", "random_crop_flip",
+    "cifar10_dir", "cifar10_npz", "cifar10_subset", "CIFAR10_SUBSET_PATH", "digits", "torchvision_dataset", "make_loader",
     "balanced_indices", "check_images", "check_normalisation", "CIFAR10_CLASSES",
 ]
 
@@ -272,22 +274,6 @@ def torchvision_dataset(kind: str, root: Union[str, Path], split: str, download:
                             T.Normalize(mean, std)])
         return torchvision.datasets.ImageFolder(str(folder), transform=tf)
     raise ValueError(f"kind must be 'cifar10', 'cifar100' or 'imagefolder', got {kind!r}")
-
-
-def random_crop_flip(x: torch.Tensor, padding: int = 4, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Batched CIFAR-style augmentation of ``[B, C, H, W]``: random crop after zero padding, then a
-    random horizontal flip (each with its own draw per image)."""
-    b, c, h, w = x.shape
-    if padding > 0:
-        xp = torch.nn.functional.pad(x, (padding, padding, padding, padding))
-        oy = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
-        ox = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
-        rows = (oy[:, None] + torch.arange(h)).to(x.device)  # [B, H]
-        cols = (ox[:, None] + torch.arange(w)).to(x.device)  # [B, W]
-        bi = torch.arange(b, device=x.device)[:, None, None]
-        x = xp.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
-    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device).view(b, 1, 1, 1)
-    return torch.where(flip, x.flip(3), x)
 
 
 class _AugmentCollate:

@@ -3,7 +3,7 @@ with the parallel recipe and with SpikingJelly's own converters, print the table
 
 Everything it reads ships inside the package: the ReLU ResNet-20 checkpoint
 (``checkpoints/cifar10_resnet20_relu.pt``) and the CIFAR-10 subset
-(:func:`~sj_parallel_conversion.data.cifar10_subset`); nothing is downloaded and
+(:func:`~sj_parallel_conversion.tools.data.cifar10_subset`); nothing is downloaded and
 ``$SJPC_CIFAR10_DIR`` is not needed. Algorithm 1 at every ``T``, learned calibration at ``T = 4``
 (a short fit on the 1,024 shipped training images) and SpikingJelly's strongest IF setting; one
 to two minutes on 2 CPU cores.
@@ -23,12 +23,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import data, models
-from .fileio import write_text
+from ..fileio import write_text
 from .compare import (BUILTIN, BUILTIN_CALIBRATION, ComparisonRow, ComparisonTable, calibration_label,
                       compare_converters, convert_builtin, count_batches, evaluate, evaluate_steps, machine_label)
-from .inference import predictor, spike_inference
-from .learned import LearnedCalibration
-from .recipe import ParallelConversionRecipe, ParallelConverter
+from ..inference import predictor, spike_inference
+from ..learned import LearnedCalibration
+from ..recipe import ParallelConversionRecipe, ParallelConverter
 from .training import train_classifier
 
 __all__ = ["run_demo", "planned_rows", "CIFAR_CHECKPOINT", "CIFAR_T", "DEMO_DATA", "DEMO_OPTIONS", "LEARN_STEPS",
@@ -90,7 +90,7 @@ def run_demo(out_dir: str = "runs/demo", data: str = "cifar10", T_list: Optional
         calib_images: CIFAR-10: training images Algorithm 1 calibrates on (at most 1,024,
             class-balanced; default 256).
         baselines: CIFAR-10: SpikingJelly converters to compare with (keys of
-            :data:`~sj_parallel_conversion.compare.BUILTIN`; default :data:`CIFAR_BASELINES`), each
+            :data:`~sj_parallel_conversion.tools.compare.BUILTIN`; default :data:`CIFAR_BASELINES`), each
             evaluated at every ``T`` from one IF run of the largest ``T``.
         learned_T: CIFAR-10: the ``T`` that also get a row with learned calibration
             (``method="learned"``, a :class:`~.learned.LearnedCalibration` of ``learn_steps`` steps
@@ -192,7 +192,7 @@ def _provenance(t_start: float, load: str, command: str) -> list:
     import datetime
     from importlib import metadata
 
-    from . import __version__
+    from .. import __version__
 
     try:
         sj = metadata.version("spikingjelly")

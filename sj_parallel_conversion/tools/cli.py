@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .fileio import write_json
+from ..fileio import write_json
 
 __all__ = ["main", "build_parser"]
 
@@ -148,7 +148,7 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                         "thresholds chosen for T levels by squared error, then Algorithm 1; ema: Algorithm 1 "
                         "(bias-corrected averages); paper: Algorithm 1 with the paper's settings (alpha 0.99, no "
                         "bias correction, convolution sites); moment: moment matching")
-    from .learned import DistillCalibration, LearnedCalibration
+    from ..learned import DistillCalibration, LearnedCalibration
     g.add_argument("--learn-steps", type=_positive_int, default=None,
                    help="the fit of --method auto, distill or learned (compare: also parallel-learned): "
                         f"distill: this many optimisation steps per block (default {DistillCalibration.steps}); "
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--T", type=_positive_int, nargs="+", default=None,
                    help="time steps to convert for (default 4 8 16 32; digits: 2 4 8 16 32)")
     from .demo import DEMO_OPTIONS, REPEATS as _DEMO_REPEATS
-    from .learned import LearnedCalibration
+    from ..learned import LearnedCalibration
     cifar, digits = DEMO_OPTIONS["cifar10"], DEMO_OPTIONS["digits"]
     d.add_argument("--images", type=_positive_int, default=None,
                    help=f"cifar10: test images to evaluate on, at most 1000 (default {cifar['test_images'][1]})")
@@ -328,7 +328,7 @@ def _datasets(args, need_train: bool):
 def _shard(ds):
     from torch.utils.data import Subset
 
-    from . import distributed
+    from .. import distributed
 
     return Subset(ds, list(distributed.shard_indices(len(ds)))) if distributed.is_distributed() else ds
 
@@ -385,7 +385,7 @@ def _load_ann(args):
 
 def _is_state_dict(path: str) -> bool:
     """Does ``path`` hold a state_dict (plain or wrapped) without the model name a checkpoint has?"""
-    from .fileio import load_tensor_file
+    from ..fileio import load_tensor_file
     from .models import extract_state_dict
 
     try:
@@ -399,7 +399,7 @@ def _is_state_dict(path: str) -> bool:
 def _num_classes_hint(spec: str, weights: str, kwargs: dict) -> str:
     """``"... add --num-classes N"`` where the weights' last linear layer has ``N`` outputs and
     the model built from ``spec`` another number; ``""`` otherwise."""
-    from .fileio import load_tensor_file
+    from ..fileio import load_tensor_file
     from .models import build_user_model, extract_state_dict
 
     try:
@@ -421,8 +421,8 @@ def _num_classes_hint(spec: str, weights: str, kwargs: dict) -> str:
 
 
 def _recipe(args, T, calib_loader, calibrate=None):
-    from . import distributed
-    from .recipe import ParallelConversionRecipe
+    from .. import distributed
+    from ..recipe import ParallelConversionRecipe
 
     reducer = distributed.allreduce_reducer() if distributed.is_distributed() else None
     return ParallelConversionRecipe(T, calib_loader, calibrate=calibrate, progress=not args.no_progress,
@@ -431,7 +431,7 @@ def _recipe(args, T, calib_loader, calibrate=None):
 
 
 def _method_options(args) -> dict:
-    from .learned import DistillCalibration, LearnedCalibration
+    from ..learned import DistillCalibration, LearnedCalibration
 
     options = {"method": getattr(args, "method", None) or DEFAULTS["method"]}
     if getattr(args, "learn_steps", None) is not None:
@@ -441,7 +441,7 @@ def _method_options(args) -> dict:
 
 
 def _is_main_process() -> bool:
-    from . import distributed
+    from .. import distributed
 
     return distributed.rank() == 0
 
@@ -498,8 +498,8 @@ def _check_fits(model, loader, args, what: str, snn_T=None) -> None:
 
     A converted network (``snn_T``) runs first in the count domain (one pass, no time steps); then,
     where one image fits in memory at its ``T``, at spike level."""
-    from .calibration import extract_input
-    from .inference import count_domain_model, predictor
+    from ..calibration import extract_input
+    from ..inference import count_domain_model, predictor
 
     batch = next(iter(loader), None)
     if batch is None:
@@ -643,7 +643,7 @@ def _gib(n: int) -> str:
 
 
 def cmd_convert(args) -> int:
-    from .recipe import ParallelConverter
+    from ..recipe import ParallelConverter
 
     ann, meta = _load_ann(args)
     calib_loader, _ = _loaders(args, need_train=True)
@@ -653,7 +653,7 @@ def cmd_convert(args) -> int:
     snn = ParallelConverter(recipe, device=args.device).convert(ann)
     if not _is_main_process():
         return 0
-    from .serialization import save_snn
+    from ..serialization import save_snn
 
     metadata = {"T": _T_max(args.T), "model": meta, "case": recipe.case}
     if isinstance(args.T, dict):
@@ -666,8 +666,8 @@ def cmd_convert(args) -> int:
 
 def _read_snn(path: str, device: str):
     """A network saved by 'convert' / save_snn: ``(model, meta of its ANN, T)``."""
-    from .neuron import ParallelConversionNode
-    from .serialization import load_snn
+    from ..neuron import ParallelConversionNode
+    from ..serialization import load_snn
 
     snn = load_snn(path, map_location=device)
     info = getattr(snn, "snn_metadata", None) or {}
@@ -687,9 +687,9 @@ def _read_snn(path: str, device: str):
 
 def cmd_evaluate(args) -> int:
     from .compare import ComparisonRow, ComparisonTable, calibration_label
-    from .distributed import distributed_evaluate as evaluate
-    from .inference import predictor
-    from .recipe import ParallelConverter
+    from ..distributed import distributed_evaluate as evaluate
+    from ..inference import predictor
+    from ..recipe import ParallelConverter
 
     ev = dict(device=args.device, progress=not args.no_progress)
     table = ComparisonTable(title=f"evaluate ({args.mode}-level)")
@@ -747,7 +747,7 @@ def cmd_compare(args) -> int:
 
 def _snn_for(args):
     """The converted model a command works on: from --snn, or the ANN converted at --T."""
-    from .recipe import ParallelConverter
+    from ..recipe import ParallelConverter
 
     if args.snn:
         snn, meta, T = _read_snn(args.snn, args.device)
@@ -764,8 +764,8 @@ def _snn_for(args):
 
 
 def cmd_stats(args) -> int:
-    from .calibration import iterate_inputs
-    from .stats import spike_statistics
+    from ..calibration import iterate_inputs
+    from ..stats import spike_statistics
 
     snn, meta, T = _snn_for(args)
     _, test_loader = _loaders(args, need_train=False)
@@ -809,7 +809,7 @@ def _search_loaders(args):
 
 
 def cmd_search_t(args) -> int:
-    from .layerwise import search_layer_T
+    from ..layerwise import search_layer_T
 
     ann, meta = _load_ann(args)
     calib_loader, search_loader = _search_loaders(args)
@@ -846,7 +846,7 @@ def _check_args(args) -> None:
     """Every argument check, before any work: options that go together or would be ignored
     (:func:`_check_ignored`), per-layer ``--T`` files (:func:`_read_T_files`), every output path;
     then the defaults of :data:`DEFAULTS` are filled in."""
-    from .fileio import check_output_path
+    from ..fileio import check_output_path
 
     model = getattr(args, "model", None)
     if model is not None and not args.weights:
@@ -1000,7 +1000,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for the provenance of result files
-    from . import distributed
+    from .. import distributed
 
     try:
         _check_args(args)

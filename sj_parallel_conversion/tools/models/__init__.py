@@ -18,16 +18,16 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch.nn as nn
 
-from ..activation import QCFS
-from ..fileio import load_tensor_file, save_tensors
+from ...activation import QCFS
+from ...fileio import load_state, load_tensor_file, save_tensors
 from .cifar import BasicBlock, CifarCNN, CifarResNet, DigitsCNN, OptionABlock, ResNet18, VGG16
 from .tv import make_convertible, torchvision_resnet
-from .user import build_user_model, extract_state_dict, load_state, load_user_model, state_dict_mismatch
+from .user import build_user_model, extract_state_dict, load_user_model, state_dict_mismatch
 
 __all__ = [
     "MODEL_NAMES", "ACTIVATIONS", "build_model", "make_act", "torchvision_resnet", "make_convertible",
     "save_checkpoint", "load_checkpoint", "CHECKPOINT_FORMAT", "state_dict_mismatch",
-    "load_user_model", "build_user_model", "extract_state_dict", "load_state",
+    "load_user_model", "build_user_model", "extract_state_dict",
     "CifarCNN", "DigitsCNN", "VGG16", "ResNet18", "CifarResNet", "BasicBlock", "OptionABlock",
 ]
 

@@ -2,7 +2,7 @@
 
 ``NAME`` is one of
 
-* a zoo name (``resnet20``, ``vgg16``, ..., see :data:`~sj_parallel_conversion.models.MODEL_NAMES`),
+* a zoo name (``resnet20``, ``vgg16``, ..., see :data:`~sj_parallel_conversion.tools.models.MODEL_NAMES`),
 * ``torchvision:NAME`` (``torchvision:resnet18``: ``torchvision.models.get_model(NAME, weights=None)``,
   never downloaded), or
 * ``MODULE:CALLABLE`` (``mymodels:resnet20``): a factory returning an ``nn.Module``, imported from
@@ -30,9 +30,9 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from ..fileio import load_tensor_file
+from ...fileio import load_state, load_tensor_file
 
-__all__ = ["load_user_model", "build_user_model", "extract_state_dict", "state_dict_mismatch", "load_state",
+__all__ = ["load_user_model", "build_user_model", "extract_state_dict", "state_dict_mismatch",
            "WRAPPER_KEYS"]
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
@@ -133,50 +133,6 @@ def state_dict_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> 
     parts = [f"{label} {show(items)}" for label, items in
              (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)) if items]
     return "; ".join(parts)
-
-
-def _show(items) -> str:
-    return f"{items[:6]}{f' and {len(items) - 6} more' if len(items) > 6 else ''}"
-
-
-def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, target: str = "the model") -> None:
-    """``model.load_state_dict(state, strict=True)``, which alone decides whether ``state`` fits.
-
-    Raises ``ValueError`` naming ``source`` (the file) and ``target`` (the model): for integer
-    tensors where the model holds
-    floating-point ones (torch would convert them silently), and when torch refuses the state,
-    with the missing and unexpected keys it found, the shape mismatches and any other reason it
-    gave (a parameter value a module refuses, say).
-    """
-    own = model.state_dict()
-    integer = [f"{k} ({state[k].dtype})" for k, v in own.items()
-               if torch.is_tensor(v) and v.is_floating_point() and torch.is_tensor(state.get(k))
-               and not (state[k].is_floating_point() or state[k].is_complex())]
-    if integer:
-        raise ValueError(f"{source} holds integer tensors where {target} has floating-point weights: "
-                         f"{_show(integer)}; refused rather than converted")
-    found: Dict[str, list] = {}
-
-    def record(module, keys):
-        if module is model:
-            found.update(missing=list(keys.missing_keys), unexpected=list(keys.unexpected_keys))
-
-    hook = model.register_load_state_dict_post_hook(record)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
-                 if torch.is_tensor(v) and torch.is_tensor(state.get(k)) and state[k].shape != v.shape]
-        # torch's own lines, except those the lists above say more briefly.
-        other = [line.strip() for line in str(exc).splitlines()[1:] if line.strip() and not line.strip().startswith(
-            ("Missing key(s)", "Unexpected key(s)", "size mismatch for"))]
-        parts = [f"{label} {_show(items)}" for label, items in
-                 (("missing keys", found.get("missing", [])), ("unexpected keys", found.get("unexpected", [])),
-                  ("shape mismatches", wrong)) if items] + other
-        raise ValueError(f"{source} does not fit {target}: {'; '.join(parts) or ' '.join(str(exc).split())}"
-                         ) from None
-    finally:
-        hook.remove()
 
 
 def load_user_model(spec: str, weights: Optional[str] = None, **kwargs: Any) -> nn.Module:
