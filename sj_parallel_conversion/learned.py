@@ -18,7 +18,8 @@ Thresholds are parameterised as ``theta0 * exp(a)`` with ``a`` clamped to ``[-LO
 LOG_RANGE]``, so they stay positive and within a factor ``exp(LOG_RANGE)`` of where they started.
 The images are split into a fitting part and a held-out part; the held-out loss decides which
 parameters to keep, when to cut the step size and when to stop, and a fit that agrees with the
-ANN on the held-out images less often than its start returns the start.
+ANN on the held-out images clearly less often than its start (:func:`fall_back_margin`) returns
+the start.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from .augment import random_crop_flip
 from .observers import Reducer
 from .progress import progress as progress_bar
 
-__all__ = ["LearnedCalibration", "DistillCalibration", "BlockCacheTooLarge", "check_block_cache", "LearnedSite", "daqcfs_fit", "take_images", "split_images", "learn_calibration", "held_out_score",
+__all__ = ["LearnedCalibration", "DistillCalibration", "BlockCacheTooLarge", "check_block_cache", "LearnedSite", "daqcfs_fit", "take_images", "split_images", "learn_calibration", "held_out_score", "fall_back_margin",
            "distillation_kl", "LOSSES"]
 
 LOSSES = ("kl", "mse", "kl+sites")
@@ -420,13 +421,26 @@ def _site_parameters(sites: Dict[str, LearnedSite]) -> List[nn.Parameter]:
     return [p for s in sites.values() for p in (s.log_pre, s.log_post, s.bias)]
 
 
+def fall_back_margin(score: Dict[str, float]) -> float:
+    """How far below the start's held-out agreement a fit may end before the start is returned.
+
+    Two standard errors of the start's agreement ``p`` on ``n`` images, ``2 * sqrt(p (1 - p) / n)``,
+    and at least one image: a few hundred held-out *training* images measure the agreement
+    coarsely (the ANN is more confident on them than on new images, so a start can look as good
+    as a fit that is several points better on test images), while the failures the fall-back is
+    for (a fit that flattens the logits) lose tens of points.
+    """
+    p, n = score["agreement"], max(1, int(score["images"]))
+    return max(1.0 / n, 2.0 * math.sqrt(p * (1.0 - p) / n))
+
+
 def _finish(gm: fx.GraphModule, sites: Dict[str, LearnedSite], params: Sequence[nn.Parameter], initial: Dict,
             initial_state: List[torch.Tensor], best: Dict, label: str) -> Tuple[Dict, bool]:
-    """Return to the start where the fit agrees with the ANN less often, and make the sites DA-QCFS."""
-    fell_back = best["agreement"] < initial["agreement"]
+    """Return to the start where the fit agrees with the ANN clearly less often, and make the sites DA-QCFS."""
+    fell_back = best["agreement"] < initial["agreement"] - fall_back_margin(initial)
     if fell_back:
         # The held-out KL can fall while the ranking of the classes gets worse (a fit that flattens
-        # the logits); a network that agrees with the ANN less than the start is never returned.
+        # the logits); a network that agrees with the ANN clearly less than the start is never returned.
         logger.warning("%s: the fit agreed with the ANN on %.1f %% of held-out images against %.1f %% at its start; "
                        "keeping the start", label, 100 * best["agreement"], 100 * initial["agreement"])
         best = initial
@@ -621,8 +635,8 @@ def learn_calibration(
     ``reference`` is the ANN (same graph, original activations); ``fit`` and ``held`` are input
     tensors (on any device): the fit steps on ``fit``, and ``held`` alone decides which parameters
     are kept, when the step size is cut and when the fit stops. The fit never returns a network
-    that agrees with the ANN on ``held`` less often than its starting point: it then returns the
-    start (``history["fell_back"]``) and logs one warning. Returns ``gm`` with DA-QCFS sites and a
+    that agrees with the ANN on ``held`` clearly less often than its starting point
+    (:func:`fall_back_margin`): it then returns the start (``history["fell_back"]``) and logs one warning. Returns ``gm`` with DA-QCFS sites and a
     history dict (held-out KL and agreement per evaluation, the step kept, steps run, seconds).
     """
     options.check()

@@ -319,6 +319,23 @@ def test_a_fit_that_worsens_held_out_agreement_returns_its_start(monkeypatch, ca
     assert torch.equal(count_inference(snn, probe), count_inference(start, probe))
 
 
+def test_a_drop_of_held_out_agreement_within_its_noise_keeps_the_fit(monkeypatch):
+    from sj_parallel_conversion import learned as learned_mod
+
+    # 205 held-out images, start at 93.7 %: two standard errors are 3.4 points. A fit that ends
+    # one image lower is kept, one that ends 4 points lower returns the start.
+    assert learned_mod.fall_back_margin({"agreement": 0.937, "images": 205}) == pytest.approx(
+        2 * math.sqrt(0.937 * 0.063 / 205))
+    assert learned_mod.fall_back_margin({"agreement": 1.0, "images": 50}) == pytest.approx(1 / 50)
+    for end, fell in ((0.932, False), (0.897, True)):
+        scores = iter([0.937] + [end] * 50)
+        monkeypatch.setattr(learned_mod, "held_out_score",
+                            lambda *a, **k: {"agreement": next(scores), "kl": 0.5, "images": 205})
+        snn = ParallelConverter("parallel", T=2, dataloader=_batches(), progress=False, method="distill",
+                                distill=DistillCalibration(steps=5, eval_every=5, batch_size=32, views=0)).convert(_net())
+        assert snn.calibration_report.learned["fell_back"] is fell
+
+
 def test_auto_skips_the_fit_when_a_cheap_candidate_already_agrees(monkeypatch):
     from sj_parallel_conversion import recipe as recipe_mod
 
