@@ -153,7 +153,7 @@ def test_torchvision_families_round_trip(tmp_path, name):
     import torchvision
 
     torch.manual_seed(0)
-    ann = models.make_convertible(torchvision.models.get_model(name, weights=None))
+    ann = torchvision.models.get_model(name, weights=None)
     x = torch.rand(2, 3, 64, 64)
     snn = _convert(ann, 4, x, method="ema")
     save_snn(snn, tmp_path / "tv.pt")
@@ -221,8 +221,7 @@ def test_inception_family_round_trip(tmp_path, name, size):
     import torchvision
 
     torch.manual_seed(0)
-    ann = models.make_convertible(torchvision.models.get_model(name, weights=None, aux_logits=False,
-                                                               init_weights=True))
+    ann = torchvision.models.get_model(name, weights=None, aux_logits=False, init_weights=True)
     x = torch.rand(2, 3, size, size)
     snn = _convert(ann, 4, x, method="ema")
     save_snn(snn, tmp_path / f"{name}.pt")

@@ -2,7 +2,7 @@
 
 * :func:`build_model` -- ``'cnn'``, ``'digits_cnn'``, ``'vgg16'``, ``'resnet18'``,
   ``'resnet20'``/``32``/``44``/``56`` with ReLU or QCFS activations (:data:`MODEL_NAMES`).
-* :func:`torchvision_resnet` -- torchvision ResNet-18/34/50/101 with one ReLU module per site.
+* :func:`torchvision_resnet` -- torchvision ResNet-18/34/50/101 with weights from a local file.
 * :func:`save_checkpoint` / :func:`load_checkpoint` -- ``state_dict`` + the metadata that
   :func:`build_model` needs.
 * :func:`load_user_model` -- any model (zoo name, ``torchvision:NAME``, ``MODULE:CALLABLE``) with
@@ -21,11 +21,11 @@ import torch.nn as nn
 from ...activation import QCFS
 from ...fileio import load_state, load_tensor_file, save_tensors
 from .cifar import BasicBlock, CifarCNN, CifarResNet, DigitsCNN, OptionABlock, ResNet18, VGG16
-from .tv import make_convertible, torchvision_resnet
+from .tv import torchvision_resnet
 from .user import build_user_model, extract_state_dict, load_user_model, state_dict_mismatch
 
 __all__ = [
-    "MODEL_NAMES", "ACTIVATIONS", "build_model", "make_act", "torchvision_resnet", "make_convertible",
+    "MODEL_NAMES", "ACTIVATIONS", "build_model", "make_act", "torchvision_resnet",
     "save_checkpoint", "load_checkpoint", "CHECKPOINT_FORMAT", "state_dict_mismatch",
     "load_user_model", "build_user_model", "extract_state_dict",
     "CifarCNN", "DigitsCNN", "VGG16", "ResNet18", "CifarResNet", "BasicBlock", "OptionABlock",

@@ -42,7 +42,7 @@ _PREFIXES = ("module.", "_orig_mod.")
 def build_user_model(spec: str, **kwargs: Any) -> nn.Module:
     """The model ``spec`` names (zoo name, ``torchvision:NAME`` or ``MODULE:CALLABLE``), built with
     ``kwargs`` (for example ``num_classes=10``) and random weights."""
-    from . import MODEL_NAMES, build_model, make_convertible
+    from . import MODEL_NAMES, build_model
 
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"model must be a non-empty string, got {spec!r}")
@@ -58,8 +58,9 @@ def build_user_model(spec: str, **kwargs: Any) -> nn.Module:
         available = torchvision.models.list_models(module=torchvision.models)
         if attr not in available:
             raise ValueError(f"unknown torchvision model {attr!r}; classification models: {', '.join(available)}")
-        # make_convertible gives ResNet blocks one ReLU per site; other families pass unchanged.
-        return make_convertible(torchvision.models.get_model(attr, weights=None, **kwargs))
+        # A module called at several sites (ResNet's shared self.relu) is split by the
+        # conversion's canonicalisation: the model is returned as torchvision builds it.
+        return torchvision.models.get_model(attr, weights=None, **kwargs)
     if not module_name or not attr:
         raise ValueError(f"model {spec!r}: expected MODULE:CALLABLE, e.g. mymodels:resnet20")
     added = os.getcwd() not in sys.path and "" not in sys.path
