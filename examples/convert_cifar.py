@@ -68,9 +68,9 @@ def main(argv=None):
         conv = time.perf_counter() - t0
         pred = predictor(snn, T, count_domain=args.count_domain)
         acc, n, sec = evaluate(pred, test_loader, device=args.device, desc=f"T={T}")
-        rows.append({"T": T, "accuracy": acc, "calibrated": recipe.case["calibrate"], "convert_s": conv,
+        rows.append({"T": T, "accuracy": acc, "calibrated": recipe.case.calibrate, "convert_s": conv,
                      "eval_s": sec, "images": n})
-        print(f"T={T:3d}  SNN accuracy {100 * acc:6.2f}%  (calibrated: {recipe.case['calibrate']}, "
+        print(f"T={T:3d}  SNN accuracy {100 * acc:6.2f}%  (calibrated: {recipe.case.calibrate}, "
               f"conversion {conv:.1f}s, evaluation {sec:.1f}s on {n} images)", flush=True)
     if args.json:
         write_json(args.json, {"checkpoint": args.checkpoint, "meta": meta, "ann_accuracy": ann_acc, "rows": rows},

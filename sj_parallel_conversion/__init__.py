@@ -9,9 +9,8 @@ Neuron and activations
 
 Conversion (SpikingJelly ``ann2snn`` flow)
     :class:`ParallelConversionRecipe`  an ``ann2snn.FXConversionRecipe`` for the paper's three cases.
-    :class:`ParallelConverter`  ``ann2snn.FXConverter`` accepting registered names (``"parallel"``).
+    :class:`ParallelConverter`  ``ann2snn.FXConverter`` that also takes the recipe's name and options.
     :func:`parallel_neuron_factory`  drop-in ``neuron_factory`` for SpikingJelly's ``RateCodingRecipe``.
-    :func:`register_recipe`, :func:`available_recipes`  the recipe registry.
     :class:`GraphConversionError`  raised, before calibration, for unsupported graph patterns.
     :class:`LearnedCalibration`  options of the learned calibration (``method="learned"``).
     :class:`DistillCalibration`  options of the distilled calibration, which also learns the
@@ -42,7 +41,6 @@ from .inference import count_domain_model, count_inference, predictor, spike_inf
 from .learned import DistillCalibration, LearnedCalibration
 from .neuron import ParallelConversionNode
 from .recipe import ParallelConversionRecipe, ParallelConverter, parallel_neuron_factory
-from .registry import available_recipes, register_recipe
 from .selection import CalibrationReport
 from .serialization import load_snn, save_snn
 
@@ -54,7 +52,7 @@ _TOOLS = {"load_user_model": "sj_parallel_conversion.tools.models.user"}
 __all__ = [
     "ParallelConversionNode", "QCFS", "ClipReLU", "DAQCFS",
     "ParallelConversionRecipe", "ParallelConverter", "parallel_neuron_factory",
-    "register_recipe", "available_recipes", "GraphConversionError",
+    "GraphConversionError",
     "LearnedCalibration", "DistillCalibration", "CalibrationReport",
     "count_domain_model", "count_inference", "spike_inference", "predictor",
     "save_snn", "load_snn", "load_user_model",

@@ -1,12 +1,13 @@
 """The calibration loops of parallel conversion, one function per paper stage.
 
-``record_thresholds``  ReLU -> ClipReLU (per-channel historical maxima, paper 4.2 stage 1)
 ``calibrate_da``       ClipReLU/QCFS -> calibrated DA-QCFS (Algorithm 1, Stage II)
 ``to_daqcfs``          ClipReLU/QCFS -> DA-QCFS at T without calibration
 ``to_nodes``           DA-QCFS -> ParallelConversionNode (Algorithm 1, Stage III)
 
 Each works on a graph prepared by :func:`sj_parallel_conversion.graph.prepare_graph` and swaps
-the module behind every activation site.
+the module behind every activation site. Stage 1 of training-free conversion (ReLU -> ClipReLU at
+the per-channel historical maxima, paper 4.2) is the recipe's own ``insert_observers`` and
+``calibrate`` stages, with :class:`~.observers.MaxObserver`.
 """
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ from torch import fx
 
 from . import formulas
 from .activation import DAQCFS, QCFS, ClipReLU
-from .graph import AnalogReLU, activation_sites
+from .graph import activation_sites
 from .observers import DACalibrator, MaxObserver, Reducer
+from .patterns import module_pattern
+from .sites import is_activation_module
 from .progress import progress as progress_bar
 
-__all__ = ["extract_input", "check_input", "CalibrationData", "iterate_inputs", "record_thresholds", "calibrate_da", "convolution_sites", "mse_thresholds", "to_daqcfs", "to_nodes", "replace_sites"]
+__all__ = ["extract_input", "check_input", "CalibrationData", "iterate_inputs", "calibrate_da", "convolution_sites", "mse_thresholds", "to_daqcfs", "to_nodes", "replace_sites"]
 
 
 _INPUT_KEYS = ("input", "inputs", "image", "images", "img", "x", "data", "pixel_values")
@@ -167,30 +170,12 @@ def replace_sites(gm: fx.GraphModule, fn) -> fx.GraphModule:
     modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
         mod = modules.get(node.target) if node.op == "call_module" else None
-        if isinstance(mod, (nn.ReLU, ClipReLU, QCFS, DAQCFS, MaxObserver, DACalibrator)) \
-                and not isinstance(mod, AnalogReLU):
+        # The calibration's observers stand where an activation was until they are replaced back.
+        if mod is not None and (is_activation_module(mod) or isinstance(mod, (MaxObserver, DACalibrator))):
             parent, _, child = node.target.rpartition(".")
             owner = gm.get_submodule(parent) if parent else gm
             setattr(owner, child, fn(node.target, getattr(owner, child)))
     return gm
-
-
-@torch.no_grad()
-def record_thresholds(
-    gm: fx.GraphModule, loader: Iterable, device, num_batches: Optional[int] = None,
-    progress: bool = True, reducer: Reducer = None, channel_dim: int = 1,
-) -> fx.GraphModule:
-    """Stage 1 of training-free conversion: ReLU/ClipReLU sites become ClipReLU(per-channel max)."""
-    def wrap(_, m):
-        if isinstance(m, (nn.ReLU, ClipReLU)):
-            return MaxObserver(m, channel_dim=channel_dim, reducer=reducer)
-        return m
-
-    replace_sites(gm, wrap)
-    gm.eval()
-    for x in iterate_inputs(loader, device, num_batches, "recording thresholds", progress):
-        gm(x)
-    return replace_sites(gm, lambda name, m: m.to_clip_relu(site=name) if isinstance(m, MaxObserver) else m)
 
 
 @torch.no_grad()
@@ -230,16 +215,15 @@ def convolution_sites(gm: fx.GraphModule) -> List[str]:
     """Activation sites whose input comes from a convolution (through sums, pads, norms and other
     single-input steps along the first argument) rather than from a fully connected layer."""
     modules = dict(gm.named_modules())
-    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
     found = []
     for site in activation_sites(gm):
         node = site.args[0] if site.args else None
-        while isinstance(node, fx.Node):
+        while isinstance(node, fx.Node) and node.op != "placeholder":
             module = modules.get(node.target) if node.op == "call_module" else None
-            if isinstance(module, convs):
-                found.append(site.target)
-                break
-            if isinstance(module, nn.Linear) or node.op == "placeholder":
+            pattern = module_pattern(module) if module is not None else None
+            if pattern is not None and pattern.role == "synaptic":  # a convolution or a linear layer
+                if not isinstance(module, nn.Linear):
+                    found.append(site.target)
                 break
             node = node.args[0] if node.args else None
     return found

@@ -23,9 +23,9 @@ from torch import fx
 
 from . import reuse
 from .calibration import extract_input
-from .joins import TimeMean
 from .network import ConvertedNetwork
 from .neuron import ParallelConversionNode
+from .patterns import module_types
 from .progress import progress as progress_bar
 from .timing import synchronize
 
@@ -87,13 +87,14 @@ def count_domain_model(snn: nn.Module) -> nn.Module:
         raise ValueError(f"count_domain_model: the model holds spiking neurons other than "
                          f"ParallelConversionNode ({', '.join(others)}); it has no count domain")
     model = copy.deepcopy(snn)
+    identities = module_types(lambda p: p.mean_identity)
     # Collect first, replace after: replacing while iterating named_modules would skip siblings.
     swaps = []
     for name, m in model.named_modules():
         if isinstance(m, ParallelConversionNode):
             inplace = isinstance(model, fx.GraphModule) and reuse.sole_reader(model, name)
             swaps.append((name, CountDomainNeuron(m, inplace=inplace)))
-        elif isinstance(m, TimeMean):
+        elif isinstance(m, identities):
             swaps.append((name, nn.Identity()))
     for name, new in swaps:
         parent_name, _, attr = name.rpartition(".")

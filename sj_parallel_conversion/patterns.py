@@ -82,7 +82,10 @@ class ModulePattern:
     for what conversion itself writes); ``keeps_spikes``: passes sorted spike trains on (a max
     pool after it is exact); ``fresh``: its output is a new tensor nobody else holds (memory
     reuse may overwrite it); ``spikes``: how spike statistics count spikes through it; ``why``:
-    the reason, shown when validation refuses it.
+    the reason, shown when validation refuses it; ``folds_into``: the module type it is folded
+    into when it follows one (BatchNorm into a convolution, :func:`~.tracing.fold_bn`);
+    ``mean_identity``: on time means (the count domain, :func:`~.count_domain_model`) it is the
+    identity.
     """
 
     module: type
@@ -96,6 +99,8 @@ class ModulePattern:
     fresh: bool = False
     spikes: Optional[str] = None
     why: str = ""
+    folds_into: Optional[type] = None
+    mean_identity: bool = False
 
     @property
     def accepted(self) -> bool:
@@ -191,8 +196,9 @@ MODULE_PATTERNS: Tuple[ModulePattern, ...] = (
         (layer.ConvTranspose1d, layer.ConvTranspose2d, layer.ConvTranspose3d)),
     ModulePattern(nn.Linear, "synaptic", COMMUTES, WRAPPED, twin=layer.Linear, fresh=True, spikes=SYNAPSE),
     # per-channel scale and shift (eval mode), constant scaling
-    *_m((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), "affine", COMMUTES, WRAPPED,
-        (layer.BatchNorm1d, layer.BatchNorm2d, layer.BatchNorm3d), fresh=True, spikes=SAME),
+    *(ModulePattern(bn, "affine", COMMUTES, WRAPPED, twin=twin, fresh=True, spikes=SAME, folds_into=conv)
+      for bn, twin, conv in ((nn.BatchNorm1d, layer.BatchNorm1d, nn.Conv1d), (nn.BatchNorm2d, layer.BatchNorm2d, nn.Conv2d),
+                             (nn.BatchNorm3d, layer.BatchNorm3d, nn.Conv3d))),
     ModulePattern(ConstantScale, "affine", COMMUTES, STEP, spikes=SAME),
     # pooling
     *_m((nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
@@ -228,7 +234,7 @@ MODULE_PATTERNS: Tuple[ModulePattern, ...] = (
                   why="made by conversion (analog_sites=...); give the ANN an nn.ReLU there"),
     ModulePattern(ParallelConversionNode, "neuron", NEURON, STEP, in_ann=False,
                   why="a spiking neuron: the model is converted already"),
-    ModulePattern(TimeMean, "join", COMMUTES, STEP, in_ann=False, spikes=TRAIN,
+    ModulePattern(TimeMean, "join", COMMUTES, STEP, in_ann=False, spikes=TRAIN, mean_identity=True,
                   why="made by conversion (per-layer T joins); in an ANN it would average the batch"),
     # refused: not linear in time
     *_m((nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,

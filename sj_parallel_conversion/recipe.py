@@ -17,6 +17,7 @@ replace              DA-QCFS -> :class:`~.ParallelConversionNode`; stateless lay
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import logging
 import math
@@ -29,7 +30,7 @@ from spikingjelly.activation_based import functional
 from spikingjelly.activation_based.ann2snn import FXConversionRecipe, FXConverter
 from torch import fx
 
-from . import calibration, formulas, kernels, registry
+from . import calibration, formulas, kernels
 from .activation import DAQCFS, QCFS, ClipReLU
 from .graph import activation_sites, check_batch_axis, keep_analog, prepare_graph, to_multistep
 from .joins import insert_time_joins
@@ -43,7 +44,8 @@ from .reuse import reuse_memory
 logger = logging.getLogger("sj_parallel_conversion")
 from .tracing import activation_calls_to_modules, fold_bn
 
-__all__ = ["ParallelConversionRecipe", "ParallelConverter", "parallel_neuron_factory", "conversion_case"]
+__all__ = ["ParallelConversionRecipe", "ParallelConverter", "parallel_neuron_factory", "conversion_case",
+           "ConversionCase"]
 
 MODES = ("auto", "qcfs", "relu")
 METHODS = ("auto", "paper", "ema", "moment", "mse", "learned", "distill")
@@ -54,11 +56,22 @@ CHEAP = ("paper", "ema", "moment", "mse")
 AUTO_FIT = "distill"
 
 
-def conversion_case(gm: fx.GraphModule, T: Union[int, Callable[[str], int]], mode: str = "auto") -> Dict[str, Any]:
-    """Which of the paper's three cases applies (Table 2) to a prepared graph.
+@dataclasses.dataclass
+class ConversionCase:
+    """Which of the paper's three cases (Table 2) a prepared graph falls in, and so which stages run.
 
-    Returns ``{"source": "qcfs"|"relu", "record_max": bool, "calibrate": bool}``.
+    ``source``: ``"qcfs"`` or ``"relu"``, the kind of the ANN's activations; ``record_max``:
+    ReLU sites first record their per-channel maxima (ReLU -> ClipReLU); ``calibrate``: the sites
+    are calibrated for ``T`` (DA-QCFS), which a QCFS network with ``L == T`` everywhere does not need.
     """
+
+    source: str
+    record_max: bool
+    calibrate: bool
+
+
+def conversion_case(gm: fx.GraphModule, T: Union[int, Callable[[str], int]], mode: str = "auto") -> ConversionCase:
+    """Which of the paper's three cases applies (Table 2) to a prepared graph."""
     t_of = T if callable(T) else (lambda _: T)
     sites = [(n.target, gm.get_submodule(n.target)) for n in activation_sites(gm)]
     if not sites:
@@ -79,8 +92,8 @@ def conversion_case(gm: fx.GraphModule, T: Union[int, Callable[[str], int]], mod
     if source == "qcfs":
         lossless = all(isinstance(m, QCFS) and m.L == t_of(t) or isinstance(m, DAQCFS) and m.T == t_of(t)
                        for t, m in sites)
-        return {"source": "qcfs", "record_max": False, "calibrate": not lossless}
-    return {"source": "relu", "record_max": True, "calibrate": True}
+        return ConversionCase("qcfs", record_max=False, calibrate=not lossless)
+    return ConversionCase("relu", record_max=True, calibrate=True)
 
 
 class ParallelConversionRecipe(FXConversionRecipe):
@@ -184,7 +197,7 @@ class ParallelConversionRecipe(FXConversionRecipe):
         self.skip_agreement = skip_agreement
         self.analog_sites = tuple(analog_sites)
         self.inplace = inplace
-        self.case: Optional[Dict[str, Any]] = None
+        self.case: Optional[ConversionCase] = None
         self.report: Optional[CalibrationReport] = None
         self._data: Optional[calibration.CalibrationData] = None
         self._ann_name = "model"
@@ -274,18 +287,18 @@ class ParallelConversionRecipe(FXConversionRecipe):
             for n in names:
                 self.T_of(n)
         case = conversion_case(fx_model, self.T_of, self.mode)
-        lossless = case["source"] == "qcfs" and not case["calibrate"]
+        lossless = case.source == "qcfs" and not case.calibrate
         if self.fuse_bn if self.fuse_bn is not None else not lossless:
             fx_model = fold_bn(fx_model)
         if self.calibrate_option is not None:
-            case["calibrate"] = self.calibrate_option
-        if (case["calibrate"] or case["record_max"]) and self.dataloader is None:
-            why = "records per-channel maxima of a ReLU network" if case["record_max"] else \
+            case.calibrate = self.calibrate_option
+        if (case.calibrate or case.record_max) and self.dataloader is None:
+            why = "records per-channel maxima of a ReLU network" if case.record_max else \
                 "calibrates DA-QCFS because T differs from the QCFS level L"
             raise ValueError(f"ParallelConversionRecipe {why}: pass dataloader=... with calibration data")
         self.case = case
         fx_model = fx_model.to(converter.device)
-        if case["calibrate"] or case["record_max"]:
+        if case.calibrate or case.record_max:
             # Data is read only once the graph is known to convert: a refused model costs no
             # calibration pass, and a one-shot iterator is not consumed for nothing.
             self._data = calibration.CalibrationData(self.dataloader, self.num_batches)
@@ -296,24 +309,24 @@ class ParallelConversionRecipe(FXConversionRecipe):
         return fx_model
 
     def insert_observers(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
-        if self.case["calibrate"] and self.method in ("auto",) + FITS:
+        if self.case.calibrate and self.method in ("auto",) + FITS:
             # The ANN itself (original activations, BN folded as in the SNN) is what learned
             # calibration matches; keep it before observers and calibration change the sites.
             self._reference = copy.deepcopy(fx_model).eval()
-        if self.case["record_max"]:
+        if self.case.record_max:
             calibration.replace_sites(
                 fx_model, lambda _, m: MaxObserver(m, reducer=self.reducer) if isinstance(m, (nn.ReLU, ClipReLU)) else m)
         return fx_model
 
     def calibrate(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
         dev = converter.device
-        if self.case["record_max"]:
+        if self.case.record_max:
             fx_model.eval()
             with torch.no_grad():
                 for x in calibration.iterate_inputs(self._data, dev, None, "recording thresholds", self.progress):
                     fx_model(x)
             calibration.replace_sites(fx_model, lambda name, m: m.to_clip_relu(site=name) if isinstance(m, MaxObserver) else m)
-        if not self.case["calibrate"]:
+        if not self.case.calibrate:
             return calibration.to_daqcfs(fx_model, self.T_of)
         if self.method in CHEAP:
             start = time.perf_counter()
@@ -458,16 +471,19 @@ def check_model_input(model: nn.Module, x: torch.Tensor, name: str) -> None:
 
 
 class ParallelConverter(FXConverter):
-    """``ann2snn.FXConverter`` that also accepts registered recipe names.
+    """``ann2snn.FXConverter`` that also builds the recipe from its name and options.
 
     ``ParallelConverter("parallel", T=4, dataloader=loader).convert(ann)`` and
-    ``ann2snn.Converter(ParallelConversionRecipe(4, loader)).convert(ann)`` are the same.
+    ``ann2snn.Converter(ParallelConversionRecipe(4, loader)).convert(ann)`` are the same; any
+    other ``FXConversionRecipe`` instance is accepted as ``ann2snn.Converter`` accepts it.
     """
 
     def __init__(self, recipe: Union[str, FXConversionRecipe] = "parallel",
                  device: Optional[Union[str, torch.device]] = None, **recipe_options: Any) -> None:
         if isinstance(recipe, str):
-            recipe = registry.get_recipe(recipe, **recipe_options)
+            if recipe != "parallel":
+                raise ValueError(f"unknown recipe {recipe!r}: give \"parallel\" or an FXConversionRecipe instance")
+            recipe = ParallelConversionRecipe(**recipe_options)
         elif recipe_options:
             raise TypeError(f"recipe options {sorted(recipe_options)} are only accepted with a recipe name; "
                             "pass them to the recipe's constructor instead")
@@ -488,5 +504,3 @@ def parallel_neuron_factory(T: int, **node_kwargs: Any) -> Callable[[float], Par
 
     return factory
 
-
-registry.register_recipe("parallel", ParallelConversionRecipe)

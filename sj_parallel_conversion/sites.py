@@ -14,19 +14,22 @@ from .graph_errors import GraphConversionError, GraphProblem
 from .patterns import REPLACED, module_pattern, module_types
 from .step_modules import AnalogReLU
 
-__all__ = ["ACTIVATION_TYPES", "activation_sites", "is_activation_site", "keep_analog"]
+__all__ = ["ACTIVATION_TYPES", "activation_sites", "is_activation_module", "is_activation_site", "keep_analog"]
 
 #: The module types a neuron replaces (from the pattern table).
 ACTIVATION_TYPES = module_types(lambda p: p.multistep == REPLACED)
 
 
+def is_activation_module(module: nn.Module) -> bool:
+    """True for a module the pattern table replaces by a neuron (not an :class:`AnalogReLU`)."""
+    pattern = module_pattern(module)
+    return pattern is not None and pattern.multistep == REPLACED
+
+
 def is_activation_site(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
     """True for a ``call_module`` node whose module is one of the convertible activations."""
     m = modules.get(node.target) if node.op == "call_module" else None
-    if m is None:
-        return False
-    pattern = module_pattern(m)
-    return pattern is not None and pattern.multistep == REPLACED
+    return m is not None and is_activation_module(m)
 
 
 def activation_sites(gm: fx.GraphModule) -> List[fx.Node]:

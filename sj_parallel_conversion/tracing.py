@@ -14,20 +14,13 @@ from __future__ import annotations
 
 from collections import Counter
 
-import torch.nn as nn
 from torch import fx
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .activation import activation_call
+from .patterns import module_pattern
 
 __all__ = ["activation_calls_to_modules", "fold_bn"]
-
-_CONV_BN = (
-    (nn.Conv1d, nn.BatchNorm1d),
-    (nn.Conv2d, nn.BatchNorm2d),
-    (nn.Conv3d, nn.BatchNorm3d),
-)
-
 
 def activation_calls_to_modules(gm: fx.GraphModule) -> fx.GraphModule:
     """Replace each ``activation_call(module, x)`` node by a ``call_module`` node of ``module``.
@@ -79,7 +72,8 @@ def fold_bn(gm: fx.GraphModule) -> fx.GraphModule:
         if not (isinstance(src, fx.Node) and src.op == "call_module"):
             continue
         conv, bn = modules[src.target], modules[node.target]
-        if not any(isinstance(conv, c) and isinstance(bn, b) for c, b in _CONV_BN):
+        pattern = module_pattern(bn)
+        if pattern is None or pattern.folds_into is None or not isinstance(conv, pattern.folds_into):
             continue
         if len(src.users) != 1 or calls[src.target] != 1 or not bn.track_running_stats:
             continue

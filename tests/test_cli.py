@@ -10,11 +10,7 @@ import torch
 
 from sj_parallel_conversion.tools import cli
 
-
-def _run(argv, capsys):
-    code = cli.main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from cli_run import run_cli
 
 
 @pytest.mark.parametrize("argv, pattern", [
@@ -24,7 +20,7 @@ def _run(argv, capsys):
     (["stats", "--snn", "no/such.pt"], "does not exist"),
 ])
 def test_bad_paths_give_one_line_errors(argv, pattern, capsys):
-    code, out, err = _run(argv, capsys)
+    code, out, err = run_cli(argv, capsys)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sj-parallel: error: ") and pattern in lines[0], err
@@ -45,7 +41,7 @@ def test_unknown_model_and_mismatched_checkpoint(tmp_path, capsys):
     bad_name = tmp_path / "bad_name.pt"
     torch.save({"name": "no-such-net", "act": "relu", "L": 8, "num_classes": 10, "in_channels": 3,
                 "state_dict": {}}, bad_name)
-    code, _, err = _run(["compare", "--checkpoint", str(bad_name), "--data", "digits"], capsys)
+    code, _, err = run_cli(["compare", "--checkpoint", str(bad_name), "--data", "digits"], capsys)
     assert code == 2 and "no-such-net" in err and len(err.strip().splitlines()) == 1
     # a digits CNN's weights under a CIFAR CNN's name: the shapes do not match
     good = tmp_path / "digits.pt"
@@ -55,7 +51,7 @@ def test_unknown_model_and_mismatched_checkpoint(tmp_path, capsys):
     blob["name"] = "cnn"
     blob["in_channels"] = 3
     torch.save(blob, tmp_path / "mismatch.pt")
-    code, _, err = _run(["compare", "--checkpoint", str(tmp_path / "mismatch.pt"), "--data", "digits"], capsys)
+    code, _, err = run_cli(["compare", "--checkpoint", str(tmp_path / "mismatch.pt"), "--data", "digits"], capsys)
     assert code == 2 and "does not fit" in err and len(err.strip().splitlines()) == 1
 
 
@@ -76,23 +72,23 @@ def test_convert_evaluate_stats_compare_on_digits(tmp_path, capsys):
     snn_file = tmp_path / "snn.pt"
     data_opts = ["--data", "digits", "--batch-size", "64"]
     common = [*data_opts, "--calib-images", "256", "--method", "ema"]  # --snn refuses calibration options
-    code, out, err = _run(["convert", "--checkpoint", str(ckpt), "--T", "8", "--out", str(snn_file), *common], capsys)
+    code, out, err = run_cli(["convert", "--checkpoint", str(ckpt), "--T", "8", "--out", str(snn_file), *common], capsys)
     assert code == 0, err
     assert "wrote" in out and snn_file.is_file()
-    code, out, err = _run(["evaluate", "--snn", str(snn_file), "--mode", "spike", "--json", str(tmp_path / "e.json"),
+    code, out, err = run_cli(["evaluate", "--snn", str(snn_file), "--mode", "spike", "--json", str(tmp_path / "e.json"),
                            *data_opts], capsys)
     assert code == 0, err
     spike_acc = json.loads((tmp_path / "e.json").read_text())["rows"][0]["accuracy"]
-    code, out, err = _run(["evaluate", "--snn", str(snn_file), "--mode", "count", "--json", str(tmp_path / "c.json"),
+    code, out, err = run_cli(["evaluate", "--snn", str(snn_file), "--mode", "count", "--json", str(tmp_path / "c.json"),
                            *data_opts], capsys)
     assert code == 0, err
     count_acc = json.loads((tmp_path / "c.json").read_text())["rows"][0]["accuracy"]
     assert abs(spike_acc - count_acc) <= 2 / 450 and spike_acc > 0.5
-    code, out, err = _run(["stats", "--snn", str(snn_file), "--images", "64", "--plot", str(tmp_path / "s.png"),
+    code, out, err = run_cli(["stats", "--snn", str(snn_file), "--images", "64", "--plot", str(tmp_path / "s.png"),
                            *data_opts], capsys)
     assert code == 0, err
     assert "SOPs" in out and (tmp_path / "s.png").stat().st_size > 1000
-    code, out, err = _run(["compare", "--checkpoint", str(ckpt), "--T", "4", "8", "--methods", "ann", "parallel",
+    code, out, err = run_cli(["compare", "--checkpoint", str(ckpt), "--T", "4", "8", "--methods", "ann", "parallel",
                            "parallel-count", "ltb", "--csv", str(tmp_path / "t.csv"), "--plot", str(tmp_path / "t.png"),
                            "--no-progress", *common], capsys)
     assert code == 0, err
@@ -106,7 +102,7 @@ def test_convert_evaluate_stats_compare_on_digits(tmp_path, capsys):
     assert {r["calibration"] for r in table if r["method"].startswith("parallel")} == {"ema"}
     assert {r["calibration"] for r in table if r["method"] == "ltb"} == {"SpikingJelly: local threshold balancing"}
     assert "| calibration |" in out.replace("  ", " ") or "calibration" in out.splitlines()[1]
-    code, out, err = _run(["evaluate", "--checkpoint", str(ckpt), "--T", "4", "--json", str(tmp_path / "a.json"),
+    code, out, err = run_cli(["evaluate", "--checkpoint", str(ckpt), "--T", "4", "--json", str(tmp_path / "a.json"),
                            *data_opts, "--calib-images", "256", "--learn-steps", "10"], capsys)
     assert code == 0, err
     doc = json.loads((tmp_path / "a.json").read_text())
@@ -166,7 +162,7 @@ def test_search_t_is_reproducible(tmp_path, capsys):
     results = []
     for i in range(2):
         out = tmp_path / f"s{i}.json"
-        code, _, err = _run(["search-t", "--checkpoint", str(ckpt), "--data", "digits", "--batch-size", "64",
+        code, _, err = run_cli(["search-t", "--checkpoint", str(ckpt), "--data", "digits", "--batch-size", "64",
                              "--calib-images", "128", "--search-batches", "3", "--T-max", "8", "--candidates", "2",
                              "4", "--json", str(out)], capsys)
         assert code == 0, err

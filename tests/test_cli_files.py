@@ -15,16 +15,11 @@ import torch
 from sj_parallel_conversion import load_snn
 from sj_parallel_conversion.tools import cli, models
 
+from cli_run import run_cli
 from cli_user_models import public_layout_weights
 from test_files import crafted_file
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run(argv, capsys):
-    code = cli.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _one_error_line(err: str) -> str:
@@ -64,7 +59,7 @@ def test_crafted_file_runs_nothing_through_any_subcommand(tmp_path, capsys):
         ["search-t", "--model", "resnet20", "--weights", evil],
     ]
     for argv in commands:
-        code, _, err = _run([*argv, "--data", "digits"], capsys)
+        code, _, err = run_cli([*argv, "--data", "digits"], capsys)
         line = _one_error_line(err)
         assert code == 2 and "only pickle can load" in line and str(evil) in line, (argv, err)
     assert not marker.exists() and not out.exists()
@@ -72,11 +67,11 @@ def test_crafted_file_runs_nothing_through_any_subcommand(tmp_path, capsys):
 
 def test_out_equal_to_input_is_refused(digits_ckpt, tmp_path, capsys):
     before = digits_ckpt.read_bytes()
-    code, _, err = _run(["convert", "--checkpoint", digits_ckpt, "--T", "4", "--out", digits_ckpt, *DIGITS], capsys)
+    code, _, err = run_cli(["convert", "--checkpoint", digits_ckpt, "--T", "4", "--out", digits_ckpt, *DIGITS], capsys)
     assert code == 2 and "same file as the input" in _one_error_line(err)
     assert digits_ckpt.read_bytes() == before
     os.symlink(digits_ckpt, tmp_path / "alias.pt")
-    code, _, err = _run(["convert", "--checkpoint", digits_ckpt, "--T", "4", "--out", tmp_path / "alias.pt", *DIGITS],
+    code, _, err = run_cli(["convert", "--checkpoint", digits_ckpt, "--T", "4", "--out", tmp_path / "alias.pt", *DIGITS],
                         capsys)
     assert code == 2 and "same file" in err and digits_ckpt.read_bytes() == before
 
@@ -84,9 +79,9 @@ def test_out_equal_to_input_is_refused(digits_ckpt, tmp_path, capsys):
 @pytest.mark.parametrize("flag", ["--json", "--csv", "--plot"])
 def test_output_paths_are_checked_before_loading(tmp_path, capsys, flag):
     # The checkpoint does not exist: an error about the output proves it was checked first.
-    code, _, err = _run(["evaluate", "--checkpoint", tmp_path / "missing.pt", "--T", "4", flag, tmp_path], capsys)
+    code, _, err = run_cli(["evaluate", "--checkpoint", tmp_path / "missing.pt", "--T", "4", flag, tmp_path], capsys)
     assert code == 2 and f"{flag} '{tmp_path}' is a directory" in _one_error_line(err)
-    code, _, err = _run(["evaluate", "--checkpoint", tmp_path / "missing.pt", "--T", "4", flag,
+    code, _, err = run_cli(["evaluate", "--checkpoint", tmp_path / "missing.pt", "--T", "4", flag,
                          tmp_path / "no" / "x"], capsys)
     assert code == 2 and "does not exist" in err and "missing.pt" not in err
 
@@ -102,16 +97,16 @@ def test_bad_input_files_one_line_exit_2(tmp_path, capsys, kind):
         path.mkdir()
     else:  # a plain state_dict given where the project's checkpoint is expected
         torch.save(models.build_model("digits_cnn", in_channels=1).state_dict(), path)
-    code, _, err = _run(["stats", "--checkpoint", path, "--T", "4", *DIGITS], capsys)
+    code, _, err = run_cli(["stats", "--checkpoint", path, "--T", "4", *DIGITS], capsys)
     assert code == 2 and str(path) in _one_error_line(err)
-    code, _, err = _run(["evaluate", "--snn", path, *DIGITS_DATA], capsys)
+    code, _, err = run_cli(["evaluate", "--snn", path, *DIGITS_DATA], capsys)
     assert code == 2 and str(path) in _one_error_line(err)
 
 
 @pytest.mark.parametrize("failure", ["disk full", "ctrl-c"])
 def test_failed_or_interrupted_convert_keeps_previous_output(digits_ckpt, tmp_path, capsys, monkeypatch, failure):
     out = tmp_path / "snn.pt"
-    code, _, err = _run(["convert", "--checkpoint", digits_ckpt, "--T", "4", "--out", out, *DIGITS], capsys)
+    code, _, err = run_cli(["convert", "--checkpoint", digits_ckpt, "--T", "4", "--out", out, *DIGITS], capsys)
     assert code == 0, err
     before = out.read_bytes()
     real_save = torch.save
@@ -121,7 +116,7 @@ def test_failed_or_interrupted_convert_keeps_previous_output(digits_ckpt, tmp_pa
         raise OSError(28, "No space left on device") if failure == "disk full" else KeyboardInterrupt()
 
     monkeypatch.setattr(torch, "save", failing_save)
-    code, _, err = _run(["convert", "--checkpoint", digits_ckpt, "--T", "8", "--out", out, *DIGITS], capsys)
+    code, _, err = run_cli(["convert", "--checkpoint", digits_ckpt, "--T", "8", "--out", out, *DIGITS], capsys)
     line = _one_error_line(err)
     if failure == "disk full":
         assert code == 2 and "No space left" in line and str(out) in line
@@ -151,14 +146,14 @@ def test_evaluate_user_model_with_public_layout_weights(tmp_path, capsys):
               "--data", "npz", "--data-root", tmp_path / "cifar", "--limit", "40", "--calib-images", "32",
               "--batch-size", "32", "--no-progress", "--method", "ema"]
     # With mean 1 and std 1 every normalised image is negative, and the model answers class 0.
-    code, out, err = _run([*common, "--mean", "1", "1", "1", "--std", "1", "1", "1", "--json", tmp_path / "e.json"],
+    code, out, err = run_cli([*common, "--mean", "1", "1", "1", "--std", "1", "1", "1", "--json", tmp_path / "e.json"],
                           capsys)
     assert code == 0, err
     rows = {r["method"]: r for r in json.loads((tmp_path / "e.json").read_text())["rows"]}
     assert rows["ann"]["accuracy"] == pytest.approx(np.mean(labels == 0))
     assert rows["parallel-count"]["accuracy"] == pytest.approx(np.mean(labels == 0))
     # The dataset's own normalisation leaves the random images mostly positive: class 9.
-    code, out, err = _run([*common, "--json", tmp_path / "d.json"], capsys)
+    code, out, err = run_cli([*common, "--json", tmp_path / "d.json"], capsys)
     assert code == 0, err
     rows = {r["method"]: r for r in json.loads((tmp_path / "d.json").read_text())["rows"]}
     assert rows["ann"]["accuracy"] != pytest.approx(np.mean(labels == 0))
@@ -170,7 +165,7 @@ def test_user_model_errors_are_one_line(tmp_path, capsys):
     blob["state_dict"]["module.fc.weight"] = torch.zeros(5, 2)
     del blob["state_dict"]["module.conv.bias"]
     torch.save(blob, weights)
-    code, _, err = _run(["evaluate", "--model", "cli_user_models:factory", "--weights", weights, "--T", "4",
+    code, _, err = run_cli(["evaluate", "--model", "cli_user_models:factory", "--weights", weights, "--T", "4",
                          "--data", "digits"], capsys)
     line = _one_error_line(err)
     assert code == 2 and "missing keys ['conv.bias']" in line and "fc.weight: file (5, 2) vs model (10, 2)" in line
@@ -178,11 +173,11 @@ def test_user_model_errors_are_one_line(tmp_path, capsys):
                           ("cli_user_models:nope", "has no attribute 'nope'"),
                           ("torchvision:resnet7", "unknown torchvision model 'resnet7'"),
                           ("resnet21", "unknown model 'resnet21'")):
-        code, _, err = _run(["compare", "--model", spec, "--weights", weights, "--data", "digits"], capsys)
+        code, _, err = run_cli(["compare", "--model", spec, "--weights", weights, "--data", "digits"], capsys)
         assert code == 2 and pattern in _one_error_line(err), err
-    code, _, err = _run(["compare", "--model", "resnet20", "--data", "digits"], capsys)
+    code, _, err = run_cli(["compare", "--model", "resnet20", "--data", "digits"], capsys)
     assert code == 2 and "--model needs --weights" in err
-    code, _, err = _run(["compare", "--checkpoint", weights, "--mean", "0.5", "--data", "digits"], capsys)
+    code, _, err = run_cli(["compare", "--checkpoint", weights, "--mean", "0.5", "--data", "digits"], capsys)
     assert code == 2 and "--mean and --std go together" in err
 
 
@@ -198,7 +193,7 @@ def test_factory_found_in_the_working_directory(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     monkeypatch.delitem(sys.modules, "my_wd_models", raising=False)
-    code, out, err = _run(["evaluate", "--model", "my_wd_models:tiny", "--num-classes", "10", "--weights", "w.pt",
+    code, out, err = run_cli(["evaluate", "--model", "my_wd_models:tiny", "--num-classes", "10", "--weights", "w.pt",
                            "--T", "2", "--limit", "8", *DIGITS], capsys)
     assert code == 0, err
     assert "parallel" in out
@@ -224,7 +219,7 @@ def test_debug_shows_the_traceback_and_bugs_exit_1(tmp_path, capsys, monkeypatch
         raise ZeroDivisionError("division by zero")
 
     monkeypatch.setitem(cli.COMMANDS, "evaluate", buggy)
-    code, _, err = _run(["evaluate", "--snn", tmp_path / "x.pt"], capsys)
+    code, _, err = run_cli(["evaluate", "--snn", tmp_path / "x.pt"], capsys)
     assert code == 1 and "internal error: ZeroDivisionError" in _one_error_line(err) and "--debug" in err
 
 
@@ -236,7 +231,7 @@ def test_unexpected_exceptions_are_bugs_not_user_errors(tmp_path, capsys, monkey
         raise exc
 
     monkeypatch.setitem(cli.COMMANDS, "evaluate", buggy)
-    code, _, err = _run(["evaluate", "--snn", tmp_path / "x.pt"], capsys)
+    code, _, err = run_cli(["evaluate", "--snn", tmp_path / "x.pt"], capsys)
     line = _one_error_line(err)
     assert code == 1 and f"internal error: {type(exc).__name__}" in line and "a bug" in line, err
     with pytest.raises(type(exc)):
@@ -249,33 +244,33 @@ def test_user_models_that_fail_are_user_errors(tmp_path, capsys):
     base = ["evaluate", "--weights", weights, "--T", "2", "--data", "subset", "--limit", "8", "--no-progress",
             "--calib-images", "8", "--batch-size", "8", "--method", "ema"]
     # forward runs, but torch.fx cannot trace it (TypeError from the tracer)
-    code, _, err = _run([*base, "--model", "cli_user_models:untraceable"], capsys)
+    code, _, err = run_cli([*base, "--model", "cli_user_models:untraceable"], capsys)
     assert code == 2 and "cannot be traced by torch.fx" in _one_error_line(err) and "TypeError" in err
-    code, _, err = _run([*base, "--model", "cli_user_models:branching"], capsys)
+    code, _, err = run_cli([*base, "--model", "cli_user_models:branching"], capsys)
     assert code == 2 and "cannot be traced by torch.fx" in _one_error_line(err) and "TraceError" in err
     # the factory itself raises
-    code, _, err = _run([*base, "--model", "cli_user_models:failing"], capsys)
+    code, _, err = run_cli([*base, "--model", "cli_user_models:failing"], capsys)
     assert code == 2 and "calling failing() failed: RuntimeError" in _one_error_line(err)
     # a 3-channel model given 1-channel 8x8 digits: named before any calibration
-    code, _, err = _run(["evaluate", "--model", "cli_user_models:factory", "--weights", weights, "--T", "2",
+    code, _, err = run_cli(["evaluate", "--model", "cli_user_models:factory", "--weights", weights, "--T", "2",
                          *DIGITS], capsys)
     assert code == 2 and "does not accept --data digits inputs (images of shape (1, 8, 8))" in _one_error_line(err)
 
 
 def test_saved_snn_given_other_data_is_a_user_error(digits_ckpt, tmp_path, capsys):
     out = tmp_path / "snn.pt"
-    assert _run(["convert", "--checkpoint", digits_ckpt, "--T", "4", "--out", out, *DIGITS], capsys)[0] == 0
-    code, _, err = _run(["evaluate", "--snn", out, "--data", "subset", "--limit", "4"], capsys)
+    assert run_cli(["convert", "--checkpoint", digits_ckpt, "--T", "4", "--out", out, *DIGITS], capsys)[0] == 0
+    code, _, err = run_cli(["evaluate", "--snn", out, "--data", "subset", "--limit", "4"], capsys)
     assert code == 2 and f"SNN file '{out}' does not accept --data subset" in _one_error_line(err)
     # stats cannot run a saved network at another T: refused, not ignored
-    code, _, err = _run(["stats", "--snn", out, "--T", "8", "--images", "4", *DIGITS_DATA], capsys)
+    code, _, err = run_cli(["stats", "--snn", out, "--T", "8", "--images", "4", *DIGITS_DATA], capsys)
     assert code == 2 and "--T 8" in _one_error_line(err) and "converted for T=4" in err
-    code, out_text, err = _run(["stats", "--snn", out, "--T", "4", "--images", "4", *DIGITS_DATA], capsys)
+    code, out_text, err = run_cli(["stats", "--snn", out, "--T", "4", "--images", "4", *DIGITS_DATA], capsys)
     assert code == 0 and "at T=4, 4 test images" in out_text, err
 
 
 def test_bad_device_is_named(capsys):
-    code, _, err = _run(["evaluate", "--snn", "x.pt", "--device", "nowhere"], capsys)
+    code, _, err = run_cli(["evaluate", "--snn", "x.pt", "--device", "nowhere"], capsys)
     assert code == 2 and "--device nowhere" in _one_error_line(err)
 
 
@@ -298,7 +293,7 @@ def test_limit_is_offered_only_where_test_images_are_read(command, capsys):
     (["compare", "--checkpoint", "x.pt", "--methods", "ann", "ltb"], "--methods ann ltb"),
 ])
 def test_learn_steps_without_learned_calibration_is_refused(argv, pattern, capsys):
-    code, _, err = _run([*argv, "--learn-steps", "5"], capsys)
+    code, _, err = run_cli([*argv, "--learn-steps", "5"], capsys)
     line = _one_error_line(err)
     assert code == 2 and "--learn-steps" in line and pattern in line, err
 
@@ -322,7 +317,7 @@ def test_learn_steps_where_learned_calibration_runs(argv, tmp_path, monkeypatch)
     (["--calib-images", "1"], "--calib-images) must be an integer in 2..1024"),
 ])
 def test_demo_refuses_options_of_the_other_demo(argv, pattern, tmp_path, capsys):
-    code, _, err = _run(["demo", "--out", tmp_path / "demo", *argv], capsys)
+    code, _, err = run_cli(["demo", "--out", tmp_path / "demo", *argv], capsys)
     assert code == 2 and pattern in _one_error_line(err)
     assert not (tmp_path / "demo").exists()
 
@@ -330,7 +325,7 @@ def test_demo_refuses_options_of_the_other_demo(argv, pattern, tmp_path, capsys)
 def test_compare_title_names_a_model_given_by_name(tmp_path, capsys):
     weights = tmp_path / "w.pth"
     torch.save(public_layout_weights(), weights)
-    code, out, err = _run(["compare", "--model", "cli_user_models:factory", "--weights", weights, "--data", "subset",
+    code, out, err = run_cli(["compare", "--model", "cli_user_models:factory", "--weights", weights, "--data", "subset",
                            "--limit", "8", "--methods", "ann", "--T", "2", "--batch-size", "8",
                            "--no-progress", "--json", tmp_path / "t.json"], capsys)
     assert code == 0, err

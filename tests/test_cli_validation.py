@@ -19,6 +19,7 @@ import torch
 from sj_parallel_conversion import ParallelConversionRecipe, ParallelConverter, fileio, load_user_model, save_snn
 from sj_parallel_conversion.tools import cli, data
 
+from cli_run import run_cli_line
 from cli_user_models import factory, public_layout_weights, with_batchnorm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,14 +27,6 @@ CNN = ROOT / "sj_parallel_conversion" / "tools" / "checkpoints" / "cifar10_cnn_r
 # Calibration options go with the ANN sources only: --snn refuses them (nothing is calibrated).
 CALIB = ["--method", "ema", "--calib-images", "16"]
 FAST = ["--no-progress", "--batch-size", "16"]
-
-
-def _run(argv, capsys):
-    code = cli.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    lines = out.err.strip().splitlines()
-    assert "Traceback" not in out.err and len(lines) <= 1, out.err
-    return code, out.out, lines[0] if lines else ""
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +80,7 @@ def test_bad_npz_is_refused_through_every_source(sources, tmp_path, capsys, case
     else:
         y = y.astype(np.float64)
     root = _npz(tmp_path / "npz", x, y)
-    code, out, line = _run(["evaluate", *sources[source], "--data", "npz", "--data-root", root, *FAST], capsys)
+    code, out, line = run_cli_line(["evaluate", *sources[source], "--data", "npz", "--data-root", root, *FAST], capsys)
     assert code == 2 and "CIFAR-10 file" in line and "test.npz" in line, line
     assert re.search(pattern, line), line
     assert "parallel" not in out  # no table
@@ -101,20 +94,20 @@ def test_bad_npz_is_refused_through_every_source(sources, tmp_path, capsys, case
     (["--mean", "0.5", "0.5", "--std", "0.2", "0.2"], "--mean has 2 values but the images have 3 channels"),
 ])
 def test_mean_and_std_are_checked_before_any_work(sources, capsys, source, values, pattern):
-    code, _, line = _run(["evaluate", *sources[source], "--data", "subset", "--limit", "8", *values, *FAST], capsys)
+    code, _, line = run_cli_line(["evaluate", *sources[source], "--data", "subset", "--limit", "8", *values, *FAST], capsys)
     assert code == 2 and pattern in line and "internal error" not in line, line
 
 
 def test_mean_length_against_an_npz_of_other_channels(tmp_path, capsys, sources):
     root = _npz(tmp_path / "gray", GOOD_X[..., :1], GOOD_Y)
-    code, _, line = _run(["evaluate", *sources["snn"], "--data", "npz", "--data-root", root, "--mean", "0.5", "0.5",
+    code, _, line = run_cli_line(["evaluate", *sources["snn"], "--data", "npz", "--data-root", root, "--mean", "0.5", "0.5",
                           "--std", "0.2", "0.2", *FAST], capsys)
     assert code == 2 and "mean has 2 values but the images have 1 channels" in line, line
 
 
 def test_labels_beyond_the_model_outputs_are_refused(sources, tmp_path, capsys):
     torch.save(factory(5).state_dict(), tmp_path / "five.pth")
-    code, _, line = _run(["evaluate", "--model", "cli_user_models:factory", "--num-classes", "5", "--weights",
+    code, _, line = run_cli_line(["evaluate", "--model", "cli_user_models:factory", "--num-classes", "5", "--weights",
                           tmp_path / "five.pth", "--T", "4", "--data", "subset", "--limit", "20", *CALIB, *FAST], capsys)
     assert code == 2 and "labels go up to 9 but cli_user_models:factory has 5 outputs" in line, line
 
@@ -126,7 +119,7 @@ def test_integer_weights_are_refused_not_converted(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"integer tensors where model 'cli_user_models:factory' has floating-point "
                                          r"weights: \['conv.weight \(torch.int64\)'"):
         load_user_model("cli_user_models:factory", str(tmp_path / "int.pth"))
-    code, _, line = _run(["evaluate", "--model", "cli_user_models:factory", "--weights", tmp_path / "int.pth",
+    code, _, line = run_cli_line(["evaluate", "--model", "cli_user_models:factory", "--weights", tmp_path / "int.pth",
                           "--T", "4", "--data", "subset", *CALIB, *FAST], capsys)
     assert code == 2 and "integer tensors" in line
 
@@ -140,7 +133,7 @@ def test_weights_fit_is_decided_by_load_state_dict(tmp_path, capsys):
     loaded = load_user_model("cli_user_models:with_batchnorm", str(tmp_path / "old.th"))
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(loaded(x), model(x))
-    code, out, line = _run(["evaluate", "--model", "cli_user_models:with_batchnorm", "--weights", tmp_path / "old.th",
+    code, out, line = run_cli_line(["evaluate", "--model", "cli_user_models:with_batchnorm", "--weights", tmp_path / "old.th",
                             "--T", "4", "--data", "subset", "--limit", "20", *CALIB, *FAST], capsys)
     assert code == 0 and "parallel" in out, line
     # Saved by a PyTorch that writes num_batches_tracked (BatchNorm version 2), yet without it.
@@ -167,25 +160,25 @@ def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
     cases = [("", "--out: empty path"), (f"{tmp_path}/newdir/", "ends with a path separator"),
              (str(_unwritable_folder(tmp_path) / "x.pt"), "cannot create files in folder")]
     for out, pattern in cases:
-        code, _, line = _run(["convert", "--checkpoint", missing, "--T", "4", "--out", out], capsys)
+        code, _, line = run_cli_line(["convert", "--checkpoint", missing, "--T", "4", "--out", out], capsys)
         assert code == 2 and pattern in line and "missing.pt" not in line, (out, line)
-        code, _, line = _run(["evaluate", "--checkpoint", missing, "--T", "4", "--json", out], capsys)
+        code, _, line = run_cli_line(["evaluate", "--checkpoint", missing, "--T", "4", "--json", out], capsys)
         assert code == 2 and pattern.replace("--out", "--json") in line, (out, line)
 
 
 def test_T_whose_spike_level_run_cannot_fit_is_refused_with_the_estimate(sources, tmp_path, capsys):
     out = tmp_path / "huge.pt"
-    code, _, line = _run(["convert", "--checkpoint", CNN, "--T", "1000000000", "--out", out, "--data", "subset",
+    code, _, line = run_cli_line(["convert", "--checkpoint", CNN, "--T", "1000000000", "--out", out, "--data", "subset",
                           *CALIB, *FAST], capsys)
     assert code == 2 and "at T=1000000000: the converted network needs for one image at least" in line, line
     assert "GiB" in line and "lower --T" in line and not out.exists()
     big = sources["dir"] / f"snn_T{2 ** 24}.pt"
-    code, _, line = _run(["evaluate", "--snn", big, "--mode", "spike", "--data", "subset", "--limit", "8", *FAST],
+    code, _, line = run_cli_line(["evaluate", "--snn", big, "--mode", "spike", "--data", "subset", "--limit", "8", *FAST],
                          capsys)
     assert code == 2 and "one spike-level batch of 8 images needs at least" in line, line
     assert "does not accept" not in line  # not reported as a data mismatch
     # The count domain needs no time steps in memory: the same file evaluates there.
-    code, out_text, line = _run(["evaluate", "--snn", big, "--data", "subset", "--limit", "8", *FAST], capsys)
+    code, out_text, line = run_cli_line(["evaluate", "--snn", big, "--data", "subset", "--limit", "8", *FAST], capsys)
     assert code == 0 and "16777216" in out_text, line
 
 
@@ -196,7 +189,7 @@ def test_out_of_memory_is_not_reported_as_a_data_mismatch(sources, capsys, monke
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
 
     monkeypatch.setattr(inference, "count_domain_model", lambda snn: no_memory)
-    code, _, line = _run(["evaluate", *sources["snn"], "--data", "subset", "--limit", "8", *FAST], capsys)
+    code, _, line = run_cli_line(["evaluate", *sources["snn"], "--data", "subset", "--limit", "8", *FAST], capsys)
     assert code == 2 and "out of memory running one image" in line and "does not accept" not in line, line
 
 
@@ -229,5 +222,5 @@ def test_raw_pickle_is_refused_without_torchs_warning(tmp_path, capsys):
         with pytest.raises(fileio.FileError, match="raw.pkl"):
             fileio.load_tensor_file(tmp_path / "raw.pkl")
     assert not caught, [str(w.message) for w in caught]
-    code, _, line = _run(["evaluate", "--snn", tmp_path / "raw.pkl"], capsys)
+    code, _, line = run_cli_line(["evaluate", "--snn", tmp_path / "raw.pkl"], capsys)
     assert code == 2 and "raw.pkl" in line

@@ -16,7 +16,6 @@ from sj_parallel_conversion import (
     ParallelConverter,
     count_inference,
     parallel_neuron_factory,
-    register_recipe,
     spike_inference,
 )
 from sj_parallel_conversion.observers import DACalibrator
@@ -279,25 +278,9 @@ def test_converter_api_errors():
         ParallelConverter("parallel", T=4).convert(CoverageNet(nn.ReLU).eval())
 
 
-def test_registry_accepts_user_recipes():
-    calls = []
-
-    def factory(**opts):
-        calls.append(opts)
-        return ParallelConversionRecipe(**opts)
-
-    register_recipe("my-parallel", factory)
-    conv = ParallelConverter("my-parallel", T=3, progress=False)
-    assert calls == [{"T": 3, "progress": False}] and conv.recipe.T == 3
-    with pytest.raises(ValueError, match="already registered"):
-        register_recipe("my-parallel", lambda **o: None)
-
-
-def test_entry_point_group_advertises_the_plugin():
-    from importlib import metadata
-
-    names = {ep.name: ep.value for ep in metadata.entry_points(group="sj_parallel_conversion.recipes")}
-    assert names.get("parallel") == "sj_parallel_conversion.recipe:ParallelConversionRecipe"
+def test_converter_builds_the_recipe_from_its_name():
+    conv = ParallelConverter("parallel", T=3, progress=False)
+    assert isinstance(conv.recipe, ParallelConversionRecipe) and conv.recipe.T == 3
 
 
 def test_per_layer_T_dict():

@@ -13,15 +13,9 @@ import torch
 from sj_parallel_conversion import ParallelConversionNode, load_snn
 from sj_parallel_conversion.tools import cli, models
 
+from cli_run import run_cli_line
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run(argv, capsys):
-    code = cli.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    lines = out.err.strip().splitlines()
-    assert "Traceback" not in out.err and len(lines) <= 1, out.err
-    return code, out.out, lines[0] if lines else ""
 
 
 def _subcommands():
@@ -99,7 +93,7 @@ def test_every_option_is_in_the_command_line_reference():
      "--candidates 8 16: not below --T-max 8"),
 ])
 def test_options_that_would_be_ignored_are_refused_in_one_line(argv, pattern, capsys):
-    code, out, line = _run(argv, capsys)
+    code, out, line = run_cli_line(argv, capsys)
     assert code == 2 and line.startswith("sj-parallel: error: ") and pattern in line, line
     assert not out
 
@@ -124,7 +118,7 @@ def digits_checkpoint(tmp_path_factory):
 def test_search_t_json_round_trips_through_convert_evaluate_and_stats(digits_checkpoint, tmp_path, capsys):
     data = ["--data", "digits", "--batch-size", "64", "--no-progress"]
     layer_T = tmp_path / "layer_T.json"
-    code, _, line = _run(["search-t", "--checkpoint", digits_checkpoint, "--T-max", "4", "--candidates", "2",
+    code, _, line = run_cli_line(["search-t", "--checkpoint", digits_checkpoint, "--T-max", "4", "--candidates", "2",
                           "--search-batches", "1", "--calib-images", "64", "--max-loss", "0.99", "--json", layer_T,
                           *data], capsys)
     assert code == 0, line
@@ -132,7 +126,7 @@ def test_search_t_json_round_trips_through_convert_evaluate_and_stats(digits_che
     assert set(searched.values()) == {2}  # a loss budget of 99 points: every layer takes the candidate
 
     out = tmp_path / "snn.pt"
-    code, printed, line = _run(["convert", "--checkpoint", digits_checkpoint, "--T", layer_T, "--out", out,
+    code, printed, line = run_cli_line(["convert", "--checkpoint", digits_checkpoint, "--T", layer_T, "--out", out,
                                 "--method", "ema", "--calib-images", "64", *data], capsys)
     assert code == 0, line
     assert f"per-layer T from {layer_T}" in printed
@@ -140,13 +134,13 @@ def test_search_t_json_round_trips_through_convert_evaluate_and_stats(digits_che
     assert {n: m.T for n, m in snn.named_modules() if isinstance(m, ParallelConversionNode)} == searched
     assert snn.snn_metadata["layer_T"] == searched and snn.snn_metadata["T"] == 2
 
-    code, printed, line = _run(["evaluate", "--checkpoint", digits_checkpoint, "--T", "4", layer_T, "--method", "ema",
+    code, printed, line = run_cli_line(["evaluate", "--checkpoint", digits_checkpoint, "--T", "4", layer_T, "--method", "ema",
                                 "--calib-images", "64", "--limit", "64", *data], capsys)
     assert code == 0, line
     assert "per-layer T from" in printed
-    code, printed, line = _run(["evaluate", "--snn", out, "--limit", "64", *data], capsys)
+    code, printed, line = run_cli_line(["evaluate", "--snn", out, "--limit", "64", *data], capsys)
     assert code == 0 and "per-layer T (2..2" in printed, line
-    code, printed, line = _run(["stats", "--checkpoint", digits_checkpoint, "--T", layer_T, "--method", "ema",
+    code, printed, line = run_cli_line(["stats", "--checkpoint", digits_checkpoint, "--T", layer_T, "--method", "ema",
                                 "--calib-images", "64", "--images", "8", *data], capsys)
     assert code == 0 and f"at per-layer T from {layer_T}" in printed, line
 
@@ -160,10 +154,10 @@ def test_search_t_json_round_trips_through_convert_evaluate_and_stats(digits_che
 def test_bad_T_files_are_refused_in_one_line(content, pattern, tmp_path, capsys):
     path = tmp_path / "t.json"
     path.write_text(content)
-    code, _, line = _run(["convert", "--checkpoint", tmp_path / "missing.pt", "--T", path, "--out", tmp_path / "o.pt"],
+    code, _, line = run_cli_line(["convert", "--checkpoint", tmp_path / "missing.pt", "--T", path, "--out", tmp_path / "o.pt"],
                          capsys)
     assert code == 2 and f"--T {path}" in line and pattern in line, line
-    code, _, line = _run(["convert", "--checkpoint", "c.pt", "--T", tmp_path / "none.json", "--out", "o.pt"], capsys)
+    code, _, line = run_cli_line(["convert", "--checkpoint", "c.pt", "--T", tmp_path / "none.json", "--out", "o.pt"], capsys)
     assert code == 2 and "no such file" in line
 
 
@@ -171,7 +165,7 @@ def test_bad_T_files_are_refused_in_one_line(content, pattern, tmp_path, capsys)
 def test_a_plain_state_dict_given_as_checkpoint_points_at_model_and_weights(tmp_path, capsys):
     path = tmp_path / "small_cnn.pth"
     torch.save(models.build_model("digits_cnn", in_channels=1).state_dict(), path)
-    code, _, line = _run(["evaluate", "--checkpoint", path, "--T", "4", "--data", "digits"], capsys)
+    code, _, line = run_cli_line(["evaluate", "--checkpoint", path, "--T", "4", "--data", "digits"], capsys)
     assert code == 2 and "plain state_dict" in line and f"--model NAME --weights {path}" in line, line
 
 
@@ -180,7 +174,7 @@ def test_a_torchvision_head_of_another_size_points_at_num_classes(tmp_path, caps
 
     path = tmp_path / "r18_10.pth"
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), path)
-    code, _, line = _run(["evaluate", "--model", "torchvision:resnet18", "--weights", path, "--T", "4", "--data",
+    code, _, line = run_cli_line(["evaluate", "--model", "torchvision:resnet18", "--weights", path, "--T", "4", "--data",
                           "subset"], capsys)
     assert code == 2 and "does not fit" in line and line.endswith("add --num-classes 10"), line
 

@@ -12,6 +12,7 @@ traceback instead of the line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import List, Optional, Tuple
@@ -655,12 +656,12 @@ def cmd_convert(args) -> int:
         return 0
     from ..serialization import save_snn
 
-    metadata = {"T": _T_max(args.T), "model": meta, "case": recipe.case}
+    metadata = {"T": _T_max(args.T), "model": meta, "case": dataclasses.asdict(recipe.case)}
     if isinstance(args.T, dict):
         metadata["layer_T"] = dict(args.T)
     save_snn(snn, args.out, metadata=metadata)
-    print(f"converted {meta.get('name') or 'model'} ({recipe.case['source']} source, "
-          f"calibrated={recipe.case['calibrate']}) at {_T_label(args.T)}: wrote {args.out}")
+    print(f"converted {meta.get('name') or 'model'} ({recipe.case.source} source, "
+          f"calibrated={recipe.case.calibrate}) at {_T_label(args.T)}: wrote {args.out}")
     return 0
 
 
