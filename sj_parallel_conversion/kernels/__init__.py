@@ -43,9 +43,10 @@ import torch
 
 from .. import formulas
 from . import cupy_backend, native_backend, torch_backend
+from .torch_backend import time_mean
 
 __all__ = ["BACKENDS", "check_backend", "set_backend", "get_backend", "use_backend", "resolve_backend", "fire",
-           "count", "check_steps", "overwrites_in_one_pass", "fire_op", "fire_inplace_op", "fire_checked_op",
+           "count", "time_mean", "check_steps", "overwrites_in_one_pass", "fire_op", "fire_inplace_op", "fire_checked_op",
            "fire_checked_inplace_op", "NaNMeanError"]
 
 BACKENDS = ("auto", "torch", "native", "cupy")
