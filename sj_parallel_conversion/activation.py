@@ -167,8 +167,8 @@ class DAQCFS(_CheckedState):
                 "DA-QCFS calibration produced a non-positive theta + phi_da; the layer would emit "
                 "negative or zero spikes. Use more calibration data or a smaller alpha.")
         return ParallelConversionNode(
-            self.T, v_threshold=self.theta.clone(), spike_value=theta_post, shift=self.shift * self.theta,
-            bias=self.psi_da.clone(), channel_dim=self.channel_dim, **node_kwargs)
+            self.T, v_threshold=self.theta.clone(), spike_value=theta_post, psi=self.shift * self.theta,
+            psi_da=self.psi_da.clone(), channel_dim=self.channel_dim, **node_kwargs)
 
     def extra_repr(self) -> str:
         n = max(self.theta.numel(), self.psi_da.numel())

@@ -253,7 +253,7 @@ class LearnedSite(nn.Module):
         self._start = None if start is None else tuple(t.detach().clone().to(torch.float32) for t in start)
         self.log_pre = nn.Parameter(torch.zeros(0))
         self.log_post = nn.Parameter(torch.zeros(0))
-        self.bias = nn.Parameter(torch.zeros(0))
+        self.psi_da_rel = nn.Parameter(torch.zeros(0))  # psi_da / theta0
 
     def _materialise(self, x: torch.Tensor) -> None:
         cd = self.channel_dim if self.channel_dim >= 0 else self.channel_dim + x.dim()
@@ -262,7 +262,7 @@ class LearnedSite(nn.Module):
             raise ValueError(f"site has {self.theta0.numel()} thresholds but its input has {c} channels")
         dev = x.device
         self.theta0 = self.theta0.to(dev).expand(c).clone() if self.theta0.numel() == 1 else self.theta0.to(dev)
-        for name in ("log_pre", "log_post", "bias"):
+        for name in ("log_pre", "log_post", "psi_da_rel"):
             setattr(self, name, nn.Parameter(torch.zeros(c, device=dev)))
         if self._start is not None:
             psi_da, phi_da = (t.to(dev).expand(c) for t in self._start)
@@ -270,14 +270,14 @@ class LearnedSite(nn.Module):
                 # theta_post = theta0 * exp(log_post) = theta0 + phi_da; a DA-QCFS that reached a
                 # spike value below 10 % of theta0 starts at 10 % (the moment method's own floor).
                 self.log_post.copy_(torch.log(((self.theta0 + phi_da) / self.theta0).clamp(min=0.1)))
-                self.bias.copy_(psi_da / self.theta0)
+                self.psi_da_rel.copy_(psi_da / self.theta0)
             self._start = None
 
     def parameters_now(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(theta_pre, theta_post, psi_da)``, per channel."""
         theta_pre = self.theta0 * torch.exp(self.log_pre.clamp(-LOG_RANGE, LOG_RANGE))
         theta_post = self.theta0 * torch.exp(self.log_post.clamp(-LOG_RANGE, LOG_RANGE))
-        return theta_pre, theta_post, self.bias * self.theta0
+        return theta_pre, theta_post, self.psi_da_rel * self.theta0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.log_pre.numel() == 0:
@@ -418,7 +418,7 @@ def _with_views(fit: Sequence[torch.Tensor], options: LearnedCalibration) -> Tup
 
 
 def _site_parameters(sites: Dict[str, LearnedSite]) -> List[nn.Parameter]:
-    return [p for s in sites.values() for p in (s.log_pre, s.log_post, s.bias)]
+    return [p for s in sites.values() for p in (s.log_pre, s.log_post, s.psi_da_rel)]
 
 
 def fall_back_margin(score: Dict[str, float]) -> float:
@@ -525,7 +525,7 @@ def _fit_blocks(gm: fx.GraphModule, reference: nn.Module, fit: Sequence[torch.Te
             last = index == len(ours) - 1
             target, held_target = _cat_apply(twin, a_fit, size), _cat_apply(twin, a_held, size)
             members = {id(m) for m in block.modules()}
-            own_sites = [p for s in sites.values() if id(s) in members for p in (s.log_pre, s.log_post, s.bias)]
+            own_sites = [p for s in sites.values() if id(s) in members for p in (s.log_pre, s.log_post, s.psi_da_rel)]
             own_ids = {id(p) for p in own_sites}
             weights = [p for p in block.parameters() if id(p) not in own_ids and id(p) not in site_ids]
             groups = [g for g in ({"params": own_sites, "lr": options.lr},

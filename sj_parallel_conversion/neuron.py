@@ -21,7 +21,7 @@ class ParallelConversionNode(sj_neuron.BaseNode):
     r"""A SpikingJelly neuron that computes all ``T`` time steps of a layer at once.
 
     For input currents ``I`` of shape ``[T_in, N, ...]`` (any ``T_in >= 1``) it computes the time
-    mean ``m``, the spike count ``k = clip(floor(((m + bias) * T + shift) / v_threshold), 0, T)``
+    mean ``m``, the spike count ``k = clip(floor(((m + psi_da) * T + psi) / v_threshold), 0, T)``
     and emits ``T`` steps in which the last ``k`` carry ``spike_value`` and the others 0 (the
     sorted, back-loaded trains of the paper). This is the paper's step form
     ``s[x] = (T/(T-x+1) m + b[x] >= theta_pre)`` in closed form: O(T) work per neuron.
@@ -30,8 +30,9 @@ class ParallelConversionNode(sj_neuron.BaseNode):
         T: output time steps.
         v_threshold: ``theta_pre``, a positive float or a 1-D per-channel tensor.
         spike_value: ``theta_post`` (value of a spike); defaults to ``v_threshold``.
-        shift: ``psi``, the absolute shift; defaults to ``v_threshold / 2``.
-        bias: ``psi_da``, the DA-QCFS input shift; default 0.
+        psi: the absolute shift, in the units of the threshold; defaults to ``v_threshold / 2``.
+            (QCFS's and DA-QCFS's ``shift`` is the same shift as a fraction of their threshold.)
+        psi_da: the DA-QCFS input shift, in the units of the input; default 0.
         channel_dim: axis of the per-step tensor ``[N, C, ...]`` that per-channel tensors index.
         backend: ``"auto"`` (the fused kernel of the input's device when it can run: native C++
             for float32/float64 CPU tensors, cupy for CUDA ones; else torch), ``"torch"``,
@@ -80,14 +81,14 @@ class ParallelConversionNode(sj_neuron.BaseNode):
     default), ``v`` holds, per neuron (shape ``[N, ...]``, the input's dtype), the residual
     membrane potential after the ``T`` output steps::
 
-        v = (m + bias) * T + shift - k * v_threshold
+        v = (m + psi_da) * T + psi - k * v_threshold
 
     with ``m`` the time mean of the input and ``k`` the spike count: the potential an
     integrate-and-fire neuron with soft reset, threshold ``v_threshold`` and initial potential
-    ``shift`` holds after ``T`` steps of the constant current ``m + bias``. For
-    ``0 <= shift < v_threshold`` that IF neuron fires exactly ``k`` times (the parallel neuron
+    ``psi`` holds after ``T`` steps of the constant current ``m + psi_da``. For
+    ``0 <= psi < v_threshold`` that IF neuron fires exactly ``k`` times (the parallel neuron
     emits the same count, sorted), and ``0 <= v < v_threshold`` wherever
-    ``0 <= m + bias <= v_threshold``; saturated neurons (``k = T``) keep ``v >= v_threshold``
+    ``0 <= m + psi_da <= v_threshold``; saturated neurons (``k = T``) keep ``v >= v_threshold``
     and silent ones may hold ``v < 0``. With ``store_v = False`` ``v`` is ``None``: computing it
     takes another pass over the input currents, which inference does not need, so a monitor such
     as ``monitor.AttributeMonitor("v", False, net, neuron.BaseNode)`` records ``None`` until it
@@ -102,8 +103,8 @@ class ParallelConversionNode(sj_neuron.BaseNode):
         T: int,
         v_threshold: ParamLike = 1.0,
         spike_value: Optional[ParamLike] = None,
-        shift: Optional[ParamLike] = None,
-        bias: ParamLike = 0.0,
+        psi: Optional[ParamLike] = None,
+        psi_da: ParamLike = 0.0,
         channel_dim: int = 1,
         backend: str = "auto",
         spike_order: str = "late",
@@ -135,17 +136,17 @@ class ParallelConversionNode(sj_neuron.BaseNode):
         self.inplace = inplace
         theta = _param("v_threshold", v_threshold, positive=True)
         sv = theta.clone() if spike_value is None else _param("spike_value", spike_value, positive=True)
-        psi = theta / 2 if shift is None else _param("shift", shift)
-        psi_da = _param("bias", bias)
+        psi = theta / 2 if psi is None else _param("psi", psi)
+        psi_da = _param("psi_da", psi_da)
         sizes = {n: p.numel() for n, p in
-                 (("v_threshold", theta), ("spike_value", sv), ("shift", psi), ("bias", psi_da))
+                 (("v_threshold", theta), ("spike_value", sv), ("psi", psi), ("psi_da", psi_da))
                  if p.dim() == 1}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"per-channel parameters disagree on the channel count: {sizes}")
         self.register_buffer("v_threshold", theta)
         self.register_buffer("spike_value", sv)
-        self.register_buffer("shift", psi)
-        self.register_buffer("bias", psi_da)
+        self.register_buffer("psi", psi)
+        self.register_buffer("psi_da", psi_da)
         self.step_mode = step_mode
 
     # -- SpikingJelly step-mode protocol -------------------------------------------------------
@@ -195,7 +196,7 @@ class ParallelConversionNode(sj_neuron.BaseNode):
 
     def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         self._check_input(x_seq, time_axis=True)
-        args = (x_seq, self.T, self.v_threshold, self.shift, self.bias, self.spike_value)
+        args = (x_seq, self.T, self.v_threshold, self.psi, self.psi_da, self.spike_value)
         inplace = (self.inplace and x_seq.shape[0] == self.T and not torch.compiler.is_compiling()
                    and not formulas.needs_grad(x_seq, *args[2:])
                    and kernels.overwrites_in_one_pass(self.backend, x_seq))
@@ -243,10 +244,10 @@ class ParallelConversionNode(sj_neuron.BaseNode):
         for t in range(1, x_seq.shape[0]):
             m += x_seq[t]
         m = formulas.divide_(m, x_seq.shape[0])
-        theta, psi, bias = (formulas.channel_view(p.to(acc), m.dim(), self.channel_dim)
-                            for p in (self.v_threshold, self.shift, self.bias))
-        k = formulas.spike_count(m, self.T, theta, psi, bias)
-        v = (m + bias) * self.T + psi - k * theta
+        theta, psi, psi_da = (formulas.channel_view(p.to(acc), m.dim(), self.channel_dim)
+                              for p in (self.v_threshold, self.psi, self.psi_da))
+        k = formulas.spike_count(m, self.T, theta, psi, psi_da)
+        v = (m + psi_da) * self.T + psi - k * theta
         return v.to(x_seq.dtype)
 
     # -- the same neuron in the count domain ---------------------------------------------------
@@ -273,7 +274,7 @@ class ParallelConversionNode(sj_neuron.BaseNode):
 
     def _count(self, mean_current: torch.Tensor, inplace: bool, scale: Optional[torch.Tensor]) -> torch.Tensor:
         self._check_input(mean_current, time_axis=False)
-        out = kernels.count(mean_current, self.T, self.v_threshold, self.shift, self.bias, scale=scale,
+        out = kernels.count(mean_current, self.T, self.v_threshold, self.psi, self.psi_da, scale=scale,
                             channel_dim=self.channel_dim, backend=self.backend, inplace=inplace)
         # The result is NaN exactly where the input is NaN (k lies in [0, T], scale is finite and
         # positive), so a NaN sum is a cheaper test than a separate pass over the input.
@@ -292,20 +293,25 @@ class ParallelConversionNode(sj_neuron.BaseNode):
             shape = "[T_in, N, ...]" if time_axis else "[N, ...]"
             raise ValueError(f"{self._get_name()} expects input of shape {shape}, got {tuple(x.shape)}")
         formulas.check_channels(x.shape[1:] if time_axis else x.shape, self.channel_dim,
-                                [p.numel() for p in (self.v_threshold, self.spike_value, self.shift, self.bias)],
+                                [p.numel() for p in (self.v_threshold, self.spike_value, self.psi, self.psi_da)],
                                 self._get_name())
 
     #: What :func:`check_parameter` requires of each parameter (``True``: positive as well as finite).
-    PARAMETER_RULES = {"v_threshold": True, "spike_value": True, "shift": False, "bias": False}
+    PARAMETER_RULES = {"v_threshold": True, "spike_value": True, "psi": False, "psi_da": False}
+    #: State names of earlier versions (``shift``, ``bias``): states and files saved then still load.
+    RENAMED_STATE = {"shift": "psi", "bias": "psi_da"}
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        for old, new in self.RENAMED_STATE.items():
+            if prefix + old in state_dict and prefix + new not in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
         # A loaded node must be one the constructor would build: the same checks on the values.
         if not check_loaded_parameters(self, state_dict, prefix, self.PARAMETER_RULES, error_msgs):
             return
         # A calibrated node holds per-channel tensors where a freshly built one may hold scalars:
         # adopt the saved shapes so a converted model can be rebuilt and then loaded.
-        for name in ("v_threshold", "spike_value", "shift", "bias"):
+        for name in ("v_threshold", "spike_value", "psi", "psi_da"):
             saved = state_dict.get(prefix + name)
             if isinstance(saved, torch.Tensor) and saved.shape != getattr(self, name).shape:
                 if saved.dim() > 1:
@@ -342,7 +348,7 @@ class ParallelConversionNode(sj_neuron.BaseNode):
         def show(p: torch.Tensor) -> str:
             return f"{p.item():.4g}" if p.numel() == 1 else f"[{p.numel()} channels]"
         return (f"T={self.T}, v_threshold={show(self.v_threshold)}, spike_value={show(self.spike_value)}, "
-                f"shift={show(self.shift)}, bias={show(self.bias)}, backend={self.backend}, "
+                f"psi={show(self.psi)}, psi_da={show(self.psi_da)}, backend={self.backend}, "
                 f"step_mode={self.step_mode}" + (", inplace=True" if self.inplace else ""))
 
 

@@ -342,8 +342,12 @@ def _build_modules(desc: Dict[str, Any], source: str) -> Dict[str, nn.Module]:
                 if not torch.is_tensor(state.get(key)):
                     raise ValueError(f"{source}: module {path!r} parameter {n!r} has no tensor in the state")
                 m.register_parameter(n, nn.Parameter(torch.empty_like(state[key]), requires_grad=requires_grad))
+        # A file from an earlier version may name a buffer as it was then; the module's own
+        # _load_from_state_dict renames its state alike.
+        renamed = getattr(cls, "RENAMED_STATE", {})
         for n in buffers:
             _identifier(n, f"{source}: module {path!r} buffer")
+            n = renamed.get(n, n)
             if n not in m._buffers or m._buffers[n] is None:
                 key = f"{path}.{n}" if path else n
                 value = state.get(key, loose.get(key))

@@ -38,7 +38,7 @@ def test_opcheck_fire():
 
 
 def test_channels_last_steps_stay_channels_last():
-    node = ParallelConversionNode(5, v_threshold=torch.tensor([0.5, 1.0, 2.0]), bias=0.1)
+    node = ParallelConversionNode(5, v_threshold=torch.tensor([0.5, 1.0, 2.0]), psi_da=0.1)
     x = torch.randn(3 * 4, 3, 6, 7).contiguous(memory_format=torch.channels_last).view(3, 4, 3, 6, 7)
     y = node(x)
     assert y[0].is_contiguous(memory_format=torch.channels_last) and not y[0].is_contiguous()
@@ -46,10 +46,10 @@ def test_channels_last_steps_stay_channels_last():
 
 
 def test_op_is_what_the_node_runs_and_backward_raises():
-    node = ParallelConversionNode(4, v_threshold=torch.tensor([0.5, 1.0, 2.0]), bias=0.1)
+    node = ParallelConversionNode(4, v_threshold=torch.tensor([0.5, 1.0, 2.0]), psi_da=0.1)
     x = torch.randn(2, 6, 3, 5)
     with use_backend("torch"):
-        y = fire_op(x, 4, node.v_threshold, node.shift, node.bias, node.spike_value, 1, True)
+        y = fire_op(x, 4, node.v_threshold, node.psi, node.psi_da, node.spike_value, 1, True)
     assert torch.equal(y, node(x))
     xr = x.clone().requires_grad_()
     with pytest.raises(RuntimeError, match="inference-only"):

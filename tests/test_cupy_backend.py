@@ -44,9 +44,9 @@ TS = [(1, 1), (4, 4), (8, 3), (5, 16), (32, 32)]
 
 def _params(C, dtype_params, g, device):
     if C is None:
-        return dict(v_threshold=0.9, spike_value=1.1, shift=0.4, bias=-0.05)
+        return dict(v_threshold=0.9, spike_value=1.1, psi=0.4, psi_da=-0.05)
     r = lambda lo, hi: (torch.rand(C, generator=g, dtype=torch.float64) * (hi - lo) + lo).to(dtype_params)  # noqa: E731
-    return dict(v_threshold=r(0.3, 2.0), spike_value=r(0.3, 2.0), shift=r(0.0, 1.0), bias=r(-0.3, 0.3))
+    return dict(v_threshold=r(0.3, 2.0), spike_value=r(0.3, 2.0), psi=r(0.0, 1.0), psi_da=r(-0.3, 0.3))
 
 
 @needs_cuda

@@ -52,7 +52,7 @@ def _t(v) -> torch.Tensor:
 # -- 1. Theorem 4.1 (i): lossless at T == L ---------------------------------------------------
 def test_hand_computed_example():
     # T=4, theta=1, psi=0.5, m=0.6: k = floor((0.6*4 + 0.5)/1) = floor(2.9) = 2 -> fires at 3, 4.
-    node = ParallelConversionNode(4, v_threshold=_t(1.0), shift=_t(0.5))
+    node = ParallelConversionNode(4, v_threshold=_t(1.0), psi=_t(0.5))
     x = torch.full((1, 1), 0.6, dtype=F64)
     out = node(x)
     assert out.dtype == F64
@@ -63,7 +63,7 @@ def test_hand_computed_example():
     x = _t([[-0.2, 1.5, 0.125, 0.375]])  # u = -0.3, 6.5, 1.0 (boundary, >=), 2.0 (boundary)
     assert node(x).t().tolist() == [[0, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 1], [0, 0, 1, 1]]
     # spike_value scales the output; early order puts the same spikes first.
-    early = ParallelConversionNode(4, v_threshold=_t(1.0), spike_value=_t(2.5), shift=_t(0.5),
+    early = ParallelConversionNode(4, v_threshold=_t(1.0), spike_value=_t(2.5), psi=_t(0.5),
                                    spike_order="early")
     assert early(torch.full((1, 1), 0.6, dtype=F64))[:, 0].tolist() == [2.5, 2.5, 0.0, 0.0]
 
@@ -102,7 +102,7 @@ def test_theorem_4_1_i_counts_and_rate_equal_qcfs(T, theta, psi_frac, T_in, seed
         acc = acc + x_seq[t]
     m = acc / T_in
 
-    node = ParallelConversionNode(T, v_threshold=_t(theta), shift=_t(psi))
+    node = ParallelConversionNode(T, v_threshold=_t(theta), psi=_t(psi))
     out = node(x_seq)
     assert out.shape == (T, N)
     k = node_counts(out, theta)
@@ -133,7 +133,7 @@ def test_theorem_4_1_i_da_qcfs(T, theta, psi_frac, seed):
     phi_da = float((torch.rand((), generator=g, dtype=F64) * 1.5 - 0.5) * theta)  # theta+phi > 0
     m = (torch.rand(N, generator=g, dtype=F64) * 3 - 1) * theta
     node = ParallelConversionNode(T, v_threshold=_t(theta), spike_value=_t(theta + phi_da),
-                                  shift=_t(psi), bias=_t(psi_da))
+                                  psi=_t(psi), psi_da=_t(psi_da))
     out = node(m[None])
     k = node_counts(out, theta + phi_da)
     ref = torch.tensor([py_count(v, T, theta, psi, psi_da) for v in m.tolist()])
@@ -157,12 +157,12 @@ def test_per_channel_parameters_match_scalar_nodes(channel_dim):
     sv = _t([0.7, 1.1, 1.9])
     psi = _t([0.1, 0.5, 1.5])
     bias = _t([-0.2, 0.0, 0.3])
-    node = ParallelConversionNode(T, v_threshold=theta, spike_value=sv, shift=psi, bias=bias,
+    node = ParallelConversionNode(T, v_threshold=theta, spike_value=sv, psi=psi, psi_da=bias,
                                   channel_dim=channel_dim)
     out = node(x)
     for c in range(C):
-        ref_node = ParallelConversionNode(T, v_threshold=theta[c], spike_value=sv[c], shift=psi[c],
-                                          bias=bias[c])
+        ref_node = ParallelConversionNode(T, v_threshold=theta[c], spike_value=sv[c], psi=psi[c],
+                                          psi_da=bias[c])
         xc = x.select(1 + cd_abs, c)
         assert torch.equal(out.select(1 + cd_abs, c), ref_node(xc))
     # and the count-domain helpers agree with the spikes
@@ -188,7 +188,7 @@ def test_matrix_closed_binary_search_agree(T, psi_da):
     N, C = 40, 3
     theta, psi = 1.3, 0.65
     x = torch.randn(T, N, C, generator=g, dtype=F64) * 1.2 + 0.5
-    node = ParallelConversionNode(T, v_threshold=_t(theta), shift=_t(psi), bias=_t(psi_da))
+    node = ParallelConversionNode(T, v_threshold=_t(theta), psi=_t(psi), psi_da=_t(psi_da))
     closed = node(x)
     s_closed = (closed != 0).to(F64)
     s_matrix = formulas.matrix_form_spikes(x, theta, psi, psi_da)
@@ -209,7 +209,7 @@ def test_matrix_closed_binary_search_agree(T, psi_da):
     idx = torch.where(k > 0, s_closed.argmax(0) + 1, torch.full_like(k, T + 1))
     assert torch.equal(fst, idx)
     # Early order (the authors' code): same counts, trains 1...1 0...0.
-    early = ParallelConversionNode(T, v_threshold=_t(theta), shift=_t(psi), bias=_t(psi_da),
+    early = ParallelConversionNode(T, v_threshold=_t(theta), psi=_t(psi), psi_da=_t(psi_da),
                                    spike_order="early")(x)
     s_early = (early != 0).to(F64)
     assert torch.equal(s_early.sum(0), s_closed.sum(0))
@@ -221,7 +221,7 @@ def test_step_form_python_loop_small_case():
     T, theta, psi, psi_da = 5, 0.9, 0.45, 0.05
     g = torch.Generator().manual_seed(7)
     x = torch.rand(T, 30, generator=g, dtype=F64) * 2 - 0.4
-    out = ParallelConversionNode(T, v_threshold=_t(theta), shift=_t(psi), bias=_t(psi_da))(x)
+    out = ParallelConversionNode(T, v_threshold=_t(theta), psi=_t(psi), psi_da=_t(psi_da))(x)
     m = x.sum(0) / T
     seen = set()
     for n in range(x.shape[1]):
@@ -290,7 +290,7 @@ def test_spikes_from_count_matches_where_definition(order):
 # rates. With the wrong shift psi = 0 the SNN floors instead of rounding:
 # E[f^0_T - h] = (1/3) * (-theta/(2T)) = -theta/(6T), i.e. more than 10 tolerances away for the pairs below.
 def _snn_rate(x: torch.Tensor, T: int, theta: float, psi: float, chunk: int = 1 << 17) -> torch.Tensor:
-    node = ParallelConversionNode(T, v_threshold=_t(theta), shift=_t(psi))
+    node = ParallelConversionNode(T, v_threshold=_t(theta), psi=_t(psi))
     return torch.cat([node(c[None]).mean(0) for c in x.split(chunk)])
 
 

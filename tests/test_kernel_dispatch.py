@@ -78,7 +78,7 @@ def test_half_precision_count_domain_equals_the_spike_level_time_mean(dtype, T):
     C = 16
     # Per-channel parameters with long float32 mantissas: rounding them to half moves boundaries.
     node = ParallelConversionNode(T, v_threshold=torch.rand(C, generator=g) * 1.5 + 0.3, spike_value=1.0,
-                                  bias=torch.rand(C, generator=g) * 0.2 - 0.1, backend="torch")
+                                  psi_da=torch.rand(C, generator=g) * 0.2 - 0.1, backend="torch")
     x = (torch.randn(64, C, 16, 16, generator=g) * 1.2 + 0.4).to(dtype)
     spikes = node(x.unsqueeze(0))  # spike level, the image as one input step: its mean is x in float32
     assert spikes.dtype == dtype
@@ -89,7 +89,7 @@ def test_half_precision_count_domain_equals_the_spike_level_time_mean(dtype, T):
     # equals the time mean of the spike-level output bit for bit.
     assert torch.equal(node.rate(x), spikes.float().mean(0).to(dtype))
     assert torch.equal(node.rate(x.clone(), inplace=True), node.rate(x))
-    assert torch.equal(kernels.count(x, T, node.v_threshold, node.shift, node.bias), fired.to(dtype))
+    assert torch.equal(kernels.count(x, T, node.v_threshold, node.psi, node.psi_da), fired.to(dtype))
 
 
 # -- choosing the implementation: by device, with one setting (issue 25) ---------------------------

@@ -44,7 +44,7 @@ def test_learned_site_starts_at_uncalibrated_daqcfs_and_has_straight_through_gra
     ref = theta / 4 * torch.clamp(torch.floor((x * 4 + theta / 2) / theta), 0, 4)
     assert torch.equal(y, ref)
     y.sum().backward()
-    for p in (site.log_pre, site.log_post, site.bias):
+    for p in (site.log_pre, site.log_post, site.psi_da_rel):
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
@@ -65,7 +65,7 @@ def test_thresholds_stay_positive_and_bounded_whatever_the_learning_rate():
     for m in snn.modules():
         if isinstance(m, ParallelConversionNode):
             assert bool((m.v_threshold > 0).all()) and bool((m.spike_value > 0).all())
-            assert bool(torch.isfinite(m.v_threshold).all()) and bool(torch.isfinite(m.bias).all())
+            assert bool(torch.isfinite(m.v_threshold).all()) and bool(torch.isfinite(m.psi_da).all())
 
 
 # -- the converted result ---------------------------------------------------------------------------
@@ -363,15 +363,15 @@ def test_paper_method_is_algorithm_1_with_the_papers_settings_on_convolution_sit
     nodes = [m for m in snn.modules() if isinstance(m, ParallelConversionNode)]
     # The fully connected site keeps psi_da = phi_da = 0: no shift beyond the half threshold,
     # spike value = threshold.
-    assert torch.equal(nodes[1].bias, torch.zeros_like(nodes[1].bias))
+    assert torch.equal(nodes[1].psi_da, torch.zeros_like(nodes[1].psi_da))
     assert torch.equal(nodes[1].spike_value, nodes[1].v_threshold)
     # The convolution site: alpha = 0.99 without bias correction, i.e. after n batches the shift
     # holds only 1 - 0.99**n of the averaged error (independent check with calibrate_da).
     recipe = ParallelConversionRecipe(4, batches, method="ema", alpha=0.99, bias_correction=False, progress=False)
     reference = ParallelConverter(recipe).convert(ann)
     ref_nodes = [m for m in reference.modules() if isinstance(m, ParallelConversionNode)]
-    torch.testing.assert_close(nodes[0].bias, ref_nodes[0].bias)
-    assert not torch.equal(ref_nodes[1].bias, torch.zeros_like(ref_nodes[1].bias))
+    torch.testing.assert_close(nodes[0].psi_da, ref_nodes[0].psi_da)
+    assert not torch.equal(ref_nodes[1].psi_da, torch.zeros_like(ref_nodes[1].psi_da))
 
 
 def test_convolution_sites_follow_the_first_argument_through_sums_to_a_convolution():

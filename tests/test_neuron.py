@@ -41,8 +41,8 @@ def test_two_layer_network_lossless(L):
     lin = [layer.Linear(m.in_features, m.out_features, step_mode="m").to(F64) for m in ann[::2]]
     for dst, src in zip(lin, ann[::2]):
         dst.load_state_dict(src.state_dict())
-    n1 = ParallelConversionNode(L, v_threshold=_t(theta1), shift=_t(theta1 / 2))
-    n2 = ParallelConversionNode(L, v_threshold=_t(theta2), shift=_t(theta2 / 2))
+    n1 = ParallelConversionNode(L, v_threshold=_t(theta1), psi=_t(theta1 / 2))
+    n2 = ParallelConversionNode(L, v_threshold=_t(theta2), psi=_t(theta2 / 2))
     snn = nn.Sequential(lin[0], n1, lin[1], n2, lin[2])
 
     with torch.no_grad():
@@ -84,11 +84,11 @@ def test_two_layer_network_lossless(L):
 def test_defaults_shift_half_threshold_and_spike_value_threshold():
     # T=4, theta=2: default psi = 1, spike value 2. m=1.2 -> floor((4.8 + 1)/2) = 2 spikes.
     node = ParallelConversionNode(4, v_threshold=_t(2.0))
-    assert node.shift.item() == 1.0 and node.spike_value.item() == 2.0 and node.bias.item() == 0.0
+    assert node.psi.item() == 1.0 and node.spike_value.item() == 2.0 and node.psi_da.item() == 0.0
     assert node(_t([[1.2], [1.2]]))[:, 0].tolist() == [0.0, 0.0, 2.0, 2.0]
     # per-channel threshold: the defaults follow channel by channel
     node = ParallelConversionNode(4, v_threshold=_t([1.0, 2.0]))
-    assert node.shift.tolist() == [0.5, 1.0] and node.spike_value.tolist() == [1.0, 2.0]
+    assert node.psi.tolist() == [0.5, 1.0] and node.spike_value.tolist() == [1.0, 2.0]
 
 
 # -- 5. bad input --------------------------------------------------------------------------
@@ -109,8 +109,8 @@ def test_bad_thresholds(name, value, msg):
         ParallelConversionNode(4, **{name: value})
 
 
-@pytest.mark.parametrize("name", ["shift", "bias"])
-def test_shift_and_bias_must_be_finite(name):
+@pytest.mark.parametrize("name", ["psi", "psi_da"])
+def test_psi_and_psi_da_must_be_finite(name):
     with pytest.raises(ValueError, match="must be finite"):
         ParallelConversionNode(4, **{name: float("inf")})
     with pytest.raises(ValueError, match="must be finite"):
@@ -122,11 +122,11 @@ def test_parameter_shape_errors():
     with pytest.raises(ValueError, match="scalar or a 1-D per-channel tensor"):
         ParallelConversionNode(4, v_threshold=torch.ones(2, 3))
     with pytest.raises(ValueError, match="must not be empty"):
-        ParallelConversionNode(4, bias=torch.ones(0))
+        ParallelConversionNode(4, psi_da=torch.ones(0))
     with pytest.raises(ValueError, match="disagree on the channel count"):
-        ParallelConversionNode(4, v_threshold=torch.ones(3), bias=torch.zeros(4))
+        ParallelConversionNode(4, v_threshold=torch.ones(3), psi_da=torch.zeros(4))
     with pytest.raises(ValueError, match="disagree on the channel count"):
-        ParallelConversionNode(4, spike_value=torch.ones(2), shift=torch.zeros(5))
+        ParallelConversionNode(4, spike_value=torch.ones(2), psi=torch.zeros(5))
     with pytest.raises(TypeError, match="float or a 1-D tensor"):
         ParallelConversionNode(4, v_threshold="1.0")
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -196,7 +196,7 @@ def test_infinite_currents_saturate():
     # -inf current: -inf clipped to 0 -> silent. A train mixing +inf and -inf has no time mean:
     # that is an error, not a silent zero.
     T = 5
-    node = ParallelConversionNode(T, v_threshold=0.7, bias=0.2, check_nan=True)
+    node = ParallelConversionNode(T, v_threshold=0.7, psi_da=0.2, check_nan=True)
     x = torch.tensor([[float("inf"), float("-inf"), 0.3]])
     out = node(x)
     assert out[:, 0].tolist() == [pytest.approx(0.7)] * T
@@ -238,12 +238,12 @@ def test_state_dict_round_trip_per_channel():
     g = torch.Generator().manual_seed(3)
     src = ParallelConversionNode(
         T, v_threshold=torch.rand(C, generator=g) + 0.5, spike_value=torch.rand(C, generator=g) + 0.5,
-        shift=torch.rand(C, generator=g), bias=torch.rand(C, generator=g) - 0.5)
+        psi=torch.rand(C, generator=g), psi_da=torch.rand(C, generator=g) - 0.5)
     sd = src.state_dict()
-    assert set(sd) >= {"v_threshold", "spike_value", "shift", "bias"}
+    assert set(sd) >= {"v_threshold", "spike_value", "psi", "psi_da"}
     dst = ParallelConversionNode(T)  # scalar buffers: they adopt the saved per-channel shapes
     dst.load_state_dict(sd)
-    for name in ("v_threshold", "spike_value", "shift", "bias"):
+    for name in ("v_threshold", "spike_value", "psi", "psi_da"):
         assert torch.equal(getattr(dst, name), getattr(src, name))
     x = torch.randn(3, 7, C, 2, generator=g)
     assert torch.equal(dst(x), src(x))
@@ -253,19 +253,32 @@ def test_state_dict_round_trip_per_channel():
     assert torch.equal(net_dst(x), net_src(x))
     # a 2-D saved buffer is an error
     bad = dict(sd)
-    bad["bias"] = torch.zeros(2, C)
+    bad["psi_da"] = torch.zeros(2, C)
     with pytest.raises(RuntimeError, match="expected a scalar or 1-D tensor"):
         ParallelConversionNode(T).load_state_dict(bad)
 
 
+def test_state_saved_under_the_earlier_names_loads():
+    """States written before the buffers were named psi and psi_da held them as shift and bias."""
+    C, T = 3, 4
+    src = ParallelConversionNode(T, v_threshold=torch.full((C,), 0.8), psi=torch.full((C,), 0.3),
+                                 psi_da=torch.full((C,), -0.1))
+    old = {{"psi": "0.shift", "psi_da": "0.bias"}.get(k[2:], k): v
+           for k, v in nn.Sequential(src).state_dict().items()}
+    assert "0.shift" in old and "0.bias" in old
+    dst = nn.Sequential(ParallelConversionNode(T))
+    dst.load_state_dict(old)  # strict: nothing missing, nothing unexpected
+    assert torch.equal(dst[0].psi, src.psi) and torch.equal(dst[0].psi_da, src.psi_da)
+
+
 def test_to_float64():
-    node = ParallelConversionNode(4, v_threshold=0.3, shift=0.1).to(F64)
-    assert node.v_threshold.dtype == F64 and node.shift.dtype == F64
+    node = ParallelConversionNode(4, v_threshold=0.3, psi=0.1).to(F64)
+    assert node.v_threshold.dtype == F64 and node.psi.dtype == F64
     m = _t([[0.05, 0.125, 0.2, 0.5]])
     out = node(m)
     assert out.dtype == F64
     # v_threshold=0.3 was stored as float32 first: compare with the float64 value it now holds.
-    th, psi = node.v_threshold.item(), node.shift.item()
+    th, psi = node.v_threshold.item(), node.psi.item()
     k = torch.clamp(torch.floor((m[0] * 4 + psi) / th), 0, 4)
     assert torch.equal((out != 0).sum(0).to(F64), k)
     assert torch.equal(out.sum(0), k * th)
@@ -283,7 +296,7 @@ def test_torch_compile_matches_eager():
     # Takes about 10-25 s on a 2-core CPU box (inductor compiles C++). The default node (no NaN
     # check) is one operator call, so the whole forward is one graph.
     torch._dynamo.reset()
-    node = ParallelConversionNode(6, v_threshold=torch.tensor([0.5, 1.0, 2.0]), bias=0.1)
+    node = ParallelConversionNode(6, v_threshold=torch.tensor([0.5, 1.0, 2.0]), psi_da=0.1)
     x = torch.randn(4, 8, 3, 5)
     compiled = torch.compile(node, fullgraph=True)
     y = compiled(x)
@@ -388,7 +401,7 @@ def _node_like(cls):
     ("node", "v_threshold", float("nan"), "finite"), ("node", "v_threshold", 0.0, "positive"),
     ("node", "v_threshold", -1.0, "positive"), ("node", "v_threshold", float("inf"), "finite"),
     ("node", "spike_value", float("nan"), "finite"), ("node", "spike_value", 0.0, "positive"),
-    ("node", "shift", float("inf"), "finite"), ("node", "bias", float("nan"), "finite"),
+    ("node", "psi", float("inf"), "finite"), ("node", "psi_da", float("nan"), "finite"),
     ("QCFS", "theta", 0.0, "positive"), ("ClipReLU", "theta", -2.0, "positive"),
     ("DAQCFS", "theta", float("nan"), "finite"), ("DAQCFS", "psi_da", float("-inf"), "finite"),
     ("DAQCFS", "phi_da", float("nan"), "finite"),

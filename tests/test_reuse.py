@@ -24,8 +24,8 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def _node(T, C, dtype, backend, order, inplace, channel_dim=1):
     g = torch.Generator().manual_seed(C)
     theta = (torch.rand(C, generator=g) + 0.25).to(dtype)
-    return ParallelConversionNode(T, v_threshold=theta, shift=(torch.rand(C, generator=g) * 0.5).to(dtype),
-                                  bias=(torch.randn(C, generator=g) * 0.1).to(dtype), channel_dim=channel_dim,
+    return ParallelConversionNode(T, v_threshold=theta, psi=(torch.rand(C, generator=g) * 0.5).to(dtype),
+                                  psi_da=(torch.randn(C, generator=g) * 0.1).to(dtype), channel_dim=channel_dim,
                                   backend=backend, spike_order=order, inplace=inplace)
 
 
@@ -56,7 +56,7 @@ def test_in_place_neuron_gives_the_out_of_place_bits_in_the_input(backend, dtype
     node = _node(T, C, dtype, backend, order, inplace=False)
     z = x.clone()
     with torch.no_grad():
-        got = kernels.fire(z, T, node.v_threshold, node.shift, node.bias, node.spike_value, order=order,
+        got = kernels.fire(z, T, node.v_threshold, node.psi, node.psi_da, node.spike_value, order=order,
                            backend=backend, inplace=True)
     assert got is z and torch.equal(_bits(z), _bits(ref))
 
@@ -82,7 +82,7 @@ def test_in_place_fire_refuses_an_input_whose_elements_share_memory():
     node = _node(4, 3, torch.float32, "auto", "late", inplace=True)
     x = torch.randn(1, 2, 3, 5).expand(4, 2, 3, 5)  # one step seen four times
     with torch.no_grad(), pytest.raises(RuntimeError, match="single memory location"):
-        kernels.fire(x, 4, node.v_threshold, node.shift, node.bias, node.spike_value, inplace=True)
+        kernels.fire(x, 4, node.v_threshold, node.psi, node.psi_da, node.spike_value, inplace=True)
     with torch.no_grad():  # the node does not try: it writes a new tensor
         assert torch.equal(node(x), _node(4, 3, torch.float32, "auto", "late", inplace=False)(x))
 
@@ -255,7 +255,7 @@ def test_in_place_neuron_bumps_the_version_autograd_checks(backend):
     loss = (w * x).sum()
     version = x._version
     node = _node(4, 3, torch.float32, backend, "late", inplace=True, channel_dim=-1)
-    out = kernels.fire(x, 4, node.v_threshold, node.shift, node.bias, node.spike_value, channel_dim=-1,
+    out = kernels.fire(x, 4, node.v_threshold, node.psi, node.psi_da, node.spike_value, channel_dim=-1,
                        backend=backend, inplace=True)
     assert out is x and x._version > version
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
@@ -273,7 +273,7 @@ def test_in_place_neuron_keeps_the_inference_only_error_for_parameters_that_requ
     with pytest.raises(RuntimeError, match="inference-only"):
         out.sum().backward()
     with pytest.raises(ValueError, match="nor use parameters"):
-        kernels.fire(x, 4, node.v_threshold, node.shift, node.bias, node.spike_value, channel_dim=-1, inplace=True)
+        kernels.fire(x, 4, node.v_threshold, node.psi, node.psi_da, node.spike_value, channel_dim=-1, inplace=True)
     with torch.no_grad():
         assert node(x) is x
 

@@ -236,7 +236,7 @@ def test_inception_family_round_trip(tmp_path, name, size):
 @pytest.mark.parametrize("name,value,rule", [
     ("v_threshold", float("nan"), "finite"), ("v_threshold", 0.0, "positive"), ("v_threshold", -1.0, "positive"),
     ("v_threshold", float("inf"), "finite"), ("spike_value", float("nan"), "finite"),
-    ("shift", float("inf"), "finite"),
+    ("psi", float("inf"), "finite"),
 ])
 def test_saved_network_with_bad_neuron_parameters_is_refused(tmp_path, name, value, rule):
     """A file whose neuron holds a value the constructor refuses does not load (it used to, and

@@ -59,7 +59,7 @@ def test_node_is_a_base_node_with_its_threshold_as_a_buffer():
     assert dict(node.named_buffers())["v_threshold"] is node.v_threshold
     assert node.v_threshold.tolist() == [1.0, 2.0]
     # the state (and so every saved file) is what it was before the node became a BaseNode
-    assert list(node.state_dict()) == ["v_threshold", "spike_value", "shift", "bias", "_extra_state"]
+    assert list(node.state_dict()) == ["v_threshold", "spike_value", "psi", "psi_da", "_extra_state"]
     # BaseNode settings the closed form has no place for are fixed, and say so
     assert node.v_reset is None and node.surrogate_function is None and node.detach_reset is False
     assert node.store_v_seq is False and node.v_seq is None
@@ -238,7 +238,7 @@ def test_v_is_the_potential_of_a_step_by_step_if_neuron(order, inplace):
     theta = torch.rand(C, generator=g, dtype=F64) + 0.5
     shift = torch.rand(C, generator=g, dtype=F64) * theta  # 0 <= shift < theta, where the two agree
     bias = (torch.rand(C, generator=g, dtype=F64) - 0.5) * 0.2
-    node = ParallelConversionNode(T_out, v_threshold=theta, shift=shift, bias=bias, spike_order=order,
+    node = ParallelConversionNode(T_out, v_threshold=theta, psi=shift, psi_da=bias, spike_order=order,
                                   inplace=inplace).to(F64)
     node.store_v = True
     # time-varying currents whose means span silent, graded and saturated neurons
@@ -261,13 +261,13 @@ def test_v_equals_spikingjellys_if_node():
     T_out, theta, shift, bias = 6, 1.25, 0.4, 0.05
     g = torch.Generator().manual_seed(3)
     x = (torch.rand(2, 100, generator=g, dtype=F64) * 2 - 0.4) * theta
-    node = ParallelConversionNode(T_out, v_threshold=theta, shift=shift, bias=bias).to(F64)
+    node = ParallelConversionNode(T_out, v_threshold=theta, psi=shift, psi_da=bias).to(F64)
     node.store_v = True
     with torch.no_grad():
         out = node(x)
     m = x.mean(0)
-    drive = (m + node.bias).unsqueeze(0).repeat(T_out, 1)
-    drive[0] += node.shift
+    drive = (m + node.psi_da).unsqueeze(0).repeat(T_out, 1)
+    drive[0] += node.psi
     if_node = neuron.IFNode(v_threshold=float(node.v_threshold), v_reset=None, step_mode="m")
     with torch.no_grad():
         if_spikes = if_node(drive)
@@ -276,7 +276,7 @@ def test_v_equals_spikingjellys_if_node():
 
 
 def test_explicit_state_forward():
-    node = ParallelConversionNode(T, v_threshold=torch.tensor([0.5, 1.0, 2.0]), bias=0.1)
+    node = ParallelConversionNode(T, v_threshold=torch.tensor([0.5, 1.0, 2.0]), psi_da=0.1)
     x = torch.randn(3, 5, 3)
     f = base.to_functional_forward(node)
     (out,), (v,) = f((x,), (None,))
