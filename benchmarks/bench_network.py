@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from spikingjelly.activation_based import ann2snn, functional  # noqa: E402
 
-from sj_parallel_conversion import ParallelConverter, count_domain_model, kernels  # noqa: E402
+from sj_parallel_conversion import NetworkSettings, ParallelConverter, count_domain_model, kernels  # noqa: E402
 from sj_parallel_conversion.fileio import write_json  # noqa: E402
 from sj_parallel_conversion.inference import repeat_input  # noqa: E402
 from sj_parallel_conversion.tools.models import build_model  # noqa: E402
@@ -72,13 +72,13 @@ def bench(model_name: str, T: int, batch: int, repeats: int, device: torch.devic
     with torch.no_grad():
         snn_if = ann2snn.Converter(ann2snn.RateCodingRecipe(calib, mode="max")).convert(copy.deepcopy(ann))
         functional.set_step_mode(snn_if, "m")
-        snn_pc = ParallelConverter("parallel", T=T, dataloader=calib, progress=False, backend=backend,
-                                   method="ema", inplace=reuse != "off").convert(copy.deepcopy(ann))
+        snn_pc = ParallelConverter("parallel", T=T, dataloader=calib, progress=False, method="ema",
+                                   network=NetworkSettings(backend=backend, inplace=reuse != "off")).convert(copy.deepcopy(ann))
         # The same network without memory reuse (recipe option inplace=False), for --reuse both.
         snn_plain = None
         if reuse == "both":
-            snn_plain = ParallelConverter("parallel", T=T, dataloader=calib, progress=False, backend=backend,
-                                          method="ema", inplace=False).convert(copy.deepcopy(ann))
+            snn_plain = ParallelConverter("parallel", T=T, dataloader=calib, progress=False, method="ema",
+                                          network=NetworkSettings(backend=backend, inplace=False)).convert(copy.deepcopy(ann))
         # The ANN with BN folded, as the converters see it.
         ann_fused = fold_bn(torch.fx.symbolic_trace(copy.deepcopy(ann))).to(device).eval()
     x_seq = repeat_input(x, T)

@@ -33,14 +33,16 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sj_parallel_conversion import ParallelConverter, count_domain_model, load_user_model  # noqa: E402
+from sj_parallel_conversion import (CalibrationSettings, ParallelConverter, count_domain_model,  # noqa: E402
+                                    load_user_model)
 from sj_parallel_conversion.tools import data, models  # noqa: E402
 from sj_parallel_conversion.tools.compare import calibration_label  # noqa: E402
 from sj_parallel_conversion.fileio import save_figure, write_json, write_text  # noqa: E402
 from sj_parallel_conversion.learned import DistillCalibration, LearnedCalibration  # noqa: E402
+from sj_parallel_conversion.recipe import with_calibration  # noqa: E402
 
 METHODS = {
-    "none": dict(calibrate=False),
+    "none": dict(calibration=CalibrationSettings(calibrate=False)),
     "paper": dict(method="paper"),
     "ema": dict(method="ema"),
     "moment": dict(method="moment"),
@@ -134,8 +136,9 @@ def main(argv=None) -> int:
         for T in args.T:
             for method in args.methods:
                 start = time.perf_counter()
-                snn = ParallelConverter("parallel", T=T, dataloader=batches, progress=False, learned=learned,
-                                        distill=distill, **METHODS[method]).convert(copy.deepcopy(ann))
+                options = with_calibration(METHODS[method], learned=learned, distill=distill)
+                snn = ParallelConverter("parallel", T=T, dataloader=batches, progress=False,
+                                        **options).convert(copy.deepcopy(ann))
                 seconds = time.perf_counter() - start
                 acc = accuracy(snn, test_x, test_y)
                 report = snn.calibration_report

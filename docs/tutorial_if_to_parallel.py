@@ -25,6 +25,7 @@ from sklearn.datasets import load_digits
 from spikingjelly.activation_based import ann2snn, functional, monitor, neuron
 
 from sj_parallel_conversion import (
+    CalibrationSettings,
     ParallelConversionNode,
     ParallelConversionRecipe,
     count_domain_model,
@@ -202,13 +203,14 @@ drop_in = ann2snn.Converter(ann2snn.RateCodingRecipe(
 functional.set_step_mode(drop_in, "m")
 acc_drop_in = accuracy(spike_inference(drop_in, x_test, T).mean(0))
 # The same recipe with calibration switched off: the maxima, no Algorithm 1 (report: None).
-no_calib = ann2snn.Converter(ParallelConversionRecipe(T, calib_loader, calibrate=False, progress=False)).convert(
+no_calib = ann2snn.Converter(ParallelConversionRecipe(T, calib_loader, progress=False,
+                                                      calibration=CalibrationSettings(calibrate=False))).convert(
     copy.deepcopy(ann))
 assert no_calib.calibration_report is None and snn.calibration_report.method == "ema"
 acc_no_calib = accuracy(count_inference(no_calib, x_test))
 acc_ema = accuracy(count_inference(snn, x_test))
 print(f"T={T}: RateCodingRecipe + parallel_neuron_factory {100 * acc_drop_in:.2f}%, "
-      f"ParallelConversionRecipe(calibrate=False) {100 * acc_no_calib:.2f}%, "
+      f"CalibrationSettings(calibrate=False) {100 * acc_no_calib:.2f}%, "
       f"ParallelConversionRecipe(method='ema') {100 * acc_ema:.2f}%")
 # [/factory]
 
@@ -226,7 +228,8 @@ buffer = io.BytesIO()
 torch.save(snn.state_dict(), buffer)
 buffer.seek(0)
 # Rebuild the structure without calibration (one batch fixes the shapes), then load the state.
-rebuilt = ann2snn.Converter(ParallelConversionRecipe(T, calib_loader[:1], calibrate=False, progress=False)).convert(
+rebuilt = ann2snn.Converter(ParallelConversionRecipe(T, calib_loader[:1], progress=False,
+                                                     calibration=CalibrationSettings(calibrate=False))).convert(
     copy.deepcopy(ann))
 rebuilt.load_state_dict(torch.load(buffer))
 same = torch.equal(count_inference(rebuilt, x_test), count_inference(snn, x_test))

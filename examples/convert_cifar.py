@@ -20,7 +20,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from sj_parallel_conversion import ParallelConversionRecipe, ParallelConverter, predictor  # noqa: E402
+from sj_parallel_conversion import (# noqa: E402
+                                    predictor,
+                                    CalibrationSettings, ParallelConversionRecipe, ParallelConverter)
 from sj_parallel_conversion.tools import data, models  # noqa: E402
 from sj_parallel_conversion.inference import evaluate  # noqa: E402
 from sj_parallel_conversion.fileio import write_json  # noqa: E402
@@ -62,8 +64,10 @@ def main(argv=None):
     rows = []
     for T in args.T:
         t0 = time.perf_counter()
-        recipe = ParallelConversionRecipe(T, calib, num_batches=args.calib_batches, method=args.method,
-                                          calibrate=False if args.no_calibration else None)
+        recipe = ParallelConversionRecipe(T, calib, method=args.method,
+                                          calibration=CalibrationSettings(
+                                              num_batches=args.calib_batches,
+                                              calibrate=False if args.no_calibration else None))
         snn = ParallelConverter(recipe, device=args.device).convert(copy.deepcopy(ann))
         conv = time.perf_counter() - t0
         pred = predictor(snn, T, count_domain=args.count_domain)

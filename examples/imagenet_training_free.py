@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from sj_parallel_conversion import ParallelConversionRecipe, ParallelConverter, predictor  # noqa: E402
+from sj_parallel_conversion import NetworkSettings, ParallelConversionRecipe, ParallelConverter, predictor  # noqa: E402
 from sj_parallel_conversion.tools import data, models  # noqa: E402
 from sj_parallel_conversion.inference import evaluate  # noqa: E402
 from sj_parallel_conversion.fileio import write_json  # noqa: E402
@@ -81,7 +81,7 @@ def main(argv=None):
     rows = []
     for T in args.T:
         t0 = time.perf_counter()
-        recipe = ParallelConversionRecipe(T, calib, method=args.method, analog_sites=stem)
+        recipe = ParallelConversionRecipe(T, calib, method=args.method, network=NetworkSettings(analog_sites=stem))
         snn = ParallelConverter(recipe, device=args.device).convert(copy.deepcopy(ann))
         conv = time.perf_counter() - t0
         pred = predictor(snn, T, count_domain=args.count_domain)

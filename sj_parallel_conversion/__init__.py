@@ -9,6 +9,8 @@ Neuron and activations
 
 Conversion (SpikingJelly ``ann2snn`` flow)
     :class:`ParallelConversionRecipe`  an ``ann2snn.FXConversionRecipe`` for the paper's three cases.
+    :class:`CalibrationSettings`, :class:`NetworkSettings`  the recipe's settings beyond ``T``,
+    ``dataloader`` and ``method``: how it calibrates, and what the converted network is made of.
     :class:`ParallelConverter`  ``ann2snn.FXConverter`` that also takes the recipe's name and options.
     :func:`parallel_neuron_factory`  drop-in ``neuron_factory`` for SpikingJelly's ``RateCodingRecipe``.
     :class:`GraphConversionError`  raised, before calibration, for unsupported graph patterns.
@@ -40,7 +42,8 @@ from .graph import GraphConversionError
 from .inference import count_domain_model, count_inference, predictor, spike_inference
 from .learned import DistillCalibration, LearnedCalibration
 from .neuron import ParallelConversionNode
-from .recipe import ParallelConversionRecipe, ParallelConverter, parallel_neuron_factory
+from .recipe import (CalibrationSettings, NetworkSettings, ParallelConversionRecipe, ParallelConverter,
+                     parallel_neuron_factory)
 from .selection import CalibrationReport
 from .serialization import load_snn, save_snn
 
@@ -52,6 +55,7 @@ _TOOLS = {"load_user_model": "sj_parallel_conversion.tools.models.user"}
 __all__ = [
     "ParallelConversionNode", "QCFS", "ClipReLU", "DAQCFS",
     "ParallelConversionRecipe", "ParallelConverter", "parallel_neuron_factory",
+    "CalibrationSettings", "NetworkSettings",
     "GraphConversionError",
     "LearnedCalibration", "DistillCalibration", "CalibrationReport",
     "count_domain_model", "count_inference", "spike_inference", "predictor",

@@ -20,7 +20,7 @@ from torch.utils.data import RandomSampler
 from . import patterns
 from .inference import count_domain_model, count_inference, evaluate
 from .neuron import ParallelConversionNode
-from .recipe import ParallelConversionRecipe, ParallelConverter
+from .recipe import ParallelConversionRecipe, ParallelConverter, with_calibration
 from .stats import macs
 
 __all__ = ["LayerTSearch", "search_layer_T", "effective_T", "site_weights"]
@@ -103,7 +103,7 @@ class LayerTSearch:
 
 
 def _convert(ann, T, calib, num_batches, device, options):
-    rec = ParallelConversionRecipe(T, calib, num_batches=num_batches, progress=False, **options)
+    rec = ParallelConversionRecipe(T, calib, progress=False, **with_calibration(options, num_batches=num_batches))
     return ParallelConverter(rec, device=device).convert(copy.deepcopy(ann))
 
 

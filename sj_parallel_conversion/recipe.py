@@ -22,7 +22,7 @@ import inspect
 import logging
 import math
 import time
-from typing import Any, Callable, Dict, Iterable, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -45,7 +45,7 @@ logger = logging.getLogger("sj_parallel_conversion")
 from .tracing import activation_calls_to_modules, fold_bn
 
 __all__ = ["ParallelConversionRecipe", "ParallelConverter", "parallel_neuron_factory", "conversion_case",
-           "ConversionCase"]
+           "ConversionCase", "CalibrationSettings", "NetworkSettings", "with_calibration"]
 
 MODES = ("auto", "qcfs", "relu")
 METHODS = ("auto", "paper", "ema", "moment", "mse", "learned", "distill")
@@ -96,6 +96,113 @@ def conversion_case(gm: fx.GraphModule, T: Union[int, Callable[[str], int]], mod
     return ConversionCase("relu", record_max=True, calibrate=True)
 
 
+def _fraction(name: str, value: Any, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"{name} must be a number in (0, 1){' or None' if allow_none else ''}, got {value!r}")
+
+
+def _tristate(name: str, value: Any) -> None:
+    if value not in (None, True, False):
+        raise ValueError(f"{name} must be None, True or False, got {value!r}")
+
+
+@dataclasses.dataclass
+class CalibrationSettings:
+    """How :class:`ParallelConversionRecipe` calibrates, beyond the ``method`` it is given.
+
+    Args:
+        calibrate: calibrate the neurons at ``T``; ``None`` (default) does so exactly when the
+            case needs it (always for ReLU networks, for QCFS networks when ``T != L``).
+        num_batches: at most this many calibration batches per pass.
+        alpha: EMA momentum of Algorithm 1 (paper: 0.99 over one epoch).
+        bias_correction: divide the EMAs by ``1 - alpha**n`` (see :class:`~.observers.DACalibrator`).
+        learned: options of ``method="learned"`` (default ``LearnedCalibration()``).
+        distill: options of ``method="distill"`` and of auto's fit (default ``DistillCalibration()``).
+        selection_fraction: ``method="auto"``: the share of the calibration images kept for the
+            choice between candidates.
+        skip_agreement: ``method="auto"``: the held-out agreement of the best of "none" and
+            "ema" at which the fit is skipped (it could gain at most the remaining images);
+            ``None`` always fits.
+    """
+
+    calibrate: Optional[bool] = None
+    num_batches: Optional[int] = None
+    alpha: float = 0.99
+    bias_correction: bool = True
+    learned: LearnedCalibration = dataclasses.field(default_factory=LearnedCalibration)
+    distill: DistillCalibration = dataclasses.field(default_factory=DistillCalibration)
+    selection_fraction: float = 0.125
+    skip_agreement: Optional[float] = 0.99
+
+    def check(self) -> None:
+        """Raise ``ValueError`` / ``TypeError`` naming the first setting out of range."""
+        _tristate("calibrate", self.calibrate)
+        if self.num_batches is not None and (isinstance(self.num_batches, bool) or not isinstance(self.num_batches, int)
+                                             or self.num_batches < 1):
+            raise ValueError(f"num_batches must be None or an integer >= 1, got {self.num_batches!r}")
+        if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha < 1.0 and math.isfinite(self.alpha)):
+            raise ValueError(f"alpha must be a number in [0, 1), got {self.alpha!r}")
+        for name in ("learned", "distill"):
+            value = getattr(self, name)
+            if not isinstance(value, LearnedCalibration):
+                raise TypeError(f"{name} must be a LearnedCalibration, got {type(value).__name__}")
+            value.check()
+        _fraction("selection_fraction", self.selection_fraction)
+        _fraction("skip_agreement", self.skip_agreement, allow_none=True)
+
+
+@dataclasses.dataclass
+class NetworkSettings:
+    """What the converted network is made of, beyond its neurons' calibrated parameters.
+
+    Args:
+        backend, spike_order: passed to every :class:`~.ParallelConversionNode`.
+        inplace: let the converted network overwrite its temporaries (default ``True``): each
+            neuron that is the only reader of its input currents writes its spikes over them, and
+            each residual sum adds into the convolution output it reads (same outputs, bit for
+            bit; on CPU 1.25x faster at spike level for ResNet-20 at T = 32, batch 256). A
+            monitor that keeps references to convolution outputs or neuron inputs then sees
+            overwritten values; convert with ``inplace=False`` or record clones (see
+            :mod:`~sj_parallel_conversion.reuse`).
+        fuse_bn: fold BatchNorm into the preceding convolution (:func:`~.tracing.fold_bn`);
+            ``None`` (default) folds unless the conversion is lossless (QCFS with ``T == L``
+            everywhere), where folding would change the rounding of activations that lie on a
+            level boundary.
+        analog_sites: names of ReLU sites that stay analog (:func:`~.sites.keep_analog`), for
+            example a stem whose input is the image itself.
+    """
+
+    backend: str = "auto"
+    spike_order: str = "late"
+    inplace: bool = True
+    fuse_bn: Optional[bool] = None
+    analog_sites: Tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.analog_sites = tuple(self.analog_sites)
+
+    def check(self) -> None:
+        """Raise ``ValueError`` / ``TypeError`` naming the first setting out of range."""
+        kernels.check_backend(self.backend)
+        formulas.check_spike_order(self.spike_order)
+        if not isinstance(self.inplace, bool):
+            raise TypeError(f"inplace must be True or False, got {self.inplace!r}")
+        _tristate("fuse_bn", self.fuse_bn)
+        if not all(isinstance(n, str) for n in self.analog_sites):
+            raise TypeError(f"analog_sites must be site names (strings), got {self.analog_sites!r}")
+
+
+def with_calibration(options: Optional[Dict[str, Any]], **changes: Any) -> Dict[str, Any]:
+    """A copy of the recipe keyword arguments ``options`` whose ``calibration`` settings (default
+    ``CalibrationSettings()``) have ``changes``: for code that converts with options it was given
+    and sets some calibration settings itself (how many batches, for example)."""
+    out = dict(options or {})
+    out["calibration"] = dataclasses.replace(out.get("calibration") or CalibrationSettings(), **changes)
+    return out
+
+
 class ParallelConversionRecipe(FXConversionRecipe):
     """Convert a QCFS or ReLU ANN into a parallel-spiking SNN running ``T`` time steps.
 
@@ -104,19 +211,6 @@ class ParallelConversionRecipe(FXConversionRecipe):
             (per-layer time steps; unnamed sites use ``default_T``).
         dataloader: calibration batches (tensors, ``(x, y)`` tuples or dicts); needed unless the
             ANN is a QCFS network with ``L == T`` everywhere.
-        mode: ``"auto"`` (QCFS if the model has QCFS modules, else ReLU), ``"qcfs"`` or ``"relu"``.
-        calibrate: calibrate the neurons at ``T``; ``None`` (default) does so exactly when the
-            case needs it (always for ReLU networks, for QCFS networks when ``T != L``).
-        alpha: EMA momentum of Algorithm 1 (paper: 0.99 over one epoch).
-        bias_correction: divide the EMAs by ``1 - alpha**n`` (see :class:`~.observers.DACalibrator`).
-        num_batches: at most this many calibration batches per pass.
-        fuse_bn: fold BatchNorm into the preceding convolution (:func:`~.tracing.fold_bn`); ``None`` (default) folds unless the
-            conversion is lossless (QCFS with ``T == L`` everywhere), where folding would change
-            the rounding of activations that lie on a level boundary.
-        backend, spike_order: passed to every :class:`~.ParallelConversionNode`.
-        progress: show tqdm progress bars.
-        reducer: ``reducer(tensor, op)`` summing/maxing statistics across processes (distributed).
-        default_T: T of sites missing from a per-layer ``T`` dict.
         method: how to calibrate:
 
             * ``"auto"`` (default): fits the candidates "none" (no calibration), "ema"
@@ -138,65 +232,40 @@ class ParallelConversionRecipe(FXConversionRecipe):
             * ``"mse"``: each ClipReLU site's per-channel threshold chosen for ``T`` levels by the
               squared error of its output (:func:`~.calibration.mse_thresholds`) instead of the
               recorded maximum, then Algorithm 1 (the start of the two fits by default).
-        learned: options of ``method="learned"`` (default ``LearnedCalibration()``).
-        distill: options of ``method="distill"`` and of auto's fit (default ``DistillCalibration()``).
-        selection_fraction: ``method="auto"``: the share of the calibration images kept for the
-            choice between candidates.
-        skip_agreement: ``method="auto"``: the held-out agreement of the best of "none" and
-            "ema" at which the fit is skipped (it could gain at most the remaining images);
-            ``None`` always fits.
-        inplace: let the converted network overwrite its temporaries (default ``True``): each
-            neuron that is the only reader of its input currents writes its spikes over them, and
-            each residual sum adds into the convolution output it reads (same outputs, bit for
-            bit; on CPU 1.25x faster at spike level for ResNet-20 at T = 32, batch 256). A
-            monitor that keeps references to convolution outputs or neuron inputs then sees
-            overwritten values; convert with ``inplace=False`` or record clones (see
-            :mod:`~sj_parallel_conversion.reuse`).
+
+            The settings the methods read (``alpha``, ``skip_agreement``, the fits' options...)
+            are ``calibration``'s.
+        calibration: :class:`CalibrationSettings` (default ``CalibrationSettings()``).
+        network: :class:`NetworkSettings`, what the converted network is made of (default
+            ``NetworkSettings()``).
+        mode: ``"auto"`` (QCFS if the model has QCFS modules, else ReLU), ``"qcfs"`` or ``"relu"``.
+        default_T: T of sites missing from a per-layer ``T`` dict.
+        progress: show tqdm progress bars.
+        reducer: ``reducer(tensor, op)`` summing/maxing statistics across processes (distributed).
     """
 
     def __init__(
         self,
         T: Union[int, Dict[str, int]],
         dataloader: Optional[Iterable] = None,
+        method: str = "auto",
+        *,
+        calibration: Optional[CalibrationSettings] = None,
+        network: Optional[NetworkSettings] = None,
         mode: str = "auto",
-        calibrate: Optional[bool] = None,
-        alpha: float = 0.99,
-        bias_correction: bool = True,
-        num_batches: Optional[int] = None,
-        fuse_bn: Optional[bool] = None,
-        backend: str = "auto",
-        spike_order: str = "late",
+        default_T: Optional[int] = None,
         progress: bool = True,
         reducer: Optional[Callable] = None,
-        default_T: Optional[int] = None,
-        method: str = "auto",
-        analog_sites=(),
-        learned: Optional[LearnedCalibration] = None,
-        inplace: bool = True,
-        distill: Optional[DistillCalibration] = None,
-        selection_fraction: float = 0.125,
-        skip_agreement: Optional[float] = 0.99,
     ) -> None:
         self.T = T
         self.dataloader = dataloader
+        self.method = method
+        self.calibration = CalibrationSettings() if calibration is None else calibration
+        self.network = NetworkSettings() if network is None else network
         self.mode = mode
-        self.calibrate_option = calibrate
-        self.alpha = alpha
-        self.bias_correction = bias_correction
-        self.num_batches = num_batches
-        self.fuse_bn = fuse_bn
-        self.backend = backend
-        self.spike_order = spike_order
+        self.default_T = default_T
         self.progress = progress
         self.reducer = reducer
-        self.default_T = default_T
-        self.method = method
-        self.learned = LearnedCalibration() if learned is None else learned
-        self.distill = DistillCalibration() if distill is None else distill
-        self.selection_fraction = selection_fraction
-        self.skip_agreement = skip_agreement
-        self.analog_sites = tuple(analog_sites)
-        self.inplace = inplace
         self.case: Optional[ConversionCase] = None
         self.report: Optional[CalibrationReport] = None
         self._data: Optional[calibration.CalibrationData] = None
@@ -221,33 +290,13 @@ class ParallelConversionRecipe(FXConversionRecipe):
             check_T("T", self.T)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.calibrate_option not in (None, True, False):
-            raise ValueError(f"calibrate must be None, True or False, got {self.calibrate_option!r}")
-        if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha < 1.0 and math.isfinite(self.alpha)):
-            raise ValueError(f"alpha must be a number in [0, 1), got {self.alpha!r}")
-        if self.num_batches is not None and (isinstance(self.num_batches, bool) or not isinstance(self.num_batches, int)
-                                             or self.num_batches < 1):
-            raise ValueError(f"num_batches must be None or an integer >= 1, got {self.num_batches!r}")
-        kernels.check_backend(self.backend)
-        formulas.check_spike_order(self.spike_order)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        for name, kind in (("learned", LearnedCalibration), ("distill", LearnedCalibration)):
+        for name, kind in (("calibration", CalibrationSettings), ("network", NetworkSettings)):
             value = getattr(self, name)
             if not isinstance(value, kind):
                 raise TypeError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
             value.check()
-        for name in ("selection_fraction", "skip_agreement"):
-            v = getattr(self, name)
-            if name == "skip_agreement" and v is None:
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
-                raise ValueError(f"{name} must be a number in (0, 1){' or None' if name == 'skip_agreement' else ''}, "
-                                 f"got {v!r}")
-        if not isinstance(self.inplace, bool):
-            raise TypeError(f"inplace must be True or False, got {self.inplace!r}")
-        if self.fuse_bn not in (None, True, False):
-            raise ValueError(f"fuse_bn must be None, True or False, got {self.fuse_bn!r}")
 
     def T_of(self, site: str) -> int:
         """Time steps of the activation site ``site``."""
@@ -277,8 +326,8 @@ class ParallelConversionRecipe(FXConversionRecipe):
     def after_trace(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
         fx_model = activation_calls_to_modules(fx_model)
         fx_model = prepare_graph(fx_model)
-        if self.analog_sites:
-            keep_analog(fx_model, self.analog_sites)
+        if self.network.analog_sites:
+            keep_analog(fx_model, self.network.analog_sites)
         if isinstance(self.T, dict):
             names = {n.target for n in activation_sites(fx_model)}
             unknown = sorted(set(self.T) - names)
@@ -288,10 +337,11 @@ class ParallelConversionRecipe(FXConversionRecipe):
                 self.T_of(n)
         case = conversion_case(fx_model, self.T_of, self.mode)
         lossless = case.source == "qcfs" and not case.calibrate
-        if self.fuse_bn if self.fuse_bn is not None else not lossless:
+        fuse_bn = self.network.fuse_bn
+        if fuse_bn if fuse_bn is not None else not lossless:
             fx_model = fold_bn(fx_model)
-        if self.calibrate_option is not None:
-            case.calibrate = self.calibrate_option
+        if self.calibration.calibrate is not None:
+            case.calibrate = self.calibration.calibrate
         if (case.calibrate or case.record_max) and self.dataloader is None:
             why = "records per-channel maxima of a ReLU network" if case.record_max else \
                 "calibrates DA-QCFS because T differs from the QCFS level L"
@@ -301,7 +351,7 @@ class ParallelConversionRecipe(FXConversionRecipe):
         if case.calibrate or case.record_max:
             # Data is read only once the graph is known to convert: a refused model costs no
             # calibration pass, and a one-shot iterator is not consumed for nothing.
-            self._data = calibration.CalibrationData(self.dataloader, self.num_batches)
+            self._data = calibration.CalibrationData(self.dataloader, self.calibration.num_batches)
             first = self._data.first()
             check_model_input(fx_model, first, self._ann_name)
             # What the static graph check took on trust (a leading -1, negative axes), measured.
@@ -346,12 +396,13 @@ class ParallelConversionRecipe(FXConversionRecipe):
         thresholds = None
         if name == "mse":
             thresholds = calibration.mse_thresholds(fx_model, data, self.T_of, dev, reducer=self.reducer)
-        return calibration.calibrate_da(fx_model, data, self.T_of, dev, None, self.alpha, self.bias_correction,
+        settings = self.calibration
+        return calibration.calibrate_da(fx_model, data, self.T_of, dev, None, settings.alpha, settings.bias_correction,
                                         self.progress, self.reducer, "moment" if name == "moment" else "ema",
                                         thresholds=thresholds)
 
     def _fit_options(self, method: str) -> LearnedCalibration:
-        return self.distill if method == "distill" else self.learned
+        return self.calibration.distill if method == "distill" else self.calibration.learned
 
     def _calibrate_by_measurement(self, fx_model: fx.GraphModule, dev) -> fx.GraphModule:
         """``method="learned"``, ``"distill"`` or ``"auto"``: fit, then measure on images held out.
@@ -367,7 +418,7 @@ class ParallelConversionRecipe(FXConversionRecipe):
                                                         self.progress), opts.max_images)
         select: Optional[list] = None
         if self.method == "auto":
-            images, select = split_images(images, self.selection_fraction)
+            images, select = split_images(images, self.calibration.selection_fraction)
         fit, stop = split_images(images, opts.holdout)
         logger.info("calibration: %d images read (%.1f s)", sum(int(x.shape[0]) for x in images) +
                     (int(select[0].shape[0]) if select else 0), time.perf_counter() - clock)
@@ -394,9 +445,10 @@ class ParallelConversionRecipe(FXConversionRecipe):
             for name in candidates:
                 score(name)
             best = choose(scores)
-            if self.skip_agreement is not None and scores[best]["agreement"] >= self.skip_agreement:
+            skip = self.calibration.skip_agreement
+            if skip is not None and scores[best]["agreement"] >= skip:
                 skipped[fitting] = (f"{best} already agrees with the ANN on {100 * scores[best]['agreement']:.1f} % "
-                                    f"of the selection images (>= {100 * self.skip_agreement:g} %)")
+                                    f"of the selection images (>= {100 * skip:g} %)")
                 logger.info("calibration: %s skipped: %s", fitting, skipped[fitting])
         history = None
         if fitting not in skipped:
@@ -428,7 +480,7 @@ class ParallelConversionRecipe(FXConversionRecipe):
         return candidates[chosen]
 
     def replace(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
-        calibration.to_nodes(fx_model, backend=self.backend, spike_order=self.spike_order)
+        calibration.to_nodes(fx_model, backend=self.network.backend, spike_order=self.network.spike_order)
         fx_model = insert_time_joins(to_multistep(fx_model))
         return fx_model.to(converter.device)
 
@@ -436,7 +488,7 @@ class ParallelConversionRecipe(FXConversionRecipe):
         # A root that checks every module before set_step_mode switches any (network.py).
         fx_model = as_converted_network(fx_model)
         functional.set_step_mode(fx_model, "m")
-        if self.inplace:
+        if self.network.inplace:
             reuse_memory(fx_model)
         fx_model.eval()
         fx_model.calibration_report = self.report

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 from torch import fx
 
-from sj_parallel_conversion import DistillCalibration, ParallelConverter
+from sj_parallel_conversion import CalibrationSettings, DistillCalibration, ParallelConverter
 from sj_parallel_conversion.blocks import block_boundaries, split_blocks
 from sj_parallel_conversion.tools.models.cifar import CifarResNet
 
@@ -91,7 +91,7 @@ def test_block_fit_reads_each_blocks_held_out_images_and_reports_each_block(monk
     ann = Chain().eval()
     opts = DistillCalibration(scope="blocks", steps=30, eval_every=10, batch_size=16, views=0)
     snn = ParallelConverter("parallel", T=2, dataloader=_data(), progress=False, method="distill",
-                            distill=opts).convert(copy.deepcopy(ann))
+                            calibration=CalibrationSettings(distill=opts)).convert(copy.deepcopy(ann))
     history = snn.calibration_report.learned
     assert [b["block"] for b in history["blocks"]] == ["a1", "a2", "output"]
     for record in history["blocks"]:
@@ -107,7 +107,7 @@ def test_block_fit_improves_on_its_start_and_mixing_changes_the_result():
     outs = {}
     for mix in (0.0, 0.5):
         snn = ParallelConverter("parallel", T=1, dataloader=_data(), progress=False, method="distill",
-                                distill=DistillCalibration(mix=mix, **common)).convert(copy.deepcopy(ann))
+                                calibration=CalibrationSettings(distill=DistillCalibration(mix=mix, **common))).convert(copy.deepcopy(ann))
         report = snn.calibration_report
         outs[mix] = snn
         first = report.learned["held_out_agreement"][0][1]
@@ -131,10 +131,10 @@ def test_a_block_cache_over_budget_is_refused_before_fitting_and_auto_skips_the_
     tiny = DistillCalibration(scope="blocks", steps=5, views=0, cache_gib=1e-6)
     with pytest.raises(learned.BlockCacheTooLarge, match=r"cache_gib=1e-06.*max_images or views"):
         ParallelConverter("parallel", T=2, dataloader=_data(), progress=False, method="distill",
-                          distill=tiny).convert(copy.deepcopy(ann))
+                          calibration=CalibrationSettings(distill=tiny)).convert(copy.deepcopy(ann))
     assert not fitted
-    snn = ParallelConverter("parallel", T=2, dataloader=_data(), progress=False, method="auto", distill=tiny,
-                            skip_agreement=None).convert(copy.deepcopy(ann))
+    snn = ParallelConverter("parallel", T=2, dataloader=_data(), progress=False, method="auto",
+                            calibration=CalibrationSettings(distill=tiny, skip_agreement=None)).convert(copy.deepcopy(ann))
     report = snn.calibration_report
     assert not fitted and "GiB of activations" in report.skipped["distill"] and "distill" not in report.scores
     assert report.method in ("none", "ema", "mse")

@@ -13,7 +13,8 @@ import pytest
 import torch
 from spikingjelly.activation_based import functional
 
-from sj_parallel_conversion import ParallelConversionNode, ParallelConverter, count_inference, spike_inference
+from sj_parallel_conversion import (CalibrationSettings, NetworkSettings, ParallelConversionNode,
+                                    ParallelConverter, count_inference, spike_inference)
 from sj_parallel_conversion.tools import data, models
 from sj_parallel_conversion.activation import QCFS
 from sj_parallel_conversion.tools.compare import convert_builtin
@@ -65,7 +66,7 @@ def test_qcfs_T_equals_L_neuron_counts_match_ann_levels(cifar):
     (x, _), _ = cifar
     x = x[:50]
     ann = _ckpt("cifar10_cnn_qcfs_L4.pt")
-    snn = ParallelConverter("parallel", T=4, progress=False, fuse_bn=False).convert(copy.deepcopy(ann))
+    snn = ParallelConverter("parallel", T=4, progress=False, network=NetworkSettings(fuse_bn=False)).convert(copy.deepcopy(ann))
     ann_levels, snn_counts = [], []
     hooks = [m.register_forward_hook(lambda m, i, o: ann_levels.append(
         torch.round(o / channel_view(m.theta, o.dim(), m.channel_dim) * m.L)))
@@ -90,10 +91,10 @@ def test_relu_cnn_training_free_T32_within_1pt_and_beats_ltb_T16(cifar):
     ann = _ckpt("cifar10_cnn_relu.pt")
     with torch.no_grad():
         ann_acc = _acc(ann(x), y)
-        snn32 = ParallelConverter("parallel", T=32, dataloader=calib, num_batches=10, method="ema",
-                                  progress=False).convert(copy.deepcopy(ann))
-        snn16 = ParallelConverter("parallel", T=16, dataloader=calib, num_batches=10, method="ema",
-                                  progress=False).convert(copy.deepcopy(ann))
+        snn32 = ParallelConverter("parallel", T=32, dataloader=calib, method="ema", progress=False,
+                                  calibration=CalibrationSettings(num_batches=10)).convert(copy.deepcopy(ann))
+        snn16 = ParallelConverter("parallel", T=16, dataloader=calib, method="ema", progress=False,
+                                  calibration=CalibrationSettings(num_batches=10)).convert(copy.deepcopy(ann))
         acc32 = _acc(count_inference(snn32, x), y)
         acc16 = _acc(count_inference(snn16, x), y)
         ltb = convert_builtin("ltb", ann, calib, 10, "cpu")
@@ -107,7 +108,7 @@ def test_relu_calibration_improves_short_runs(cifar):
     ann = _ckpt("cifar10_cnn_relu.pt")
     kw = dict(T=4, dataloader=calib, num_batches=10, progress=False)
     with torch.no_grad():
-        plain = ParallelConverter("parallel", calibrate=False, **kw).convert(copy.deepcopy(ann))
+        plain = ParallelConverter("parallel", **kw, calibration=CalibrationSettings(calibrate=False)).convert(copy.deepcopy(ann))
         acc_plain = _acc(count_inference(plain, x), y)
         for method in ("ema", "moment"):
             cal = ParallelConverter("parallel", method=method, **kw).convert(copy.deepcopy(ann))
@@ -120,13 +121,14 @@ def test_bias_correction_changes_short_calibration_runs(cifar):
     (batch-weighted); bias correction must undo that, so uncorrected offsets are about 30x smaller."""
     _, calib = cifar
     ann = _ckpt("cifar10_cnn_qcfs_L4.pt")
-    kw = dict(T=2, dataloader=calib, num_batches=3, progress=False, fuse_bn=False, method="ema")
-    a = ParallelConverter("parallel", **kw).convert(copy.deepcopy(ann))
-    b = ParallelConverter("parallel", bias_correction=False, **kw).convert(copy.deepcopy(ann))
+    kw = dict(T=2, dataloader=calib, progress=False, network=NetworkSettings(fuse_bn=False), method="ema")
+    a = ParallelConverter("parallel", **kw, calibration=CalibrationSettings(num_batches=3)).convert(copy.deepcopy(ann))
+    b = ParallelConverter("parallel", **kw, calibration=CalibrationSettings(num_batches=3, bias_correction=False)
+                          ).convert(copy.deepcopy(ann))
     na = [m for m in a.modules() if isinstance(m, ParallelConversionNode)]
     nb = [m for m in b.modules() if isinstance(m, ParallelConversionNode)]
-    ratios = [float((m2.bias.abs().sum() / m1.bias.abs().sum()).item()) for m1, m2 in zip(na, nb)
-              if m1.bias.abs().sum() > 0]
+    ratios = [float((m2.psi_da.abs().sum() / m1.psi_da.abs().sum()).item()) for m1, m2 in zip(na, nb)
+              if m1.psi_da.abs().sum() > 0]
     assert ratios
     assert all(0.01 < r < 0.1 for r in ratios), ratios
 
@@ -135,7 +137,8 @@ def test_count_domain_equals_spike_level_with_max_pool(cifar):
     (x, _), calib = cifar
     ann = _ckpt("cifar10_cnn_relu.pt")
     assert any(isinstance(m, torch.nn.MaxPool2d) for m in ann.modules())
-    snn = ParallelConverter("parallel", T=8, dataloader=calib, num_batches=2, progress=False, method="ema").convert(ann)
+    snn = ParallelConverter("parallel", T=8, dataloader=calib, progress=False, method="ema",
+                            calibration=CalibrationSettings(num_batches=2)).convert(ann)
     # float64: in float32 a different summation order can flip a count at a threshold boundary.
     snn, x = snn.double(), x[:64].double()
     with torch.no_grad():
@@ -147,7 +150,8 @@ def test_option_a_resnet20_converts_on_real_data(cifar):
     (x, _), calib = cifar
     torch.manual_seed(0)
     ann = models.build_model("resnet20", num_classes=10, act="relu").eval()
-    snn = ParallelConverter("parallel", T=16, dataloader=calib, num_batches=2, progress=False, method="ema").convert(ann)
+    snn = ParallelConverter("parallel", T=16, dataloader=calib, progress=False, method="ema",
+                            calibration=CalibrationSettings(num_batches=2)).convert(ann)
     snn, x = snn.double(), x[:32].double()
     with torch.no_grad():
         c = count_inference(snn, x)

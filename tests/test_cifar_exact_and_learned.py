@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sj_parallel_conversion import ParallelConversionNode, ParallelConverter, count_inference
+from sj_parallel_conversion import NetworkSettings, ParallelConversionNode, ParallelConverter, count_inference
 from sj_parallel_conversion.tools import data, models
 from sj_parallel_conversion import spike_inference
 from sj_parallel_conversion.joins import TimeMean
@@ -65,7 +65,7 @@ def test_bn_folding_is_what_breaks_exactness(cifar10_dir):
     """The check above has power: folding BN (the old default) changes count-domain logits."""
     ann = _qcfs_resnet20_with_bn()
     x, _ = _test_set(cifar10_dir, limit=1000)
-    folded = ParallelConverter("parallel", T=8, progress=False, fuse_bn=True).convert(copy.deepcopy(ann))
+    folded = ParallelConverter("parallel", T=8, progress=False, network=NetworkSettings(fuse_bn=True)).convert(copy.deepcopy(ann))
     assert not torch.equal(_logits(ann, x), _logits(lambda b: count_inference(folded, b), x))
 
 

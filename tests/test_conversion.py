@@ -8,12 +8,14 @@ import torch.nn.functional as F
 from spikingjelly.activation_based import ann2snn, functional, monitor
 
 from sj_parallel_conversion import (
-    QCFS,
+    CalibrationSettings,
     ClipReLU,
     GraphConversionError,
+    NetworkSettings,
     ParallelConversionNode,
     ParallelConversionRecipe,
     ParallelConverter,
+    QCFS,
     count_inference,
     parallel_neuron_factory,
     spike_inference,
@@ -114,7 +116,7 @@ def test_uncalibrated_qcfs_T_not_L_differs_from_ann_but_calibration_needs_data()
     ann = CoverageNet(_qcfs(L=8)).eval()
     with pytest.raises(ValueError, match="dataloader"):
         ParallelConverter("parallel", T=4, progress=False).convert(ann)
-    snn = ParallelConverter("parallel", T=4, calibrate=False, progress=False).convert(ann)
+    snn = ParallelConverter("parallel", T=4, progress=False, calibration=CalibrationSettings(calibrate=False)).convert(ann)
     x = torch.randn(16, 3, 16, 16)
     assert not torch.allclose(count_inference(snn, x), ann(x).detach())
 
@@ -136,7 +138,7 @@ def test_relu_patterns_convert_and_count_domain_matches_spikes(model_fn):
 def test_relu6_and_clamp_become_clip_relu_with_recorded_max_capped():
     ann = FunctionalReLUNet().eval()
     x = torch.randn(32, 3, 8, 8) * 5
-    rec = ParallelConversionRecipe(4, _loader(x), calibrate=False, progress=False)
+    rec = ParallelConversionRecipe(4, _loader(x), progress=False, calibration=CalibrationSettings(calibrate=False))
     snn = ann2snn.Converter(rec).convert(ann)
     nodes = [m for m in snn.modules() if isinstance(m, ParallelConversionNode)]
     assert len(nodes) == 5  # F.relu, torch.relu, clamp(0, 6), ReLU6, .relu()
@@ -271,11 +273,41 @@ def test_converter_api_errors():
         with pytest.raises(ValueError, match="T must be an integer >= 1"):
             ParallelConversionRecipe(bad)
     with pytest.raises(ValueError, match="alpha"):
-        ParallelConversionRecipe(4, alpha=1.0)
+        ParallelConversionRecipe(4, calibration=CalibrationSettings(alpha=1.0))
     with pytest.raises(ValueError, match="mode"):
         ParallelConversionRecipe(4, mode="lif")
     with pytest.raises(ValueError, match="records per-channel maxima.*dataloader"):
         ParallelConverter("parallel", T=4).convert(CoverageNet(nn.ReLU).eval())
+
+
+def test_recipe_settings_are_checked_where_they_are_grouped():
+    from sj_parallel_conversion.recipe import with_calibration
+
+    for settings, match in ((CalibrationSettings(alpha=1.0), "alpha"), (CalibrationSettings(num_batches=0), "num_batches"),
+                            (CalibrationSettings(calibrate="yes"), "calibrate"),
+                            (CalibrationSettings(skip_agreement=1.5), "skip_agreement"),
+                            (CalibrationSettings(selection_fraction=None), "selection_fraction")):
+        with pytest.raises(ValueError, match=match):
+            ParallelConversionRecipe(4, calibration=settings)
+    for settings, match in ((NetworkSettings(backend="gpu"), "backend"), (NetworkSettings(spike_order="middle"), "order"),
+                            (NetworkSettings(fuse_bn="no"), "fuse_bn")):
+        with pytest.raises(ValueError, match=match):
+            ParallelConversionRecipe(4, network=settings)
+    with pytest.raises(TypeError, match="inplace"):
+        ParallelConversionRecipe(4, network=NetworkSettings(inplace=1))
+    with pytest.raises(TypeError, match="calibration must be a CalibrationSettings"):
+        ParallelConversionRecipe(4, calibration=NetworkSettings())
+    with pytest.raises(TypeError, match="learned must be a LearnedCalibration"):
+        ParallelConversionRecipe(4, calibration=CalibrationSettings(learned={"steps": 3}))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'alpha'"):
+        ParallelConversionRecipe(4, alpha=0.9)  # the settings are grouped, not flat keywords
+    assert NetworkSettings(analog_sites=["relu"]).analog_sites == ("relu",)
+    # with_calibration changes a copy of the settings it is given, and only the fields named
+    given = {"method": "ema", "calibration": CalibrationSettings(alpha=0.5)}
+    out = with_calibration(given, num_batches=3)
+    assert out["calibration"] == CalibrationSettings(alpha=0.5, num_batches=3) and out["method"] == "ema"
+    assert given["calibration"].num_batches is None
+    assert with_calibration(None, calibrate=False) == {"calibration": CalibrationSettings(calibrate=False)}
 
 
 def test_converter_builds_the_recipe_from_its_name():
@@ -300,8 +332,8 @@ def test_state_dict_round_trip_and_spikingjelly_utilities():
     snn = ParallelConverter("parallel", T=4, dataloader=_loader(x), progress=False, method="ema").convert(ann)
     ref = count_inference(snn, x)
     # Rebuild the structure without calibration, then load the calibrated state.
-    fresh = ParallelConverter("parallel", T=4, dataloader=_loader(x[:8]), calibrate=False,
-                              progress=False).convert(CoverageNet(nn.ReLU).eval())
+    fresh = ParallelConverter("parallel", T=4, dataloader=_loader(x[:8]), progress=False,
+                              calibration=CalibrationSettings(calibrate=False)).convert(CoverageNet(nn.ReLU).eval())
     fresh.load_state_dict(snn.state_dict())
     torch.testing.assert_close(count_inference(fresh, x), ref)
     # SpikingJelly utilities.
@@ -327,7 +359,8 @@ def test_rate_coding_neuron_factory_matches_uncalibrated_recipe():
     sj = ann2snn.Converter(ann2snn.RateCodingRecipe(one_batch, channel_wise=True,
                                                     neuron_factory=parallel_neuron_factory(8))).convert(ann)
     assert sum(isinstance(m, ParallelConversionNode) for m in sj.modules()) == 2
-    ours = ParallelConverter("parallel", T=8, dataloader=one_batch, calibrate=False, progress=False).convert(ann)
+    ours = ParallelConverter("parallel", T=8, dataloader=one_batch, progress=False,
+                             calibration=CalibrationSettings(calibrate=False)).convert(ann)
     functional.set_step_mode(sj, "m")
     a = spike_inference(sj, x, 8).mean(0)
     b = spike_inference(ours, x).mean(0)
@@ -385,11 +418,12 @@ def test_analog_sites_stay_relu_and_must_precede_all_spiking_sites():
     ann = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 1), nn.ReLU(),
                         nn.Flatten(), nn.Linear(36, 3)).eval()
     x = torch.randn(32, 3, 8, 8)
-    snn = ParallelConverter("parallel", T=8, dataloader=[x], analog_sites=["1"], progress=False, method="ema").convert(ann)
+    snn = ParallelConverter("parallel", T=8, dataloader=[x], progress=False, method="ema",
+                            network=NetworkSettings(analog_sites=["1"])).convert(ann)
     assert isinstance(snn.get_submodule("1"), AnalogReLU)
     assert isinstance(snn.get_submodule("4"), ParallelConversionNode)
     torch.testing.assert_close(spike_inference(snn, x).mean(0), count_inference(snn, x), rtol=1e-4, atol=1e-5)
     with pytest.raises(GraphConversionError, match="spiking site '1' precedes it"):
-        ParallelConverter("parallel", T=8, dataloader=ExplodingLoader(), analog_sites=["4"]).convert(ann)
+        ParallelConverter("parallel", T=8, dataloader=ExplodingLoader(), network=NetworkSettings(analog_sites=["4"])).convert(ann)
     with pytest.raises(ValueError, match="not an activation site"):
-        ParallelConverter("parallel", T=8, dataloader=ExplodingLoader(), analog_sites=["0"]).convert(ann)
+        ParallelConverter("parallel", T=8, dataloader=ExplodingLoader(), network=NetworkSettings(analog_sites=["0"])).convert(ann)

@@ -34,8 +34,8 @@ def _options(method):
     if method == "learned":
         # Equal to one process only where every draw is the same: Algorithm 1's start (mse thresholds
         # sample values per process) and no views (drawn per process).
-        return dict(method="learned", learned=LearnedCalibration(steps=12, eval_every=4, patience=1, cuts=1, batch_size=BATCH,
-                                                                 start="ema", views=0))
+        return dict(method="learned", calibration=CalibrationSettings(learned=LearnedCalibration(
+            steps=12, eval_every=4, patience=1, cuts=1, batch_size=BATCH, start="ema", views=0)))
     return dict(method=method)
 
 
@@ -68,8 +68,8 @@ def test_two_process_gloo_calibration_equals_single_process(tmp_path, method):
     union = [torch.cat([s[i:i + BATCH] for s in shards]) for i in range(0, len(shards[0]), BATCH)]
     options = _options(method)
     if method == "learned":  # the single process's minibatches are the union of the ranks' minibatches
-        options["learned"] = LearnedCalibration(steps=12, eval_every=4, patience=1, cuts=1, batch_size=world * BATCH,
-                                                start="ema", views=0)
+        options["calibration"] = CalibrationSettings(learned=LearnedCalibration(
+            steps=12, eval_every=4, patience=1, cuts=1, batch_size=world * BATCH, start="ema", views=0))
     ref = ParallelConverter("parallel", T=4, dataloader=union, progress=False, **options).convert(_model()).state_dict()
     assert r0["state"].keys() == ref.keys()
     for k in ref:
@@ -80,11 +80,11 @@ def test_two_process_gloo_calibration_equals_single_process(tmp_path, method):
             # not bit for bit with a single process.
             continue
         torch.testing.assert_close(r0["state"][k], ref[k], rtol=1e-5, atol=1e-6, msg=f"{k} differs from single process")
-    # Calibration moved psi_da (the node's bias) or phi_da (spike_value - v_threshold) away from
+    # Calibration moved psi_da or phi_da (spike_value - v_threshold) away from
     # their initial 0 at some node, so equal results above are not equal defaults.
     nodes = sorted({k.rpartition(".")[0] for k in ref if k.endswith(".spike_value")})
     assert nodes, "no parallel neuron in the converted model"
-    assert any(ref[f"{n}.bias"].abs().max() > 1e-4
+    assert any(ref[f"{n}.psi_da"].abs().max() > 1e-4
                or (ref[f"{n}.spike_value"] - ref[f"{n}.v_threshold"]).abs().max() > 1e-4 for n in nodes)
     # Evaluation counts are summed over ranks.
     assert r0["n"] == r1["n"] == len(x)

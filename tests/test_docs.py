@@ -48,7 +48,7 @@ def test_tutorial_script_runs_and_prints_the_comparison():
     # What the recipe did is printed, and the calibrate=False line compares against Algorithm 1 by name.
     for T in (2, 4, 8, 16, 32):
         assert re.search(rf"T={T:2d}: calibration: ema \(", out), T
-    assert "ParallelConversionRecipe(calibrate=False)" in out and "ParallelConversionRecipe(method='ema')" in out
+    assert "CalibrationSettings(calibrate=False)" in out and "ParallelConversionRecipe(method='ema')" in out
     assert "T=2, method='auto': calibration (auto): kept " in out
     # Every output the page quotes is what the script prints, timings aside (issue 26).
     printed = {_untimed(line) for line in out.splitlines()}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sj_parallel_conversion import ParallelConversionNode, formulas, kernels
+from sj_parallel_conversion import NetworkSettings, ParallelConversionNode, formulas, kernels
 from sj_parallel_conversion.kernels import native_backend, torch_backend
 
 PARAMS = (torch.tensor(1.0), torch.tensor(0.5), torch.tensor(0.0), torch.tensor(1.0))
@@ -230,7 +230,7 @@ def test_saved_networks_keep_their_nodes_backend(tmp_path, backend):
     ann = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5)).eval()
     x = torch.randn(8, 3, 6, 6)
     snn = ParallelConverter("parallel", T=4, dataloader=[x], progress=False, method="ema",
-                            backend=backend).convert(ann)
+                            network=NetworkSettings(backend=backend)).convert(ann)
     save_snn(snn, tmp_path / "snn.pt")
     loaded = load_snn(tmp_path / "snn.pt")
     nodes = [m for m in loaded.modules() if isinstance(m, ParallelConversionNode)]

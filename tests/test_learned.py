@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sj_parallel_conversion import ParallelConversionNode, ParallelConverter, count_inference, spike_inference
+from sj_parallel_conversion import (CalibrationSettings, ParallelConversionNode, ParallelConverter,
+                                    count_inference, spike_inference)
 from sj_parallel_conversion import formulas
 from sj_parallel_conversion.activation import DAQCFS, QCFS, ClipReLU
 from sj_parallel_conversion.learned import (DistillCalibration, LearnedCalibration, LearnedSite, distillation_kl,
@@ -61,7 +62,7 @@ def test_learned_site_from_qcfs_broadcasts_its_scalar_threshold_per_channel():
 def test_thresholds_stay_positive_and_bounded_whatever_the_learning_rate():
     batches = _batches()
     snn = ParallelConverter("parallel", T=2, dataloader=batches, progress=False, method="learned",
-                            learned=LearnedCalibration(steps=20, lr=50.0, eval_every=5, patience=20)).convert(_net())
+                            calibration=CalibrationSettings(learned=LearnedCalibration(steps=20, lr=50.0, eval_every=5, patience=20))).convert(_net())
     for m in snn.modules():
         if isinstance(m, ParallelConversionNode):
             assert bool((m.v_threshold > 0).all()) and bool((m.spike_value > 0).all())
@@ -73,7 +74,7 @@ def test_learned_result_is_the_parallel_snn_and_improves_the_held_out_fit():
     batches = _batches()
     ann = _net()
     snn = ParallelConverter("parallel", T=2, dataloader=batches, progress=False, method="learned",
-                            learned=FAST).convert(ann)
+                            calibration=CalibrationSettings(learned=FAST)).convert(ann)
     assert not any(isinstance(m, LearnedSite) for m in snn.modules())
     nodes = [m for m in snn.modules() if isinstance(m, ParallelConversionNode)]
     assert len(nodes) == 2 and all(n.v_threshold.numel() > 1 for n in nodes)
@@ -96,16 +97,16 @@ def test_learned_result_is_the_parallel_snn_and_improves_the_held_out_fit():
 def test_learned_is_deterministic_for_a_seed():
     batches = _batches()
     a = ParallelConverter("parallel", T=2, dataloader=batches, progress=False, method="learned",
-                          learned=FAST).convert(_net()).state_dict()
+                          calibration=CalibrationSettings(learned=FAST)).convert(_net()).state_dict()
     b = ParallelConverter("parallel", T=2, dataloader=batches, progress=False, method="learned",
-                          learned=FAST).convert(_net()).state_dict()
+                          calibration=CalibrationSettings(learned=FAST)).convert(_net()).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_learned_calibration_of_a_qcfs_network_at_T_not_L():
     batches = _batches()
     snn = ParallelConverter("parallel", T=2, dataloader=batches, progress=False, method="learned",
-                            learned=FAST).convert(_net(lambda: QCFS(L=8, theta=2.0)))
+                            calibration=CalibrationSettings(learned=FAST)).convert(_net(lambda: QCFS(L=8, theta=2.0)))
     report = snn.calibration_report
     assert report.method == "learned" and report.scores["learned"]["images"] == math.ceil(192 * FAST.holdout)
 
@@ -116,7 +117,7 @@ def test_kl_plus_sites_loss_runs_and_mse_and_the_temperature_differ_from_kl():
     for name, loss, tau in (("kl", "kl", 4.0), ("kl at 1", "kl", 1.0), ("mse", "mse", 4.0), ("kl+sites", "kl+sites", 4.0)):
         opts = LearnedCalibration(steps=10, eval_every=5, patience=10, batch_size=32, loss=loss, temperature=tau)
         snn = ParallelConverter("parallel", T=2, dataloader=batches, progress=False, method="learned",
-                                learned=opts).convert(_net())
+                                calibration=CalibrationSettings(learned=opts)).convert(_net())
         out[name] = torch.cat([m.v_threshold for m in snn.modules() if isinstance(m, ParallelConversionNode)])
     assert all(not torch.equal(out["kl"], out[k]) for k in ("kl at 1", "mse", "kl+sites"))
 
@@ -174,8 +175,8 @@ def test_auto_is_the_default_reports_its_choice_and_keeps_the_chosen_network(cap
     batches = _batches()
     ann = _net()
     with caplog.at_level(logging.INFO, logger="sj_parallel_conversion"):
-        snn = ParallelConverter("parallel", T=2, dataloader=batches, progress=False, skip_agreement=None,
-                                distill=FAST_DISTILL).convert(ann)
+        snn = ParallelConverter("parallel", T=2, dataloader=batches, progress=False,
+                                calibration=CalibrationSettings(skip_agreement=None, distill=FAST_DISTILL)).convert(ann)
     report = snn.calibration_report
     assert isinstance(report, CalibrationReport) and report.requested == "auto"
     assert set(report.scores) == {"none", "ema", "mse", "distill"} and not report.skipped
@@ -184,7 +185,7 @@ def test_auto_is_the_default_reports_its_choice_and_keeps_the_chosen_network(cap
     lines = [r.getMessage() for r in caplog.records if "calibration (auto)" in r.getMessage()]
     assert len(lines) == 1 and f"kept {report.method} (auto)" in lines[0]
     # The network returned is the one that was scored: re-measure it on the selection images.
-    _, select = split_images(batches, ParallelConversionRecipe(2).selection_fraction)
+    _, select = split_images(batches, CalibrationSettings().selection_fraction)
     assert report.selection_images == select[0].shape[0]
     with torch.no_grad():
         refs = [ann(x) for x in select]
@@ -224,8 +225,8 @@ def test_fit_early_stopping_and_selection_read_disjoint_images(monkeypatch):
     monkeypatch.setattr(recipe_mod, "learn_calibration", spy_fit)
     monkeypatch.setattr(recipe_mod, "held_out_score", spy_score)
     batches = _tagged_batches()
-    snn = ParallelConverter("parallel", T=2, dataloader=batches, progress=False, skip_agreement=None,
-                            distill=FAST_DISTILL).convert(_net())
+    snn = ParallelConverter("parallel", T=2, dataloader=batches, progress=False,
+                            calibration=CalibrationSettings(skip_agreement=None, distill=FAST_DISTILL)).convert(_net())
     select = set().union(*seen["scored"])
     assert all(ids == select for ids in seen["scored"]) and len(seen["scored"]) == 4  # none, ema, mse, distill
     assert seen["fit"] and seen["stop"] and select
@@ -241,7 +242,7 @@ def test_no_label_is_read_garbage_labels_give_the_same_network(method):
     g = torch.Generator().manual_seed(5)
     real = [(x, torch.randint(0, 10, (x.shape[0],), generator=g)) for x in batches]
     garbage = [(x, torch.full((3,), -12345)) for x in batches]
-    options = dict(progress=False, method=method, distill=FAST_DISTILL, skip_agreement=None)
+    options = dict(progress=False, method=method, calibration=CalibrationSettings(distill=FAST_DISTILL, skip_agreement=None))
     a = ParallelConverter("parallel", T=2, dataloader=real, **options).convert(_net()).state_dict()
     b = ParallelConverter("parallel", T=2, dataloader=garbage, **options).convert(_net()).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -270,10 +271,10 @@ def test_distill_beats_learned_where_thresholds_alone_cannot_fit(scope):
     batches = [torch.randn(64, 20, generator=g) for _ in range(8)]
     common = dict(steps=150, eval_every=25, patience=3, batch_size=32, lr=1e-2, start="mse")
     learned = ParallelConverter("parallel", T=1, dataloader=batches, progress=False, method="learned",
-                                learned=LearnedCalibration(**common)).convert(ann)
+                                calibration=CalibrationSettings(learned=LearnedCalibration(**common))).convert(ann)
     options = dict(weight_lr=3e-3) if scope == "network" else dict(weight_lr=1e-2, mix=0.0)
     distilled = ParallelConverter("parallel", T=1, dataloader=batches, progress=False, method="distill",
-                                  distill=DistillCalibration(scope=scope, **options, **common)).convert(ann)
+                                  calibration=CalibrationSettings(distill=DistillCalibration(scope=scope, **options, **common))).convert(ann)
     # The same held-out images (same split, same options) for both.
     s_learned, s_distilled = learned.calibration_report.scores["learned"], distilled.calibration_report.scores["distill"]
     assert s_distilled["images"] == s_learned["images"]
@@ -308,13 +309,13 @@ def test_a_fit_that_worsens_held_out_agreement_returns_its_start(monkeypatch, ca
     opts = LearnedCalibration(steps=30, lr=0.05, eval_every=5, patience=10, batch_size=32, start="none")
     with caplog.at_level(logging.WARNING, logger="sj_parallel_conversion"):
         snn = ParallelConverter("parallel", T=2, dataloader=_batches(), progress=False, method="learned",
-                                learned=opts).convert(_net())
+                                calibration=CalibrationSettings(learned=opts)).convert(_net())
     history = snn.calibration_report.learned
     assert history["fell_back"] and history["kept_step"] == 0 and history["steps_run"] == 30
     assert "fell back to its start" in snn.calibration_report.label
     assert sum("keeping the start" in r.getMessage() for r in caplog.records) == 1
     start = ParallelConverter("parallel", T=2, dataloader=_batches(), progress=False,
-                              calibrate=False).convert(_net())
+                              calibration=CalibrationSettings(calibrate=False)).convert(_net())
     assert not torch.equal(calls[-1], calls[0])  # the fit did move away from its start
     assert torch.equal(count_inference(snn, probe), count_inference(start, probe))
 
@@ -332,7 +333,7 @@ def test_a_drop_of_held_out_agreement_within_its_noise_keeps_the_fit(monkeypatch
         monkeypatch.setattr(learned_mod, "held_out_score",
                             lambda *a, **k: {"agreement": next(scores), "kl": 0.5, "images": 205})
         snn = ParallelConverter("parallel", T=2, dataloader=_batches(), progress=False, method="distill",
-                                distill=DistillCalibration(steps=5, eval_every=5, batch_size=32, views=0)).convert(_net())
+                                calibration=CalibrationSettings(distill=DistillCalibration(steps=5, eval_every=5, batch_size=32, views=0))).convert(_net())
         assert snn.calibration_report.learned["fell_back"] is fell
 
 
@@ -343,7 +344,8 @@ def test_auto_skips_the_fit_when_a_cheap_candidate_already_agrees(monkeypatch):
         raise AssertionError("the fit ran although a cheap candidate agreed on every selection image")
 
     monkeypatch.setattr(recipe_mod, "learn_calibration", no_fit)
-    snn = ParallelConverter("parallel", T=64, dataloader=_batches(), progress=False, skip_agreement=0.95).convert(_net())
+    snn = ParallelConverter("parallel", T=64, dataloader=_batches(), progress=False,
+                            calibration=CalibrationSettings(skip_agreement=0.95)).convert(_net())
     report = snn.calibration_report
     assert "distill" in report.skipped and "agrees with the ANN" in report.skipped["distill"]
     assert set(report.scores) == {"none", "ema", "mse"} and report.method in report.scores
@@ -367,7 +369,8 @@ def test_paper_method_is_algorithm_1_with_the_papers_settings_on_convolution_sit
     assert torch.equal(nodes[1].spike_value, nodes[1].v_threshold)
     # The convolution site: alpha = 0.99 without bias correction, i.e. after n batches the shift
     # holds only 1 - 0.99**n of the averaged error (independent check with calibrate_da).
-    recipe = ParallelConversionRecipe(4, batches, method="ema", alpha=0.99, bias_correction=False, progress=False)
+    recipe = ParallelConversionRecipe(4, batches, method="ema", progress=False,
+                                      calibration=CalibrationSettings(alpha=0.99, bias_correction=False))
     reference = ParallelConverter(recipe).convert(ann)
     ref_nodes = [m for m in reference.modules() if isinstance(m, ParallelConversionNode)]
     torch.testing.assert_close(nodes[0].psi_da, ref_nodes[0].psi_da)
@@ -530,7 +533,7 @@ def test_a_plateau_returns_to_the_best_parameters_with_a_smaller_step_and_the_la
     opts = LearnedCalibration(steps=100, lr=0.02, eval_every=3, patience=2, decay=0.5, cuts=2, batch_size=32, start="none",
                               warmup=0)
     snn = ParallelConverter("parallel", T=2, dataloader=_batches(), progress=False, method="learned",
-                            learned=opts).convert(_net())
+                            calibration=CalibrationSettings(learned=opts)).convert(_net())
     history = snn.calibration_report.learned
     assert history["cuts"] == [6, 12] and history["steps_run"] == 18 and history["kept_step"] == 0
     assert [lr for lr, _ in seen] == pytest.approx([0.02] * 6 + [0.01] * 6 + [0.005] * 6)
@@ -554,8 +557,8 @@ def test_comparison_rows_and_json_name_the_calibration(tmp_path):
     batches = _batches()
     test = [(x, torch.zeros(x.shape[0], dtype=torch.long)) for x in _batches(n=1, seed=9)]
     labels = {}
-    for options in (dict(method="ema"), dict(calibrate=False), dict(method="auto", distill=FAST_DISTILL,
-                                                                       skip_agreement=None)):
+    for options in (dict(method="ema"), dict(calibration=CalibrationSettings(calibrate=False)),
+                    dict(method="auto", calibration=CalibrationSettings(distill=FAST_DISTILL, skip_agreement=None))):
         table = compare_converters(_net(), batches, test, [2], methods=["ann", "parallel-count"], progress=False,
                                    recipe_options=options)
         table.to_json(str(tmp_path / "t.json"))
@@ -582,7 +585,8 @@ def test_the_rates_rise_linearly_over_the_warm_up(monkeypatch):
     monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
     opts = DistillCalibration(steps=12, lr=0.01, weight_lr=0.002, warmup=8, eval_every=100, batch_size=32, start="none",
                               scope="network")
-    ParallelConverter("parallel", T=2, dataloader=_batches(), progress=False, method="distill", distill=opts).convert(_net())
+    ParallelConverter("parallel", T=2, dataloader=_batches(), progress=False, method="distill",
+                      calibration=CalibrationSettings(distill=opts)).convert(_net())
     assert [s[0] for s in seen] == pytest.approx([0.01 * min(1, (i + 1) / 8) for i in range(12)])
     assert [s[1] for s in seen] == pytest.approx([0.002 * min(1, (i + 1) / 8) for i in range(12)])
 
@@ -597,7 +601,8 @@ def test_each_block_decays_its_rates_along_a_cosine(monkeypatch):
 
     monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
     opts = DistillCalibration(steps=10, lr=0.01, weight_lr=0.002, eval_every=100, batch_size=32, start="none", views=0)
-    ParallelConverter("parallel", T=2, dataloader=_batches(), progress=False, method="distill", distill=opts).convert(_net())
+    ParallelConverter("parallel", T=2, dataloader=_batches(), progress=False, method="distill",
+                      calibration=CalibrationSettings(distill=opts)).convert(_net())
     cosine = [0.5 * (1 + math.cos(math.pi * i / 10)) for i in range(10)]
     assert len(seen) % 10 == 0 and len(seen) >= 20
     for block in range(len(seen) // 10):

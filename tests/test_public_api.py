@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from spikingjelly.activation_based import ann2snn
 from torch import fx
 
-from sj_parallel_conversion import QCFS, ClipReLU, ParallelConversionRecipe, ParallelConverter, count_inference
+from sj_parallel_conversion import (ClipReLU, NetworkSettings, ParallelConversionRecipe, ParallelConverter, QCFS,
+                                    count_inference)
 from sj_parallel_conversion.activation import DAQCFS, activation_call
 from sj_parallel_conversion.tracing import activation_calls_to_modules, fold_bn
 
@@ -201,7 +202,7 @@ def test_fold_bn_matches_the_unfolded_model_and_skips_shared_convs():
 def test_recipe_fuse_bn_option_and_lossless_output():
     ann = _qnet()
     x = torch.randn(4, 3, 6, 6)
-    folded = ParallelConverter("parallel", T=4, progress=False, fuse_bn=True).convert(copy.deepcopy(ann))
+    folded = ParallelConverter("parallel", T=4, progress=False, network=NetworkSettings(fuse_bn=True)).convert(copy.deepcopy(ann))
     # Lossless (QCFS, T == L): by default BN stays unfolded and the count domain is exact.
     kept = ParallelConverter("parallel", T=4, progress=False).convert(copy.deepcopy(ann))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())

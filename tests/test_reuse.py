@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 from spikingjelly.activation_based import monitor
 
-from sj_parallel_conversion import ParallelConversionNode, ParallelConverter, count_domain_model, kernels
+from sj_parallel_conversion import (NetworkSettings, ParallelConversionNode, ParallelConverter, count_domain_model,
+                                    kernels)
 from sj_parallel_conversion.kernels import native_backend
 from sj_parallel_conversion.tools.models import build_model
 from sj_parallel_conversion.reuse import accumulate, reuse_memory
@@ -148,7 +149,7 @@ class Shared(nn.Module):
 
 def _convert(ann, T, inplace, x):
     return ParallelConverter("parallel", T=T, dataloader=[x], progress=False, method="ema",
-                             inplace=inplace).convert(copy.deepcopy(ann))
+                             network=NetworkSettings(inplace=inplace)).convert(copy.deepcopy(ann))
 
 
 def test_reuse_only_where_the_graph_shows_a_sole_reader():
@@ -212,7 +213,7 @@ def test_reuse_memory_is_idempotent_and_keeps_the_outputs():
 
 def test_recipe_option_is_checked():
     with pytest.raises(TypeError, match="inplace must be True or False"):
-        ParallelConverter("parallel", T=4, dataloader=[torch.randn(2, 3)], inplace="yes")
+        ParallelConverter("parallel", T=4, dataloader=[torch.randn(2, 3)], network=NetworkSettings(inplace="yes"))
 
 
 def test_input_monitor_records_currents_when_it_clones_them():

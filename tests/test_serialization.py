@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sj_parallel_conversion import (ParallelConversionNode, ParallelConversionRecipe, ParallelConverter,
+from sj_parallel_conversion import (NetworkSettings, ParallelConversionNode, ParallelConversionRecipe, ParallelConverter,
                                     count_inference, load_snn, save_snn, spike_inference)
 from sj_parallel_conversion import fileio
 from sj_parallel_conversion.tools import models
@@ -202,7 +202,7 @@ def test_analog_relu_sites_round_trip(tmp_path):
 
     torch.manual_seed(0)
     x = torch.rand(6, 3, 8, 8)
-    snn = _convert(TinyRes(), 4, x, method="ema", analog_sites=["relu1"])
+    snn = _convert(TinyRes(), 4, x, method="ema", network=NetworkSettings(analog_sites=["relu1"]))
     assert isinstance(snn.relu1, AnalogReLU)
     save_snn(snn, tmp_path / "analog.pt", metadata={"T": 4})
     back = load_snn(tmp_path / "analog.pt")

@@ -423,22 +423,24 @@ def _num_classes_hint(spec: str, weights: str, kwargs: dict) -> str:
 
 def _recipe(args, T, calib_loader, calibrate=None):
     from .. import distributed
-    from ..recipe import ParallelConversionRecipe
+    from ..recipe import ParallelConversionRecipe, with_calibration
 
     reducer = distributed.allreduce_reducer() if distributed.is_distributed() else None
-    return ParallelConversionRecipe(T, calib_loader, calibrate=calibrate, progress=not args.no_progress,
-                                    alpha=getattr(args, "alpha", DEFAULTS["alpha"]), reducer=reducer,
-                                    **_method_options(args))
+    return ParallelConversionRecipe(T, calib_loader, progress=not args.no_progress, reducer=reducer,
+                                    **with_calibration(_method_options(args), calibrate=calibrate))
 
 
 def _method_options(args) -> dict:
+    """The recipe's ``method`` and ``calibration`` from the command's options."""
     from ..learned import DistillCalibration, LearnedCalibration
+    from ..recipe import CalibrationSettings
 
-    options = {"method": getattr(args, "method", None) or DEFAULTS["method"]}
+    fits = {}
     if getattr(args, "learn_steps", None) is not None:
-        options["learned"] = LearnedCalibration(steps=args.learn_steps)
-        options["distill"] = DistillCalibration(steps=args.learn_steps)
-    return options
+        steps = args.learn_steps
+        fits = dict(learned=LearnedCalibration(steps=steps), distill=DistillCalibration(steps=steps))
+    return {"method": getattr(args, "method", None) or DEFAULTS["method"],
+            "calibration": CalibrationSettings(alpha=getattr(args, "alpha", DEFAULTS["alpha"]), **fits)}
 
 
 def _is_main_process() -> bool:

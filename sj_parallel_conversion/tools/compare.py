@@ -25,7 +25,7 @@ from ..inference import check_repeats, evaluate, evaluation_batches, predictor
 from ..neuron import ParallelConversionNode
 from ..progress import progress as progress_bar
 from ..progress import quiet_stderr
-from ..recipe import ParallelConversionRecipe, ParallelConverter
+from ..recipe import ParallelConversionRecipe, ParallelConverter, with_calibration
 from ..timing import synchronize
 
 __all__ = ["METHODS", "BUILTIN", "LABELS", "ComparisonRow", "ComparisonTable", "compare_converters", "convert_builtin",
@@ -353,9 +353,9 @@ def compare_converters(
         for T in Ts:
             t0 = time.perf_counter()
             try:
-                snn = ParallelConverter(ParallelConversionRecipe(
-                    T, calib_loader, num_batches=num_calib_batches, progress=progress,
-                    **(recipe_options or {})), device=device).convert(copy.deepcopy(ann))
+                options = with_calibration(recipe_options, num_batches=num_calib_batches)
+                snn = ParallelConverter(ParallelConversionRecipe(T, calib_loader, progress=progress, **options),
+                                        device=device).convert(copy.deepcopy(ann))
             except Exception as exc:
                 for m in ("parallel", "parallel-count"):
                     if m in methods:
@@ -373,13 +373,12 @@ def compare_converters(
                 table.rows.append(ComparisonRow("parallel-count", T, acc, n, conv, sec, calibration=label))
 
     if "parallel-learned" in methods:
-        options = {**(recipe_options or {}), "method": "learned"}
+        options = {**with_calibration(recipe_options, num_batches=num_calib_batches), "method": "learned"}
         for T in Ts:
             t0 = time.perf_counter()
             try:
-                snn = ParallelConverter(ParallelConversionRecipe(
-                    T, calib_loader, num_batches=num_calib_batches, progress=progress, **options),
-                    device=device).convert(copy.deepcopy(ann))
+                snn = ParallelConverter(ParallelConversionRecipe(T, calib_loader, progress=progress, **options),
+                                        device=device).convert(copy.deepcopy(ann))
             except Exception as exc:
                 table.rows.append(ComparisonRow("parallel-learned", T, None, 0, time.perf_counter() - t0, 0.0,
                                                 f"cannot convert: {exc}"))

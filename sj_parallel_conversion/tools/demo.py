@@ -28,7 +28,7 @@ from .compare import (BUILTIN, BUILTIN_CALIBRATION, ComparisonRow, ComparisonTab
                       compare_converters, convert_builtin, count_batches, evaluate, evaluate_steps, machine_label)
 from ..inference import predictor, spike_inference
 from ..learned import LearnedCalibration
-from ..recipe import ParallelConversionRecipe, ParallelConverter
+from ..recipe import CalibrationSettings, ParallelConversionRecipe, ParallelConverter
 from .training import train_classifier
 
 __all__ = ["run_demo", "planned_rows", "CIFAR_CHECKPOINT", "CIFAR_T", "DEMO_DATA", "DEMO_OPTIONS", "LEARN_STEPS",
@@ -252,11 +252,11 @@ def _run_cifar10(out_dir: str, Ts: list, test_images: int, calib_images: int, ba
         # Learned calibration fits every neuron's thresholds and shift to the ANN's outputs; it
         # gains most at small T, where Algorithm 1 loses most (docs: calibration).
         t0 = time.perf_counter()
-        recipe = ParallelConversionRecipe(T, DataLoader(learn_set, batch_size=128), progress=False,
-                                          method="learned", learned=learned)
-        describe["learned"] = (f"ParallelConversionRecipe(T, method={recipe.method!r}, learned=LearnedCalibration("
-                               f"steps={learned.steps}, eval_every={learned.eval_every}, "
-                               f"max_images={learned.max_images}))")
+        recipe = ParallelConversionRecipe(T, DataLoader(learn_set, batch_size=128), "learned", progress=False,
+                                          calibration=CalibrationSettings(learned=learned))
+        describe["learned"] = (f"ParallelConversionRecipe(T, method={recipe.method!r}, calibration=CalibrationSettings("
+                               f"learned=LearnedCalibration(steps={learned.steps}, eval_every={learned.eval_every}, "
+                               f"max_images={learned.max_images})))")
         snn = ParallelConverter(recipe, device="cpu").convert(copy.deepcopy(ann))
         conv = time.perf_counter() - t0
         acc, n, sec = evaluate(predictor(snn, T, count_domain=True), test, **ev)

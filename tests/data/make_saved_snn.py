@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sj_parallel_conversion import ParallelConversionRecipe, ParallelConverter, save_snn, spike_inference
+from sj_parallel_conversion import (NetworkSettings, ParallelConversionRecipe, ParallelConverter, save_snn,
+                                    spike_inference)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -49,8 +50,8 @@ def main() -> None:
     torch.manual_seed(0)
     ann = EveryStepModule().eval()
     x = torch.rand(6, 3, 10, 10)
-    recipe = ParallelConversionRecipe({"relu2": 4, "relu3": 8}, [x], progress=False, method="ema",
-                                      analog_sites=["relu1"], default_T=4)
+    recipe = ParallelConversionRecipe({"relu2": 4, "relu3": 8}, [x], progress=False, method="ema", default_T=4,
+                                      network=NetworkSettings(analog_sites=["relu1"]))
     snn = ParallelConverter(recipe).convert(ann)
     save_snn(snn, os.path.join(HERE, "saved_snn_v2.pt"), metadata={"T": 4, "written_by": "374176a"})
     probe = torch.rand(3, 3, 10, 10)
