@@ -46,8 +46,8 @@ from . import cupy_backend, native_backend, torch_backend
 from .torch_backend import time_mean
 
 __all__ = ["BACKENDS", "check_backend", "set_backend", "get_backend", "use_backend", "resolve_backend", "fire",
-           "count", "time_mean", "check_steps", "overwrites_in_one_pass", "fire_op", "fire_inplace_op", "fire_checked_op",
-           "fire_checked_inplace_op", "NaNMeanError"]
+           "count", "time_mean", "check_steps", "overwrites_in_one_pass", "fire_op", "fire_inplace_op",
+           "fire_checked_op", "fire_checked_inplace_op", "NaNMeanError"]
 
 BACKENDS = ("auto", "torch", "native", "cupy")
 OP_NAME = "sj_parallel_conversion::fire"

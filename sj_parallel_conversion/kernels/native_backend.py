@@ -304,7 +304,7 @@ def workers() -> int:
 def _check_tensor(t, name: str, dtype: torch.dtype) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"native kernel: {name} must be a tensor, got {type(t).__name__}")
-    if t.layout != torch.strided or t.device.type != "cpu":
+    if not t.is_cpu or t.layout != torch.strided:
         raise ValueError(f"native kernel: {name} must be a strided CPU tensor, got {t.layout} on {t.device}")
     if t.dtype != dtype:
         raise TypeError(f"native kernel: {name} is {t.dtype} but the kernel reads {dtype} here")
@@ -318,31 +318,33 @@ def _check_vectors(params: Sequence[torch.Tensor], names: Sequence[str], C: int,
                              f"{tuple(p.shape)} with strides {p.stride()}")
 
 
-def _dense_steps(t: torch.Tensor) -> bool:
-    """Whether ``t`` ``[T, ...]`` holds its steps one after another, each dense in some axis order:
-    step ``s`` then occupies ``[s * M, (s + 1) * M)`` from the first element, as the kernels read
-    and write it. Plain arithmetic on the strides (this runs at every call); axes of length 1
-    have no say."""
-    if t.dim() < 2:
-        return False
-    M = math.prod(t.shape[1:])
-    if M == 0:
-        return True
-    if t.shape[0] > 1 and t.stride(0) != M:
-        return False
+# The layout checks below run at every call, so they are plain arithmetic on the sizes and strides.
+def _dense(shape: Sequence[int], strides: Sequence[int]) -> bool:
+    """Whether a tensor of ``shape`` and ``strides`` fills ``prod(shape)`` consecutive elements in
+    some axis order (axes of length 1 have no say)."""
     expected = 1
-    for stride, size in sorted((st, n) for n, st in zip(t.shape[1:], t.stride()[1:]) if n != 1):
+    for stride, size in sorted((st, n) for n, st in zip(shape, strides) if n != 1):
         if stride != expected:
             return False
         expected *= size
     return True
 
 
-def _same_step_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether steps of ``a`` and ``b`` put every neuron at the same offset (sizes and the
-    strides of axes longer than 1 agree)."""
-    return a.shape[1:] == b.shape[1:] and all(
-        n == 1 or sa == sb for n, sa, sb in zip(a.shape[1:], a.stride()[1:], b.stride()[1:]))
+def _dense_steps(t: torch.Tensor) -> bool:
+    """Whether ``t`` ``[T, ...]`` holds its steps one after another, each dense: step ``s``
+    occupies ``[s * M, (s + 1) * M)`` from the first element, as the kernels read and write it."""
+    shape, strides = t.shape, t.stride()
+    if len(shape) < 2:
+        return False
+    M = math.prod(shape[1:])
+    return M == 0 or ((shape[0] == 1 or strides[0] == M) and _dense(shape[1:], strides[1:]))
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor, skip: int) -> bool:
+    """Whether ``a`` and ``b`` put every element of their axes from ``skip`` on at the same offset
+    (the sizes and the strides of axes longer than 1 agree)."""
+    return a.shape[skip:] == b.shape[skip:] and all(
+        n == 1 or sa == sb for n, sa, sb in zip(a.shape[skip:], a.stride()[skip:], b.stride()[skip:]))
 
 
 def _check_overlap(src: torch.Tensor, dst: torch.Tensor, src_n: int, dst_n: int) -> None:
@@ -375,13 +377,13 @@ def launch_fire(x: torch.Tensor, out: torch.Tensor, params: Sequence[torch.Tenso
         raise ValueError(f"native kernel: x must be [T_in, ...] with dense steps in one layout, got shape "
                          f"{tuple(x.shape)} with strides {x.stride()}")
     T_in = x.shape[0]
-    if out.shape != (T,) + x.shape[1:] or not _dense_steps(out) or not _same_step_layout(x, out):
+    if not _dense_steps(out) or out.shape[0] != T or not _same_layout(x, out, 1):
         raise ValueError(f"native kernel: out must be [{T}, {', '.join(map(str, x.shape[1:]))}] with dense steps "
                          f"laid out as x's, got shape {tuple(out.shape)} with strides {out.stride()}")
     if not (isinstance(threads, int) and threads >= 1):
         raise ValueError(f"native kernel: threads must be an int >= 1, got {threads!r}")
     _check_vectors(params, ("theta_pre", "psi", "psi_da", "spike_value"), C, x.dtype)
-    M = x[0].numel()
+    M = math.prod(x.shape[1:])
     if out.data_ptr() == x.data_ptr() and T != T_in:
         raise ValueError(f"native kernel: writing over the input needs T_in == T, got T_in={T_in}, T={T}")
     _check_overlap(x, out, T_in * M, T * M)
@@ -402,8 +404,7 @@ def launch_count(m: torch.Tensor, out: torch.Tensor, params: Sequence[torch.Tens
     _check_tensor(out, "out", m.dtype)
     if not (isinstance(T, int) and 1 <= T <= MAX_T):
         raise ValueError(f"native count kernel: T must lie in [1, {MAX_T}], got {T!r}")
-    if out.shape != m.shape or not _dense_steps(m[None]) or not _dense_steps(out[None]) or not _same_step_layout(
-            m[None], out[None]):
+    if not _dense(m.shape, m.stride()) or not _same_layout(m, out, 0):
         raise ValueError(f"native count kernel: m and out must be dense with one layout, got shapes "
                          f"{tuple(m.shape)}, {tuple(out.shape)} with strides {m.stride()}, {out.stride()}")
     if not (isinstance(threads, int) and threads >= 1):
@@ -426,12 +427,19 @@ def _per_channel(step: torch.Tensor, channel_dim: int, params: Sequence[torch.Te
     """``(params, C, inner)`` for the kernels, which cannot broadcast: each parameter as ``C``
     contiguous values in ``step``'s dtype, and the run length ``inner`` in ``step``'s dense
     layout, in which memory position ``j`` belongs to channel ``(j // inner) % C``."""
-    params = [p.detach().to(device="cpu", dtype=step.dtype).reshape(-1) for p in params]
-    cd = formulas.check_channels(step.shape, channel_dim, [p.numel() for p in params], who)
-    C = max(p.numel() for p in params)
+    # Each conversion only where needed: this runs at every call, and small layers feel it.
+    vectors = []
+    for p in params:
+        if p.requires_grad:
+            p = p.detach()
+        if p.dtype != step.dtype or not p.is_cpu:
+            p = p.to(device="cpu", dtype=step.dtype)
+        vectors.append(p if p.dim() == 1 else p.reshape(-1))
+    cd = formulas.check_channels(step.shape, channel_dim, [p.numel() for p in vectors], who)
+    C = max(p.numel() for p in vectors)
     # Scalars: one run over all positions.
     inner = step.stride(cd) if cd >= 0 else max(step.numel(), 1)
-    return [p.expand(C).contiguous() for p in params], C, inner
+    return [p if p.numel() == C and p.is_contiguous() else p.expand(C).contiguous() for p in vectors], C, inner
 
 
 def _threads(work: int) -> int:
@@ -485,7 +493,7 @@ def count_available() -> bool:
 def dense(x: torch.Tensor) -> bool:
     """Whether ``x`` is dense in some order of its axes (contiguous, channels-last, ...): the
     layouts in which channel ``c`` owns runs of ``x.stride(channel axis)`` positions."""
-    return x.dim() >= 1 and x.stride() == formulas.step_strides(x, 1)[1:]
+    return x.dim() >= 1 and _dense(x.shape, x.stride())
 
 
 def count(m: torch.Tensor, T: int, params: Sequence[torch.Tensor], scale: Optional[torch.Tensor], channel_dim: int,
