@@ -237,16 +237,12 @@ class ParallelConversionNode(sj_neuron.BaseNode):
         """The membrane potential ``v`` after the ``T`` steps for input currents ``[T_in, N, ...]``
         (see the class doc): ``[N, ...]`` in ``x_seq``'s dtype."""
         self._check_input(x_seq, time_axis=True)
-        # The time mean as the kernels take it (steps added in order in the accumulation dtype,
-        # then one division), so k below is the count the node emits for this input.
-        acc = torch.float64 if x_seq.dtype == torch.float64 else torch.float32
-        m = x_seq[0].to(acc, copy=True)
-        for t in range(1, x_seq.shape[0]):
-            m += x_seq[t]
-        m = formulas.divide_(m, x_seq.shape[0])
-        theta, psi, psi_da = (formulas.channel_view(p.to(acc), m.dim(), self.channel_dim)
+        # The reference time mean (accumulation dtype) and count, which every implementation of
+        # the operator matches bit for bit: k is the count the node emits for this input.
+        m = kernels.time_mean(x_seq)
+        k = kernels.count(m, self.T, self.v_threshold, self.psi, self.psi_da, channel_dim=self.channel_dim)
+        theta, psi, psi_da = (formulas.channel_view(p.to(m.dtype), m.dim(), self.channel_dim)
                               for p in (self.v_threshold, self.psi, self.psi_da))
-        k = formulas.spike_count(m, self.T, theta, psi, psi_da)
         v = (m + psi_da) * self.T + psi - k * theta
         return v.to(x_seq.dtype)
 
