@@ -41,7 +41,8 @@ class ParallelConversionNode(sj_neuron.BaseNode):
             counts are identical.
         check_nan: raise ``ValueError`` when a neuron's time-mean current is NaN (a NaN input, or
             ``+inf`` and ``-inf`` in one train). Off by default: the check reads a flag back to
-            the host at every call (a synchronisation, and a graph break under ``torch.compile``).
+            the host at every call (a synchronisation; under ``torch.compile`` it happens inside
+            the operator, so the graph stays whole).
             Unchecked, a NaN neuron emits no spike. ``+inf`` / ``-inf`` alone saturate to ``T``
             spikes / no spike.
         inplace: write the spikes over the input currents (the returned tensor is then the
