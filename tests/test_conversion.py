@@ -124,6 +124,10 @@ def test_uncalibrated_qcfs_T_not_L_differs_from_ann_but_calibration_needs_data()
 # -- graph coverage -------------------------------------------------------------------------------
 @pytest.mark.parametrize("model_fn", [lambda: CoverageNet(nn.ReLU), FunctionalReLUNet])
 def test_relu_patterns_convert_and_count_domain_matches_spikes(model_fn):
+    # Seeded: with some weights a float32 current lands within rounding of a firing boundary and
+    # the spike level flips one count (see docs/calibration.rst, exactness); the check is for the
+    # conversion, not for that rounding.
+    torch.manual_seed(0)
     ann = _randomise_bn(model_fn())
     x = torch.randn(64, 3, 16, 16)
     snn = ParallelConverter("parallel", T=8, dataloader=_loader(x), progress=False, method="ema").convert(ann)
