@@ -106,12 +106,14 @@ def test_relu_cnn_training_free_T32_within_1pt_and_beats_ltb_T16(cifar):
 def test_relu_calibration_improves_short_runs(cifar):
     (x, y), calib = cifar
     ann = _ckpt("cifar10_cnn_relu.pt")
-    kw = dict(T=4, dataloader=calib, num_batches=10, progress=False)
+    kw = dict(T=4, dataloader=calib, progress=False)
     with torch.no_grad():
-        plain = ParallelConverter("parallel", **kw, calibration=CalibrationSettings(calibrate=False)).convert(copy.deepcopy(ann))
+        plain = ParallelConverter("parallel", **kw, calibration=CalibrationSettings(num_batches=10, calibrate=False)
+                                  ).convert(copy.deepcopy(ann))
         acc_plain = _acc(count_inference(plain, x), y)
         for method in ("ema", "moment"):
-            cal = ParallelConverter("parallel", method=method, **kw).convert(copy.deepcopy(ann))
+            cal = ParallelConverter("parallel", method=method, **kw, calibration=CalibrationSettings(num_batches=10)
+                                    ).convert(copy.deepcopy(ann))
             acc_cal = _acc(count_inference(cal, x), y)
             assert acc_cal > acc_plain + 1.0, (method, acc_cal, acc_plain)
 

@@ -125,7 +125,7 @@ def test_mse_thresholds_and_a_short_distill_beat_algorithm_1_on_the_shipped_resn
     (method="mse") recover at least 10 points over Algorithm 1 (the calibration page: 82.75 %
     against 68.55 % on these 2,000 test images), and a short distilled fit (100 steps) that starts
     there keeps that margin (it may not fall below its start on held-out images)."""
-    from sj_parallel_conversion import DistillCalibration
+    from sj_parallel_conversion import CalibrationSettings, DistillCalibration
 
     ann, _ = models.load_checkpoint(CKPT / "cifar10_resnet20_relu.pt")
     ann.eval()
@@ -141,6 +141,6 @@ def test_mse_thresholds_and_a_short_distill_beat_algorithm_1_on_the_shipped_resn
     ema, _ = acc("ema")
     mse, _ = acc("mse")
     assert mse >= ema + 10.0, f"mse {mse:.2f} % vs Algorithm 1 {ema:.2f} %"
-    distilled, snn = acc("distill", distill=DistillCalibration(steps=100, views=1))
+    distilled, snn = acc("distill", calibration=CalibrationSettings(distill=DistillCalibration(steps=100, views=1)))
     assert distilled >= ema + 10.0, f"distill {distilled:.2f} % vs Algorithm 1 {ema:.2f} %"
     assert snn.calibration_report.method == "distill"

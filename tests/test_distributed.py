@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from sj_parallel_conversion import ParallelConverter, count_inference
+from sj_parallel_conversion import CalibrationSettings, ParallelConverter, count_inference
 from sj_parallel_conversion.inference import evaluate
 from sj_parallel_conversion.distributed import allreduce_reducer, distributed_evaluate, shard_indices
 from sj_parallel_conversion.learned import LearnedCalibration
