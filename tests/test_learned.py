@@ -574,7 +574,8 @@ def test_comparison_rows_and_json_name_the_calibration(tmp_path):
     assert labels["auto"].endswith("(auto)") and labels["auto"].split()[0] in ("none", "ema", "mse", "distill")
 
 
-def test_the_rates_rise_linearly_over_the_warm_up(monkeypatch):
+def _record_rates(monkeypatch) -> list:
+    """Every Adam step appends its groups' rates to the returned list."""
     seen = []
     step = torch.optim.Adam.step
 
@@ -583,6 +584,11 @@ def test_the_rates_rise_linearly_over_the_warm_up(monkeypatch):
         return step(self, *a, **kw)
 
     monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    return seen
+
+
+def test_the_rates_rise_linearly_over_the_warm_up(monkeypatch):
+    seen = _record_rates(monkeypatch)
     opts = DistillCalibration(steps=12, lr=0.01, weight_lr=0.002, warmup=8, eval_every=100, batch_size=32, start="none",
                               scope="network")
     ParallelConverter("parallel", T=2, dataloader=_batches(), progress=False, method="distill",
@@ -592,14 +598,7 @@ def test_the_rates_rise_linearly_over_the_warm_up(monkeypatch):
 
 
 def test_each_block_decays_its_rates_along_a_cosine(monkeypatch):
-    seen = []
-    step = torch.optim.Adam.step
-
-    def recording_step(self, *a, **kw):
-        seen.append([g["lr"] for g in self.param_groups])
-        return step(self, *a, **kw)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    seen = _record_rates(monkeypatch)
     opts = DistillCalibration(steps=10, lr=0.01, weight_lr=0.002, eval_every=100, batch_size=32, start="none", views=0)
     ParallelConverter("parallel", T=2, dataloader=_batches(), progress=False, method="distill",
                       calibration=CalibrationSettings(distill=opts)).convert(_net())
