@@ -421,6 +421,15 @@ def _site_parameters(sites: Dict[str, LearnedSite]) -> List[nn.Parameter]:
     return [p for s in sites.values() for p in (s.log_pre, s.log_post, s.psi_da_rel)]
 
 
+def _average_gradients(params: Sequence[nn.Parameter], reducer: Reducer, world: float) -> None:
+    """Under torch.distributed, every process steps with the mean of all processes' gradients."""
+    if reducer is None:
+        return
+    for p in params:
+        if p.grad is not None:
+            p.grad = reducer(p.grad, "sum") / world
+
+
 def fall_back_margin(score: Dict[str, float]) -> float:
     """How far below the start's held-out agreement a fit may end before the start is returned.
 
@@ -495,7 +504,8 @@ def _fit_blocks(gm: fx.GraphModule, reference: nn.Module, fit: Sequence[torch.Te
     size = options.batch_size
     with torch.no_grad():
         gm(x_fit[:1])  # materialise the per-channel parameters
-    ours = split_blocks(gm, list(sites))
+    boundaries = block_boundaries(gm, list(sites))
+    ours = split_blocks(gm, list(sites), boundaries)
     check_block_cache(ours, x_fit[:1], x_fit.shape[0] + x_held.shape[0], options.cache_gib)
     held_chunks = list(torch.split(x_held, size))
     with torch.no_grad():
@@ -505,7 +515,6 @@ def _fit_blocks(gm: fx.GraphModule, reference: nn.Module, fit: Sequence[torch.Te
     params = site_params + [p for p in gm.parameters() if id(p) not in site_ids]
     initial = held_out_score(gm, held_chunks, held_ref, device, reducer)
     initial_state = [p.detach().clone() for p in params]
-    boundaries = block_boundaries(gm, list(sites))
     reference_nodes = {n.name for n in reference.graph.nodes} if isinstance(reference, fx.GraphModule) else set()
     if not set(boundaries) <= reference_nodes:
         raise RuntimeError("the ANN's graph does not match the converted network's; cannot fit block by block")
@@ -525,7 +534,7 @@ def _fit_blocks(gm: fx.GraphModule, reference: nn.Module, fit: Sequence[torch.Te
             last = index == len(ours) - 1
             target, held_target = _cat_apply(twin, a_fit, size), _cat_apply(twin, a_held, size)
             members = {id(m) for m in block.modules()}
-            own_sites = [p for s in sites.values() if id(s) in members for p in (s.log_pre, s.log_post, s.psi_da_rel)]
+            own_sites = _site_parameters({n: s for n, s in sites.items() if id(s) in members})
             own_ids = {id(p) for p in own_sites}
             weights = [p for p in block.parameters() if id(p) not in own_ids and id(p) not in site_ids]
             groups = [g for g in ({"params": own_sites, "lr": options.lr},
@@ -597,10 +606,7 @@ def _fit_block(block: nn.Module, groups: List[Dict], q_in: torch.Tensor, a_in: t
         loss = error(block(x), target[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if reducer is not None:
-            for p in params:
-                if p.grad is not None:
-                    p.grad = reducer(p.grad, "sum") / world
+        _average_gradients(params, reducer, world)
         opt.step()
         bar.update(1)
         if (step + 1) % options.eval_every == 0 or step + 1 == options.steps:
@@ -723,9 +729,7 @@ def learn_calibration(
                 loss = loss + options.site_weight * torch.stack(terms).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if reducer is not None:
-                for p in params:
-                    p.grad = reducer(p.grad, "sum") / world
+            _average_gradients(params, reducer, world)
             opt.step()
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}", held_kl=f"{best['kl']:.4f}")
             if (step + 1) % options.eval_every == 0 or step + 1 == options.steps:
