@@ -354,19 +354,25 @@ def distillation_kl(ref: torch.Tensor, out: torch.Tensor, temperature: float = 1
 
 @torch.no_grad()
 def held_out_score(model: nn.Module, held: Sequence[torch.Tensor], ref_logits: Sequence[torch.Tensor], device,
-                   reducer: Reducer = None) -> Dict[str, float]:
+                   reducer: Reducer = None, hits: Optional[List[torch.Tensor]] = None) -> Dict[str, float]:
     """Agreement of ``model``'s top-1 predictions with the ANN's, and the mean KL, on held-out images.
 
     Returns ``{"agreement": fraction, "kl": mean KL per image, "images": n}``, summed over
-    processes when ``reducer`` is given.
+    processes when ``reducer`` is given. A list passed as ``hits`` receives this process's
+    per-image agreement (one boolean tensor, images in order), for paired comparisons
+    (:func:`~sj_parallel_conversion.selection.choose`).
     """
-    agree = kl = n = 0.0
+    kl = n = 0.0
+    same: List[torch.Tensor] = []
     for x, ref in zip(held, ref_logits):
         out = _logits(model, x.to(device))
         ref = ref.to(out.device)
-        agree += float((out.argmax(1) == ref.argmax(1)).sum())
+        same.append((out.argmax(1) == ref.argmax(1)).cpu())
         kl += float(_kl(ref, out, reduction="sum"))
         n += x.shape[0]
+    agree = float(sum(int(s.sum()) for s in same))
+    if hits is not None:
+        hits.append(torch.cat(same) if same else torch.zeros(0, dtype=torch.bool))
     totals = torch.tensor([agree, kl, n], dtype=torch.float64)
     if reducer is not None:
         totals = reducer(totals, "sum")

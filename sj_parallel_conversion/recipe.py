@@ -22,7 +22,7 @@ import inspect
 import logging
 import math
 import time
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -215,10 +215,11 @@ class ParallelConversionRecipe(FXConversionRecipe):
 
             * ``"auto"`` (default): fits the candidates "none" (no calibration), "ema"
               (Algorithm 1) and "mse", then ``"distill"`` unless one of those already agrees with
-              the ANN on at least ``skip_agreement`` of the selection images, and keeps the one
-              that agrees best with the ANN on those images (a share ``selection_fraction`` of the
-              calibration images that no fit reads; see :class:`~.selection.CalibrationReport`,
-              stored as ``snn.calibration_report``);
+              the ANN on at least ``skip_agreement`` of the selection images, and keeps the
+              simplest one that no more elaborate candidate beats clearly on those images (a
+              paired sign test, :func:`~.selection.choose`; the selection images are a share
+              ``selection_fraction`` of the calibration images that no fit reads; see
+              :class:`~.selection.CalibrationReport`, stored as ``snn.calibration_report``);
             * ``"distill"``: learns every neuron's per-channel ``theta_pre``, ``theta_post`` and
               ``psi_da`` and the network's weights and biases from the ANN's outputs
               (:class:`~.learned.DistillCalibration`);
@@ -427,12 +428,15 @@ class ParallelConversionRecipe(FXConversionRecipe):
         seconds: Dict[str, float] = {}
         skipped: Dict[str, str] = {}
         scores: Dict[str, Dict[str, float]] = {}
+        hits: Dict[str, torch.Tensor] = {}  # per candidate, its per-image agreement on the judging images
         judge = select if select is not None else stop
         with torch.no_grad():
             judge_ref = [self._reference(x.to(dev)) for x in judge]
 
         def score(name: str) -> None:
-            scores[name] = held_out_score(candidates[name], judge, judge_ref, dev, self.reducer)
+            per_image: List[torch.Tensor] = []
+            scores[name] = held_out_score(candidates[name], judge, judge_ref, dev, self.reducer, per_image)
+            hits[name] = per_image[0]
             logger.info("calibration: %s agrees with the ANN on %.1f %% of %d %s images (%.1f s)", name,
                         100 * scores[name]["agreement"], scores[name]["images"],
                         "selection" if select is not None else "held-out", seconds[name])
@@ -444,6 +448,7 @@ class ParallelConversionRecipe(FXConversionRecipe):
         if self.method == "auto":
             for name in candidates:
                 score(name)
+            # The most agreeing cheap candidate bounds what a fit could still gain.
             best = choose(scores)
             skip = self.calibration.skip_agreement
             if skip is not None and scores[best]["agreement"] >= skip:
@@ -468,7 +473,7 @@ class ParallelConversionRecipe(FXConversionRecipe):
                 candidates[fitting] = fitted
                 seconds[fitting] = history["seconds"]
                 score(fitting)
-        chosen = choose(scores) if self.method == "auto" else fitting
+        chosen = choose(scores, hits, self.reducer) if self.method == "auto" else fitting
         if self.method != "auto":
             candidates = {chosen: candidates[chosen]}
         self.report = CalibrationReport(

@@ -15,7 +15,7 @@ from sj_parallel_conversion.activation import DAQCFS, QCFS, ClipReLU
 from sj_parallel_conversion.learned import (DistillCalibration, LearnedCalibration, LearnedSite, distillation_kl,
                                             held_out_score, split_images)
 from sj_parallel_conversion.recipe import ParallelConversionRecipe
-from sj_parallel_conversion.selection import CalibrationReport, choose
+from sj_parallel_conversion.selection import CalibrationReport, choose, clearly_better
 
 # From the uncalibrated start with a large rate: a fit that visibly moves in a few steps.
 FAST = LearnedCalibration(steps=40, lr=1e-2, start="none", eval_every=10, patience=10, batch_size=32)
@@ -170,6 +170,58 @@ def test_choose_prefers_agreement_then_the_simpler_method_then_kl():
     assert choose({"x": s(0.9, 0.3), "y": s(0.9, 0.2)}) == "y"
 
 
+def _agreements(n, agree_with_none, wins, losses):
+    """Per-image agreement of ``none`` (the first ``agree_with_none`` of ``n`` images) and of a
+    challenger that also gets ``wins`` of the others right and ``losses`` of none's wrong."""
+    none = torch.arange(n) < agree_with_none
+    other = none.clone()
+    other[agree_with_none:agree_with_none + wins] = True
+    other[:losses] = False
+    return none, other
+
+
+@pytest.mark.parametrize("wins,losses,clear", [
+    (4, 0, False),    # 4 > 2 * sqrt(4) = 4 fails: four net images of 128 are noise (the CNN at T = 16)
+    (5, 0, True),     # 5 > 2 * sqrt(5) = 4.47
+    (10, 5, False),   # 5 > 2 * sqrt(15) = 7.75 fails
+    (20, 5, True),    # 15 > 2 * sqrt(25) = 10
+    (0, 0, False),    # identical predictions
+    (3, 9, False),    # worse
+])
+def test_clearly_better_is_a_two_standard_error_sign_test(wins, losses, clear):
+    none, other = _agreements(128, 100, wins, losses)
+    assert int((other & ~none).sum()) == wins and int((none & ~other).sum()) == losses
+    assert clearly_better(other, none) is clear
+    # the same margin in units of the paired difference's standard error, written out
+    diff = other.double() - none.double()
+    se = math.sqrt(float((diff ** 2).sum()))
+    assert clear == (float(diff.sum()) > 2 * se)
+
+
+def test_choose_with_per_image_agreement_keeps_the_simpler_candidate_unless_clearly_beaten():
+    s = lambda a: {"agreement": a, "kl": 0.0, "images": 128}  # noqa: E731
+    none, mse = _agreements(128, 100, 4, 0)        # mse: 4 more images, none fewer: not clear
+    scores = {"none": s(100 / 128), "mse": s(104 / 128)}
+    assert choose(scores) == "mse"                  # the highest agreement alone would take it
+    assert choose(scores, {"none": none, "mse": mse}) == "none"
+    # a fit clearly better than the candidate kept so far replaces it, whatever came between
+    _, distill = _agreements(128, 100, 20, 2)
+    assert choose({**scores, "distill": s(118 / 128)}, {"none": none, "mse": mse, "distill": distill}) == "distill"
+    # each challenger meets the one kept so far: ema clearly beats none, mse does not clearly beat ema
+    _, ema = _agreements(128, 100, 12, 0)
+    mse2 = ema.clone()
+    mse2[112:115] = True
+    assert clearly_better(mse2, none) and not clearly_better(mse2, ema)
+    assert choose({"none": s(0), "ema": s(0), "mse": s(0)}, {"none": none, "ema": ema, "mse": mse2}) == "ema"
+    # under torch.distributed the counts are summed over processes before the test
+    doubled = lambda t, op: t * 2  # noqa: E731  (two processes with the same counts)
+    assert choose(scores, {"none": none, "mse": mse}, reducer=doubled) == "mse"   # 8 > 2 * sqrt(8)
+    with pytest.raises(ValueError, match=r"no per-image agreement for candidate\(s\) \['mse'\]"):
+        choose(scores, {"none": none})
+    with pytest.raises(ValueError, match="different lengths"):
+        clearly_better(mse[:10], none)
+
+
 def test_auto_is_the_default_reports_its_choice_and_keeps_the_chosen_network(caplog):
     assert ParallelConversionRecipe(4).method == "auto"
     batches = _batches()
@@ -180,7 +232,7 @@ def test_auto_is_the_default_reports_its_choice_and_keeps_the_chosen_network(cap
     report = snn.calibration_report
     assert isinstance(report, CalibrationReport) and report.requested == "auto"
     assert set(report.scores) == {"none", "ema", "mse", "distill"} and not report.skipped
-    assert report.method == choose(report.scores)
+    assert report.method in report.scores
     assert report.scores[report.method]["agreement"] >= report.scores["none"]["agreement"]
     lines = [r.getMessage() for r in caplog.records if "calibration (auto)" in r.getMessage()]
     assert len(lines) == 1 and f"kept {report.method} (auto)" in lines[0]
@@ -189,8 +241,11 @@ def test_auto_is_the_default_reports_its_choice_and_keeps_the_chosen_network(cap
     assert report.selection_images == select[0].shape[0]
     with torch.no_grad():
         refs = [ann(x) for x in select]
-    measured = held_out_score(lambda x: count_inference(snn, x), select, refs, "cpu")
+    per_image = []
+    measured = held_out_score(lambda x: count_inference(snn, x), select, refs, "cpu", hits=per_image)
     assert measured["agreement"] == report.scores[report.method]["agreement"]
+    assert per_image[0].dtype == torch.bool and per_image[0].shape == (select[0].shape[0],)
+    assert float(per_image[0].double().mean()) == measured["agreement"]
     assert measured["kl"] == pytest.approx(report.scores[report.method]["kl"], rel=1e-4, abs=1e-7)
 
 
