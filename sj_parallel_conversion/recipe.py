@@ -215,10 +215,11 @@ class ParallelConversionRecipe(FXConversionRecipe):
 
             * ``"auto"`` (default): fits the candidates "none" (no calibration), "ema"
               (Algorithm 1) and "mse", then ``"distill"`` unless one of those already agrees with
-              the ANN on at least ``skip_agreement`` of the selection images, and keeps the
-              simplest one that no more elaborate candidate beats clearly on those images (a
-              paired sign test, :func:`~.selection.choose`; the selection images are a share
-              ``selection_fraction`` of the calibration images that no fit reads; see
+              the ANN on at least ``skip_agreement`` of the selection images, and keeps the one
+              that agrees best with the ANN on those images among the candidates that beat no
+              calibration clearly there (a paired sign test, :func:`~.selection.choose`), or no
+              calibration if none does (the selection images are a share ``selection_fraction``
+              of the calibration images that no fit reads; see
               :class:`~.selection.CalibrationReport`, stored as ``snn.calibration_report``);
             * ``"distill"``: learns every neuron's per-channel ``theta_pre``, ``theta_post`` and
               ``psi_da`` and the network's weights and biases from the ANN's outputs

@@ -198,21 +198,27 @@ def test_clearly_better_is_a_two_standard_error_sign_test(wins, losses, clear):
     assert clear == (float(diff.sum()) > 2 * se)
 
 
-def test_choose_with_per_image_agreement_keeps_the_simpler_candidate_unless_clearly_beaten():
+def test_choose_with_per_image_agreement_leaves_no_calibration_only_for_a_clearly_better_one():
     s = lambda a: {"agreement": a, "kl": 0.0, "images": 128}  # noqa: E731
     none, mse = _agreements(128, 100, 4, 0)        # mse: 4 more images, none fewer: not clear
     scores = {"none": s(100 / 128), "mse": s(104 / 128)}
     assert choose(scores) == "mse"                  # the highest agreement alone would take it
     assert choose(scores, {"none": none, "mse": mse}) == "none"
-    # a fit clearly better than the candidate kept so far replaces it, whatever came between
-    _, distill = _agreements(128, 100, 20, 2)
-    assert choose({**scores, "distill": s(118 / 128)}, {"none": none, "mse": mse, "distill": distill}) == "distill"
-    # each challenger meets the one kept so far: ema clearly beats none, mse does not clearly beat ema
+    # among candidates clearly better than none, the plain count decides, even by one image
     _, ema = _agreements(128, 100, 12, 0)
-    mse2 = ema.clone()
-    mse2[112:115] = True
-    assert clearly_better(mse2, none) and not clearly_better(mse2, ema)
-    assert choose({"none": s(0), "ema": s(0), "mse": s(0)}, {"none": none, "ema": ema, "mse": mse2}) == "ema"
+    distill = ema.clone()
+    distill[112] = True                             # one image more than ema: not clearly better than ema
+    assert clearly_better(distill, none) and not clearly_better(distill, ema)
+    both = {"none": s(100 / 128), "ema": s(112 / 128), "distill": s(113 / 128)}
+    assert choose(both, {"none": none, "ema": ema, "distill": distill}) == "distill"
+    # a higher count that is not clearly above none loses to a lower one that is
+    _, wide = _agreements(128, 100, 14, 8)         # 6 net of 22 discordant: 6 < 2 * sqrt(22)
+    _, tight = _agreements(128, 100, 5, 0)         # 5 net of 5: 5 > 2 * sqrt(5)
+    assert not clearly_better(wide, none) and clearly_better(tight, none)
+    assert choose({"none": s(100 / 128), "ema": s(106 / 128), "mse": s(105 / 128)},
+                  {"none": none, "ema": wide, "mse": tight}) == "mse"
+    # without "none" among the candidates there is no baseline: the count decides
+    assert choose({"ema": s(0.5), "mse": s(0.6)}, {"ema": none, "mse": mse}) == "mse"
     # under torch.distributed the counts are summed over processes before the test
     doubled = lambda t, op: t * 2  # noqa: E731  (two processes with the same counts)
     assert choose(scores, {"none": none, "mse": mse}, reducer=doubled) == "mse"   # 8 > 2 * sqrt(8)
