@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
 from .observers import Reducer
 
-__all__ = ["CalibrationReport", "choose", "clearly_better", "PREFERENCE", "SIGN_TEST_Z"]
+__all__ = ["CalibrationReport", "choose", "clearly_better", "paired_counts", "PREFERENCE", "SIGN_TEST_Z"]
 
 # On equal scores the simpler calibration wins.
 PREFERENCE = ("none", "paper", "ema", "moment", "mse", "learned", "distill")
@@ -49,14 +49,20 @@ def clearly_better(challenger: torch.Tensor, kept: torch.Tensor, reducer: Reduce
     candidate gets right (summed over processes when ``reducer`` is given), the challenger is
     clearly better when ``wins - losses > z * sqrt(wins + losses)``.
     """
+    wins, losses = paired_counts(challenger, kept, reducer)
+    return wins - losses > z * math.sqrt(wins + losses)
+
+
+def paired_counts(challenger: torch.Tensor, kept: torch.Tensor, reducer: Reducer = None) -> Tuple[int, int]:
+    """``(wins, losses)``: images only ``challenger`` agrees with the ANN on, and images only
+    ``kept`` does (boolean per-image agreements, summed over processes with ``reducer``)."""
     if challenger.shape != kept.shape:
         raise ValueError(f"per-image agreements of different lengths: {tuple(challenger.shape)} and "
                          f"{tuple(kept.shape)}")
     counts = torch.tensor([int((challenger & ~kept).sum()), int((kept & ~challenger).sum())], dtype=torch.float64)
     if reducer is not None:
         counts = reducer(counts, "sum")
-    wins, losses = float(counts[0]), float(counts[1])
-    return wins - losses > z * math.sqrt(wins + losses)
+    return int(counts[0]), int(counts[1])
 
 
 def choose(scores: Dict[str, Dict[str, float]], hits: Optional[Mapping[str, torch.Tensor]] = None,
@@ -99,6 +105,8 @@ class CalibrationReport:
             read; selection_images: images ``"auto"``'s choice read (per process).
         learned: the fit's history (held-out KL and agreement per evaluation, the step kept,
             steps run, whether it fell back to its start).
+        passed_over: ``"auto"``: candidates that agreed with the ANN on more selection images
+            than the one kept but not clearly more than no calibration, with their paired counts.
     """
 
     requested: str
@@ -110,6 +118,7 @@ class CalibrationReport:
     learned: Optional[Dict] = None
     skipped: Dict[str, str] = field(default_factory=dict)
     selection_images: int = 0
+    passed_over: Dict[str, str] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -127,6 +136,7 @@ class CalibrationReport:
         where = (f"{self.selection_images} selection images" if self.selection_images
                  else f"{self.held_out_images} held-out images")
         skipped = "".join(f"; skipped {n}: {why}" for n, why in self.skipped.items())
+        skipped += "".join(f"; passed over {n}: {why}" for n, why in self.passed_over.items())
         return (f"calibration ({self.requested}): kept {self.label}; agreement with the ANN on {where}: {parts}"
                 f"{skipped}; fitting took {sum(self.seconds.values()):.1f} s")
 

@@ -226,6 +226,8 @@ def test_choose_with_per_image_agreement_leaves_no_calibration_only_for_a_clearl
         choose(scores, {"none": none})
     with pytest.raises(ValueError, match="different lengths"):
         clearly_better(mse[:10], none)
+    report = CalibrationReport("auto", "none", scores=scores, passed_over={"mse": "not clearly better than none"})
+    assert "passed over mse: not clearly better than none" in report.summary()
 
 
 def test_auto_is_the_default_reports_its_choice_and_keeps_the_chosen_network(caplog):
@@ -239,6 +241,10 @@ def test_auto_is_the_default_reports_its_choice_and_keeps_the_chosen_network(cap
     assert isinstance(report, CalibrationReport) and report.requested == "auto"
     assert set(report.scores) == {"none", "ema", "mse", "distill"} and not report.skipped
     assert report.method in report.scores
+    # a candidate with more selection images than the one kept was passed over by the sign test, and says so
+    higher = {n for n, sc in report.scores.items() if sc["agreement"] > report.scores[report.method]["agreement"]}
+    assert set(report.passed_over) == higher
+    assert all("not clearly better than none" in why for why in report.passed_over.values())
     assert report.scores[report.method]["agreement"] >= report.scores["none"]["agreement"]
     lines = [r.getMessage() for r in caplog.records if "calibration (auto)" in r.getMessage()]
     assert len(lines) == 1 and f"kept {report.method} (auto)" in lines[0]
