@@ -4,7 +4,8 @@ Converts one network (a project checkpoint, or ``--model`` with ``--weights``) w
 asked for, in this fresh process, and prints the time of each candidate fit (from the model's
 ``calibration_report``), the seconds ``auto`` spent on fits it did not keep, the total
 conversion time and the process's peak resident memory before and after each conversion
-(``getrusage``; Linux reports kilobytes).
+(``getrusage``, a peak over the whole process: after the first method it shows only growth beyond
+the earlier peaks; Linux reports kilobytes). Methods after the first start with warm caches.
 
     python benchmarks/calibration_cost.py \\
         --checkpoint sj_parallel_conversion/tools/checkpoints/cifar10_resnet20_relu.pt --T 4 --threads 2
@@ -56,6 +57,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
+    if args.weights and not args.model:
+        p.error("--weights needs --model (a project checkpoint is given with --checkpoint)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model:
@@ -83,7 +86,8 @@ def main(argv=None) -> int:
             for candidate, seconds in report.seconds.items():
                 print(f"  fit {candidate:<8} {seconds:7.1f} s{'  (kept)' if candidate == report.method else ''}")
             unkept = sum(v for c, v in report.seconds.items() if c != report.method and c in FITS)
-            print(f"  seconds on learned/distilled fits not kept: {unkept:.1f}")
+            print(f"  seconds on learned/distilled fits not kept: {unkept:.1f}; on all candidates not kept: "
+                  f"{sum(v for c, v in report.seconds.items() if c != report.method):.1f}")
             if report.learned:
                 print(f"  fit: {report.learned.get('steps_run')} steps run, kept step {report.learned.get('kept_step')}")
         print(f"  peak resident memory: {before:.0f} MiB before, {after:.0f} MiB after (+{after - before:.0f} MiB)")

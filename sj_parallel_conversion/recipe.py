@@ -38,7 +38,7 @@ from .learned import BlockCacheTooLarge, DistillCalibration, LearnedCalibration,
 from .network import as_converted_network
 from .neuron import ParallelConversionNode
 from .observers import MaxObserver
-from .selection import CalibrationReport, choose, paired_counts
+from .selection import SIGN_TEST_Z, CalibrationReport, choose, paired_counts
 from .reuse import reuse_memory
 
 logger = logging.getLogger("sj_parallel_conversion")
@@ -122,9 +122,9 @@ class CalibrationSettings:
         distill: options of ``method="distill"`` and of auto's fit (default ``DistillCalibration()``).
         selection_fraction: ``method="auto"``: the share of the calibration images kept for the
             choice between candidates.
-        skip_agreement: ``method="auto"``: the held-out agreement of the best of "none" and
-            "ema" at which the fit is skipped (it could gain at most the remaining images);
-            ``None`` always fits.
+        skip_agreement: ``method="auto"``: the agreement on the selection images of the most
+            agreeing cheap candidate ("none", "ema", "mse") at which the fit is skipped (it could
+            gain at most the remaining images over that candidate); ``None`` always fits.
     """
 
     calibrate: Optional[bool] = None
@@ -449,7 +449,8 @@ class ParallelConversionRecipe(FXConversionRecipe):
         if self.method == "auto":
             for name in candidates:
                 score(name)
-            # The most agreeing cheap candidate bounds what a fit could still gain.
+            # The most agreeing cheap candidate bounds what a fit could still gain over it (the
+            # sign test is not applied here: the bound is about agreement, not about the choice).
             best = choose(scores)
             skip = self.calibration.skip_agreement
             if skip is not None and scores[best]["agreement"] >= skip:
@@ -482,7 +483,7 @@ class ParallelConversionRecipe(FXConversionRecipe):
                     wins, losses = paired_counts(hits[name], hits["none"], self.reducer)
                     passed_over[name] = (f"not clearly better than none on the selection images ({wins} images "
                                          f"gained, {losses} lost; a sign test asks for more than "
-                                         f"2 sqrt({wins + losses}) net)")
+                                         f"{SIGN_TEST_Z:g} sqrt({wins + losses}) net)")
         if self.method != "auto":
             candidates = {chosen: candidates[chosen]}
         self.report = CalibrationReport(

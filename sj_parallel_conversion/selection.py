@@ -36,7 +36,7 @@ __all__ = ["CalibrationReport", "choose", "clearly_better", "paired_counts", "PR
 
 # On equal scores the simpler calibration wins.
 PREFERENCE = ("none", "paper", "ema", "moment", "mse", "learned", "distill")
-#: Standard errors by which a candidate's net wins must exceed zero to replace a simpler one.
+#: Standard errors by which a calibration's net wins over no calibration must exceed zero for it to be kept.
 SIGN_TEST_Z = 2.0
 
 
@@ -59,6 +59,7 @@ def paired_counts(challenger: torch.Tensor, kept: torch.Tensor, reducer: Reducer
     if challenger.shape != kept.shape:
         raise ValueError(f"per-image agreements of different lengths: {tuple(challenger.shape)} and "
                          f"{tuple(kept.shape)}")
+    challenger, kept = challenger.bool(), kept.bool()  # ~ on integers would be a bitwise not
     counts = torch.tensor([int((challenger & ~kept).sum()), int((kept & ~challenger).sum())], dtype=torch.float64)
     if reducer is not None:
         counts = reducer(counts, "sum")

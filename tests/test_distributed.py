@@ -12,7 +12,7 @@ import torch.nn as nn
 from sj_parallel_conversion import CalibrationSettings, ParallelConverter, count_inference
 from sj_parallel_conversion.inference import evaluate
 from sj_parallel_conversion.distributed import allreduce_reducer, distributed_evaluate, shard_indices
-from sj_parallel_conversion.learned import LearnedCalibration
+from sj_parallel_conversion.learned import DistillCalibration, LearnedCalibration
 
 BATCH = 16  # per rank
 
@@ -36,6 +36,10 @@ def _options(method):
         # sample values per process) and no views (drawn per process).
         return dict(method="learned", calibration=CalibrationSettings(learned=LearnedCalibration(
             steps=12, eval_every=4, patience=1, cuts=1, batch_size=BATCH, start="ema", views=0)))
+    if method == "auto":
+        # Every candidate fitted and scored; the choice's sign test sums its paired counts over ranks.
+        return dict(method="auto", calibration=CalibrationSettings(skip_agreement=None, distill=DistillCalibration(
+            steps=12, eval_every=4, batch_size=BATCH, views=0)))
     return dict(method=method)
 
 
@@ -50,13 +54,15 @@ def _worker(rank, world, init_file, out_dir, method):
         snn = ParallelConverter("parallel", T=4, dataloader=loader, progress=False,
                                 reducer=allreduce_reducer(), **_options(method)).convert(_model())
         acc, n, _ = distributed_evaluate(lambda b: count_inference(snn, b), loader)
-        torch.save({"state": snn.state_dict(), "acc": acc, "n": n}, os.path.join(out_dir, f"rank{rank}.pt"))
+        report = snn.calibration_report
+        torch.save({"state": snn.state_dict(), "acc": acc, "n": n, "method": report.method if report else None,
+                    "scores": report.scores if report else None}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow  # spawns two processes
-@pytest.mark.parametrize("method", ["ema", "learned"])
+@pytest.mark.parametrize("method", ["ema", "learned", "auto"])
 def test_two_process_gloo_calibration_equals_single_process(tmp_path, method):
     world = 2
     mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), method), nprocs=world, join=True)
@@ -74,12 +80,18 @@ def test_two_process_gloo_calibration_equals_single_process(tmp_path, method):
     assert r0["state"].keys() == ref.keys()
     for k in ref:
         assert torch.equal(r0["state"][k], r1["state"][k]), f"ranks disagree on {k}"
-        if method == "learned":
+        if method in ("learned", "auto"):
             # Each process spreads its held-out images over its own shard, so the fitting images of
             # the union differ from one process's split: the ranks agree with each other (above),
             # not bit for bit with a single process.
             continue
         torch.testing.assert_close(r0["state"][k], ref[k], rtol=1e-5, atol=1e-6, msg=f"{k} differs from single process")
+    if method == "auto":
+        # The ranks chose together, from scores summed over both shards' selection images.
+        assert r0["method"] == r1["method"] and r0["scores"] == r1["scores"]
+        assert {"none", "ema", "mse", "distill"} == set(r0["scores"])
+        assert r0["n"] == r1["n"] == len(x) and r0["acc"] == r1["acc"]
+        return
     # Calibration moved psi_da or phi_da (spike_value - v_threshold) away from
     # their initial 0 at some node, so equal results above are not equal defaults.
     nodes = sorted({k.rpartition(".")[0] for k in ref if k.endswith(".spike_value")})

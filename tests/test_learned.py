@@ -1,6 +1,7 @@
 """Learned calibration, the auto default, and calibration data handling (synthetic models)."""
 from __future__ import annotations
 
+import copy
 import logging
 import math
 
@@ -10,7 +11,7 @@ import torch.nn as nn
 
 from sj_parallel_conversion import (CalibrationSettings, ParallelConversionNode, ParallelConverter,
                                     count_inference, spike_inference)
-from sj_parallel_conversion import formulas
+from sj_parallel_conversion import formulas, selection
 from sj_parallel_conversion.activation import DAQCFS, QCFS, ClipReLU
 from sj_parallel_conversion.learned import (DistillCalibration, LearnedCalibration, LearnedSite, distillation_kl,
                                             held_out_score, split_images)
@@ -192,10 +193,8 @@ def test_clearly_better_is_a_two_standard_error_sign_test(wins, losses, clear):
     none, other = _agreements(128, 100, wins, losses)
     assert int((other & ~none).sum()) == wins and int((none & ~other).sum()) == losses
     assert clearly_better(other, none) is clear
-    # the same margin in units of the paired difference's standard error, written out
-    diff = other.double() - none.double()
-    se = math.sqrt(float((diff ** 2).sum()))
-    assert clear == (float(diff.sum()) > 2 * se)
+    # integer 0/1 tensors are agreements too (a bitwise not would count them wrongly)
+    assert clearly_better(other.long(), none.long()) is clear
 
 
 def test_choose_with_per_image_agreement_leaves_no_calibration_only_for_a_clearly_better_one():
@@ -228,6 +227,34 @@ def test_choose_with_per_image_agreement_leaves_no_calibration_only_for_a_clearl
         clearly_better(mse[:10], none)
     report = CalibrationReport("auto", "none", scores=scores, passed_over={"mse": "not clearly better than none"})
     assert "passed over mse: not clearly better than none" in report.summary()
+
+
+def test_auto_keeps_a_calibration_only_where_the_sign_test_passes(monkeypatch):
+    batches, ann = _batches(8), _net()
+    with torch.no_grad():
+        ann[-1].bias.zero_()  # the logits then follow the activations, and calibration matters at small T
+    settings = CalibrationSettings(skip_agreement=None, distill=FAST_DISTILL)
+
+    def convert(T=2):
+        return ParallelConverter("parallel", T=T, dataloader=batches, progress=False,
+                                 calibration=settings).convert(copy.deepcopy(ann)).calibration_report
+
+    # unpatched, at T = 1 no calibration agrees with the ANN on under half of the selection images
+    # and a calibration on (nearly) all: kept
+    report = convert(T=1)
+    assert report.scores["none"]["agreement"] < 0.6 and report.method != "none"
+    assert report.scores[report.method]["agreement"] > 0.9
+
+    # no calibration is ever clearly beaten: it is kept, and every candidate above it is reported
+    monkeypatch.setattr(selection, "clearly_better", lambda *args, **kwargs: False)
+    report = convert()
+    assert report.method == "none"
+    higher = {n for n, sc in report.scores.items() if sc["agreement"] > report.scores["none"]["agreement"]}
+    assert higher and set(report.passed_over) == higher
+    # every calibration clearly beats it: the plain count decides
+    monkeypatch.setattr(selection, "clearly_better", lambda *args, **kwargs: True)
+    report = convert()
+    assert report.method == choose(report.scores) and not report.passed_over
 
 
 def test_auto_is_the_default_reports_its_choice_and_keeps_the_chosen_network(caplog):
