@@ -38,7 +38,7 @@ from .learned import BlockCacheTooLarge, DistillCalibration, LearnedCalibration,
 from .network import as_converted_network
 from .neuron import ParallelConversionNode
 from .observers import MaxObserver
-from .selection import SIGN_TEST_Z, CalibrationReport, choose, paired_counts
+from .selection import CalibrationReport, choose, passed_over
 from .reuse import reuse_memory
 
 logger = logging.getLogger("sj_parallel_conversion")
@@ -476,21 +476,14 @@ class ParallelConversionRecipe(FXConversionRecipe):
                 seconds[fitting] = history["seconds"]
                 score(fitting)
         chosen = choose(scores, hits, self.reducer) if self.method == "auto" else fitting
-        passed_over: Dict[str, str] = {}
-        if self.method == "auto" and "none" in hits:
-            for name in scores:
-                if scores[name]["agreement"] > scores[chosen]["agreement"]:
-                    wins, losses = paired_counts(hits[name], hits["none"], self.reducer)
-                    passed_over[name] = (f"not clearly better than none on the selection images ({wins} images "
-                                         f"gained, {losses} lost; a sign test asks for more than "
-                                         f"{SIGN_TEST_Z:g} sqrt({wins + losses}) net)")
+        passed = passed_over(scores, hits, chosen, self.reducer) if self.method == "auto" else {}
         if self.method != "auto":
             candidates = {chosen: candidates[chosen]}
         self.report = CalibrationReport(
             requested=self.method, method=chosen, scores=scores, seconds=seconds, skipped=skipped,
             fit_images=sum(int(x.shape[0]) for x in fit), held_out_images=sum(int(x.shape[0]) for x in stop),
             selection_images=sum(int(x.shape[0]) for x in select) if select else 0, learned=history,
-            passed_over=passed_over)
+            passed_over=passed)
         logger.info("%s", self.report.summary())
         self._reference = None
         return candidates[chosen]

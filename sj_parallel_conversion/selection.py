@@ -32,7 +32,7 @@ import torch
 
 from .observers import Reducer
 
-__all__ = ["CalibrationReport", "choose", "clearly_better", "paired_counts", "PREFERENCE", "SIGN_TEST_Z"]
+__all__ = ["CalibrationReport", "choose", "clearly_better", "paired_counts", "passed_over", "PREFERENCE", "SIGN_TEST_Z"]
 
 # On equal scores the simpler calibration wins.
 PREFERENCE = ("none", "paper", "ema", "moment", "mse", "learned", "distill")
@@ -87,6 +87,22 @@ def choose(scores: Dict[str, Dict[str, float]], hits: Optional[Mapping[str, torc
             raise ValueError(f"no per-image agreement for candidate(s) {missing}")
         eligible = [baseline] + [n for n in scores if n != baseline and clearly_better(hits[n], hits[baseline], reducer)]
     return max(eligible, key=lambda n: (scores[n]["agreement"], -rank.get(n, len(rank)), -scores[n]["kl"]))
+
+
+def passed_over(scores: Dict[str, Dict[str, float]], hits: Mapping[str, torch.Tensor], kept: str,
+                reducer: Reducer = None) -> Dict[str, str]:
+    """Why each candidate that agreed with the ANN more often than ``kept`` was not kept: it was
+    not clearly better than no calibration (with the paired counts). Empty without the baseline."""
+    baseline = PREFERENCE[0]
+    if baseline not in hits:
+        return {}
+    reasons: Dict[str, str] = {}
+    for name in scores:
+        if scores[name]["agreement"] > scores[kept]["agreement"]:
+            wins, losses = paired_counts(hits[name], hits[baseline], reducer)
+            reasons[name] = (f"not clearly better than {baseline} on the selection images ({wins} images gained, "
+                             f"{losses} lost; a sign test asks for more than {SIGN_TEST_Z:g} sqrt({wins + losses}) net)")
+    return reasons
 
 
 @dataclass
