@@ -38,7 +38,7 @@ from .learned import BlockCacheTooLarge, DistillCalibration, LearnedCalibration,
 from .network import as_converted_network
 from .neuron import ParallelConversionNode
 from .observers import MaxObserver
-from .selection import CalibrationReport, choose, passed_over
+from .selection import PREFERENCE, SIGN_TEST_Z, CalibrationReport, choose, irreplaceable, passed_over
 from .reuse import reuse_memory
 
 logger = logging.getLogger("sj_parallel_conversion")
@@ -442,13 +442,28 @@ class ParallelConversionRecipe(FXConversionRecipe):
                         100 * scores[name]["agreement"], scores[name]["images"],
                         "selection" if select is not None else "held-out", seconds[name])
 
-        for name in (("none", "ema", "mse") if self.method == "auto" else (opts.start,)):
+        cheap = ("none", "ema", "mse") if self.method == "auto" else (opts.start,)
+        for name in cheap:
+            if name in skipped:
+                continue
             start = time.perf_counter()
             candidates[name] = self._cheap(name, copy.deepcopy(fx_model), fit, dev)
             seconds[name] = time.perf_counter() - start
-        if self.method == "auto":
-            for name in candidates:
-                score(name)
+            if self.method != "auto":
+                continue
+            score(name)
+            if name == PREFERENCE[0]:
+                # Where no calibration misses too few selection images for any candidate to pass
+                # the sign test against it, measuring the others cannot change the choice.
+                stuck, misses = irreplaceable(hits[name], self.reducer)
+                if stuck:
+                    reason = (f"{name} disagrees with the ANN on {misses} of {scores[name]['images']} selection "
+                              f"images; no calibration can be clearly better with {SIGN_TEST_Z ** 2:g} or fewer "
+                              "to gain")
+                    for other in cheap[1:] + (fitting,):
+                        skipped[other] = reason
+                    logger.info("calibration: %s skipped: %s", ", ".join(cheap[1:] + (fitting,)), reason)
+        if self.method == "auto" and fitting not in skipped:
             # The most agreeing cheap candidate bounds what a fit could still gain over it (the
             # sign test is not applied here: the bound is about agreement, not about the choice).
             best = choose(scores)

@@ -32,7 +32,8 @@ import torch
 
 from .observers import Reducer
 
-__all__ = ["CalibrationReport", "choose", "clearly_better", "paired_counts", "passed_over", "PREFERENCE", "SIGN_TEST_Z"]
+__all__ = ["CalibrationReport", "choose", "clearly_better", "irreplaceable", "paired_counts", "passed_over", "PREFERENCE",
+           "SIGN_TEST_Z"]
 
 # On equal scores the simpler calibration wins.
 PREFERENCE = ("none", "paper", "ema", "moment", "mse", "learned", "distill")
@@ -51,6 +52,21 @@ def clearly_better(challenger: torch.Tensor, kept: torch.Tensor, reducer: Reduce
     """
     wins, losses = paired_counts(challenger, kept, reducer)
     return wins - losses > z * math.sqrt(wins + losses)
+
+
+def irreplaceable(baseline: torch.Tensor, reducer: Reducer = None, z: float = SIGN_TEST_Z) -> Tuple[bool, int]:
+    """``(no_candidate_can_pass, misses)``: whether no challenger can be :func:`clearly_better`
+    than the baseline, whatever it does, and on how many images the baseline disagrees with the ANN.
+
+    A challenger can gain only the ``misses`` images the baseline gets wrong, so its best case is
+    ``wins = misses`` and ``losses = 0``, which passes the sign test only if ``misses > z * sqrt(misses)``,
+    i.e. ``misses > z**2``. Below that, measuring any candidate cannot change the choice.
+    """
+    misses = torch.tensor([float((~baseline.bool()).sum())], dtype=torch.float64)
+    if reducer is not None:
+        misses = reducer(misses, "sum")
+    m = int(misses[0])
+    return not m > z * math.sqrt(m), m
 
 
 def paired_counts(challenger: torch.Tensor, kept: torch.Tensor, reducer: Reducer = None) -> Tuple[int, int]:
@@ -152,7 +168,10 @@ class CalibrationReport:
         parts = ", ".join(f"{n} {100 * s['agreement']:.1f}%" for n, s in self.scores.items())
         where = (f"{self.selection_images} selection images" if self.selection_images
                  else f"{self.held_out_images} held-out images")
-        skipped = "".join(f"; skipped {n}: {why}" for n, why in self.skipped.items())
+        grouped: Dict[str, list] = {}  # one reason often covers several candidates
+        for n, why in self.skipped.items():
+            grouped.setdefault(why, []).append(n)
+        skipped = "".join(f"; skipped {', '.join(names)}: {why}" for why, names in grouped.items())
         skipped += "".join(f"; passed over {n}: {why}" for n, why in self.passed_over.items())
         return (f"calibration ({self.requested}): kept {self.label}; agreement with the ANN on {where}: {parts}"
                 f"{skipped}; fitting took {sum(self.seconds.values()):.1f} s")

@@ -133,6 +133,8 @@ def test_a_block_cache_over_budget_is_refused_before_fitting_and_auto_skips_the_
         ParallelConverter("parallel", T=2, dataloader=_data(), progress=False, method="distill",
                           calibration=CalibrationSettings(distill=tiny)).convert(copy.deepcopy(ann))
     assert not fitted
+    from sj_parallel_conversion import recipe
+    monkeypatch.setattr(recipe, "irreplaceable", lambda *a, **k: (False, 99))  # measure every candidate
     snn = ParallelConverter("parallel", T=2, dataloader=_data(), progress=False, method="auto",
                             calibration=CalibrationSettings(distill=tiny, skip_agreement=None)).convert(copy.deepcopy(ann))
     report = snn.calibration_report

@@ -17,10 +17,20 @@ from sj_parallel_conversion.learned import DistillCalibration, LearnedCalibratio
 BATCH = 16  # per rank
 
 
-def _model():
+def _model(method=None):
     torch.manual_seed(3)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 4)).eval()
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 4)).eval()
+    if method == "auto":
+        # With its last bias zeroed and T = 1, no calibration misses enough of the 16 selection
+        # images for auto to measure every candidate.
+        with torch.no_grad():
+            model[-1].bias.zero_()
+    return model
+
+
+def _T(method):
+    return 1 if method == "auto" else 4
 
 
 def _data():
@@ -51,8 +61,8 @@ def _worker(rank, world, init_file, out_dir, method):
         idx = list(shard_indices(len(x), rank, world))
         xs, ys = x[idx], y[idx]
         loader = [(xs[i:i + BATCH], ys[i:i + BATCH]) for i in range(0, len(xs), BATCH)]
-        snn = ParallelConverter("parallel", T=4, dataloader=loader, progress=False,
-                                reducer=allreduce_reducer(), **_options(method)).convert(_model())
+        snn = ParallelConverter("parallel", T=_T(method), dataloader=loader, progress=False,
+                                reducer=allreduce_reducer(), **_options(method)).convert(_model(method))
         acc, n, _ = distributed_evaluate(lambda b: count_inference(snn, b), loader)
         report = snn.calibration_report
         torch.save({"state": snn.state_dict(), "acc": acc, "n": n, "method": report.method if report else None,
@@ -76,7 +86,8 @@ def test_two_process_gloo_calibration_equals_single_process(tmp_path, method):
     if method == "learned":  # the single process's minibatches are the union of the ranks' minibatches
         options["calibration"] = CalibrationSettings(learned=LearnedCalibration(
             steps=12, eval_every=4, patience=1, cuts=1, batch_size=world * BATCH, start="ema", views=0))
-    ref = ParallelConverter("parallel", T=4, dataloader=union, progress=False, **options).convert(_model()).state_dict()
+    ref = ParallelConverter("parallel", T=_T(method), dataloader=union, progress=False,
+                            **options).convert(_model(method)).state_dict()
     assert r0["state"].keys() == ref.keys()
     for k in ref:
         assert torch.equal(r0["state"][k], r1["state"][k]), f"ranks disagree on {k}"
@@ -90,6 +101,8 @@ def test_two_process_gloo_calibration_equals_single_process(tmp_path, method):
         # The ranks chose together, from scores summed over both shards' selection images.
         assert r0["method"] == r1["method"] and r0["scores"] == r1["scores"]
         assert {"none", "ema", "mse", "distill"} == set(r0["scores"])
+        none = r0["scores"]["none"]
+        assert round((1 - none["agreement"]) * none["images"]) > 4
         assert r0["n"] == r1["n"] == len(x) and r0["acc"] == r1["acc"]
         return
     # Calibration moved psi_da or phi_da (spike_value - v_threshold) away from

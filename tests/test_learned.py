@@ -16,7 +16,7 @@ from sj_parallel_conversion.activation import DAQCFS, QCFS, ClipReLU
 from sj_parallel_conversion.learned import (DistillCalibration, LearnedCalibration, LearnedSite, distillation_kl,
                                             held_out_score, split_images)
 from sj_parallel_conversion.recipe import ParallelConversionRecipe
-from sj_parallel_conversion.selection import CalibrationReport, choose, clearly_better
+from sj_parallel_conversion.selection import CalibrationReport, choose, clearly_better, irreplaceable
 
 # From the uncalibrated start with a large rate: a fit that visibly moves in a few steps.
 FAST = LearnedCalibration(steps=40, lr=1e-2, start="none", eval_every=10, patience=10, batch_size=32)
@@ -29,6 +29,15 @@ def _net(act=nn.ReLU):
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), act(), nn.MaxPool2d(2),
         nn.Conv2d(8, 16, 3, padding=1), act(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         nn.Linear(16, 10)).eval()
+
+
+def _weak_net():
+    """:func:`_net` with its last bias zeroed: its logits then follow the activations, so at
+    ``T = 1`` no calibration misses most images and every candidate of ``auto`` is measured."""
+    ann = _net()
+    with torch.no_grad():
+        ann[-1].bias.zero_()
+    return ann
 
 
 def _batches(n=6, size=32, seed=1):
@@ -229,10 +238,58 @@ def test_choose_with_per_image_agreement_leaves_no_calibration_only_for_a_clearl
     assert "passed over mse: not clearly better than none" in report.summary()
 
 
-def test_auto_keeps_a_calibration_only_where_the_sign_test_passes(monkeypatch):
+@pytest.mark.parametrize("z", [1.0, 2.0, 2.5])
+def test_irreplaceable_exactly_when_no_outcome_of_a_challenger_passes_the_sign_test(z):
+    for misses in range(0, 12):
+        baseline = torch.ones(40, dtype=torch.bool)
+        baseline[:misses] = False
+        # every outcome a challenger can have: it gains w of the misses and loses l of the rest
+        some_pass = any(clearly_better(torch.cat([torch.ones(w, dtype=torch.bool), torch.zeros(misses - w, dtype=torch.bool),
+                                                   torch.zeros(l, dtype=torch.bool), torch.ones(40 - misses - l, dtype=torch.bool)]),
+                                         baseline, z=z)
+                        for w in range(misses + 1) for l in range(40 - misses + 1))
+        assert irreplaceable(baseline, z=z) == (not some_pass, misses)
+    # summed over processes: 3 misses here and 3 on the other process make 6 > 2 * sqrt(6)
+    baseline = torch.tensor([False] * 3 + [True] * 20)
+    assert irreplaceable(baseline) == (True, 3)
+    assert irreplaceable(baseline, reducer=lambda t, op: t * 2) == (False, 6)
+
+
+def test_auto_measures_nothing_else_where_no_calibration_misses_too_few_images(monkeypatch):
+    from sj_parallel_conversion import recipe as recipe_mod
+    built = []
+    real, real_fit = recipe_mod.ParallelConversionRecipe._cheap, recipe_mod.learn_calibration
+
+    def cheap(self, name, *args):
+        built.append(name)
+        return real(self, name, *args)
+
+    def no_fit(*a, **k):
+        raise AssertionError("the fit ran although no candidate could replace no calibration")
+
+    monkeypatch.setattr(recipe_mod.ParallelConversionRecipe, "_cheap", cheap)
+    monkeypatch.setattr(recipe_mod, "learn_calibration", no_fit)
     batches, ann = _batches(8), _net()
-    with torch.no_grad():
-        ann[-1].bias.zero_()  # the logits then follow the activations, and calibration matters at small T
+    snn = ParallelConverter("parallel", T=64, dataloader=batches, progress=False,
+                            calibration=CalibrationSettings(skip_agreement=None)).convert(copy.deepcopy(ann))
+    report = snn.calibration_report
+    misses = round((1 - report.scores["none"]["agreement"]) * report.scores["none"]["images"])
+    assert misses <= 4 and built == ["none"] and report.method == "none"
+    assert set(report.skipped) == {"ema", "mse", "distill"} and set(report.scores) == {"none"}
+    assert all(f"none disagrees with the ANN on {misses} of" in why for why in report.skipped.values())
+    assert "skipped ema, mse, distill: none disagrees" in report.summary()
+    # where it misses more (T = 1, the network with its last bias zeroed), every candidate is measured
+    built.clear()
+    monkeypatch.setattr(recipe_mod, "learn_calibration", real_fit)
+    snn = ParallelConverter("parallel", T=1, dataloader=batches, progress=False,
+                            calibration=CalibrationSettings(skip_agreement=None, distill=FAST_DISTILL)).convert(_weak_net())
+    report = snn.calibration_report
+    assert built == ["none", "ema", "mse"] and not report.skipped
+    assert round((1 - report.scores["none"]["agreement"]) * report.scores["none"]["images"]) > 4
+
+
+def test_auto_keeps_a_calibration_only_where_the_sign_test_passes(monkeypatch):
+    batches, ann = _batches(8), _weak_net()  # calibration matters at small T
     settings = CalibrationSettings(skip_agreement=None, distill=FAST_DISTILL)
 
     def convert(T=2):
@@ -247,22 +304,22 @@ def test_auto_keeps_a_calibration_only_where_the_sign_test_passes(monkeypatch):
 
     # no calibration is ever clearly beaten: it is kept, and every candidate above it is reported
     monkeypatch.setattr(selection, "clearly_better", lambda *args, **kwargs: False)
-    report = convert()
+    report = convert(T=1)
     assert report.method == "none"
     higher = {n for n, sc in report.scores.items() if sc["agreement"] > report.scores["none"]["agreement"]}
     assert higher and set(report.passed_over) == higher
     # every calibration clearly beats it: the plain count decides
     monkeypatch.setattr(selection, "clearly_better", lambda *args, **kwargs: True)
-    report = convert()
+    report = convert(T=1)
     assert report.method == choose(report.scores) and not report.passed_over
 
 
 def test_auto_is_the_default_reports_its_choice_and_keeps_the_chosen_network(caplog):
     assert ParallelConversionRecipe(4).method == "auto"
     batches = _batches()
-    ann = _net()
+    ann = _weak_net()
     with caplog.at_level(logging.INFO, logger="sj_parallel_conversion"):
-        snn = ParallelConverter("parallel", T=2, dataloader=batches, progress=False,
+        snn = ParallelConverter("parallel", T=1, dataloader=batches, progress=False,
                                 calibration=CalibrationSettings(skip_agreement=None, distill=FAST_DISTILL)).convert(ann)
     report = snn.calibration_report
     assert isinstance(report, CalibrationReport) and report.requested == "auto"
@@ -319,8 +376,8 @@ def test_fit_early_stopping_and_selection_read_disjoint_images(monkeypatch):
     monkeypatch.setattr(recipe_mod, "learn_calibration", spy_fit)
     monkeypatch.setattr(recipe_mod, "held_out_score", spy_score)
     batches = _tagged_batches()
-    snn = ParallelConverter("parallel", T=2, dataloader=batches, progress=False,
-                            calibration=CalibrationSettings(skip_agreement=None, distill=FAST_DISTILL)).convert(_net())
+    snn = ParallelConverter("parallel", T=1, dataloader=batches, progress=False,
+                            calibration=CalibrationSettings(skip_agreement=None, distill=FAST_DISTILL)).convert(_weak_net())
     select = set().union(*seen["scored"])
     assert all(ids == select for ids in seen["scored"]) and len(seen["scored"]) == 4  # none, ema, mse, distill
     assert seen["fit"] and seen["stop"] and select
@@ -337,8 +394,10 @@ def test_no_label_is_read_garbage_labels_give_the_same_network(method):
     real = [(x, torch.randint(0, 10, (x.shape[0],), generator=g)) for x in batches]
     garbage = [(x, torch.full((3,), -12345)) for x in batches]
     options = dict(progress=False, method=method, calibration=CalibrationSettings(distill=FAST_DISTILL, skip_agreement=None))
-    a = ParallelConverter("parallel", T=2, dataloader=real, **options).convert(_net()).state_dict()
-    b = ParallelConverter("parallel", T=2, dataloader=garbage, **options).convert(_net()).state_dict()
+    a = ParallelConverter("parallel", T=1, dataloader=real, **options).convert(_weak_net())
+    b = ParallelConverter("parallel", T=1, dataloader=garbage, **options).convert(_weak_net())
+    assert "distill" in a.calibration_report.seconds  # the fit ran
+    a, b = a.state_dict(), b.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -438,6 +497,8 @@ def test_auto_skips_the_fit_when_a_cheap_candidate_already_agrees(monkeypatch):
         raise AssertionError("the fit ran although a cheap candidate agreed on every selection image")
 
     monkeypatch.setattr(recipe_mod, "learn_calibration", no_fit)
+    # this is about the agreement bound: the sign-test shortcut (no calibration irreplaceable) is off
+    monkeypatch.setattr(recipe_mod, "irreplaceable", lambda *a, **k: (False, 99))
     snn = ParallelConverter("parallel", T=64, dataloader=_batches(), progress=False,
                             calibration=CalibrationSettings(skip_agreement=0.95)).convert(_net())
     report = snn.calibration_report
