@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["random_crop_flip"]
+__all__ = ["random_crop_flip", "blends"]
 
 
 def random_crop_flip(x: torch.Tensor, padding: int = 4, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -23,3 +23,23 @@ def random_crop_flip(x: torch.Tensor, padding: int = 4, generator: Optional[torc
         x = xp.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
     flip = (torch.rand(b, generator=generator) < 0.5).to(x.device).view(b, 1, 1, 1)
     return torch.where(flip, x.flip(3), x)
+
+
+def blends(x: torch.Tensor, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``k`` convex blends of every item of ``x`` (``[N, ...]``) with another item, ``[k * N, ...]``.
+
+    Blend ``r`` (``r = 1 .. k``) of item ``i`` is ``w * x[i] + (1 - w) * x[j]`` with
+    ``w = 1 - r / (k + 1)`` and ``j`` the item ``r`` places after ``i`` in one random order, so
+    every item is blended with ``k`` different partners (fewer where ``N <= k``) and row
+    ``(r - 1) * N + i`` belongs to item ``i``.
+    """
+    n = x.shape[0]
+    order = torch.randperm(n, generator=generator).to(x.device)
+    place = torch.empty_like(order)
+    place[order] = torch.arange(n, device=x.device)
+    out = []
+    for r in range(1, k + 1):
+        partner = order[(place + r) % n]
+        w = 1.0 - r / (k + 1)
+        out.append(w * x + (1.0 - w) * x[partner])
+    return torch.cat(out) if out else x[:0]

@@ -32,13 +32,14 @@ from torch import fx
 
 from . import calibration, formulas, kernels
 from .activation import DAQCFS, QCFS, ClipReLU
+from .augment import blends
 from .graph import activation_sites, check_batch_axis, keep_analog, prepare_graph, to_multistep
 from .joins import insert_time_joins
 from .learned import BlockCacheTooLarge, DistillCalibration, LearnedCalibration, held_out_score, learn_calibration, split_images, take_images
 from .network import as_converted_network
 from .neuron import ParallelConversionNode
 from .observers import MaxObserver
-from .selection import PREFERENCE, SIGN_TEST_Z, CalibrationReport, choose, irreplaceable, passed_over
+from .selection import PREFERENCE, SIGN_TEST_Z, CalibrationReport, choose, irreplaceable, passed_over, share
 from .reuse import reuse_memory
 
 logger = logging.getLogger("sj_parallel_conversion")
@@ -54,6 +55,8 @@ FITS = ("learned", "distill")
 #: Methods that calibrate in one or two passes over the data.
 CHEAP = ("paper", "ema", "moment", "mse")
 AUTO_FIT = "distill"
+#: Seed of the partners of ``auto``'s selection blends.
+SELECTION_SEED = 20250713
 
 
 @dataclasses.dataclass
@@ -122,6 +125,13 @@ class CalibrationSettings:
         distill: options of ``method="distill"`` and of auto's fit (default ``DistillCalibration()``).
         selection_fraction: ``method="auto"``: the share of the calibration images kept for the
             choice between candidates.
+        selection_blends: ``method="auto"``: the candidates are also scored on this many blends
+            of every selection image with other selection images (:func:`~.augment.blends`,
+            weights ``1 - r / (k + 1)``), against the ANN's outputs for the blends. On the
+            training images themselves the ANN is confident and an uncalibrated network at large
+            ``T`` misses almost none, so they cannot show a calibration that is closer to the
+            ANN on new images; on blends the ANN is less sure and the difference shows. 0 scores
+            the selection images alone.
         skip_agreement: ``method="auto"``: the agreement on the selection images of the most
             agreeing cheap candidate ("none", "ema", "mse") at which the fit is skipped (it could
             gain at most the remaining images over that candidate); ``None`` always fits.
@@ -134,6 +144,7 @@ class CalibrationSettings:
     learned: LearnedCalibration = dataclasses.field(default_factory=LearnedCalibration)
     distill: DistillCalibration = dataclasses.field(default_factory=DistillCalibration)
     selection_fraction: float = 0.125
+    selection_blends: int = 3
     skip_agreement: Optional[float] = 0.99
 
     def check(self) -> None:
@@ -150,6 +161,9 @@ class CalibrationSettings:
                 raise TypeError(f"{name} must be a LearnedCalibration, got {type(value).__name__}")
             value.check()
         _fraction("selection_fraction", self.selection_fraction)
+        if isinstance(self.selection_blends, bool) or not isinstance(self.selection_blends, int) \
+                or self.selection_blends < 0:
+            raise ValueError(f"selection_blends must be an integer >= 0, got {self.selection_blends!r}")
         _fraction("skip_agreement", self.skip_agreement, allow_none=True)
 
 
@@ -431,6 +445,14 @@ class ParallelConversionRecipe(FXConversionRecipe):
         scores: Dict[str, Dict[str, float]] = {}
         hits: Dict[str, torch.Tensor] = {}  # per candidate, its per-image agreement on the judging images
         judge = select if select is not None else stop
+        plain = sum(int(x.shape[0]) for x in judge)  # the judged images before any blend
+        blended = 0
+        if select is not None and self.calibration.selection_blends:
+            # Seeded apart from the fits' draws, so the choice never changes what is fitted.
+            mixed = blends(torch.cat(list(select)), self.calibration.selection_blends,
+                           torch.Generator().manual_seed(SELECTION_SEED))
+            blended = int(mixed.shape[0])
+            judge = list(torch.split(torch.cat([torch.cat(list(select)), mixed]), max(1, plain)))
         with torch.no_grad():
             judge_ref = [self._reference(x.to(dev)) for x in judge]
 
@@ -438,9 +460,10 @@ class ParallelConversionRecipe(FXConversionRecipe):
             per_image: List[torch.Tensor] = []
             scores[name] = held_out_score(candidates[name], judge, judge_ref, dev, self.reducer, per_image)
             hits[name] = per_image[0]
-            logger.info("calibration: %s agrees with the ANN on %.1f %% of %d %s images (%.1f s)", name,
+            logger.info("calibration: %s agrees with the ANN on %.1f %% of %d %s (%.1f s)", name,
                         100 * scores[name]["agreement"], scores[name]["images"],
-                        "selection" if select is not None else "held-out", seconds[name])
+                        ("selection images and blends" if blended else "selection images") if select is not None
+                        else "held-out images", seconds[name])
 
         cheap = ("none", "ema", "mse") if self.method == "auto" else (opts.start,)
         for name in cheap:
@@ -458,18 +481,20 @@ class ParallelConversionRecipe(FXConversionRecipe):
                 stuck, misses = irreplaceable(hits[name], self.reducer)
                 if stuck:
                     reason = (f"{name} disagrees with the ANN on {misses} of {scores[name]['images']} selection "
-                              f"images; no calibration can be clearly better with {SIGN_TEST_Z ** 2:g} or fewer "
-                              "to gain")
+                              f"images{' and blends' if blended else ''}; no calibration can be clearly better "
+                              f"with {SIGN_TEST_Z ** 2:g} or fewer to gain")
                     for other in cheap[1:] + (fitting,):
                         skipped[other] = reason
                     logger.info("calibration: %s skipped: %s", ", ".join(cheap[1:] + (fitting,)), reason)
         if self.method == "auto" and fitting not in skipped:
-            # The most agreeing cheap candidate bounds what a fit could still gain over it (the
-            # sign test is not applied here: the bound is about agreement, not about the choice).
-            best = choose(scores)
+            # The most agreeing cheap candidate on the selection images themselves bounds what a
+            # fit could still gain over it there (the sign test is not applied: the bound is about
+            # agreement, not about the choice; blends, harder by design, would rarely allow a skip).
+            agree = {n: share(hits[n][:plain], self.reducer) for n in scores}
+            best = max(agree, key=lambda n: agree[n])
             skip = self.calibration.skip_agreement
-            if skip is not None and scores[best]["agreement"] >= skip:
-                skipped[fitting] = (f"{best} already agrees with the ANN on {100 * scores[best]['agreement']:.1f} % "
+            if skip is not None and agree[best] >= skip:
+                skipped[fitting] = (f"{best} already agrees with the ANN on {100 * agree[best]:.1f} % "
                                     f"of the selection images (>= {100 * skip:g} %)")
                 logger.info("calibration: %s skipped: %s", fitting, skipped[fitting])
         history = None
@@ -497,7 +522,7 @@ class ParallelConversionRecipe(FXConversionRecipe):
         self.report = CalibrationReport(
             requested=self.method, method=chosen, scores=scores, seconds=seconds, skipped=skipped,
             fit_images=sum(int(x.shape[0]) for x in fit), held_out_images=sum(int(x.shape[0]) for x in stop),
-            selection_images=sum(int(x.shape[0]) for x in select) if select else 0, learned=history,
+            selection_images=plain if select else 0, selection_blends=blended, learned=history,
             passed_over=passed)
         logger.info("%s", self.report.summary())
         self._reference = None

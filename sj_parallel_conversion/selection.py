@@ -32,8 +32,8 @@ import torch
 
 from .observers import Reducer
 
-__all__ = ["CalibrationReport", "choose", "clearly_better", "irreplaceable", "paired_counts", "passed_over", "PREFERENCE",
-           "SIGN_TEST_Z"]
+__all__ = ["CalibrationReport", "choose", "clearly_better", "irreplaceable", "paired_counts", "passed_over", "share",
+           "PREFERENCE", "SIGN_TEST_Z"]
 
 # On equal scores the simpler calibration wins.
 PREFERENCE = ("none", "paper", "ema", "moment", "mse", "learned", "distill")
@@ -67,6 +67,14 @@ def irreplaceable(baseline: torch.Tensor, reducer: Reducer = None, z: float = SI
         misses = reducer(misses, "sum")
     m = int(misses[0])
     return not m > z * math.sqrt(m), m
+
+
+def share(hits: torch.Tensor, reducer: Reducer = None) -> float:
+    """The fraction of ``True`` in boolean per-image agreements (over all processes with ``reducer``)."""
+    counts = torch.tensor([float(hits.bool().sum()), float(hits.numel())], dtype=torch.float64)
+    if reducer is not None:
+        counts = reducer(counts, "sum")
+    return float(counts[0] / counts[1]) if counts[1] > 0 else 0.0
 
 
 def paired_counts(challenger: torch.Tensor, kept: torch.Tensor, reducer: Reducer = None) -> Tuple[int, int]:
@@ -135,7 +143,8 @@ class CalibrationReport:
         seconds: fitting time per candidate.
         skipped: candidates ``"auto"`` did not fit, with the reason.
         fit_images: images the fits learned from; held_out_images: images their early stopping
-            read; selection_images: images ``"auto"``'s choice read (per process).
+            read; selection_images: images ``"auto"``'s choice read (per process), and
+            selection_blends: the blends of them it also scored (``scores`` count both).
         learned: the fit's history (held-out KL and agreement per evaluation, the step kept,
             steps run, whether it fell back to its start).
         passed_over: ``"auto"``: candidates that agreed with the ANN on more selection images
@@ -152,6 +161,7 @@ class CalibrationReport:
     skipped: Dict[str, str] = field(default_factory=dict)
     selection_images: int = 0
     passed_over: Dict[str, str] = field(default_factory=dict)
+    selection_blends: int = 0
 
     @property
     def label(self) -> str:
@@ -168,6 +178,8 @@ class CalibrationReport:
         parts = ", ".join(f"{n} {100 * s['agreement']:.1f}%" for n, s in self.scores.items())
         where = (f"{self.selection_images} selection images" if self.selection_images
                  else f"{self.held_out_images} held-out images")
+        if self.selection_images and self.selection_blends:
+            where += f" and {self.selection_blends} blends of them"
         grouped: Dict[str, list] = {}  # one reason often covers several candidates
         for n, why in self.skipped.items():
             grouped.setdefault(why, []).append(n)

@@ -290,7 +290,9 @@ def test_recipe_settings_are_checked_where_they_are_grouped():
     for settings, match in ((CalibrationSettings(alpha=1.0), "alpha"), (CalibrationSettings(num_batches=0), "num_batches"),
                             (CalibrationSettings(calibrate="yes"), "calibrate"),
                             (CalibrationSettings(skip_agreement=1.5), "skip_agreement"),
-                            (CalibrationSettings(selection_fraction=None), "selection_fraction")):
+                            (CalibrationSettings(selection_fraction=None), "selection_fraction"),
+                            (CalibrationSettings(selection_blends=-1), "selection_blends"),
+                            (CalibrationSettings(selection_blends=True), "selection_blends")):
         with pytest.raises(ValueError, match=match):
             ParallelConversionRecipe(4, calibration=settings)
     for settings, match in ((NetworkSettings(backend="gpu"), "backend"), (NetworkSettings(spike_order="middle"), "order"),

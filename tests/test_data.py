@@ -214,3 +214,23 @@ def test_arrays_and_normalisation_are_checked_in_one_place(tmp_path):
         data.cifar10_subset("test", mean=[0.5] * 3, std=[0.2, -0.2, 0.2])
     with pytest.raises(ValueError, match="mean has 2 values but the images have 3 channels"):
         data.torchvision_dataset("imagefolder", tmp_path, "test", mean=[0.5, 0.5], std=[0.2, 0.2])
+
+
+@pytest.mark.parametrize("n, k", [(7, 3), (5, 1), (3, 3), (1, 2)])
+def test_blends_mix_every_item_with_k_others_at_the_stated_weights(n, k):
+    from sj_parallel_conversion.augment import blends
+    x = torch.randn(n, 2, 3, generator=torch.Generator().manual_seed(n))
+    out = blends(x, k, torch.Generator().manual_seed(0))
+    assert out.shape == (k * n, 2, 3)
+    for i in range(n):
+        partners = []
+        for r in range(1, k + 1):
+            w = 1 - r / (k + 1)
+            row = out[(r - 1) * n + i]
+            # which item j makes row == w x[i] + (1 - w) x[j]? exactly one
+            hits = [j for j in range(n) if torch.allclose(row, w * x[i] + (1 - w) * x[j], atol=1e-6)]
+            assert len(hits) == 1, (i, r, hits)
+            partners.append(hits[0])
+        if n > k:  # k different partners, none of them the item itself
+            assert len(set(partners)) == k and i not in partners
+    assert blends(x, 0).shape == (0, 2, 3)

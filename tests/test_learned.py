@@ -15,7 +15,8 @@ from sj_parallel_conversion import formulas, selection
 from sj_parallel_conversion.activation import DAQCFS, QCFS, ClipReLU
 from sj_parallel_conversion.learned import (DistillCalibration, LearnedCalibration, LearnedSite, distillation_kl,
                                             held_out_score, split_images)
-from sj_parallel_conversion.recipe import ParallelConversionRecipe
+from sj_parallel_conversion.augment import blends
+from sj_parallel_conversion.recipe import SELECTION_SEED, ParallelConversionRecipe
 from sj_parallel_conversion.selection import CalibrationReport, choose, clearly_better, irreplaceable
 
 # From the uncalibrated start with a large rate: a fit that visibly moves in a few steps.
@@ -332,15 +333,19 @@ def test_auto_is_the_default_reports_its_choice_and_keeps_the_chosen_network(cap
     assert report.scores[report.method]["agreement"] >= report.scores["none"]["agreement"]
     lines = [r.getMessage() for r in caplog.records if "calibration (auto)" in r.getMessage()]
     assert len(lines) == 1 and f"kept {report.method} (auto)" in lines[0]
-    # The network returned is the one that was scored: re-measure it on the selection images.
+    # The network returned is the one that was scored: re-measure it on the selection images and
+    # their blends (three per image by default, made with the recipe's seed).
     _, select = split_images(batches, CalibrationSettings().selection_fraction)
-    assert report.selection_images == select[0].shape[0]
+    assert report.selection_images == select[0].shape[0] and report.selection_blends == 3 * select[0].shape[0]
+    judged = [torch.cat([select[0], blends(select[0], 3, torch.Generator().manual_seed(SELECTION_SEED))])]
     with torch.no_grad():
-        refs = [ann(x) for x in select]
+        refs = [ann(x) for x in judged]
     per_image = []
-    measured = held_out_score(lambda x: count_inference(snn, x), select, refs, "cpu", hits=per_image)
+    measured = held_out_score(lambda x: count_inference(snn, x), judged, refs, "cpu", hits=per_image)
     assert measured["agreement"] == report.scores[report.method]["agreement"]
-    assert per_image[0].dtype == torch.bool and per_image[0].shape == (select[0].shape[0],)
+    assert measured["images"] == report.scores[report.method]["images"] == 4 * select[0].shape[0]
+    assert f"{select[0].shape[0]} selection images and {3 * select[0].shape[0]} blends of them" in report.summary()
+    assert per_image[0].dtype == torch.bool and per_image[0].shape == (judged[0].shape[0],)
     assert float(per_image[0].double().mean()) == measured["agreement"]
     assert measured["kl"] == pytest.approx(report.scores[report.method]["kl"], rel=1e-4, abs=1e-7)
 
@@ -370,7 +375,7 @@ def test_fit_early_stopping_and_selection_read_disjoint_images(monkeypatch):
         return real_fit(gm, reference, fit, held, *a, **k)
 
     def spy_score(model, held, refs, *a, **k):
-        seen["scored"].append(_ids(held))
+        seen["scored"].append(torch.cat([t[:, 0, 0, 0] for t in held]))
         return real_score(model, held, refs, *a, **k)
 
     monkeypatch.setattr(recipe_mod, "learn_calibration", spy_fit)
@@ -378,8 +383,19 @@ def test_fit_early_stopping_and_selection_read_disjoint_images(monkeypatch):
     batches = _tagged_batches()
     snn = ParallelConverter("parallel", T=1, dataloader=batches, progress=False,
                             calibration=CalibrationSettings(skip_agreement=None, distill=FAST_DISTILL)).convert(_weak_net())
-    select = set().union(*seen["scored"])
-    assert all(ids == select for ids in seen["scored"]) and len(seen["scored"]) == 4  # none, ema, mse, distill
+    assert len(seen["scored"]) == 4 and all(torch.equal(t, seen["scored"][0]) for t in seen["scored"])  # none ... distill
+    n = snn.calibration_report.selection_images
+    tags = seen["scored"][0]
+    select = {int(v) for v in tags[:n].round().tolist()}
+    assert tags[:n].round().tolist() == tags[:n].tolist() and len(select) == n
+    # every other scored input is a blend of two selection images (weights 3/4, 1/2, 1/4): no
+    # image the fit or its early stopping read enters the choice
+    ids = torch.tensor(sorted(select), dtype=tags.dtype)
+    for w in (0.75, 0.5, 0.25):
+        pairs = (w * ids[:, None] + (1 - w) * ids[None, :]).flatten()
+        part = tags[n + int((0.75 - w) * 4) * n:n + int((0.75 - w) * 4 + 1) * n]
+        assert all(bool(((pairs - t).abs() < 1e-3).any()) for t in part), w
+    assert tags.numel() == 4 * n
     assert seen["fit"] and seen["stop"] and select
     assert not (seen["fit"] & seen["stop"]) and not (seen["fit"] & select) and not (seen["stop"] & select)
     assert seen["fit"] | seen["stop"] | select == _ids(batches)
