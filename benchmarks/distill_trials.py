@@ -55,6 +55,9 @@ ap.add_argument("--e2e_mix", type=int, default=0)
 ap.add_argument("--e2e_batch", type=int, default=64)
 ap.add_argument("--e2e_temp", type=float, default=1.0)
 ap.add_argument("--mergelast", type=int, default=0)
+ap.add_argument("--fisher", default="", help="'argmax' or 'sample': weight each block's squared error by the "
+                "squared gradient of the ANN's cross-entropy at its own (argmax or sampled) prediction")
+ap.add_argument("--fisher_floor", type=float, default=0.0, help="weights are floor + (1 - floor) * g^2 / mean(g^2)")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 
@@ -167,9 +170,82 @@ def fblock(block, groups, q_in, a_in, target, held_in, held_target, last, option
     for p in params: p.requires_grad_(False)
     print("tail-fitted block", i, float(loss), flush=True)
     return {"start": 0.0, "best": 0.0, "kept_step": options.steps}
-L._fit_block = fblock
+def fisher_weights(reference, names, x, kind, size=256):
+    """Per boundary, g^2 / mean(g^2) of the ANN's cross-entropy at its own prediction, per element."""
+    bnd = L.block_boundaries(reference, names)
+    blocks = [b for _, b in L.split_blocks(reference, names, bnd)]
+    out = [[] for _ in blocks[:-1]]
+    g = torch.Generator().manual_seed(99)
+    for c in torch.split(x, size):
+        with torch.enable_grad():
+            hs = [c.clone().requires_grad_(True)]
+            for b in blocks[:-1]:
+                hs.append(b(hs[-1]))
+                hs[-1].retain_grad()
+            logits = blocks[-1](hs[-1])
+            if kind == "sample":
+                y = torch.multinomial(torch.softmax(logits.detach(), 1), 1, generator=g).squeeze(1)
+            else:
+                y = logits.detach().argmax(1)
+            F.cross_entropy(logits, y, reduction="sum").backward()
+        for i, t in enumerate(hs[1:]):
+            out[i].append(t.grad.detach().pow(2))
+    ws = []
+    for parts in out:
+        w = torch.cat(parts)
+        ws.append(w / w.mean().clamp(min=1e-30))
+    return ws
+
+def fblock_fisher(block, groups, q_in, a_in, target, held_in, held_target, last, options, gen, reducer, world, bar, first):
+    i = CNT["i"] - 1
+    if last or not a.fisher:
+        return orig_fblock(block, groups, q_in, a_in, target, held_in, held_target, last, options, gen, reducer, world, bar, first)
+    fl = a.fisher_floor
+    w_fit = fl + (1 - fl) * STASH["wfit"][i]
+    w_held = fl + (1 - fl) * STASH["wheld"][i]
+    params = [p for g in groups for p in g["params"]]
+    for p in params: p.requires_grad_(True)
+    for g in groups: g["peak"] = g["lr"]
+    opt = torch.optim.Adam(groups)
+    def err(out, ref, w):
+        return (w * (out - ref).pow(2)).flatten(1).mean(1)
+    def held_error():
+        with torch.no_grad():
+            return float(sum(err(block(x), r, w).sum() for x, r, w in zip(torch.split(held_in, 64), torch.split(held_target, 64), torch.split(w_held, 64))) / held_in.shape[0])
+    best = begin = held_error(); best_state, best_step = [p.detach().clone() for p in params], 0
+    n = q_in.shape[0]
+    for step in range(options.steps):
+        sc = 0.5 * (1 + math.cos(math.pi * step / options.steps))
+        for g in opt.param_groups: g["lr"] = g["peak"] * sc
+        idx = torch.randint(0, n, (min(options.batch_size, n),), generator=gen)
+        x = q_in[idx]
+        if options.mix > 0 and not first:
+            keep = torch.rand(x.shape, generator=gen) < options.mix
+            x = torch.where(keep, a_in[idx], x)
+        loss = err(block(x), target[idx], w_fit[idx]).mean()
+        opt.zero_grad(); loss.backward(); opt.step(); bar.update(1)
+        if (step + 1) % options.eval_every == 0 or step + 1 == options.steps:
+            now = held_error()
+            if now < best:
+                best, best_step, best_state = now, step + 1, [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, v in zip(params, best_state): p.copy_(v)
+    for p in params: p.requires_grad_(False)
+    return {"start": begin, "best": best, "kept_step": best_step}
+
+def fblock_any(*args):
+    if a.fisher and a.tailk == 0:
+        CNT["i"] += 1
+        return fblock_fisher(*args)
+    return fblock(*args)
+L._fit_block = fblock_any
 def fb(gm, reference, fit, held, sites, *rest):
     STASH.update(reference=reference, fit=fit, held=held, sites=sites)
+    if a.fisher:
+        t = time.perf_counter()
+        STASH["wfit"] = fisher_weights(reference, list(sites), torch.cat(list(fit)), a.fisher)
+        STASH["wheld"] = fisher_weights(reference, list(sites), torch.cat(list(held)), a.fisher)
+        print("fisher weights", round(time.perf_counter() - t), "s", flush=True)
     out = orig_fb(gm, reference, fit, held, sites, *rest)
     if a.diag:
         names = list(sites)
@@ -219,5 +295,5 @@ with torch.no_grad():
     acc = 100 * sum(int((cm(tx[i:i+500]).argmax(1) == ty[i:i+500]).sum()) for i in range(0, 2000, 500)) / 2000
 rep = snn.calibration_report
 h = rep.learned if rep else {}
-print(json.dumps(dict(net=a.net, T=a.T, opts=opts, mixup=a.mixup, group=a.group, mergelast=a.mergelast, headgroup=a.headgroup, diag=a.diag, tailk=a.tailk, tailw=a.tailw, e2e=[a.e2e, a.e2e_lr, a.e2e_wlr, a.e2e_mix, a.e2e_batch, a.e2e_temp], tag=a.tag, acc=acc, sec=round(sec), 
+print(json.dumps(dict(net=a.net, T=a.T, opts=opts, mixup=a.mixup, group=a.group, mergelast=a.mergelast, headgroup=a.headgroup, diag=a.diag, tailk=a.tailk, tailw=a.tailw, fisher=[a.fisher, a.fisher_floor], e2e=[a.e2e, a.e2e_lr, a.e2e_wlr, a.e2e_mix, a.e2e_batch, a.e2e_temp], tag=a.tag, acc=acc, sec=round(sec), 
       held=[h.get("held_out_agreement")], fell=h.get("fell_back"), load=os.getloadavg()[0])), flush=True)

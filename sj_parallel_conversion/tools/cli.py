@@ -143,7 +143,7 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibration")
     g.add_argument("--method", choices=["auto", "distill", "learned", "mse", "ema", "paper", "moment"], default=None,
                    help="auto (default): of Algorithm 1, mse and distill, keep the one agreeing best with the ANN on "
-                        "held-out calibration images among those agreeing clearly more often than no calibration "
+                        "held-out calibration images and blends of them among those agreeing clearly more often than no calibration "
                         "there (sign test), else none (distill is skipped where a cheaper one already "
                         "agrees on 99 %%); distill: learn every neuron's per-channel thresholds and shift and the "
                         "network's weights from the ANN's outputs; learned: the neurons' parameters only; mse: "
