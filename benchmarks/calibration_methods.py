@@ -63,7 +63,8 @@ SETTINGS = {
     "mse": "squared-error thresholds, then Algorithm 1 (bias-corrected), every calibration image",
     "learned": "fit on 80 %, early stopping on 20 % of the calibration images",
     "distill": "fit on 80 %, early stopping on 20 % of the calibration images",
-    "auto": ("selection on 12.5 % (a calibration replaces none only if clearly better there: sign test); fits on "
+    "auto": (f"selection on 12.5 % and {CalibrationSettings().selection_blends} blends of each selection image "
+             "(a calibration replaces none only if clearly better there: sign test); fits on "
              "70 %, early stopping on 17.5 % of the calibration images"),
 }
 

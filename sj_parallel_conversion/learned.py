@@ -37,7 +37,7 @@ from torch import fx
 from . import formulas
 from .activation import DAQCFS, QCFS, ClipReLU
 from .blocks import block_boundaries, split_blocks
-from .augment import random_crop_flip
+from .augment import blends, random_crop_flip
 from .observers import Reducer
 from .progress import progress as progress_bar
 
@@ -104,6 +104,12 @@ class LearnedCalibration:
         cache_gib: ``scope="blocks"``: the most memory (GiB) the fit may keep for block inputs and
             targets, on the calibration device; a fit that would need more is refused before it
             starts (``auto`` then skips it and says why).
+        fall_back_blends: the fit's fall-back (:func:`fall_back_margin`) compares the fit with
+            its start on the held-out images and on this many blends of each with other held-out
+            images (:func:`~sj_parallel_conversion.augment.blends`), against the ANN's outputs
+            for them: on held-out *training* images the ANN is confident and a start can look as
+            good as a fit that agrees with it clearly more often on new images; on blends the
+            difference shows. 0: the held-out images alone.
     """
 
     steps: int = 600
@@ -126,6 +132,7 @@ class LearnedCalibration:
     scope: str = "network"
     mix: float = 0.5
     cache_gib: float = 4.0
+    fall_back_blends: int = 3
 
     def __post_init__(self) -> None:
         self.check()
@@ -137,7 +144,7 @@ class LearnedCalibration:
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}.{field} must be an integer >= 1, got {v!r}")
-        for field in ("cuts", "warmup", "views"):
+        for field in ("cuts", "warmup", "views", "fall_back_blends"):
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}.{field} must be an integer >= 0, got {v!r}")
@@ -449,16 +456,32 @@ def fall_back_margin(score: Dict[str, float]) -> float:
     return max(1.0 / n, 2.0 * math.sqrt(p * (1.0 - p) / n))
 
 
-def _finish(gm: fx.GraphModule, sites: Dict[str, LearnedSite], params: Sequence[nn.Parameter], initial: Dict,
-            initial_state: List[torch.Tensor], best: Dict, label: str) -> Tuple[Dict, bool]:
-    """Return to the start where the fit agrees with the ANN clearly less often, and make the sites DA-QCFS."""
-    fell_back = best["agreement"] < initial["agreement"] - fall_back_margin(initial)
+def _fall_back_judges(held_chunks: Sequence[torch.Tensor], held_ref: Sequence[torch.Tensor], reference: nn.Module,
+                      options: LearnedCalibration, device) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """The inputs and ANN logits the fall-back compares on: the held-out images and
+    ``options.fall_back_blends`` blends of each with others."""
+    chunks, refs = list(held_chunks), list(held_ref)
+    if options.fall_back_blends and chunks:
+        mixed = blends(torch.cat(chunks), options.fall_back_blends, torch.Generator().manual_seed(options.seed + 2))
+        with torch.no_grad():
+            for c in torch.split(mixed, max(1, options.batch_size)):
+                chunks.append(c)
+                refs.append(_logits(reference, c.to(device)))
+    return chunks, refs
+
+
+def _finish(gm: fx.GraphModule, sites: Dict[str, LearnedSite], params: Sequence[nn.Parameter],
+            initial_state: List[torch.Tensor], start: Dict, end: Dict, label: str) -> bool:
+    """Return to the start where the fit agrees with the ANN clearly less often on the fall-back's
+    judges (``start`` and ``end``: their scores before and after the fit), and make the sites
+    DA-QCFS. Returns whether it fell back."""
+    fell_back = end["agreement"] < start["agreement"] - fall_back_margin(start)
     if fell_back:
         # The held-out KL can fall while the ranking of the classes gets worse (a fit that flattens
         # the logits); a network that agrees with the ANN clearly less than the start is never returned.
-        logger.warning("%s: the fit agreed with the ANN on %.1f %% of held-out images against %.1f %% at its start; "
-                       "keeping the start", label, 100 * best["agreement"], 100 * initial["agreement"])
-        best = initial
+        logger.warning("%s: the fit agreed with the ANN on %.1f %% of %d held-out images and blends against %.1f %% "
+                       "at its start; keeping the start", label, 100 * end["agreement"], end["images"],
+                       100 * start["agreement"])
         with torch.no_grad():
             for p, v in zip(params, initial_state):
                 p.copy_(v)
@@ -466,7 +489,7 @@ def _finish(gm: fx.GraphModule, sites: Dict[str, LearnedSite], params: Sequence[
         p.requires_grad_(False)
     for name, site in sites.items():
         _set_site(gm, name, site.to_daqcfs())
-    return best, fell_back
+    return fell_back
 
 
 def _cat_apply(module: nn.Module, x: torch.Tensor, size: int) -> torch.Tensor:
@@ -520,6 +543,8 @@ def _fit_blocks(gm: fx.GraphModule, reference: nn.Module, fit: Sequence[torch.Te
     site_ids = {id(p) for p in site_params}
     params = site_params + [p for p in gm.parameters() if id(p) not in site_ids]
     initial = held_out_score(gm, held_chunks, held_ref, device, reducer)
+    judges = _fall_back_judges(held_chunks, held_ref, reference, options, device)
+    judged_start = held_out_score(gm, *judges, device, reducer) if options.fall_back_blends else initial
     initial_state = [p.detach().clone() for p in params]
     reference_nodes = {n.name for n in reference.graph.nodes} if isinstance(reference, fx.GraphModule) else set()
     if not set(boundaries) <= reference_nodes:
@@ -561,7 +586,10 @@ def _fit_blocks(gm: fx.GraphModule, reference: nn.Module, fit: Sequence[torch.Te
         bar.close()
     best = held_out_score(gm, held_chunks, held_ref, device, reducer)
     history["held_out_agreement"].append((len(ours) * options.steps, best["agreement"]))
-    best, fell_back = _finish(gm, sites, params, initial, initial_state, best, label)
+    judged_end = held_out_score(gm, *judges, device, reducer) if options.fall_back_blends else best
+    fell_back = _finish(gm, sites, params, initial_state, judged_start, judged_end, label)
+    best = initial if fell_back else best
+    history.update(fall_back_check={"start": judged_start, "fit": judged_end})
     history.update(kept_step=0 if fell_back else len(ours) * options.steps, steps_run=len(ours) * options.steps,
                    seconds=time.perf_counter() - start, views=views, fell_back=fell_back,
                    fit_images=int(x_fit.shape[0]), held_out_images=int(x_held.shape[0]), options=asdict(options))
@@ -703,6 +731,8 @@ def learn_calibration(
             p.copy_(v)
 
     initial = best = held_out_score(gm, held_chunks, held_ref, device, reducer)
+    judges = _fall_back_judges(held_chunks, held_ref, reference, options, device)
+    judged_start = held_out_score(gm, *judges, device, reducer) if options.fall_back_blends else initial
     initial_state = best_state = snapshot()
     best_step = 0
     history = {"held_out_kl": [(0, best["kl"])], "held_out_agreement": [(0, best["agreement"])], "cuts": []}
@@ -770,7 +800,10 @@ def learn_calibration(
         for h in hooks + ref_hooks:
             h.remove()
     restore(best_state)
-    best, fell_back = _finish(gm, sites, params, initial, initial_state, best, label)
+    judged_end = held_out_score(gm, *judges, device, reducer) if options.fall_back_blends else best
+    fell_back = _finish(gm, sites, params, initial_state, judged_start, judged_end, label)
+    best = initial if fell_back else best
+    history.update(fall_back_check={"start": judged_start, "fit": judged_end})
     best_step = 0 if fell_back else best_step
     history.update(kept_step=best_step, steps_run=step + 1, seconds=time.perf_counter() - start, views=views,
                    fell_back=fell_back, fit_images=sum(int(c.shape[0]) for c in chunks),

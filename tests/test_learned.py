@@ -502,8 +502,41 @@ def test_a_drop_of_held_out_agreement_within_its_noise_keeps_the_fit(monkeypatch
         monkeypatch.setattr(learned_mod, "held_out_score",
                             lambda *a, **k: {"agreement": next(scores), "kl": 0.5, "images": 205})
         snn = ParallelConverter("parallel", T=2, dataloader=_batches(), progress=False, method="distill",
-                                calibration=CalibrationSettings(distill=DistillCalibration(steps=5, eval_every=5, batch_size=32, views=0))).convert(_net())
+                                calibration=CalibrationSettings(distill=DistillCalibration(
+                                    steps=5, eval_every=5, batch_size=32, views=0, fall_back_blends=0))).convert(_net())
         assert snn.calibration_report.learned["fell_back"] is fell
+
+
+@pytest.mark.parametrize("method", ["distill", "learned"])
+def test_the_fall_back_also_reads_blends_of_the_held_out_images(monkeypatch, method):
+    # On the held-out images alone the fit ends 4 points below its start (beyond their noise); on
+    # them and three blends of each it agrees more often than its start: it is kept. Reading the
+    # held-out images alone, it falls back.
+    from sj_parallel_conversion import learned as learned_mod
+    sizes = []
+    plain = iter([0.99, 0.95] + [0.97] * 50)     # the start, then every later evaluation
+    judged = iter([0.84, 0.86])
+
+    def score(model, held, refs, *a, **k):
+        n = sum(int(x.shape[0]) for x in held)
+        sizes.append(n)
+        # the KL falls at every evaluation, so the whole-network fit keeps its last step
+        return {"agreement": next(judged if n > min(sizes) else plain), "kl": 1.0 - 0.01 * len(sizes), "images": n}
+
+    monkeypatch.setattr(learned_mod, "held_out_score", score)
+    cls = DistillCalibration if method == "distill" else LearnedCalibration
+    for blends_, fell in ((3, False), (0, True)):
+        sizes.clear()
+        plain, judged = iter([0.99, 0.95] + [0.97] * 50), iter([0.84, 0.86])
+        opts = cls(steps=5, eval_every=5, batch_size=32, views=0, fall_back_blends=blends_)
+        snn = ParallelConverter("parallel", T=2, dataloader=_batches(), progress=False, method=method,
+                                calibration=CalibrationSettings(**{method: opts})).convert(_net())
+        history = snn.calibration_report.learned
+        assert history["fell_back"] is fell
+        held = min(sizes)
+        assert set(sizes) == ({held, 4 * held} if blends_ else {held})
+        if blends_:
+            assert history["fall_back_check"]["start"]["images"] == 4 * held
 
 
 def test_auto_skips_the_fit_when_a_cheap_candidate_already_agrees(monkeypatch):
