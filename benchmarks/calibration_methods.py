@@ -149,8 +149,8 @@ def main(argv=None) -> int:
                            chosen=report.method if report else "none", calibration=calibration_label(snn),
                            settings=SETTINGS[method], held_out=report.scores if report else {},
                            skipped=report.skipped if report else {},
-                           fit=({k: report.learned[k] for k in ("kept_step", "steps_run", "fell_back", "views",
-                                                                 "fit_images", "held_out_images")}
+                           fit=({k: report.learned.get(k) for k in ("kept_step", "steps_run", "fell_back", "views",
+                                                                     "fit_images", "held_out_images", "fall_back_check")}
                                 if report and report.learned else None))
                 results.append(row)
                 print(f"  T={T:<3} {method:<8} {acc:6.2f} %  {seconds:7.1f} s  {row['calibration']}", flush=True)
