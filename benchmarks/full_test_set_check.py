@@ -1,9 +1,11 @@
 """One calibration against none on all 10,000 CIFAR-10 test images (count domain).
 
 The calibration tables use 2,000 class-balanced test images, whose noise is about 0.7 points;
-this checks a small difference there on the whole test set. The calibration is built as
-``method="auto"`` builds its candidate: on auto's fitting images (70 % of the 1,024 calibration
-images). Prints test accuracy and agreement with the ANN's top-1 prediction. Run from the
+this checks a small difference there on the whole test set. The calibration is built from the
+images ``method="auto"`` builds its candidates on (its fitting images, 70 % of the 1,024
+calibration images; auto records the per-channel maxima on all 1,024, this script on those
+only, so the networks are close to auto's, not identical). Prints test accuracy and agreement
+with the ANN's top-1 prediction. Run from the
 repository root with ``SJPC_CIFAR10_DIR`` set, for example::
 
     python benchmarks/full_test_set_check.py --checkpoint sj_parallel_conversion/tools/checkpoints/cifar10_cnn_relu.pt --T 16 --method mse

@@ -30,8 +30,10 @@ def blends(x: torch.Tensor, k: int, generator: Optional[torch.Generator] = None)
 
     Blend ``r`` (``r = 1 .. k``) of item ``i`` is ``w * x[i] + (1 - w) * x[j]`` with
     ``w = 1 - r / (k + 1)`` and ``j`` the item ``r`` places after ``i`` in one random order, so
-    every item is blended with ``k`` different partners (fewer where ``N <= k``) and row
-    ``(r - 1) * N + i`` belongs to item ``i``.
+    every item is blended with ``k`` different partners where ``N > k`` (with fewer, some blends
+    repeat or are the item itself; with ``N = k + 1`` an item and its partner ``j`` at weight ``w``
+    give the same row as ``j`` and its partner ``i`` at ``1 - w``), and row ``(r - 1) * N + i``
+    belongs to item ``i``.
     """
     n = x.shape[0]
     order = torch.randperm(n, generator=generator).to(x.device)

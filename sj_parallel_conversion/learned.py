@@ -18,8 +18,8 @@ Thresholds are parameterised as ``theta0 * exp(a)`` with ``a`` clamped to ``[-LO
 LOG_RANGE]``, so they stay positive and within a factor ``exp(LOG_RANGE)`` of where they started.
 The images are split into a fitting part and a held-out part; the held-out loss decides which
 parameters to keep, when to cut the step size and when to stop, and a fit that agrees with the
-ANN on the held-out images clearly less often than its start (:func:`fall_back_margin`) returns
-the start.
+ANN clearly less often than its start (:func:`fall_back_margin`) on the held-out images and
+blends of them (``fall_back_blends``) returns the start.
 """
 from __future__ import annotations
 
@@ -446,11 +446,13 @@ def _average_gradients(params: Sequence[nn.Parameter], reducer: Reducer, world: 
 def fall_back_margin(score: Dict[str, float]) -> float:
     """How far below the start's held-out agreement a fit may end before the start is returned.
 
-    Two standard errors of the start's agreement ``p`` on ``n`` images, ``2 * sqrt(p (1 - p) / n)``,
-    and at least one image: a few hundred held-out *training* images measure the agreement
+    Two standard errors of the start's agreement ``p`` on ``n`` items, ``2 * sqrt(p (1 - p) / n)``,
+    and at least one item: a few hundred held-out *training* images measure the agreement
     coarsely (the ANN is more confident on them than on new images, so a start can look as good
     as a fit that is several points better on test images), while the failures the fall-back is
-    for (a fit that flattens the logits) lose tens of points.
+    for (a fit that flattens the logits) lose tens of points. With blends among the items
+    (``fall_back_blends``) the items are not independent, and the margin is narrower than two
+    standard errors of the images behind them.
     """
     p, n = score["agreement"], max(1, int(score["images"]))
     return max(1.0 / n, 2.0 * math.sqrt(p * (1.0 - p) / n))
@@ -479,9 +481,8 @@ def _finish(gm: fx.GraphModule, sites: Dict[str, LearnedSite], params: Sequence[
     if fell_back:
         # The held-out KL can fall while the ranking of the classes gets worse (a fit that flattens
         # the logits); a network that agrees with the ANN clearly less than the start is never returned.
-        logger.warning("%s: the fit agreed with the ANN on %.1f %% of %d held-out images and blends against %.1f %% "
-                       "at its start; keeping the start", label, 100 * end["agreement"], end["images"],
-                       100 * start["agreement"])
+        logger.warning("%s: the fit agreed with the ANN on %.1f %% of %d held-out items against %.1f %% at its start; "
+                       "keeping the start", label, 100 * end["agreement"], end["images"], 100 * start["agreement"])
         with torch.no_grad():
             for p, v in zip(params, initial_state):
                 p.copy_(v)
@@ -675,8 +676,8 @@ def learn_calibration(
     ``reference`` is the ANN (same graph, original activations); ``fit`` and ``held`` are input
     tensors (on any device): the fit steps on ``fit``, and ``held`` alone decides which parameters
     are kept, when the step size is cut and when the fit stops. The fit never returns a network
-    that agrees with the ANN on ``held`` clearly less often than its starting point
-    (:func:`fall_back_margin`): it then returns the start (``history["fell_back"]``) and logs one warning. Returns ``gm`` with DA-QCFS sites and a
+    that agrees with the ANN clearly less often than its starting point on ``held`` and
+    ``options.fall_back_blends`` blends of each (:func:`fall_back_margin`): it then returns the start (``history["fell_back"]``) and logs one warning. Returns ``gm`` with DA-QCFS sites and a
     history dict (held-out KL and agreement per evaluation, the step kept, steps run, seconds).
     """
     options.check()

@@ -132,9 +132,12 @@ class CalibrationSettings:
             ``T`` misses almost none, so they cannot show a calibration that is closer to the
             ANN on new images; on blends the ANN is less sure and the difference shows. 0 scores
             the selection images alone.
-        skip_agreement: ``method="auto"``: the agreement on the selection images of the most
-            agreeing cheap candidate ("none", "ema", "mse") at which the fit is skipped (it could
-            gain at most the remaining images over that candidate); ``None`` always fits.
+        skip_agreement: ``method="auto"``: the agreement on the selection images themselves (not
+            their blends) of the most agreeing cheap candidate ("none", "ema", "mse") at which the
+            fit is skipped: a bound on cost rather than on the choice (the fit could gain at most
+            the remaining selection images, and at large ``T``, where this happens, it is never
+            kept); ``None`` never skips it for agreement (it is still skipped where no calibration
+            cannot be replaced, :func:`~.selection.irreplaceable`).
     """
 
     calibrate: Optional[bool] = None
@@ -487,9 +490,10 @@ class ParallelConversionRecipe(FXConversionRecipe):
                         skipped[other] = reason
                     logger.info("calibration: %s skipped: %s", ", ".join(cheap[1:] + (fitting,)), reason)
         if self.method == "auto" and fitting not in skipped:
-            # The most agreeing cheap candidate on the selection images themselves bounds what a
-            # fit could still gain over it there (the sign test is not applied: the bound is about
-            # agreement, not about the choice; blends, harder by design, would rarely allow a skip).
+            # A bound on cost, not on the choice: the most agreeing cheap candidate on the selection
+            # images themselves leaves a fit at most the rest of them. Blends are left out on
+            # purpose: harder by design, they would rarely allow a skip, and at large T the fit
+            # (minutes) is never kept.
             agree = {n: share(hits[n][:plain], self.reducer) for n in scores}
             best = max(agree, key=lambda n: agree[n])
             skip = self.calibration.skip_agreement

@@ -2,7 +2,13 @@
 
 The candidates are fitted on part of the calibration images; each is then scored on images that
 no fit read, and that the fits' early stopping did not read either, by how often its top-1
-prediction agrees with the ANN's, the quantity the user cares about. No labels are used.
+prediction agrees with the ANN's, the quantity the user cares about. No labels are used. Each
+selection image also comes with blends of it with other selection images
+(``CalibrationSettings.selection_blends``), scored against the ANN's outputs for the blends: on
+the training images themselves the ANN is confident, and at large ``T`` no calibration misses
+almost none of them while a calibration agrees with the ANN on several per cent more new images.
+The blends are not independent of their images (an image enters up to ``2k + 1`` of the judged
+items), so the test below is less conservative than its nominal two standard errors.
 
 A hundred-odd selection images measure agreement coarsely: two candidates a point apart on test
 images often swap places on them (the project's CNN at ``T = 16``: ``mse`` agreed with the ANN
@@ -17,8 +23,8 @@ ANN's outputs. Among calibrations the plain count decides: on training images, w
 confident, even a fit four points better on test images may win only a handful of selection
 images over ``mse`` (the pretrained ResNet-32 at ``T = 4``), too few for the test, while picking
 the wrong one of two calibrations costs far less than calibrating where none was needed. The
-kept network therefore agrees with the ANN on the selection images at least as often as the
-uncalibrated one, and differs from it only where those images say so clearly. Without
+kept network therefore agrees with the ANN on the judged items (selection images and blends) at
+least as often as the uncalibrated one, and differs from it only where they say so clearly. Without
 per-image results (:func:`choose` called with scores alone) the highest agreement wins, with the
 same tie-breaks.
 """
@@ -124,7 +130,7 @@ def passed_over(scores: Dict[str, Dict[str, float]], hits: Mapping[str, torch.Te
     for name in scores:
         if scores[name]["agreement"] > scores[kept]["agreement"]:
             wins, losses = paired_counts(hits[name], hits[baseline], reducer)
-            reasons[name] = (f"not clearly better than {baseline} on the selection images ({wins} images gained, "
+            reasons[name] = (f"not clearly better than {baseline} on the judged items ({wins} gained, "
                              f"{losses} lost; a sign test asks for more than {SIGN_TEST_Z:g} sqrt({wins + losses}) net)")
     return reasons
 
@@ -137,18 +143,19 @@ class CalibrationReport:
         requested: the ``method`` asked for (one of the recipe's methods).
         method: the calibration in the model (``"none"``, ``"paper"``, ``"ema"``, ``"moment"``,
             ``"mse"``, ``"learned"`` or ``"distill"``).
-        scores: per candidate, ``{"agreement", "kl", "images"}``: on the selection images for
-            ``"auto"``, on the fit's held-out images for ``"learned"``/``"distill"`` (empty for the
-            methods that hold nothing out).
+        scores: per candidate, ``{"agreement", "kl", "images"}``: on the selection images and
+            their blends for ``"auto"`` (``images`` counts both, over all processes), on the fit's
+            held-out images for ``"learned"``/``"distill"`` (empty for the methods that hold
+            nothing out).
         seconds: fitting time per candidate.
-        skipped: candidates ``"auto"`` did not fit, with the reason.
+        skipped: candidates ``"auto"`` did not build or fit, with the reason.
         fit_images: images the fits learned from; held_out_images: images their early stopping
-            read; selection_images: images ``"auto"``'s choice read (per process), and
-            selection_blends: the blends of them it also scored (``scores`` count both).
+            read; selection_images: images ``"auto"``'s choice read, and selection_blends: the
+            blends of them it also scored (both per process).
         learned: the fit's history (held-out KL and agreement per evaluation, the step kept,
             steps run, whether it fell back to its start).
-        passed_over: ``"auto"``: candidates that agreed with the ANN on more selection images
-            than the one kept but not clearly more than no calibration, with their paired counts.
+        passed_over: ``"auto"``: candidates that agreed with the ANN on more judged items than
+            the one kept but not clearly more than no calibration, with their paired counts.
     """
 
     requested: str

@@ -23,7 +23,7 @@ def _model(method=None):
                           nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 4)).eval()
     if method == "auto":
         # With its last bias zeroed and T = 1, no calibration misses enough of the 16 selection
-        # images for auto to measure every candidate.
+        # images and their 48 blends for auto to measure every candidate.
         with torch.no_grad():
             model[-1].bias.zero_()
     return model

@@ -539,6 +539,35 @@ def test_the_fall_back_also_reads_blends_of_the_held_out_images(monkeypatch, met
             assert history["fall_back_check"]["start"]["images"] == 4 * held
 
 
+@pytest.mark.parametrize("plain_share, blend_share, fits", [(1.0, 0.0, False), (0.75, 1.0, True)])
+def test_the_fit_skip_reads_the_selection_images_not_their_blends(monkeypatch, plain_share, blend_share, fits):
+    # Every candidate agrees with the ANN on plain_share of the selection images and blend_share of
+    # their blends; skip_agreement=0.9. All selection images but no blend: skipped although the
+    # agreement over all judged items is a quarter. Three quarters of the images and every blend
+    # (over 0.9 of all items): fitted.
+    from sj_parallel_conversion import recipe as recipe_mod
+    ran = []
+
+    def score(model, held, refs, device, reducer=None, hits=None):
+        n = sum(int(x.shape[0]) for x in held)
+        plain = n // 4
+        h = torch.zeros(n, dtype=torch.bool)
+        h[:round(plain_share * plain)] = True
+        h[plain:plain + round(blend_share * (n - plain))] = True
+        if hits is not None:
+            hits.append(h)
+        return {"agreement": float(h.double().mean()), "kl": 0.1, "images": n}
+
+    monkeypatch.setattr(recipe_mod, "held_out_score", score)
+    monkeypatch.setattr(recipe_mod, "irreplaceable", lambda *a, **k: (False, 99))
+    monkeypatch.setattr(recipe_mod, "learn_calibration", lambda gm, *a, **k: ran.append(1) or (gm, {"seconds": 0.0}))
+    snn = ParallelConverter("parallel", T=2, dataloader=_batches(), progress=False,
+                            calibration=CalibrationSettings(skip_agreement=0.9)).convert(_net())
+    report = snn.calibration_report
+    assert bool(ran) is fits and ("distill" in report.skipped) is not fits
+    assert (report.scores["none"]["agreement"] > 0.9) is fits
+
+
 def test_auto_skips_the_fit_when_a_cheap_candidate_already_agrees(monkeypatch):
     from sj_parallel_conversion import recipe as recipe_mod
 
