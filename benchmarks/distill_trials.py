@@ -91,9 +91,9 @@ def bb(gm, names):
 L.block_boundaries = bb
 orig_fb = L._fit_blocks
 STASH = {}
-orig_finish = L._finish
+orig_finish = L._FallBack.finish
 import math, torch.nn.functional as F
-def finish(gm, sites, params, initial, initial_state, best, label):
+def finish(self, gm, sites, params, initial_state, best, label, history):
     if a.e2e and "fit" in STASH:
         ref = STASH["reference"]
         x = torch.cat(list(STASH["fit"]))
@@ -135,8 +135,8 @@ def finish(gm, sites, params, initial, initial_state, best, label):
             for p, v in zip(sp + wp, bstate): p.copy_(v)
         print("e2e kept", bstep, flush=True)
         best = L.held_out_score(gm, hc, href, "cpu")
-    return orig_finish(gm, sites, params, initial, initial_state, best, label)
-L._finish = finish
+    return orig_finish(self, gm, sites, params, initial_state, best, label, history)
+L._FallBack.finish = finish
 orig_fblock = L._fit_block
 CNT = {"i": 0}
 def fblock(block, groups, q_in, a_in, target, held_in, held_target, last, options, gen, reducer, world, bar, first):

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["random_crop_flip", "blends"]
+__all__ = ["random_crop_flip", "blends", "with_blends"]
 
 
 def random_crop_flip(x: torch.Tensor, padding: int = 4, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -45,3 +45,12 @@ def blends(x: torch.Tensor, k: int, generator: Optional[torch.Generator] = None)
         w = 1.0 - r / (k + 1)
         out.append(w * x + (1.0 - w) * x[partner])
     return torch.cat(out) if out else x[:0]
+
+
+def with_blends(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """``x`` followed by its :func:`blends` (``k`` per item, partners drawn with ``seed``): the
+    items a calibration is judged on. The seed has its own generator, so judging never moves
+    the draws of a fit."""
+    if not k:
+        return x
+    return torch.cat([x, blends(x, k, torch.Generator().manual_seed(seed))])

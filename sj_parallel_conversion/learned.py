@@ -37,7 +37,7 @@ from torch import fx
 from . import formulas
 from .activation import DAQCFS, QCFS, ClipReLU
 from .blocks import block_boundaries, split_blocks
-from .augment import blends, random_crop_flip
+from .augment import random_crop_flip, with_blends
 from .observers import Reducer
 from .progress import progress as progress_bar
 
@@ -458,39 +458,49 @@ def fall_back_margin(score: Dict[str, float]) -> float:
     return max(1.0 / n, 2.0 * math.sqrt(p * (1.0 - p) / n))
 
 
-def _fall_back_judges(held_chunks: Sequence[torch.Tensor], held_ref: Sequence[torch.Tensor], reference: nn.Module,
-                      options: LearnedCalibration, device) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-    """The inputs and ANN logits the fall-back compares on: the held-out images and
-    ``options.fall_back_blends`` blends of each with others."""
-    chunks, refs = list(held_chunks), list(held_ref)
-    if options.fall_back_blends and chunks:
-        mixed = blends(torch.cat(chunks), options.fall_back_blends, torch.Generator().manual_seed(options.seed + 2))
-        with torch.no_grad():
-            for c in torch.split(mixed, max(1, options.batch_size)):
-                chunks.append(c)
-                refs.append(_logits(reference, c.to(device)))
-    return chunks, refs
+class _FallBack:
+    """The fit's fall-back: scores the start on the held-out images and ``options.fall_back_blends``
+    blends of each (the held-out score itself where there are none), and at the end returns to the
+    start where the fit agrees with the ANN clearly less often there (:func:`fall_back_margin`)."""
 
+    def __init__(self, gm: nn.Module, held_chunks: Sequence[torch.Tensor], held_ref: Sequence[torch.Tensor],
+                 initial: Dict, reference: nn.Module, options: LearnedCalibration, device, reducer: Reducer) -> None:
+        self.chunks, self.refs = list(held_chunks), list(held_ref)
+        self.device, self.reducer, self.blended = device, reducer, bool(options.fall_back_blends and held_chunks)
+        if self.blended:
+            held = torch.cat(self.chunks)
+            mixed = with_blends(held, options.fall_back_blends, options.seed + 2)[held.shape[0]:]
+            with torch.no_grad():
+                for c in torch.split(mixed, max(1, options.batch_size)):
+                    self.chunks.append(c)
+                    self.refs.append(_logits(reference, c.to(device)))
+        self.start = self._score(gm) if self.blended else initial
 
-def _finish(gm: fx.GraphModule, sites: Dict[str, LearnedSite], params: Sequence[nn.Parameter],
-            initial_state: List[torch.Tensor], start: Dict, end: Dict, label: str) -> bool:
-    """Return to the start where the fit agrees with the ANN clearly less often on the fall-back's
-    judges (``start`` and ``end``: their scores before and after the fit), and make the sites
-    DA-QCFS. Returns whether it fell back."""
-    fell_back = end["agreement"] < start["agreement"] - fall_back_margin(start)
-    if fell_back:
-        # The held-out KL can fall while the ranking of the classes gets worse (a fit that flattens
-        # the logits); a network that agrees with the ANN clearly less than the start is never returned.
-        logger.warning("%s: the fit agreed with the ANN on %.1f %% of %d held-out items against %.1f %% at its start; "
-                       "keeping the start", label, 100 * end["agreement"], end["images"], 100 * start["agreement"])
-        with torch.no_grad():
-            for p, v in zip(params, initial_state):
-                p.copy_(v)
-    for p in params:
-        p.requires_grad_(False)
-    for name, site in sites.items():
-        _set_site(gm, name, site.to_daqcfs())
-    return fell_back
+    def _score(self, gm: nn.Module) -> Dict:
+        return held_out_score(gm, self.chunks, self.refs, self.device, self.reducer)
+
+    def finish(self, gm: fx.GraphModule, sites: Dict[str, LearnedSite], params: Sequence[nn.Parameter],
+               initial_state: List[torch.Tensor], best: Dict, label: str, history: Dict) -> bool:
+        """Fall back if need be (``best``: the fit's held-out score), make the sites DA-QCFS, record
+        both scores in ``history["fall_back_check"]``; returns whether it fell back."""
+        end = self._score(gm) if self.blended else best
+        history["fall_back_check"] = {"start": self.start, "fit": end}
+        fell_back = end["agreement"] < self.start["agreement"] - fall_back_margin(self.start)
+        if fell_back:
+            # The held-out KL can fall while the ranking of the classes gets worse (a fit that
+            # flattens the logits); a network that agrees with the ANN clearly less than the start
+            # is never returned.
+            logger.warning("%s: the fit agreed with the ANN on %.1f %% of %d held-out items against %.1f %% at its "
+                           "start; keeping the start", label, 100 * end["agreement"], end["images"],
+                           100 * self.start["agreement"])
+            with torch.no_grad():
+                for p, v in zip(params, initial_state):
+                    p.copy_(v)
+        for p in params:
+            p.requires_grad_(False)
+        for name, site in sites.items():
+            _set_site(gm, name, site.to_daqcfs())
+        return fell_back
 
 
 def _cat_apply(module: nn.Module, x: torch.Tensor, size: int) -> torch.Tensor:
@@ -544,8 +554,7 @@ def _fit_blocks(gm: fx.GraphModule, reference: nn.Module, fit: Sequence[torch.Te
     site_ids = {id(p) for p in site_params}
     params = site_params + [p for p in gm.parameters() if id(p) not in site_ids]
     initial = held_out_score(gm, held_chunks, held_ref, device, reducer)
-    judges = _fall_back_judges(held_chunks, held_ref, reference, options, device)
-    judged_start = held_out_score(gm, *judges, device, reducer) if options.fall_back_blends else initial
+    fall_back = _FallBack(gm, held_chunks, held_ref, initial, reference, options, device, reducer)
     initial_state = [p.detach().clone() for p in params]
     reference_nodes = {n.name for n in reference.graph.nodes} if isinstance(reference, fx.GraphModule) else set()
     if not set(boundaries) <= reference_nodes:
@@ -587,10 +596,8 @@ def _fit_blocks(gm: fx.GraphModule, reference: nn.Module, fit: Sequence[torch.Te
         bar.close()
     best = held_out_score(gm, held_chunks, held_ref, device, reducer)
     history["held_out_agreement"].append((len(ours) * options.steps, best["agreement"]))
-    judged_end = held_out_score(gm, *judges, device, reducer) if options.fall_back_blends else best
-    fell_back = _finish(gm, sites, params, initial_state, judged_start, judged_end, label)
+    fell_back = fall_back.finish(gm, sites, params, initial_state, best, label, history)
     best = initial if fell_back else best
-    history.update(fall_back_check={"start": judged_start, "fit": judged_end})
     history.update(kept_step=0 if fell_back else len(ours) * options.steps, steps_run=len(ours) * options.steps,
                    seconds=time.perf_counter() - start, views=views, fell_back=fell_back,
                    fit_images=int(x_fit.shape[0]), held_out_images=int(x_held.shape[0]), options=asdict(options))
@@ -732,8 +739,7 @@ def learn_calibration(
             p.copy_(v)
 
     initial = best = held_out_score(gm, held_chunks, held_ref, device, reducer)
-    judges = _fall_back_judges(held_chunks, held_ref, reference, options, device)
-    judged_start = held_out_score(gm, *judges, device, reducer) if options.fall_back_blends else initial
+    fall_back = _FallBack(gm, held_chunks, held_ref, initial, reference, options, device, reducer)
     initial_state = best_state = snapshot()
     best_step = 0
     history = {"held_out_kl": [(0, best["kl"])], "held_out_agreement": [(0, best["agreement"])], "cuts": []}
@@ -801,10 +807,8 @@ def learn_calibration(
         for h in hooks + ref_hooks:
             h.remove()
     restore(best_state)
-    judged_end = held_out_score(gm, *judges, device, reducer) if options.fall_back_blends else best
-    fell_back = _finish(gm, sites, params, initial_state, judged_start, judged_end, label)
+    fell_back = fall_back.finish(gm, sites, params, initial_state, best, label, history)
     best = initial if fell_back else best
-    history.update(fall_back_check={"start": judged_start, "fit": judged_end})
     best_step = 0 if fell_back else best_step
     history.update(kept_step=best_step, steps_run=step + 1, seconds=time.perf_counter() - start, views=views,
                    fell_back=fell_back, fit_images=sum(int(c.shape[0]) for c in chunks),

@@ -32,7 +32,7 @@ from torch import fx
 
 from . import calibration, formulas, kernels
 from .activation import DAQCFS, QCFS, ClipReLU
-from .augment import blends
+from .augment import with_blends
 from .graph import activation_sites, check_batch_axis, keep_analog, prepare_graph, to_multistep
 from .joins import insert_time_joins
 from .learned import BlockCacheTooLarge, DistillCalibration, LearnedCalibration, held_out_score, learn_calibration, split_images, take_images
@@ -451,11 +451,9 @@ class ParallelConversionRecipe(FXConversionRecipe):
         plain = sum(int(x.shape[0]) for x in judge)  # the judged images before any blend
         blended = 0
         if select is not None and self.calibration.selection_blends:
-            # Seeded apart from the fits' draws, so the choice never changes what is fitted.
-            mixed = blends(torch.cat(list(select)), self.calibration.selection_blends,
-                           torch.Generator().manual_seed(SELECTION_SEED))
-            blended = int(mixed.shape[0])
-            judge = list(torch.split(torch.cat([torch.cat(list(select)), mixed]), max(1, plain)))
+            judged = with_blends(torch.cat(list(select)), self.calibration.selection_blends, SELECTION_SEED)
+            blended = int(judged.shape[0]) - plain
+            judge = list(torch.split(judged, max(1, plain)))
         with torch.no_grad():
             judge_ref = [self._reference(x.to(dev)) for x in judge]
 
