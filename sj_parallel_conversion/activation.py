@@ -6,7 +6,7 @@ They form the paper's chain ``ReLU -> ClipReLU -> DA-QCFS -> parallel neuron`` a
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -158,6 +158,21 @@ class DAQCFS(_CheckedState):
         _check_channels(self, x, params)
         th, pda, fda = (formulas.channel_view(p.to(x.dtype), x.dim(), self.channel_dim) for p in params)
         return formulas.da_qcfs(x, th, self.T, pda, fda, self.shift * th)
+
+    def counts(self, x: torch.Tensor) -> torch.Tensor:
+        """The spike counts ``k`` behind :meth:`activate`: ``activate(x) == value(k)`` with the
+        current ``phi_da`` (Algorithm 1 measures with one ``phi_da`` and outputs with the next,
+        from one computation of ``k``)."""
+        params = (self.theta, self.psi_da, self.phi_da)
+        _check_channels(self, x, params)
+        th, pda = (formulas.channel_view(p.to(x.dtype), x.dim(), self.channel_dim) for p in params[:2])
+        return formulas.spike_count(x, self.T, th, self.shift * th, pda)
+
+    def value(self, k: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The output for spike counts ``k`` (:meth:`counts`), ``(theta + phi_da)/T * k``
+        (written into ``out`` when given)."""
+        th, fda = (formulas.channel_view(p.to(k.dtype), k.dim(), self.channel_dim) for p in (self.theta, self.phi_da))
+        return formulas.spike_value(k, th, self.T, fda, out=out)
 
     def to_node(self, **node_kwargs) -> ParallelConversionNode:
         """The parallel neuron with the same firing rate (theta_pre = theta, theta_post = theta + phi_da)."""

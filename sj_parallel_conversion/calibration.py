@@ -1,6 +1,7 @@
 """The calibration loops of parallel conversion, one function per paper stage.
 
 ``calibrate_da``       ClipReLU/QCFS -> calibrated DA-QCFS (Algorithm 1, Stage II)
+``calibrate_da_variants``  the same from several starts, sharing one pass over the data
 ``to_daqcfs``          ClipReLU/QCFS -> DA-QCFS at T without calibration
 ``to_nodes``           DA-QCFS -> ParallelConversionNode (Algorithm 1, Stage III)
 
@@ -11,7 +12,8 @@ the per-channel historical maxima, paper 4.2) is the recipe's own ``insert_obser
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Union
+import copy
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -20,12 +22,12 @@ from torch import fx
 from . import formulas
 from .activation import DAQCFS, QCFS, ClipReLU
 from .graph import activation_sites
-from .observers import DACalibrator, MaxObserver, Reducer
+from .observers import DACalibrator, MaxObserver, Reducer, SharedReference
 from .patterns import module_pattern
 from .sites import is_activation_module
 from .progress import progress as progress_bar
 
-__all__ = ["extract_input", "check_input", "CalibrationData", "iterate_inputs", "calibrate_da", "convolution_sites", "mse_thresholds", "to_daqcfs", "to_nodes", "replace_sites"]
+__all__ = ["extract_input", "check_input", "CalibrationData", "iterate_inputs", "calibrate_da", "calibrate_da_variants", "convolution_sites", "mse_thresholds", "to_daqcfs", "to_nodes", "replace_sites"]
 
 
 _INPUT_KEYS = ("input", "inputs", "image", "images", "img", "x", "data", "pixel_values")
@@ -171,7 +173,7 @@ def replace_sites(gm: fx.GraphModule, fn) -> fx.GraphModule:
     for node in gm.graph.nodes:
         mod = modules.get(node.target) if node.op == "call_module" else None
         # The calibration's observers stand where an activation was until they are replaced back.
-        if mod is not None and (is_activation_module(mod) or isinstance(mod, (MaxObserver, DACalibrator))):
+        if mod is not None and (is_activation_module(mod) or isinstance(mod, (MaxObserver, DACalibrator, SharedReference))):
             parent, _, child = node.target.rpartition(".")
             owner = gm.get_submodule(parent) if parent else gm
             setattr(owner, child, fn(node.target, getattr(owner, child)))
@@ -192,23 +194,48 @@ def calibrate_da(
     (from :func:`mse_thresholds`) replaces the DA-QCFS thresholds of the sites it names; the
     reference stream keeps the original activations.
     """
+    return calibrate_da_variants(gm, loader, T, device, [thresholds], num_batches, alpha, bias_correction, progress,
+                                 reducer, method, sites)[0]
+
+
+@torch.no_grad()
+def calibrate_da_variants(
+    gm: fx.GraphModule, loader: Iterable, T: Union[int, Callable[[str], int]], device,
+    variants: Sequence[Optional[Dict[str, torch.Tensor]]], num_batches: Optional[int] = None, alpha: float = 0.99,
+    bias_correction: bool = True, progress: bool = True, reducer: Reducer = None, method: str = "ema",
+    sites: Optional[Iterable[str]] = None,
+) -> List[fx.GraphModule]:
+    """:func:`calibrate_da` from several starts in one pass over the data, one network per entry
+    of ``variants`` (``None``: the sites' own thresholds; else thresholds as ``thresholds`` of
+    :func:`calibrate_da`). The ANN's reference stream runs once for all of them
+    (:class:`~.observers.SharedReference`); each result equals :func:`calibrate_da` with its
+    entry. The first is ``gm`` itself, the others copies of it.
+    """
+    if not variants:
+        raise ValueError("calibrate_da_variants needs at least one variant")
     t_of = T if callable(T) else (lambda _: T)
     chosen = None if sites is None else set(sites)
+    copies = [copy.deepcopy(gm) for _ in variants[1:]]
+    streams: Dict[str, List[DACalibrator]] = {}
 
     def wrap(name, m):
         if isinstance(m, (QCFS, ClipReLU)):
-            return DACalibrator(m, _start(m, t_of(name), (thresholds or {}).get(name)), alpha=alpha, bias_correction=bias_correction,
-                                reducer=reducer, method=method, update=chosen is None or name in chosen)
+            streams[name] = [DACalibrator(m, _start(m, t_of(name), (v or {}).get(name)), alpha=alpha,
+                                          bias_correction=bias_correction, reducer=reducer, method=method,
+                                          update=chosen is None or name in chosen) for v in variants]
+            return streams[name][0] if len(variants) == 1 else SharedReference(streams[name])
         raise TypeError(f"activation site {name!r} holds {type(m).__name__}; expected QCFS or ClipReLU")
 
     replace_sites(gm, wrap)
     gm.eval()
     try:
         for x in iterate_inputs(loader, device, num_batches, f"DA-QCFS calibration", progress):
-            gm(torch.cat([x, x], dim=0))
+            gm(torch.cat([x] * (len(variants) + 1), dim=0))
     finally:
-        replace_sites(gm, lambda _, m: m.da if isinstance(m, DACalibrator) else m)
-    return gm
+        replace_sites(gm, lambda name, m: streams[name][0].da if name in streams else m)
+    for i, other in enumerate(copies, start=1):
+        replace_sites(other, lambda name, m: streams[name][i].da)
+    return [gm] + copies
 
 
 def convolution_sites(gm: fx.GraphModule) -> List[str]:
@@ -254,9 +281,18 @@ def mse_thresholds(
     def keep(name):
         def hook(module, args, out):
             x = args[0].detach()
-            flat = x.movedim(module.channel_dim, 0).reshape(x.shape[module.channel_dim], -1)
-            take = torch.randperm(flat.shape[1], generator=gen)[:samples].to(flat.device)
-            inputs[name].append(flat[:, take].float().cpu())
+            cd = module.channel_dim % x.dim()
+            # The values of channel-first flattening at random positions, gathered without
+            # building that copy of the whole activation.
+            rest = [n for d, n in enumerate(x.shape) if d != cd]
+            take = torch.randperm(x.numel() // max(1, x.shape[cd]), generator=gen)[:samples].to(x.device)
+            index: List[Any] = []
+            for size in reversed(rest):  # row-major unravelling (torch.unravel_index imports sympy)
+                index.insert(0, take % size)
+                take = take // size
+            index.insert(cd, slice(None))
+            picked = x[tuple(index)]  # [samples, C], unless the channel axis is the first
+            inputs[name].append((picked if cd == 0 else picked.t()).float().cpu())
         return hook
 
     hooks = [m.register_forward_hook(keep(name)) for name, m in sites.items()]
@@ -281,8 +317,10 @@ def mse_thresholds(
         errors = torch.empty(grid, x.shape[0], dtype=torch.float64)
         for i, f in enumerate(fractions):
             theta = (theta_max * f)[:, None]
-            out = formulas.da_qcfs(x, theta, T_site, 0.0, 0.0, 0.5 * theta)
-            errors[i] = (out - target).double().pow(2).sum(dim=1)
+            diff = formulas.da_qcfs(x, theta, T_site, 0.0, 0.0, 0.5 * theta).sub_(target)
+            # Squared in float64 a few channels at a time: casting the whole block at once cost
+            # five times the search itself (same sums, same order, per channel).
+            errors[i] = torch.cat([rows.double().pow_(2).sum(dim=1) for rows in diff.split(8)])
         if reducer is not None:
             errors = reducer(errors, "sum")
         best = theta_max * fractions[errors.argmin(dim=0)]

@@ -25,6 +25,7 @@ __all__ = [
     "clip_relu",
     "da_qcfs",
     "spike_count",
+    "spike_value",
     "spikes_from_count",
     "SPIKE_ORDERS",
     "check_spike_order",
@@ -108,8 +109,22 @@ def da_qcfs(
 
     With ``ste=True`` the floor passes gradients straight through (learned calibration).
     """
-    k = spike_count(x, T, theta, psi, psi_da, ste=ste)
-    return (theta + phi_da) / T * k
+    return spike_value(spike_count(x, T, theta, psi, psi_da, ste=ste), theta, T, phi_da)
+
+
+def spike_value(k: torch.Tensor, theta: Scalar, T: int, phi_da: Scalar = 0.0,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """What ``k`` spikes of a DA-QCFS neuron are worth: ``(theta + phi_da)/T * k`` (written into
+    ``out`` when given)."""
+    if out is None:
+        return (theta + phi_da) / T * k
+    return torch.mul((theta + phi_da) / T, k, out=out)
+
+
+def _broadcasts_into(shape: torch.Size, into: torch.Size) -> bool:
+    """Whether a tensor of ``shape`` broadcasts against one of shape ``into`` without enlarging it
+    (``torch.broadcast_shapes`` says the same but costs a tenth of a millisecond per call)."""
+    return len(shape) <= len(into) and all(a == 1 or a == b for a, b in zip(reversed(shape), reversed(into)))
 
 
 def spike_count(
@@ -135,7 +150,7 @@ def spike_count(
     out_of_place = (
         needs_grad(m, *params)
         or any(p.dtype != m.dtype for p in params)
-        or torch.broadcast_shapes(m.shape, *(p.shape for p in params)) != m.shape
+        or not all(_broadcasts_into(p.shape, m.shape) for p in params)
     )
     if out_of_place:
         k = torch.clamp(torch.floor(((m + psi_da) * T + psi) / theta_pre), 0, T)

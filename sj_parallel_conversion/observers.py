@@ -11,29 +11,46 @@ distributed run ends with the same parameters on every rank.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn as nn
 
+from . import formulas
 from .activation import DAQCFS, QCFS, ClipReLU
-from .formulas import channel_view as formulas_channel
 
 Reducer = Optional[Callable[[torch.Tensor, str], torch.Tensor]]
 
-__all__ = ["MaxObserver", "DACalibrator", "channel_mean"]
+__all__ = ["MaxObserver", "DACalibrator", "SharedReference", "channel_mean"]
 
 
-def _channel_first(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+def _other_dims(x: torch.Tensor, channel_dim: int) -> List[int]:
     if x.dim() < 2:
         raise ValueError(f"activation tensors need a batch and a channel axis, got shape {tuple(x.shape)}")
-    return x.movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1)
+    cd = channel_dim % x.dim()
+    return [d for d in range(x.dim()) if d != cd]
+
+
+def _channel_sums(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    # float64 sums of float32 values, cast a cache-sized slice of the batch at a time: casting
+    # the whole activation at once (or moving the channel axis first) copies it through memory
+    # at every site and batch, most of Algorithm 1's time beside the convolutions. Summing in
+    # float32 first would be faster still but changes the calibrated parameters in their last bits.
+    dims = _other_dims(x, channel_dim)
+    if dims[0] != 0:
+        return x.to(torch.float64).sum(dim=dims)
+    rows = max(1, (1 << 17) // max(1, x[0].numel()))
+    total = None
+    for part in x.split(rows):
+        s = part.to(torch.float64).sum(dim=dims)
+        total = s if total is None else total + s
+    return total
 
 
 def channel_mean(x: torch.Tensor, channel_dim: int = 1, reducer: Reducer = None) -> torch.Tensor:
     """Per-channel mean over batch and spatial axes (the paper's mu), in float64 for stable sums."""
-    flat = _channel_first(x, channel_dim).to(torch.float64)
-    total = torch.cat([flat.sum(dim=1), torch.tensor([float(flat.shape[1])], dtype=torch.float64, device=x.device)])
+    count = torch.tensor([float(x.numel() // max(1, x.shape[channel_dim]))], dtype=torch.float64, device=x.device)
+    total = torch.cat([_channel_sums(x, channel_dim), count])
     if reducer is not None:
         total = reducer(total, "sum")
     return total[:-1] / total[-1]
@@ -51,7 +68,7 @@ class MaxObserver(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.act(x)
-        m = _channel_first(y.detach(), self.channel_dim).max(dim=1).values.to(torch.float32)
+        m = y.detach().amax(dim=_other_dims(y, self.channel_dim)).to(torch.float32)
         if self.reducer is not None:
             m = self.reducer(m, "max")
         self.max_val = m if self.max_val.numel() == 0 else torch.maximum(self.max_val, m)
@@ -124,19 +141,19 @@ class DACalibrator(nn.Module):
             return ema / (1 - self.alpha ** self.steps)
         return ema
 
-    def _forward_moment(self, z_ref: torch.Tensor, z_cal: torch.Tensor) -> torch.Tensor:
+    def _moment(self, z_ref: torch.Tensor, z_cal: torch.Tensor, r_ref: torch.Tensor,
+                out: Optional[torch.Tensor]) -> torch.Tensor:
         cd = self.da.channel_dim
         n = self.steps
         e_pre = channel_mean(z_ref - z_cal, cd, self.reducer)
         self.psi_ema = e_pre if self.psi_ema.numel() == 0 else self.psi_ema + (e_pre - self.psi_ema) / n
         self.da.psi_da = self.psi_ema.to(torch.float32)
-        r_ref = self.ref(z_ref)
-        theta = self.da.theta.to(z_cal.dtype)
-        zero_phi = DAQCFS(self.da.T, self.da.theta, psi_da=self.da.psi_da, shift=self.da.shift, channel_dim=cd)
-        q = zero_phi(z_cal) / formulas_channel(theta, z_cal.dim(), cd)  # k/T
-        e = r_ref - zero_phi(z_cal)
-        stats = torch.stack([_channel_first(e, cd).to(torch.float64).sum(1),
-                             _channel_first(q, cd).to(torch.float64).sum(1)])
+        k = self.da.counts(z_cal)
+        theta = formulas.channel_view(self.da.theta.to(z_cal.dtype), z_cal.dim(), cd)
+        zero_phi = formulas.spike_value(k, theta, self.da.T)  # the output with phi_da = 0
+        q = zero_phi / theta  # k/T
+        e = r_ref - zero_phi
+        stats = torch.stack([_channel_sums(e, cd), _channel_sums(q, cd)])
         if self.reducer is not None:
             stats = self.reducer(stats, "sum")
         self.phi_ema = stats if self.phi_ema.numel() == 0 else self.phi_ema + stats
@@ -145,25 +162,66 @@ class DACalibrator(nn.Module):
         # A fit on few spikes can drive theta + phi towards 0; keep the spike value at >= 10% of theta.
         floor = -0.9 * self.da.theta.to(phi.dtype).expand_as(phi)
         self.da.phi_da = torch.maximum(phi, floor).to(torch.float32)
-        return torch.cat([r_ref, self.da(z_cal)], dim=0)
+        return self.da.value(k, out)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if z.shape[0] % 2:
-            raise RuntimeError("DACalibrator expects a batch holding the reference and calibrated streams")
-        cd = self.da.channel_dim
-        z_ref, z_cal = z.chunk(2, dim=0)
+        return _streams(z, self.ref, [self])
+
+    def stream(self, z_ref: torch.Tensor, z_cal: torch.Tensor, r_ref: torch.Tensor,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One batch of Algorithm 1: update the parameters from the reference stream's input
+        ``z_ref`` and output ``r_ref = ref(z_ref)`` and the calibrated stream's input ``z_cal``;
+        return the calibrated stream's output with the updated parameters (written into ``out``
+        when given)."""
         if not self.update:
-            # A site left out of calibration still carries both streams to the deeper sites.
-            return torch.cat([self.ref(z_ref), self.da(z_cal)], dim=0)
+            # A site left out of calibration still carries its stream to the deeper sites.
+            return out.copy_(self.da(z_cal)) if out is not None else self.da(z_cal)
         self.steps += 1
         if self.method == "moment":
-            return self._forward_moment(z_ref, z_cal)
-        self.psi_ema = self._average(self.psi_ema, channel_mean(z_ref - z_cal, cd, self.reducer))
+            return self._moment(z_ref, z_cal, r_ref, out)
+        cd = self.da.channel_dim
+        scratch = torch.empty_like(z_cal)  # one buffer for both differences (the same operations)
+        self.psi_ema = self._average(self.psi_ema, channel_mean(torch.sub(z_ref, z_cal, out=scratch), cd, self.reducer))
         self.da.psi_da = self._debiased(self.psi_ema).to(torch.float32)
         if self.da.phi_da.numel() == 1 and self.da.psi_da.numel() > 1:
             self.da.phi_da = self.da.phi_da.expand_as(self.da.psi_da).clone()
-        r_ref = self.ref(z_ref)
-        e_post = channel_mean(r_ref - self.da(z_cal), cd, self.reducer)
+        # The counts are computed once: measured with the old phi_da, output with the new one.
+        k = self.da.counts(z_cal)
+        e_post = channel_mean(torch.sub(r_ref, self.da.value(k, scratch), out=scratch), cd, self.reducer)
         self.phi_ema = self._average(self.phi_ema, e_post)
         self.da.phi_da = self._debiased(self.phi_ema).to(torch.float32)
-        return torch.cat([r_ref, self.da(z_cal)], dim=0)
+        return self.da.value(k, out)
+
+
+class SharedReference(nn.Module):
+    """Several :class:`DACalibrator` at one site that share one reference stream: the batch is
+    ``cat([z_ref, z_1, ..., z_n])`` and the output ``cat([ref(z_ref), da_1(z_1), ..., da_n(z_n)])``,
+    each ``da_i`` updated by its own calibrator. Calibrations that differ only in where they
+    start (Algorithm 1 from the recorded maxima and from squared-error thresholds) then run
+    the ANN's stream once instead of once each."""
+
+    def __init__(self, calibrators: List[DACalibrator]):
+        super().__init__()
+        if not calibrators:
+            raise ValueError("SharedReference needs at least one calibrator")
+        self.calibrators = nn.ModuleList(calibrators)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return _streams(z, self.calibrators[0].ref, list(self.calibrators))
+
+
+def _streams(z: torch.Tensor, ref: nn.Module, calibrators: List[DACalibrator]) -> torch.Tensor:
+    """``cat([ref(z_ref), c_1 stream, ..., c_n stream])`` for ``z = cat([z_ref, z_1, ..., z_n])``,
+    each calibrated stream written straight into its part of the output."""
+    n = len(calibrators) + 1
+    if z.shape[0] % n:
+        raise RuntimeError(f"the calibration batch must hold the reference stream and {n - 1} calibrated "
+                           f"stream(s) of equal size; got {z.shape[0]} rows")
+    z_ref, *z_cal = z.chunk(n, dim=0)
+    r_ref = ref(z_ref)
+    out = torch.empty_like(z, dtype=r_ref.dtype)
+    parts = out.chunk(n, dim=0)
+    parts[0].copy_(r_ref)
+    for c, zc, part in zip(calibrators, z_cal, parts[1:]):
+        c.stream(z_ref, zc, r_ref, part)
+    return out

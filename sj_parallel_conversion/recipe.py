@@ -22,7 +22,7 @@ import inspect
 import logging
 import math
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -54,6 +54,8 @@ METHODS = ("auto", "paper", "ema", "moment", "mse", "learned", "distill")
 FITS = ("learned", "distill")
 #: Methods that calibrate in one or two passes over the data.
 CHEAP = ("paper", "ema", "moment", "mse")
+#: Cheap calibrations that differ only in where Algorithm 1 starts: auto builds them in one pass.
+SHARED_PASS = ("ema", "mse")
 AUTO_FIT = "distill"
 #: Seed of the partners of ``auto``'s selection blends.
 SELECTION_SEED = 20250713
@@ -420,6 +422,30 @@ class ParallelConversionRecipe(FXConversionRecipe):
                                         self.progress, self.reducer, "moment" if name == "moment" else "ema",
                                         thresholds=thresholds)
 
+    def _cheap_together(self, names: Sequence[str], fx_model: fx.GraphModule, data,
+                        dev) -> Dict[str, Tuple[fx.GraphModule, float]]:
+        """:meth:`_cheap` for each of ``names`` on a copy of ``fx_model``, with the seconds each
+        took. Those in ``SHARED_PASS`` differ only in where Algorithm 1 starts, so they run it in
+        one pass that computes the ANN's stream once; each is charged half of that pass (and
+        ``mse`` its threshold search)."""
+        if len(names) == 1 or not set(names) <= set(SHARED_PASS):
+            built = {}
+            for name in names:
+                start = time.perf_counter()
+                built[name] = (self._cheap(name, copy.deepcopy(fx_model), data, dev), time.perf_counter() - start)
+            return built
+        start = time.perf_counter()
+        starts = [calibration.mse_thresholds(fx_model, data, self.T_of, dev, reducer=self.reducer) if name == "mse"
+                  else None for name in names]
+        searched = time.perf_counter() - start
+        start = time.perf_counter()
+        settings = self.calibration
+        graphs = calibration.calibrate_da_variants(copy.deepcopy(fx_model), data, self.T_of, dev, starts, None,
+                                                   settings.alpha, settings.bias_correction, self.progress,
+                                                   self.reducer, "ema")
+        each = (time.perf_counter() - start) / len(names)
+        return {name: (g, each + (searched if name == "mse" else 0.0)) for name, g in zip(names, graphs)}
+
     def _fit_options(self, method: str) -> LearnedCalibration:
         return self.calibration.distill if method == "distill" else self.calibration.learned
 
@@ -468,14 +494,16 @@ class ParallelConversionRecipe(FXConversionRecipe):
 
         cheap = ("none", "ema", "mse") if self.method == "auto" else (opts.start,)
         for name in cheap:
-            if name in skipped:
+            if name in skipped or name in candidates:
                 continue
-            start = time.perf_counter()
-            candidates[name] = self._cheap(name, copy.deepcopy(fx_model), fit, dev)
-            seconds[name] = time.perf_counter() - start
+            group = [name] + [n for n in cheap if name in SHARED_PASS and n in SHARED_PASS and n != name
+                              and n not in skipped]
+            for built, (candidate, spent) in self._cheap_together(group, fx_model, fit, dev).items():
+                candidates[built], seconds[built] = candidate, spent
             if self.method != "auto":
                 continue
-            score(name)
+            for built in group:
+                score(built)
             if name == PREFERENCE[0]:
                 # Where no calibration misses too few selection images for any candidate to pass
                 # the sign test against it, measuring the others cannot change the choice.

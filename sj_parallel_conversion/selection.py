@@ -147,7 +147,8 @@ class CalibrationReport:
             their blends for ``"auto"`` (``images`` counts both, over all processes), on the fit's
             held-out images for ``"learned"``/``"distill"`` (empty for the methods that hold
             nothing out).
-        seconds: fitting time per candidate.
+        seconds: fitting time per candidate (``auto`` builds ``ema`` and ``mse`` in one pass of
+            Algorithm 1 and charges each half of it, ``mse`` its threshold search too).
         skipped: candidates ``"auto"`` did not build or fit, with the reason.
         fit_images: images the fits learned from; held_out_images: images their early stopping
             read; selection_images: images ``"auto"``'s choice read, and selection_blends: the

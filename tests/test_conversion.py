@@ -401,6 +401,47 @@ def test_da_calibrator_recovers_a_known_shift_with_bias_correction():
 
 
 @pytest.mark.parametrize("method", ["ema", "moment"])
+@pytest.mark.parametrize("channel_dim", [1, -1])
+def test_da_calibrator_matches_algorithm_1_written_out(method, channel_dim):
+    """Two batches through the calibrator against Algorithm 1 written out with plain tensors: psi
+    from the mean input gap, phi from the mean output gap measured with the previous phi (ema),
+    or phi = sum(e) / sum(q) over all batches (moment); channel axis second or last."""
+    T, alpha, theta = 4, 0.9, torch.tensor([1.0, 2.5, 0.7])
+    ref = ClipReLU(theta, channel_dim=channel_dim)
+    cal = DACalibrator(ref, ref.to_daqcfs(T), alpha=alpha, bias_correction=True, method=method)
+    g = torch.Generator().manual_seed(3)
+    shape = (16, 3, 4, 4) if channel_dim == 1 else (16, 4, 4, 3)
+    view = (lambda t: t.view(1, 3, 1, 1)) if channel_dim == 1 else (lambda t: t.view(1, 1, 1, 3))
+    dims = (0, 2, 3) if channel_dim == 1 else (0, 1, 2)
+    psi_avg = phi_avg = torch.zeros(3, dtype=torch.float64)
+    phi = torch.zeros(3, dtype=torch.float64)
+    num = den = torch.zeros(3, dtype=torch.float64)
+    for n in (1, 2):
+        z_ref = torch.rand(shape, generator=g, dtype=torch.float64) * 3 - 0.5
+        z_cal = z_ref + torch.randn(shape, generator=g, dtype=torch.float64) * 0.2
+        out = cal(torch.cat([z_ref, z_cal]).float())
+        gap_in = (z_ref - z_cal).mean(dims)
+        if method == "ema":
+            psi_avg = alpha * psi_avg + (1 - alpha) * gap_in
+            psi = psi_avg / (1 - alpha ** n)
+        else:
+            psi = gap_in if n == 1 else psi + (gap_in - psi) / n
+        th = view(theta.double())
+        k = torch.floor(((z_cal + view(psi)) * T + 0.5 * th) / th).clamp(0, T)
+        r = torch.minimum(z_ref.clamp(min=0), th)
+        if method == "ema":
+            phi_avg = alpha * phi_avg + (1 - alpha) * (r - (th + view(phi)) / T * k).mean(dims)
+            phi = phi_avg / (1 - alpha ** n)
+        else:
+            num = num + (r - th / T * k).sum(dims)
+            den = den + (k / T).sum(dims)
+            phi = torch.maximum(num / den, -0.9 * theta.double())
+        torch.testing.assert_close(cal.da.psi_da.double(), psi, rtol=0, atol=1e-5)
+        torch.testing.assert_close(cal.da.phi_da.double(), phi, rtol=0, atol=1e-5)
+        torch.testing.assert_close(out[16:].double(), (th + view(phi)) / T * k, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["ema", "moment"])
 def test_da_calibration_reduces_layer_error(method):
     """After calibration the DA-QCFS output mean is closer to the reference mean per channel."""
     ref = ClipReLU(torch.tensor([1.0, 3.0]))

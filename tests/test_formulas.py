@@ -339,3 +339,19 @@ def test_spike_count_chunked_in_place_path_equals_the_formula(inplace, layout):
     assert formulas._rows_per_chunk(m, [full]) is None
     assert torch.equal(formulas.spike_count(m.clone(), 8, theta, full, psi_da, inplace=inplace),
                        torch.clamp(torch.floor(((m + psi_da) * 8 + full) / theta), 0, 8))
+
+
+def test_the_in_place_broadcast_check_agrees_with_torch():
+    """spike_count works in place only where every parameter broadcasts into the input without
+    enlarging it; its shortcut for that check must agree with torch.broadcast_shapes."""
+    import itertools
+
+    from sj_parallel_conversion.formulas import _broadcasts_into
+
+    shapes = [(), (1,), (3,), (4,), (1, 3), (3, 1), (2, 3, 4), (1, 3, 1), (3, 4), (2, 1, 4), (5, 3, 4), (1, 1, 1, 1)]
+    for a, b in itertools.product(shapes, repeat=2):
+        try:
+            expected = torch.broadcast_shapes(b, a) == torch.Size(b)
+        except RuntimeError:
+            expected = False
+        assert _broadcasts_into(torch.Size(a), torch.Size(b)) == expected, (a, b)

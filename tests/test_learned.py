@@ -259,16 +259,16 @@ def test_irreplaceable_exactly_when_no_outcome_of_a_challenger_passes_the_sign_t
 def test_auto_measures_nothing_else_where_no_calibration_misses_too_few_images(monkeypatch):
     from sj_parallel_conversion import recipe as recipe_mod
     built = []
-    real, real_fit = recipe_mod.ParallelConversionRecipe._cheap, recipe_mod.learn_calibration
+    real, real_fit = recipe_mod.ParallelConversionRecipe._cheap_together, recipe_mod.learn_calibration
 
-    def cheap(self, name, *args):
-        built.append(name)
-        return real(self, name, *args)
+    def cheap(self, names, *args):
+        built.extend(names)
+        return real(self, names, *args)
 
     def no_fit(*a, **k):
         raise AssertionError("the fit ran although no candidate could replace no calibration")
 
-    monkeypatch.setattr(recipe_mod.ParallelConversionRecipe, "_cheap", cheap)
+    monkeypatch.setattr(recipe_mod.ParallelConversionRecipe, "_cheap_together", cheap)
     monkeypatch.setattr(recipe_mod, "learn_calibration", no_fit)
     batches, ann = _batches(8), _net()
     snn = ParallelConverter("parallel", T=64, dataloader=batches, progress=False,
@@ -622,6 +622,40 @@ def test_convolution_sites_follow_the_first_argument_through_sums_to_a_convoluti
     assert calibration.convolution_sites(gm) == []
 
 
+@pytest.mark.parametrize("method", ["ema", "moment"])
+def test_algorithm_1_from_several_starts_in_one_pass_equals_one_pass_each(method):
+    """calibrate_da_variants runs the ANN's stream once for all starts; each network it returns
+    has exactly the parameters calibrate_da gives from that start alone."""
+    from sj_parallel_conversion import calibration
+    from sj_parallel_conversion.tracing import activation_calls_to_modules
+    from torch import fx
+
+    torch.manual_seed(2)
+    convs = [nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 5, 3, padding=1)]
+    batches = _batches()
+    with torch.no_grad():
+        first = convs[0](torch.cat(batches)).clamp(min=0).amax(dim=(0, 2, 3))
+        second = convs[1](convs[0](torch.cat(batches)).clamp(min=0)).clamp(min=0).amax(dim=(0, 2, 3))
+    net = nn.Sequential(convs[0], ClipReLU(first), convs[1], ClipReLU(second), nn.Flatten(), nn.Linear(320, 4)).eval()
+    gm = activation_calls_to_modules(fx.symbolic_trace(net))
+    starts = [None, calibration.mse_thresholds(gm, batches, 4, "cpu"), None]
+    together = calibration.calibrate_da_variants(copy.deepcopy(gm), batches, 4, "cpu", starts, progress=False,
+                                                 method=method)
+    assert len(together) == 3
+    for start, got in zip(starts, together):
+        alone = calibration.calibrate_da(copy.deepcopy(gm), batches, 4, "cpu", progress=False, method=method,
+                                         thresholds=start)
+        for site in ("1", "3"):
+            a, b = got.get_submodule(site), alone.get_submodule(site)
+            assert isinstance(a, DAQCFS) and isinstance(b, DAQCFS)
+            for name in ("theta", "psi_da", "phi_da"):
+                assert torch.equal(getattr(a, name), getattr(b, name)), (start is None, site, name)
+    # The starts differ, and so do the calibrated parameters.
+    assert not torch.equal(together[0].get_submodule("1").theta, together[1].get_submodule("1").theta)
+    assert not torch.equal(together[0].get_submodule("1").phi_da, together[1].get_submodule("1").phi_da)
+    assert not torch.equal(together[0].get_submodule("3").psi_da, together[1].get_submodule("3").psi_da)
+
+
 def test_mse_thresholds_equal_a_brute_force_search():
     from sj_parallel_conversion import calibration
     from torch import fx
@@ -646,6 +680,30 @@ def test_mse_thresholds_equal_a_brute_force_search():
                 best = (err, theta)
         assert float(chosen[c]) == pytest.approx(best[1], rel=1e-5)
     assert bool((chosen < site.theta).all())  # at T = 3 the maximum is never the best clip here
+
+
+@pytest.mark.parametrize("channel_dim", [1, -1])
+def test_mse_thresholds_from_a_sample_of_positions_keep_each_channel_apart(channel_dim):
+    """With fewer samples than positions, each channel's threshold still comes from that channel's
+    values (channel axis second or last): within one grid step of the search over all values."""
+    from sj_parallel_conversion import calibration
+    from sj_parallel_conversion.tracing import activation_calls_to_modules
+    from torch import fx
+
+    g = torch.Generator().manual_seed(5)
+    scales = torch.tensor([0.5, 4.0, 1.5])
+    x = torch.randn(64, 3, 8, 8, generator=g) * scales.view(1, 3, 1, 1)
+    if channel_dim == -1:
+        x = x.movedim(1, -1).contiguous()
+    dims = tuple(d for d in range(4) if d != channel_dim % 4)
+    site = ClipReLU(x.clamp(min=0).amax(dim=dims), channel_dim=channel_dim)
+    gm = activation_calls_to_modules(fx.symbolic_trace(nn.Sequential(site)))
+    T, grid = 3, 32
+    sampled = calibration.mse_thresholds(gm, [x], T, "cpu", samples=1024, grid=grid)["0"]
+    full = calibration.mse_thresholds(gm, [x], T, "cpu", samples=10 ** 6, grid=grid)["0"]
+    step = site.theta / grid
+    assert bool(((sampled - full).abs() <= step * 1.01).all()), (sampled, full)
+    assert bool((full[1] > 4 * full[0]) & (full[1] > 1.5 * full[2]))  # the channels differ clearly
 
 
 def test_lossless_qcfs_needs_no_calibration_and_no_report():
