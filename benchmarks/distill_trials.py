@@ -13,7 +13,9 @@ as one; ``--mergelast 1`` fits the last residual block with the head (KL on the 
 block's relative squared error); ``--e2e S`` adds S whole-network KL steps after the blocks
 (``--e2e_mix`` mixup views for them). ``--diag 1`` prints, after the fit, the test accuracy
 with the first k blocks converted and the rest left to the ANN (k = 0 ... all), and with one
-block converted alone. Examples (run from the repository root, ``SJPC_CIFAR10_DIR`` set)::
+block converted alone. ``--stem_T N`` gives the first activation (``--stem``) N time steps and
+the rest ``--T``; ``--analog SITE`` leaves that site a ReLU (the paper's setting for ReLU
+ResNets keeps the stem analog). Examples (run from the repository root, ``SJPC_CIFAR10_DIR`` set)::
 
     PYTHONPATH=tests python benchmarks/distill_trials.py r32 --T 4 --threads 1 --diag 1
     PYTHONPATH=tests python benchmarks/distill_trials.py r32 --T 4 --threads 1 --opts '{"steps": 1000}'
@@ -24,7 +26,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import torch
 import sj_parallel_conversion.learned as L
-from sj_parallel_conversion import CalibrationSettings, ParallelConverter, count_domain_model, load_user_model
+from sj_parallel_conversion import NetworkSettings, CalibrationSettings, ParallelConverter, count_domain_model, load_user_model
 from sj_parallel_conversion.tools import data, models
 from sj_parallel_conversion.augment import random_crop_flip
 
@@ -43,6 +45,9 @@ ap.add_argument("--mixmode", default="pair")
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--method", default="distill")
 ap.add_argument("--tag", default="")
+ap.add_argument("--stem_T", type=int, default=0, help="T of the site --stem (the first activation), the rest at --T")
+ap.add_argument("--stem", default="relu", help="name of the first activation site ('relu' in the pretrained ResNets)")
+ap.add_argument("--analog", default="", help="a site left analog (NetworkSettings.analog_sites), e.g. relu")
 ap.add_argument("--group", type=int, default=1)
 ap.add_argument("--diag", type=int, default=0)
 ap.add_argument("--headgroup", type=int, default=1)
@@ -287,7 +292,9 @@ opts = json.loads(a.opts)
 cls = L.DistillCalibration if a.method == "distill" else L.LearnedCalibration
 cal = CalibrationSettings(**{a.method: cls(**opts)})
 t0 = time.perf_counter()
-snn = ParallelConverter("parallel", T=a.T, dataloader=list(torch.split(calib, 128)), method=a.method, progress=False,
+T = {a.stem: a.stem_T} if a.stem_T else a.T
+snn = ParallelConverter("parallel", T=T, default_T=a.T if a.stem_T else None, dataloader=list(torch.split(calib, 128)),
+                        method=a.method, progress=False, network=NetworkSettings(analog_sites=[a.analog] if a.analog else []),
                         calibration=cal).convert(copy.deepcopy(ann))
 sec = time.perf_counter() - t0
 cm = count_domain_model(snn)
@@ -295,5 +302,5 @@ with torch.no_grad():
     acc = 100 * sum(int((cm(tx[i:i+500]).argmax(1) == ty[i:i+500]).sum()) for i in range(0, 2000, 500)) / 2000
 rep = snn.calibration_report
 h = rep.learned if rep else {}
-print(json.dumps(dict(net=a.net, T=a.T, opts=opts, mixup=a.mixup, group=a.group, mergelast=a.mergelast, headgroup=a.headgroup, diag=a.diag, tailk=a.tailk, tailw=a.tailw, fisher=[a.fisher, a.fisher_floor], e2e=[a.e2e, a.e2e_lr, a.e2e_wlr, a.e2e_mix, a.e2e_batch, a.e2e_temp], tag=a.tag, acc=acc, sec=round(sec), 
+print(json.dumps(dict(net=a.net, T=a.T, opts=opts, mixup=a.mixup, group=a.group, mergelast=a.mergelast, headgroup=a.headgroup, diag=a.diag, tailk=a.tailk, tailw=a.tailw, fisher=[a.fisher, a.fisher_floor], e2e=[a.e2e, a.e2e_lr, a.e2e_wlr, a.e2e_mix, a.e2e_batch, a.e2e_temp], tag=a.tag, stem_T=a.stem_T, analog=a.analog, acc=acc, sec=round(sec), 
       held=[h.get("held_out_agreement")], fell=h.get("fell_back"), load=os.getloadavg()[0])), flush=True)

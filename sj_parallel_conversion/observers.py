@@ -180,14 +180,18 @@ class DACalibrator(nn.Module):
         if self.method == "moment":
             return self._moment(z_ref, z_cal, r_ref, out)
         cd = self.da.channel_dim
-        scratch = torch.empty_like(z_cal)  # one buffer for both differences (the same operations)
-        self.psi_ema = self._average(self.psi_ema, channel_mean(torch.sub(z_ref, z_cal, out=scratch), cd, self.reducer))
+        # One buffer for both differences (the same operations), where no gradient is recorded
+        # and the difference keeps the input's dtype.
+        scratch = torch.empty_like(z_cal) if _writable(r_ref, z_cal) else None
+        gap = z_ref - z_cal if scratch is None else torch.sub(z_ref, z_cal, out=scratch)
+        self.psi_ema = self._average(self.psi_ema, channel_mean(gap, cd, self.reducer))
         self.da.psi_da = self._debiased(self.psi_ema).to(torch.float32)
         if self.da.phi_da.numel() == 1 and self.da.psi_da.numel() > 1:
             self.da.phi_da = self.da.phi_da.expand_as(self.da.psi_da).clone()
         # The counts are computed once: measured with the old phi_da, output with the new one.
         k = self.da.counts(z_cal)
-        e_post = channel_mean(torch.sub(r_ref, self.da.value(k, scratch), out=scratch), cd, self.reducer)
+        gap = (r_ref - self.da.value(k)) if scratch is None else torch.sub(r_ref, self.da.value(k, scratch), out=scratch)
+        e_post = channel_mean(gap, cd, self.reducer)
         self.phi_ema = self._average(self.phi_ema, e_post)
         self.da.phi_da = self._debiased(self.phi_ema).to(torch.float32)
         return self.da.value(k, out)
@@ -210,6 +214,13 @@ class SharedReference(nn.Module):
         return _streams(z, self.calibrators[0].ref, list(self.calibrators))
 
 
+def _writable(r_ref: torch.Tensor, z: torch.Tensor) -> bool:
+    """Whether Algorithm 1 may write into buffers of ``z``'s dtype: no gradient is being recorded
+    and the reference output has that dtype (a float32 per-channel threshold promotes a
+    half-precision input, and the old out-of-place arithmetic kept float32 then)."""
+    return not torch.is_grad_enabled() and r_ref.dtype == z.dtype
+
+
 def _streams(z: torch.Tensor, ref: nn.Module, calibrators: List[DACalibrator]) -> torch.Tensor:
     """``cat([ref(z_ref), c_1 stream, ..., c_n stream])`` for ``z = cat([z_ref, z_1, ..., z_n])``,
     each calibrated stream written straight into its part of the output."""
@@ -219,7 +230,9 @@ def _streams(z: torch.Tensor, ref: nn.Module, calibrators: List[DACalibrator]) -
                            f"stream(s) of equal size; got {z.shape[0]} rows")
     z_ref, *z_cal = z.chunk(n, dim=0)
     r_ref = ref(z_ref)
-    out = torch.empty_like(z, dtype=r_ref.dtype)
+    if not _writable(r_ref, z):
+        return torch.cat([r_ref] + [c.stream(z_ref, zc, r_ref) for c, zc in zip(calibrators, z_cal)], dim=0)
+    out = torch.empty_like(z)
     parts = out.chunk(n, dim=0)
     parts[0].copy_(r_ref)
     for c, zc, part in zip(calibrators, z_cal, parts[1:]):

@@ -1,6 +1,8 @@
 """Conversion on synthetic models: graph coverage, rejections, API, lossless QCFS, calibration math."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -20,6 +22,7 @@ from sj_parallel_conversion import (
     parallel_neuron_factory,
     spike_inference,
 )
+from sj_parallel_conversion.activation import DAQCFS
 from sj_parallel_conversion.observers import DACalibrator
 
 torch.manual_seed(0)
@@ -405,40 +408,76 @@ def test_da_calibrator_recovers_a_known_shift_with_bias_correction():
 def test_da_calibrator_matches_algorithm_1_written_out(method, channel_dim):
     """Two batches through the calibrator against Algorithm 1 written out with plain tensors: psi
     from the mean input gap, phi from the mean output gap measured with the previous phi (ema),
-    or phi = sum(e) / sum(q) over all batches (moment); channel axis second or last."""
-    T, alpha, theta = 4, 0.9, torch.tensor([1.0, 2.5, 0.7])
+    or phi = sum(e) / sum(q) over all batches (moment); channel axis second or last. The
+    differences are formed in float32 and averaged in float64, as the calibrator does, so the
+    float32 parameters must agree exactly (a sum in float32 would change their last bits)."""
+    T, alpha, C = 4, 0.9, 16
+    g = torch.Generator().manual_seed(3)
+    theta = torch.rand(C, generator=g) * 2 + 0.5
     ref = ClipReLU(theta, channel_dim=channel_dim)
     cal = DACalibrator(ref, ref.to_daqcfs(T), alpha=alpha, bias_correction=True, method=method)
-    g = torch.Generator().manual_seed(3)
-    shape = (16, 3, 4, 4) if channel_dim == 1 else (16, 4, 4, 3)
-    view = (lambda t: t.view(1, 3, 1, 1)) if channel_dim == 1 else (lambda t: t.view(1, 1, 1, 3))
+    shape = (16, C, 4, 4) if channel_dim == 1 else (16, 4, 4, C)
+    view = (lambda t: t.view(1, C, 1, 1)) if channel_dim == 1 else (lambda t: t.view(1, 1, 1, C))
     dims = (0, 2, 3) if channel_dim == 1 else (0, 1, 2)
-    psi_avg = phi_avg = torch.zeros(3, dtype=torch.float64)
-    phi = torch.zeros(3, dtype=torch.float64)
-    num = den = torch.zeros(3, dtype=torch.float64)
+    mean = lambda t: t.double().sum(dims) / (t.numel() // C)  # noqa: E731
+    th = view(theta)
+    psi_avg = phi_avg = torch.zeros(C, dtype=torch.float64)
+    phi = torch.zeros(C)
+    num = den = torch.zeros(C, dtype=torch.float64)
     for n in (1, 2):
-        z_ref = torch.rand(shape, generator=g, dtype=torch.float64) * 3 - 0.5
-        z_cal = z_ref + torch.randn(shape, generator=g, dtype=torch.float64) * 0.2
-        out = cal(torch.cat([z_ref, z_cal]).float())
-        gap_in = (z_ref - z_cal).mean(dims)
+        z_ref = torch.rand(shape, generator=g) * 3 - 0.5
+        z_cal = z_ref + torch.randn(shape, generator=g) * 0.2
+        out = cal(torch.cat([z_ref, z_cal]))
         if method == "ema":
-            psi_avg = alpha * psi_avg + (1 - alpha) * gap_in
-            psi = psi_avg / (1 - alpha ** n)
+            psi_avg = alpha * psi_avg + (1 - alpha) * mean(z_ref - z_cal)
+            psi = (psi_avg / (1 - alpha ** n)).float()
         else:
-            psi = gap_in if n == 1 else psi + (gap_in - psi) / n
-        th = view(theta.double())
-        k = torch.floor(((z_cal + view(psi)) * T + 0.5 * th) / th).clamp(0, T)
+            gap = mean(z_ref - z_cal)
+            psi64 = gap if n == 1 else psi64 + (gap - psi64) / n
+            psi = psi64.float()
+        k = torch.clamp(torch.floor(((z_cal + view(psi)) * T + 0.5 * th) / th), 0, T)
         r = torch.minimum(z_ref.clamp(min=0), th)
         if method == "ema":
-            phi_avg = alpha * phi_avg + (1 - alpha) * (r - (th + view(phi)) / T * k).mean(dims)
-            phi = phi_avg / (1 - alpha ** n)
+            phi_avg = alpha * phi_avg + (1 - alpha) * mean(r - (th + view(phi)) / T * k)
+            phi = (phi_avg / (1 - alpha ** n)).float()
         else:
-            num = num + (r - th / T * k).sum(dims)
-            den = den + (k / T).sum(dims)
-            phi = torch.maximum(num / den, -0.9 * theta.double())
-        torch.testing.assert_close(cal.da.psi_da.double(), psi, rtol=0, atol=1e-5)
-        torch.testing.assert_close(cal.da.phi_da.double(), phi, rtol=0, atol=1e-5)
-        torch.testing.assert_close(out[16:].double(), (th + view(phi)) / T * k, rtol=0, atol=1e-5)
+            zero_phi = th / T * k
+            num = num + (r - zero_phi).double().sum(dims)
+            den = den + (zero_phi / th).double().sum(dims)
+            phi = torch.maximum(num / den, -0.9 * theta.double()).float()
+        assert torch.equal(cal.da.psi_da, psi), (n, cal.da.psi_da - psi)
+        assert torch.equal(cal.da.phi_da, phi), (n, cal.da.phi_da - phi)
+        assert torch.equal(out[:16], r) and torch.equal(out[16:], (th + view(phi)) / T * k)
+
+
+def test_da_calibrator_keeps_the_reference_dtype_and_works_with_gradients_on():
+    """A float32 per-channel threshold promotes a bfloat16 input: the output error is averaged in
+    float32 (not rounded to the input's dtype first); and outside torch.no_grad(), with a QCFS
+    whose threshold is a Parameter, the calibrator gives what it gives without gradients."""
+    torch.manual_seed(0)
+    ref = QCFS(L=8, theta=torch.tensor([1.3, 0.7, 2.1]))
+    cal = DACalibrator(ref, ref.to_daqcfs(4))
+    z = torch.randn(64, 3).bfloat16()
+    z_cal = z + 0.1
+    with torch.no_grad():
+        out = cal(torch.cat([z, z_cal]))
+        psi = cal.da.psi_da.clone()
+        written = DAQCFS(4, ref.to_daqcfs(4).theta, psi_da=psi)(z_cal)  # phi_da was 0 when measured
+        diff = ref(z) - written
+    assert diff.dtype == torch.float32 and out.dtype == torch.float32
+    expected = diff.double().mean(0).float()  # one debiased step of the average is the mean itself
+    torch.testing.assert_close(cal.da.phi_da, expected, rtol=0, atol=1e-7)
+
+    plain = QCFS(L=8, theta=2.0)
+    assert isinstance(plain.theta, nn.Parameter) and plain.theta.requires_grad
+    x = torch.randn(8, 3)
+    on = DACalibrator(plain, plain.to_daqcfs(4))
+    off = copy.deepcopy(on)
+    y_on = on(torch.cat([x, x * 0.9]))
+    with torch.no_grad():
+        y_off = off(torch.cat([x, x * 0.9]))
+    torch.testing.assert_close(y_on.detach(), y_off, rtol=0, atol=0)
+    assert torch.equal(on.da.phi_da, off.da.phi_da) and torch.equal(on.da.psi_da, off.da.psi_da)
 
 
 @pytest.mark.parametrize("method", ["ema", "moment"])
