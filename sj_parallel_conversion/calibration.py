@@ -208,8 +208,10 @@ def calibrate_da_variants(
     """:func:`calibrate_da` from several starts in one pass over the data, one network per entry
     of ``variants`` (``None``: the sites' own thresholds; else thresholds as ``thresholds`` of
     :func:`calibrate_da`). The ANN's reference stream runs once for all of them
-    (:class:`~.observers.SharedReference`); each result equals :func:`calibrate_da` with its
-    entry. The first is ``gm`` itself, the others copies of it.
+    (:class:`~.observers.SharedReference`; each batch is sent ``len(variants) + 1`` times); each
+    result equals :func:`calibrate_da` with its entry (bit for bit on the CPU, where a layer's
+    result for one image does not depend on the batch). The first is ``gm`` itself, the others
+    copies of it.
     """
     if not variants:
         raise ValueError("calibrate_da_variants needs at least one variant")
