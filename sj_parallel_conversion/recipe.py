@@ -414,13 +414,23 @@ class ParallelConversionRecipe(FXConversionRecipe):
         if name == "paper":
             return calibration.calibrate_da(fx_model, data, self.T_of, dev, None, 0.99, False, self.progress,
                                             self.reducer, "ema", sites=calibration.convolution_sites(fx_model))
-        thresholds = None
-        if name == "mse":
-            thresholds = calibration.mse_thresholds(fx_model, data, self.T_of, dev, reducer=self.reducer)
+        return self._algorithm_1([name], fx_model, data, dev)[0][0]
+
+    def _algorithm_1(self, names: Sequence[str], fx_model: fx.GraphModule, data,
+                     dev) -> Tuple[List[fx.GraphModule], float]:
+        """Algorithm 1 with the recipe's settings from the start each of ``names`` needs (``"ema"``
+        and ``"moment"`` the recorded maxima, ``"mse"`` squared-error thresholds), in one pass
+        over ``data``; the networks (the first is ``fx_model`` itself) and the seconds the
+        threshold search took."""
+        start = time.perf_counter()
+        starts = [calibration.mse_thresholds(fx_model, data, self.T_of, dev, reducer=self.reducer) if name == "mse"
+                  else None for name in names]
+        searched = time.perf_counter() - start
         settings = self.calibration
-        return calibration.calibrate_da(fx_model, data, self.T_of, dev, None, settings.alpha, settings.bias_correction,
-                                        self.progress, self.reducer, "moment" if name == "moment" else "ema",
-                                        thresholds=thresholds)
+        graphs = calibration.calibrate_da_variants(fx_model, data, self.T_of, dev, starts, None, settings.alpha,
+                                                   settings.bias_correction, self.progress, self.reducer,
+                                                   "moment" if "moment" in names else "ema")
+        return graphs, searched
 
     def _cheap_together(self, names: Sequence[str], fx_model: fx.GraphModule, data,
                         dev) -> Dict[str, Tuple[fx.GraphModule, float]]:
@@ -435,15 +445,8 @@ class ParallelConversionRecipe(FXConversionRecipe):
                 built[name] = (self._cheap(name, copy.deepcopy(fx_model), data, dev), time.perf_counter() - start)
             return built
         start = time.perf_counter()
-        starts = [calibration.mse_thresholds(fx_model, data, self.T_of, dev, reducer=self.reducer) if name == "mse"
-                  else None for name in names]
-        searched = time.perf_counter() - start
-        start = time.perf_counter()
-        settings = self.calibration
-        graphs = calibration.calibrate_da_variants(copy.deepcopy(fx_model), data, self.T_of, dev, starts, None,
-                                                   settings.alpha, settings.bias_correction, self.progress,
-                                                   self.reducer, "ema")
-        each = (time.perf_counter() - start) / len(names)
+        graphs, searched = self._algorithm_1(names, copy.deepcopy(fx_model), data, dev)
+        each = (time.perf_counter() - start - searched) / len(names)
         return {name: (g, each + (searched if name == "mse" else 0.0)) for name, g in zip(names, graphs)}
 
     def _fit_options(self, method: str) -> LearnedCalibration:
