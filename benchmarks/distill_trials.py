@@ -4,7 +4,8 @@ Not a part of the library: it swaps a few of this package's own internal functio
 (``sj_parallel_conversion.learned``) for variants, so that a variant can be measured on the same
 images as the default before it is built properly. It converts one network at one ``T`` with
 ``method="distill"`` and prints one JSON line with the test accuracy (count domain, 2,000
-class-balanced CIFAR-10 test images; calibration on 1,024 training images, labels unused).
+class-balanced CIFAR-10 test images; calibration on 1,024 training images, labels unused) and,
+for every block, its held-out error at the start and at the step kept, and that step.
 
 Variants: ``--mixup N`` adds N mixup views (two cropped and flipped images blended with a uniform
 weight; the ANN's outputs for the blend are the targets); ``--headgroup K`` fits the first K blocks
@@ -303,4 +304,5 @@ with torch.no_grad():
 rep = snn.calibration_report
 h = rep.learned if rep else {}
 print(json.dumps(dict(net=a.net, T=a.T, opts=opts, mixup=a.mixup, group=a.group, mergelast=a.mergelast, headgroup=a.headgroup, diag=a.diag, tailk=a.tailk, tailw=a.tailw, fisher=[a.fisher, a.fisher_floor], e2e=[a.e2e, a.e2e_lr, a.e2e_wlr, a.e2e_mix, a.e2e_batch, a.e2e_temp], tag=a.tag, stem_T=a.stem_T, analog=a.analog, acc=acc, sec=round(sec), 
-      held=[h.get("held_out_agreement")], fell=h.get("fell_back"), load=os.getloadavg()[0])), flush=True)
+      held=[h.get("held_out_agreement")], fell=h.get("fell_back"),
+      blocks=[(round(b["start"], 5), round(b["best"], 5), b["kept_step"]) for b in h.get("blocks", [])], load=os.getloadavg()[0])), flush=True)
