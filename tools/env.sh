@@ -12,12 +12,13 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/constraints.txt" -nt "$STAMP" ] || [ "$ROOT/set
     echo "[env] installing sj-parallel-conversion and pinned dependencies (first run: a few minutes)" >&2
     # The pinned torch wheel is its CUDA build: the environment takes about 6 GiB. Say so up front,
     # since a full disk otherwise shows only as pip's "No space left on device" halfway through.
-    free_mib=$(df -Pm "$ROOT" | awk 'NR == 2 {print $4}')
-    if [ -n "$free_mib" ] && [ "$free_mib" -lt 7168 ]; then
-        echo "[env] warning: ${free_mib} MiB free on the disk of $ROOT; the environment needs about 6 GiB" >&2
+    free_mib() { df -Pm "$ROOT" | awk 'NR == 2 {print $4}'; }
+    free_now=$(free_mib || true)
+    if [ -n "$free_now" ] && [ "$free_now" -lt 7168 ]; then
+        echo "[env] warning: ${free_now} MiB free on the disk of $ROOT; the environment needs about 6 GiB" >&2
     fi
     if ! "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$ROOT/constraints.txt" -e "$ROOT[cupy,dev]"; then
-        echo "[env] installing into $VENV failed ($(df -Pm "$ROOT" | awk 'NR == 2 {print $4}') MiB free now); fix the cause, then rerun (the install resumes)" >&2
+        echo "[env] installing into $VENV failed ($(free_mib) MiB free now); fix the cause, then rerun (the install resumes)" >&2
         exit 1
     fi
     touch "$STAMP"
