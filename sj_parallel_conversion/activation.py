@@ -153,11 +153,9 @@ class DAQCFS(_CheckedState):
         return activation_call(self, x)
 
     def activate(self, x: torch.Tensor) -> torch.Tensor:
-        """The activation itself (``forward`` routes through :func:`activation_call`)."""
-        params = (self.theta, self.psi_da, self.phi_da)
-        _check_channels(self, x, params)
-        th, pda, fda = (formulas.channel_view(p.to(x.dtype), x.dim(), self.channel_dim) for p in params)
-        return formulas.da_qcfs(x, th, self.T, pda, fda, self.shift * th)
+        """The activation itself (``forward`` routes through :func:`activation_call`):
+        :func:`~sj_parallel_conversion.formulas.da_qcfs`, as the value of its spike counts."""
+        return self.value(self.counts(x))
 
     def counts(self, x: torch.Tensor) -> torch.Tensor:
         """The spike counts ``k`` behind :meth:`activate`: ``activate(x) == value(k)`` with the
