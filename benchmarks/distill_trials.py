@@ -14,7 +14,8 @@ as one; ``--mergelast 1`` fits the last residual block with the head (KL on the 
 block's relative squared error); ``--e2e S`` adds S whole-network KL steps after the blocks
 (``--e2e_mix`` mixup views for them). ``--diag 1`` prints, after the fit, the test accuracy
 with the first k blocks converted and the rest left to the ANN (k = 0 ... all), and with one
-block converted alone. ``--stem_T N`` gives the first activation (``--stem``) N time steps and
+block converted alone. ``--headtemp K`` fits (and stops) the last block with the KL at
+temperature K (softer targets where the ANN is sure of its training images). ``--stem_T N`` gives the first activation (``--stem``) N time steps and
 the rest ``--T``; ``--analog SITE`` leaves that site a ReLU (the paper's setting for ReLU
 ResNets keeps the stem analog). Examples (run from the repository root, ``SJPC_CIFAR10_DIR`` set)::
 
@@ -64,9 +65,14 @@ ap.add_argument("--mergelast", type=int, default=0)
 ap.add_argument("--fisher", default="", help="'argmax' or 'sample': weight each block's squared error by the "
                 "squared gradient of the ANN's cross-entropy at its own (argmax or sampled) prediction")
 ap.add_argument("--fisher_floor", type=float, default=0.0, help="weights are floor + (1 - floor) * g^2 / mean(g^2)")
+ap.add_argument("--headtemp", type=float, default=1.0, help="temperature of the KL the last block is fitted and "
+                "stopped with (the logits divided by it, the KL multiplied by its square)")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 
+if a.headtemp != 1.0:
+    _kl_plain = L._kl
+    L._kl = lambda ref, out, reduction="batchmean": _kl_plain(ref / a.headtemp, out / a.headtemp, reduction) * a.headtemp ** 2
 orig = L._with_views
 def with_views(fit, options):
     fit2, views = orig(fit, options)
@@ -303,6 +309,6 @@ with torch.no_grad():
     acc = 100 * sum(int((cm(tx[i:i+500]).argmax(1) == ty[i:i+500]).sum()) for i in range(0, 2000, 500)) / 2000
 rep = snn.calibration_report
 h = rep.learned if rep else {}
-print(json.dumps(dict(net=a.net, T=a.T, opts=opts, mixup=a.mixup, group=a.group, mergelast=a.mergelast, headgroup=a.headgroup, diag=a.diag, tailk=a.tailk, tailw=a.tailw, fisher=[a.fisher, a.fisher_floor], e2e=[a.e2e, a.e2e_lr, a.e2e_wlr, a.e2e_mix, a.e2e_batch, a.e2e_temp], tag=a.tag, stem_T=a.stem_T, analog=a.analog, acc=acc, sec=round(sec), 
+print(json.dumps(dict(net=a.net, T=a.T, opts=opts, mixup=a.mixup, group=a.group, mergelast=a.mergelast, headgroup=a.headgroup, diag=a.diag, tailk=a.tailk, tailw=a.tailw, fisher=[a.fisher, a.fisher_floor], e2e=[a.e2e, a.e2e_lr, a.e2e_wlr, a.e2e_mix, a.e2e_batch, a.e2e_temp], tag=a.tag, headtemp=a.headtemp, stem_T=a.stem_T, analog=a.analog, acc=acc, sec=round(sec), 
       held=[h.get("held_out_agreement")], fell=h.get("fell_back"),
       blocks=[(round(b["start"], 5), round(b["best"], 5), b["kept_step"]) for b in h.get("blocks", [])], load=os.getloadavg()[0])), flush=True)
