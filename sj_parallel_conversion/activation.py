@@ -65,7 +65,8 @@ class QCFS(_CheckedState):
 
     ``qcfs(x) = theta/L * clip(floor((x*L + shift*theta)/theta), 0, L)``; ``shift`` is a fraction
     of ``theta`` (0.5 gives the paper's ``psi = theta/2``). ``theta`` is a scalar or a 1-D
-    per-channel :class:`~torch.nn.Parameter`; the floor has a straight-through gradient.
+    per-channel :class:`~torch.nn.Parameter`; the floor has a straight-through gradient (used only
+    where autograd records the call: under ``torch.no_grad`` it is the plain floor, the same values).
     """
 
     PARAMETER_RULES = {"theta": True}
@@ -84,7 +85,10 @@ class QCFS(_CheckedState):
         """The activation itself (``forward`` routes through :func:`activation_call`)."""
         _check_channels(self, x, [self.theta])
         th = formulas.channel_view(self.theta, x.dim(), self.channel_dim)
-        return formulas.qcfs(x, th, self.L, self.shift * th, ste=True)
+        # The straight-through floor exists for gradients; without them the plain floor gives the
+        # same value for every finite input in two fewer passes over memory, and saturates at
+        # +-inf as the converted neuron does (the straight-through form gives NaN there).
+        return formulas.qcfs(x, th, self.L, self.shift * th, ste=formulas.needs_grad(x, th))
 
     def to_daqcfs(self, T: int) -> "DAQCFS":
         """The uncalibrated DA-QCFS at ``T`` levels (psi_da = phi_da = 0) with this threshold."""

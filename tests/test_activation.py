@@ -96,6 +96,34 @@ def test_qcfs_per_channel_theta():
         act(torch.randn(8, 4, 5))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_qcfs_without_gradients_gives_the_same_values_and_saturates_at_infinity(dtype):
+    """Under ``no_grad`` QCFS skips the straight-through bookkeeping: the values stay bit for bit
+    those of the recorded (trainable) forward for every finite input, level boundaries included,
+    and +-inf saturate at theta and 0, as the converted neuron's count does, instead of NaN."""
+    g = torch.Generator().manual_seed(3)
+    L, theta = 8, torch.tensor([0.37, 1.0, 2.5, 1e-3], dtype=dtype)
+    levels = torch.arange(-3, L + 4, dtype=dtype)
+    # inputs that land exactly on a level boundary of every channel, plus wide random magnitudes
+    boundary = (levels[:, None] * theta - theta / 2) / L
+    wide = torch.randn(64, 4, generator=g, dtype=dtype) * torch.logspace(-6, 6, 64, dtype=dtype)[:, None]
+    x = torch.cat([boundary, wide, torch.nextafter(boundary, torch.full_like(boundary, 1e9))])
+    act = QCFS(L, theta=theta)
+    recorded = act(x)  # autograd on: the straight-through form
+    assert recorded.requires_grad
+    with torch.no_grad():
+        plain = act(x)
+    assert torch.equal(plain, recorded.detach())
+    inf = torch.tensor([[math.inf] * 4, [-math.inf] * 4], dtype=dtype)
+    with torch.no_grad():
+        out = act(inf)
+        node = ParallelConversionNode(L, v_threshold=theta, psi=theta / 2, step_mode="m")
+        spikes = node(inf.unsqueeze(0).expand(L, 2, 4).contiguous())
+    assert torch.equal(out, torch.stack([theta, torch.zeros_like(theta)]))
+    torch.testing.assert_close(spikes.mean(0), out)  # the neuron's firing rate, summed over L steps
+    assert torch.isnan(act(inf)).all()  # the recorded form: why no_grad takes the plain floor
+
+
 def test_qcfs_bad_arguments():
     with pytest.raises(ValueError, match="L must be an integer >= 1"):
         QCFS(0)
