@@ -85,10 +85,13 @@ class QCFS(_CheckedState):
         """The activation itself (``forward`` routes through :func:`activation_call`)."""
         _check_channels(self, x, [self.theta])
         th = formulas.channel_view(self.theta, x.dim(), self.channel_dim)
-        # The straight-through floor exists for gradients; without them the plain floor gives the
-        # same value for every finite input in two fewer passes over memory, and saturates at
-        # +-inf as the converted neuron does (the straight-through form gives NaN there).
-        return formulas.qcfs(x, th, self.L, self.shift * th, ste=formulas.needs_grad(x, th))
+        if formulas.needs_grad(x, th):
+            return formulas.qcfs(x, th, self.L, self.shift * th, ste=True)
+        # Without gradients the straight-through floor only costs passes over memory: the neuron's
+        # own count (the same operations in the same order, one cache-sized slice at a time) gives
+        # the same value for every finite input, and saturates at +-inf as the converted neuron
+        # does (the straight-through form gives NaN there).
+        return formulas.spike_count(x, self.L, th, self.shift * th, scale=th / self.L)
 
     def to_daqcfs(self, T: int) -> "DAQCFS":
         """The uncalibrated DA-QCFS at ``T`` levels (psi_da = phi_da = 0) with this threshold."""
