@@ -26,15 +26,38 @@ def test_pretrained_resnet_loads_strictly_and_classifies(pretrained_dir, name):
     assert acc >= 0.85, acc  # 100 images: a wrong layout or normalisation gives ~10 %
 
 
-@pytest.mark.slow  # the full CIFAR-10 test set through ResNet-32 and -44: minutes on 2 CPU cores
+def _normalisation():
+    return ["--data", "npz", "--mean", *map(str, MEAN), "--std", *map(str, STD), "--no-progress"]
+
+
+@pytest.mark.slow  # the full CIFAR-10 test set through ResNet-32 and -44 (half a minute each on 2 CPU cores)
 @pytest.mark.parametrize("name", sorted(FILES))
 def test_pretrained_resnet_matches_the_published_accuracy(pretrained_dir, cifar10_dir, tmp_path, capsys, name):
+    """The command of docs/files.rst: the ANN alone on all 10,000 test images."""
     file, published = FILES[name]
-    argv = ["evaluate", "--model", f"pretrained_resnets:{name}", "--weights", str(pretrained_dir / file),
-            "--T", "32", "--data", "npz", "--data-root", str(cifar10_dir), "--mean", *map(str, MEAN),
-            "--std", *map(str, STD), "--method", "ema", "--calib-images", "1000", "--batch-size", "250",
-            "--no-progress", "--json", str(tmp_path / "t.json")]
+    argv = ["compare", "--model", f"pretrained_resnets:{name}", "--weights", str(pretrained_dir / file),
+            "--methods", "ann", "--repeats", "1", "--batch-size", "500", "--data-root", str(cifar10_dir),
+            *_normalisation(), "--json", str(tmp_path / "t.json")]
     assert cli.main(argv) == 0, capsys.readouterr().err
-    rows = {r["method"]: r for r in json.loads((tmp_path / "t.json").read_text())["rows"]}
-    ann = rows["ann"]
-    assert ann["images"] == 10000 and abs(100 * ann["accuracy"] - published) <= 0.5, ann
+    (ann,) = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert ann["method"] == "ann" and ann["images"] == 10000, ann
+    assert abs(100 * ann["accuracy"] - published) <= 0.5, ann
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_pretrained_resnet_converts_at_T32_within_a_point_and_a_half_of_its_ann(pretrained_dir, cifar10_dir,
+                                                                                 tmp_path, capsys, name):
+    """`evaluate` converts the published file at T = 32 (Algorithm 1 on 512 training images) and
+    scores within 1.5 points of the ANN on the same 1,000 test images (the calibration page
+    measures 93.20 / 92.85 % against 93.00 / 93.45 % on 2,000)."""
+    file, _ = FILES[name]
+    argv = ["evaluate", "--model", f"pretrained_resnets:{name}", "--weights", str(pretrained_dir / file),
+            "--T", "32", "--method", "ema", "--calib-images", "512", "--limit", "1000", "--batch-size", "250",
+            "--data-root", str(cifar10_dir), *_normalisation(), "--json", str(tmp_path / "t.json")]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    ann = next(r for r in rows if r["method"] == "ann")
+    (snn,) = [r for r in rows if r["T"] == 32]
+    assert ann["images"] == snn["images"] == 1000, rows
+    assert snn["accuracy"] >= ann["accuracy"] - 0.015, (ann, snn)
