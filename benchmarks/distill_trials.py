@@ -16,7 +16,9 @@ block's relative squared error); ``--e2e S`` adds S whole-network KL steps after
 with the first k blocks converted and the rest left to the ANN (k = 0 ... all), and with one
 block converted alone. ``--headtemp K`` fits (and stops) the last block with the KL at
 temperature K (softer targets where the ANN is sure of its training images). ``--stem_T N`` gives the first activation (``--stem``) N time steps and
-the rest ``--T``; ``--analog SITE`` leaves that site a ReLU (the paper's setting for ReLU
+the rest ``--T``; ``--qdrop P`` replaces, at every fitting step, each element of each site's output by the ANN's
+(the ReLU of the same input) with probability P (QDrop's drop inside the block; the blocks' inputs
+are mixed as always). ``--analog SITE`` leaves that site a ReLU (the paper's setting for ReLU
 ResNets keeps the stem analog). Examples (run from the repository root, ``SJPC_CIFAR10_DIR`` set)::
 
     PYTHONPATH=tests python benchmarks/distill_trials.py r32 --T 4 --threads 1 --diag 1
@@ -67,8 +69,21 @@ ap.add_argument("--fisher", default="", help="'argmax' or 'sample': weight each 
 ap.add_argument("--fisher_floor", type=float, default=0.0, help="weights are floor + (1 - floor) * g^2 / mean(g^2)")
 ap.add_argument("--headtemp", type=float, default=1.0, help="temperature of the KL the last block is fitted and "
                 "stopped with (the logits divided by it, the KL multiplied by its square)")
+ap.add_argument("--qdrop", type=float, default=0.0, help="QDrop inside the blocks: during the fit's steps every "
+                "element of every site's output is the ANN's activation (ReLU of the same input) with this probability")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
+
+if a.qdrop:
+    _site_forward = L.LearnedSite.forward
+    _drop_gen = torch.Generator().manual_seed(1234)
+    def _dropping_forward(self, x):
+        out = _site_forward(self, x)
+        if not torch.is_grad_enabled():
+            return out  # held-out measurements and the finished network: no drop
+        keep_ann = torch.rand(out.shape, generator=_drop_gen) < a.qdrop
+        return torch.where(keep_ann, torch.relu(x), out)
+    L.LearnedSite.forward = _dropping_forward
 
 if a.headtemp != 1.0:
     _kl_plain = L._kl
@@ -309,6 +324,6 @@ with torch.no_grad():
     acc = 100 * sum(int((cm(tx[i:i+500]).argmax(1) == ty[i:i+500]).sum()) for i in range(0, 2000, 500)) / 2000
 rep = snn.calibration_report
 h = rep.learned if rep else {}
-print(json.dumps(dict(net=a.net, T=a.T, opts=opts, mixup=a.mixup, group=a.group, mergelast=a.mergelast, headgroup=a.headgroup, diag=a.diag, tailk=a.tailk, tailw=a.tailw, fisher=[a.fisher, a.fisher_floor], e2e=[a.e2e, a.e2e_lr, a.e2e_wlr, a.e2e_mix, a.e2e_batch, a.e2e_temp], tag=a.tag, headtemp=a.headtemp, stem_T=a.stem_T, analog=a.analog, acc=acc, sec=round(sec), 
+print(json.dumps(dict(net=a.net, T=a.T, opts=opts, mixup=a.mixup, group=a.group, mergelast=a.mergelast, headgroup=a.headgroup, diag=a.diag, tailk=a.tailk, tailw=a.tailw, fisher=[a.fisher, a.fisher_floor], e2e=[a.e2e, a.e2e_lr, a.e2e_wlr, a.e2e_mix, a.e2e_batch, a.e2e_temp], tag=a.tag, headtemp=a.headtemp, stem_T=a.stem_T, analog=a.analog, qdrop=a.qdrop, acc=acc, sec=round(sec), 
       held=[h.get("held_out_agreement")], fell=h.get("fell_back"),
       blocks=[(round(b["start"], 5), round(b["best"], 5), b["kept_step"]) for b in h.get("blocks", [])], load=os.getloadavg()[0])), flush=True)
