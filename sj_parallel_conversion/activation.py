@@ -65,8 +65,10 @@ class QCFS(_CheckedState):
 
     ``qcfs(x) = theta/L * clip(floor((x*L + shift*theta)/theta), 0, L)``; ``shift`` is a fraction
     of ``theta`` (0.5 gives the paper's ``psi = theta/2``). ``theta`` is a scalar or a 1-D
-    per-channel :class:`~torch.nn.Parameter`; the floor has a straight-through gradient (used only
-    where autograd records the call: under ``torch.no_grad`` it is the plain floor, the same values).
+    per-channel :class:`~torch.nn.Parameter`; the floor has a straight-through gradient where
+    autograd records the call. Elsewhere (``torch.no_grad``, and forward-mode AD, whose tangent is
+    then the floor's own, 0) it is the plain floor: the same values, except that an input whose
+    scaled value is infinite saturates at the top level or 0 instead of giving NaN.
     """
 
     PARAMETER_RULES = {"theta": True}
@@ -87,10 +89,14 @@ class QCFS(_CheckedState):
         th = formulas.channel_view(self.theta, x.dim(), self.channel_dim)
         if formulas.needs_grad(x, th):
             return formulas.qcfs(x, th, self.L, self.shift * th, ste=True)
-        # Without gradients the straight-through floor only costs passes over memory: the neuron's
-        # own count (the same operations in the same order, one cache-sized slice at a time) gives
-        # the same value for every finite input, and saturates at +-inf as the converted neuron
-        # does (the straight-through form gives NaN there).
+        # Without gradients the straight-through floor only costs passes over memory, and gives NaN
+        # where the input or its scaled value is infinite; the plain floor saturates there, as the
+        # converted neuron does, and gives the same value everywhere else.
+        if th.dtype != x.dtype:
+            # Mixed precision (a float32 theta under bfloat16 autocast): the count's last product
+            # takes its operands in the other order, which rounds differently for a 0-d theta.
+            return formulas.qcfs(x, th, self.L, self.shift * th)
+        # The neuron's own count: the same operations, one cache-sized slice at a time.
         return formulas.spike_count(x, self.L, th, self.shift * th, scale=th / self.L)
 
     def to_daqcfs(self, T: int) -> "DAQCFS":

@@ -96,32 +96,61 @@ def test_qcfs_per_channel_theta():
         act(torch.randn(8, 4, 5))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, F64])
-def test_qcfs_without_gradients_gives_the_same_values_and_saturates_at_infinity(dtype):
-    """Under ``no_grad`` QCFS skips the straight-through bookkeeping: the values stay bit for bit
-    those of the recorded (trainable) forward for every finite input, level boundaries included,
-    and +-inf saturate at theta and 0, as the converted neuron's count does, instead of NaN."""
-    g = torch.Generator().manual_seed(3)
-    L, theta = 8, torch.tensor([0.37, 1.0, 2.5, 1e-3], dtype=dtype)
-    levels = torch.arange(-3, L + 4, dtype=dtype)
-    # inputs that land exactly on a level boundary of every channel, plus wide random magnitudes
-    boundary = (levels[:, None] * theta - theta / 2) / L
-    wide = torch.randn(64, 4, generator=g, dtype=dtype) * torch.logspace(-6, 6, 64, dtype=dtype)[:, None]
-    x = torch.cat([boundary, wide, torch.nextafter(boundary, torch.full_like(boundary, 1e9))])
-    act = QCFS(L, theta=theta)
+QCFS_NO_GRAD_CASES = {
+    # name: (input dtype, theta, channel_dim, input shape, L, largest random magnitude)
+    "float32": (torch.float32, [0.37, 1.0, 2.5, 1e-3], 1, (146, 4), 8, 1e6),
+    "float64 L=7": (F64, [0.37, 1.0, 2.5, 1e-3], 1, (146, 4), 7, 1e6),
+    "cache-sized slices": (torch.float32, [0.3 + 0.1 * c for c in range(16)], 1, (80, 16, 32, 32), 4, 1e3),
+    "channels last": (torch.float32, [0.37, 1.0, 2.5, 1e-3], -1, (30, 5, 4), 5, 1e6),
+    "scalar theta, 1-D": (torch.float32, 0.61, 0, (700,), 3, 1e6),
+    "float16": (torch.float16, [0.37, 1.0, 2.5], 1, (300, 3), 7, 1e2),
+    "bfloat16 with a float32 scalar theta": (torch.bfloat16, 0.37, 1, (300, 3), 3, 1e6),
+}
+
+
+@pytest.mark.parametrize("case", sorted(QCFS_NO_GRAD_CASES))
+def test_qcfs_without_gradients_gives_the_recorded_values_and_saturates_at_infinity(case):
+    """Without autograd QCFS skips the straight-through bookkeeping: bit for bit the values of the
+    recorded (trainable) forward, level boundaries included, the input left untouched, and +-inf
+    saturate at the top level and 0, as the converted neuron does, instead of NaN."""
+    dtype, theta_values, channel_dim, shape, L, magnitude = QCFS_NO_GRAD_CASES[case]
+    theta = torch.tensor(theta_values, dtype=torch.float32 if dtype == torch.bfloat16 else dtype)
+    act = QCFS(L, theta=theta, channel_dim=channel_dim)
+    th = formulas.channel_view(theta, len(shape), channel_dim)
+    g = torch.Generator().manual_seed(L)
+    levels = torch.randint(-3, L + 4, shape, generator=g).to(theta.dtype)
+    boundary = ((levels * th - th / 2) / L).to(dtype)  # exactly on a level boundary of its channel
+    scale = 10 ** (torch.rand(shape, generator=g) * 2 * math.log10(magnitude) - math.log10(magnitude))
+    wide = (torch.randn(shape, generator=g) * scale).to(dtype)
+    pick = torch.randint(0, 3, shape, generator=g)
+    x = torch.where(pick == 0, boundary, torch.where(pick == 1, wide, torch.nextafter(boundary, wide)))
+    assert torch.isfinite(x).all()
     recorded = act(x)  # autograd on: the straight-through form
     assert recorded.requires_grad
+    before = x.clone()
     with torch.no_grad():
         plain = act(x)
-    assert torch.equal(plain, recorded.detach())
-    inf = torch.tensor([[math.inf] * 4, [-math.inf] * 4], dtype=dtype)
+    assert torch.equal(x, before)
+    assert plain.dtype == recorded.dtype and torch.equal(plain, recorded.detach())
+    inf = torch.full(shape, math.inf, dtype=dtype)
     with torch.no_grad():
-        out = act(inf)
-        node = ParallelConversionNode(L, v_threshold=theta, psi=theta / 2, step_mode="m")
-        spikes = node(inf.unsqueeze(0).expand(L, 2, 4).contiguous())
-    assert torch.equal(out, torch.stack([theta, torch.zeros_like(theta)]))
-    torch.testing.assert_close(spikes.mean(0), out)  # the neuron's firing rate, summed over L steps
+        top, bottom = act(inf), act(-inf)
+    assert torch.equal(top, formulas.qcfs(inf, th, L, th / 2).expand(shape))  # theta / L * L
+    assert not top.isnan().any() and torch.equal(bottom, torch.zeros_like(bottom))
     assert torch.isnan(act(inf)).all()  # the recorded form: why no_grad takes the plain floor
+
+
+def test_qcfs_without_gradients_saturates_like_the_neuron():
+    L, theta = 8, torch.tensor([0.37, 1.0, 2.5, 1e-3])
+    act = QCFS(L, theta=theta)
+    # infinite inputs, and finite ones whose scaled value overflows float32
+    x = torch.tensor([[math.inf] * 4, [-math.inf] * 4, [3e38] * 4, [-3e38] * 4])
+    with torch.no_grad():
+        out = act(x)
+        node = ParallelConversionNode(L, v_threshold=theta, psi=theta / 2, step_mode="m")
+        rate = node(x.unsqueeze(0).expand(L, *x.shape).contiguous()).mean(0)
+    assert torch.equal(out, torch.stack([theta, torch.zeros_like(theta)] * 2))
+    torch.testing.assert_close(rate, out)  # the neuron's firing rate over L steps
 
 
 def test_qcfs_bad_arguments():
