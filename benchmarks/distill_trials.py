@@ -70,7 +70,8 @@ ap.add_argument("--fisher_floor", type=float, default=0.0, help="weights are flo
 ap.add_argument("--headtemp", type=float, default=1.0, help="temperature of the KL the last block is fitted and "
                 "stopped with (the logits divided by it, the KL multiplied by its square)")
 ap.add_argument("--qdrop", type=float, default=0.0, help="QDrop inside the blocks: during the fit's steps every "
-                "element of every site's output is the ANN's activation (ReLU of the same input) with this probability")
+                "element of every site's output is the ANN's activation (ReLU of the same input: ReLU networks "
+                "only) with this probability")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 
@@ -81,7 +82,7 @@ if a.qdrop:
         out = _site_forward(self, x)
         if not torch.is_grad_enabled():
             return out  # held-out measurements and the finished network: no drop
-        keep_ann = torch.rand(out.shape, generator=_drop_gen) < a.qdrop
+        keep_ann = torch.rand(out.shape, generator=_drop_gen).to(out.device) < a.qdrop
         return torch.where(keep_ann, torch.relu(x), out)
     L.LearnedSite.forward = _dropping_forward
 

@@ -48,12 +48,12 @@ def test_pretrained_resnet_matches_the_published_accuracy(pretrained_dir, cifar1
 @pytest.mark.parametrize("name", sorted(FILES))
 def test_pretrained_resnet_converts_at_T32_within_a_point_and_a_half_of_its_ann(pretrained_dir, cifar10_dir,
                                                                                  tmp_path, capsys, name):
-    """`evaluate` converts the published file at T = 32 (Algorithm 1 on 512 training images) and
-    scores within 1.5 points of the ANN on the same 1,000 test images (the calibration page
-    measures 93.20 / 92.85 % against 93.00 / 93.45 % on 2,000)."""
+    """The second command of docs/files.rst: `evaluate` converts the published file at T = 32
+    (Algorithm 1 on 512 training images) and scores within 1.5 points of the ANN on the same 1,000
+    test images (the calibration page measures 93.20 / 92.85 % against 93.00 / 93.45 % on 2,000)."""
     file, _ = FILES[name]
     argv = ["evaluate", "--model", f"pretrained_resnets:{name}", "--weights", str(pretrained_dir / file),
-            "--T", "32", "--method", "ema", "--calib-images", "512", "--limit", "1000", "--batch-size", "250",
+            "--T", "32", "--method", "ema", "--calib-images", "512", "--limit", "1000", "--batch-size", "256",
             "--data-root", str(cifar10_dir), *_normalisation(), "--json", str(tmp_path / "t.json")]
     assert cli.main(argv) == 0, capsys.readouterr().err
     rows = json.loads((tmp_path / "t.json").read_text())["rows"]
