@@ -4,6 +4,7 @@ cannot fit in memory, Ctrl-C during the imports and raw pickle files. Each case 
 as "ok", fail late or print a traceback."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -224,3 +225,18 @@ def test_raw_pickle_is_refused_without_torchs_warning(tmp_path, capsys):
     assert not caught, [str(w.message) for w in caught]
     code, _, line = run_cli_line(["evaluate", "--snn", tmp_path / "raw.pkl"], capsys)
     assert code == 2 and "raw.pkl" in line
+
+
+def test_compare_of_the_ann_alone_needs_no_training_split(tmp_path, capsys):
+    """`compare --methods ann` calibrates nothing, so a folder with test.npz alone will do; a
+    method that calibrates is refused there with one line naming the missing file."""
+    folder = tmp_path / "test_only"
+    folder.mkdir()
+    np.savez(folder / "test.npz", x=GOOD_X, y=GOOD_Y)
+    common = ["compare", "--checkpoint", CNN, "--data", "npz", "--data-root", folder, "--repeats", "1", *FAST]
+    code, out, line = run_cli_line([*common, "--methods", "ann", "--json", tmp_path / "t.json"], capsys)
+    assert code == 0 and line == "", line
+    (row,) = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert row["method"] == "ann" and row["images"] == 20
+    code, _, line = run_cli_line([*common, "--methods", "ann", "parallel-count", "--T", "4"], capsys)
+    assert code != 0 and "train.npz" in line, line

@@ -737,7 +737,8 @@ def cmd_compare(args) -> int:
     from .compare import compare_converters
 
     ann, meta = _load_ann(args)
-    calib_loader, test_loader = _loaders(args, need_train=True)
+    # The ANN alone calibrates nothing: its table needs no training split on disk.
+    calib_loader, test_loader = _loaders(args, need_train=set(args.methods) != {"ann"})
     _check_fits(ann, test_loader, args, _model_label(meta))
     title = args.title or (f"{_model_label(meta)} on {args.data}, "
                            f"{'all' if args.limit is None else args.limit} test images")
