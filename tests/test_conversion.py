@@ -12,6 +12,7 @@ from spikingjelly.activation_based import ann2snn, functional, monitor
 from sj_parallel_conversion import (
     CalibrationSettings,
     ClipReLU,
+    DistillCalibration,
     GraphConversionError,
     NetworkSettings,
     ParallelConversionNode,
@@ -238,8 +239,20 @@ class ReflectPad(nn.Module):
         return F.pad(self.r(self.c(x)), (1, 1, 1, 1), mode="reflect")
 
 
+class PoolWithIndices(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3)
+        self.r = nn.ReLU()
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+
+    def forward(self, x):
+        return self.pool(self.r(self.c(x)))[0]
+
+
 @pytest.mark.parametrize("model, pattern", [
     (Sig(), r"'act'.*Sigmoid"),
+    (PoolWithIndices(), r"'pool'.*max pooling with return_indices"),
     (Product(), r"graph node 'mul'.*product of two tensors"),
     (PoolOfCurrents(), r"graph node 'pool'.*max pooling of analog currents"),
     (FunctionInSubmodule(), r"graph node 'sin'.*in module block \(Inner\).*function sin"),
@@ -262,6 +275,45 @@ def test_mixed_qcfs_and_relu_rejected_with_site_names():
 
     with pytest.raises(ValueError, match=r"mixes QCFS sites \(q.*ReLU sites \(r"):
         ParallelConverter("parallel", T=4, dataloader=ExplodingLoader(), progress=False).convert(Mixed())
+
+
+@pytest.mark.parametrize("mode, wrong", [("qcfs", "r"), ("relu", "q")])
+def test_mode_must_match_every_site(mode, wrong):
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.q, self.l2, self.r = nn.Linear(4, 4), QCFS(4), nn.Linear(4, 4), nn.ReLU()
+
+        def forward(self, x):
+            return self.r(self.l2(self.q(self.l1(x))))
+
+    with pytest.raises(ValueError, match=rf"mode='{mode}' but activation sites \['{wrong}'\] are of the other kind"):
+        ParallelConverter("parallel", T=4, dataloader=ExplodingLoader(), progress=False, mode=mode).convert(Mixed())
+
+
+@pytest.mark.parametrize("method", ["ema", "distill"])
+def test_the_converter_leaves_the_ann_untouched(method):
+    """quickstart.rst: BN folding, threshold recording, calibration and the fit of the weights all
+    work on a copy; the ANN keeps its modules, state, mode and outputs."""
+    torch.manual_seed(0)
+    ann = _randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                                      nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))).eval()
+    x = torch.randn(64, 3, 8, 8)
+    before = {k: v.clone() for k, v in ann.state_dict().items()}
+    kinds = [type(m) for m in ann.modules()]
+    with torch.no_grad():
+        out = ann(x)
+    ann.train()  # converted in eval mode, handed back in the mode it came in
+    calibration = CalibrationSettings(distill=DistillCalibration(steps=5, views=0, max_images=64))
+    snn = ParallelConverter("parallel", T=4, dataloader=list(torch.split(x, 32)), method=method,
+                            calibration=calibration, progress=False).convert(ann)
+    assert snn is not ann and any(isinstance(m, ParallelConversionNode) for m in snn.modules())
+    assert [type(m) for m in ann.modules()] == kinds and all(m.training for m in ann.modules())
+    ann.eval()
+    after = ann.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    with torch.no_grad():
+        assert torch.equal(ann(x), out)
 
 
 def test_model_without_activation_rejected():
