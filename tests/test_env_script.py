@@ -34,7 +34,7 @@ def _run(tmp_path: Path, free_mib: int, pip_status: int) -> subprocess.Completed
                           capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.parametrize("free_mib, warned", [(300, True), (50_000, False)])
+@pytest.mark.parametrize("free_mib, warned", [(300, True), (7_167, True), (7_168, False), (50_000, False)])
 def test_env_warns_before_installing_where_the_disk_is_short(tmp_path, free_mib, warned):
     run = _run(tmp_path, free_mib, pip_status=0)
     assert run.returncode == 0 and "sourced" in run.stdout, run.stderr

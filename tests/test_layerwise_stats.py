@@ -167,3 +167,30 @@ def test_sops_count_every_spike_after_pooling_sums_and_time_mean_joins():
     # Counting nonzero inputs instead (what a value-based count sees) is strictly less here.
     assert float((per_entry != 0).float().mul(reach[:, None] * reach[None, :]).sum()) * 4 / 8 < brute_c3
     assert rep.total_sops == pytest.approx(brute_c3 + brute_fc)
+
+
+def test_an_operation_outside_the_counted_list_is_named_in_the_report():
+    """stats_layerwise.rst: an operation the counter does not model counts its nonzero outputs
+    (a lower bound) and is named in ``report.unmodelled``, its dict and under the printed table."""
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(4 * 8 * 8, 5)).eval()
+    x = _data(8)
+    snn = ParallelConverter("parallel", T=4, dataloader=[x], progress=False, method="ema").convert(ann)
+    plain = spike_statistics(snn, x)
+    assert plain.unmodelled == []
+    # a user's edit of the converted graph: |spikes| after the first neuron, an operation the
+    # counter has no rule for
+    graph = snn.graph
+    first = next(n for n in graph.nodes
+                 if n.op == "call_module" and isinstance(snn.get_submodule(n.target), ParallelConversionNode))
+    with graph.inserting_after(first):
+        edited = graph.call_function(torch.abs, (first,))
+    first.replace_all_uses_with(edited)
+    edited.args = (first,)
+    snn.recompile()
+    rep = spike_statistics(snn, x)
+    assert rep.unmodelled == ["call_function abs"]
+    assert rep.as_dict()["unmodelled"] == ["call_function abs"]
+    assert "SOPs after call_function abs count nonzero values" in rep.to_text()
+    assert 0 < rep.total_sops <= plain.total_sops

@@ -41,7 +41,7 @@ def test_pretrained_resnet_matches_the_published_accuracy(pretrained_dir, cifar1
     assert cli.main(argv) == 0, capsys.readouterr().err
     (ann,) = json.loads((tmp_path / "t.json").read_text())["rows"]
     assert ann["method"] == "ann" and ann["images"] == 10000, ann
-    assert abs(100 * ann["accuracy"] - published) <= 0.5, ann
+    assert abs(100 * ann["accuracy"] - published) <= 0.03, ann  # at most 3 images apart (other CPUs round convolutions differently)
 
 
 @pytest.mark.slow
