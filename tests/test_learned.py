@@ -900,3 +900,25 @@ def test_each_block_decays_its_rates_along_a_cosine(monkeypatch):
     for block in range(len(seen) // 10):
         rates = seen[10 * block:10 * block + 10]
         assert [r[-1] for r in rates] == pytest.approx([0.002 * c for c in cosine])
+
+
+@pytest.mark.parametrize("method, phases", [
+    ("distill", [r"calibration: \d+ images read \(\d+\.\d s\)$", r"distill: \d+ blocks, .* \(\d+\.\d s\)$",
+                 r"distill: \d+ blocks fitted, held-out agreement .*, \d+ s$"]),
+    ("learned", [r"calibration: \d+ images read \(\d+\.\d s\)$", r"learned: .* ANN outputs ready \(\d+\.\d s\)$",
+                 r"learned: kept step \d+ of \d+, .*, \d+ s$"]),
+])
+def test_each_phase_of_a_fit_is_one_log_line_with_its_elapsed_time_without_a_terminal(caplog, capsys, method,
+                                                                                      phases):
+    """calibration.rst: one INFO line per phase, with the time so far, even where stderr is not a
+    terminal (as here: pytest captures it) and the progress bar is therefore not drawn."""
+    import re
+    import sys
+
+    assert not sys.stderr.isatty()
+    with caplog.at_level(logging.INFO, logger="sj_parallel_conversion"):
+        ParallelConverter("parallel", T=2, dataloader=_batches(), method=method, progress=True,
+                          calibration=CalibrationSettings(distill=FAST_DISTILL, learned=FAST)).convert(_net())
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    for phase in phases:
+        assert sum(bool(re.match(phase, line)) for line in lines) == 1, (phase, lines)
