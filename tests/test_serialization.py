@@ -91,6 +91,16 @@ def test_unknown_module_type_refused_at_save(tmp_path):
     assert not (tmp_path / "x.pt").exists()
 
 
+def test_network_that_would_not_come_back_exactly_is_refused_and_nothing_is_written(tmp_path):
+    """A float64 network (rebuilt as float32) is refused at save; the previous file stays, no temp file."""
+    model = nn.Sequential(nn.Linear(2, 2)).double()
+    path = tmp_path / "x.pt"
+    path.write_bytes(b"previous")
+    with pytest.raises(ValueError, match=r"would not be rebuilt exactly .*'0\.weight'.*float64.*float32"):
+        save_snn(model, path)
+    assert os.listdir(tmp_path) == ["x.pt"] and path.read_bytes() == b"previous"
+
+
 def test_unknown_function_refused_at_save(tmp_path):
     class UsesSoftplus(nn.Module):
         def forward(self, x):

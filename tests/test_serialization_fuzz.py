@@ -202,7 +202,7 @@ def _mutations(blob, payloads):
 def test_every_mutation_is_refused_before_any_code_runs(saved, tmp_path, which):
     marker = str(tmp_path / "PWNED")
     path = tmp_path / "mutated.pt"
-    loaded, seen = [], 0
+    loaded, unnamed, seen = [], [], 0
     for what, blob in _mutations(saved[which], _payloads(marker)):
         torch.save(blob, path)
         seen += 1
@@ -210,10 +210,46 @@ def test_every_mutation_is_refused_before_any_code_runs(saved, tmp_path, which):
             load_snn(path)
         except fileio.FileError as exc:
             assert "Traceback" not in str(exc) and "\n" not in str(exc), (what, str(exc))
+            if str(path) not in str(exc):  # one line naming the file (docs/files.rst)
+                unnamed.append((what, str(exc)))
         else:
             loaded.append(what)
         assert not _ran(marker), f"{what}: a payload ran"
     assert seen > 300 and not loaded, f"{len(loaded)} of {seen} mutations loaded: {loaded[:10]}"
+    assert not unnamed, f"{len(unnamed)} of {seen} refusals do not name the file: {unnamed[:5]}"
+
+
+@pytest.mark.parametrize("name", ["fc.weight", "_tensor_constant0", "fc", "forward"])  # param, buffer, child, method
+def test_constant_naming_an_attribute_of_its_module_is_refused_before_the_graph_is_built(
+        saved, tmp_path, monkeypatch, name):
+    """A constant (with its get_attr reader) named like a parameter, buffer, child or method is refused."""
+    from sj_parallel_conversion import serialization
+
+    blob = copy.deepcopy(saved["traced"])
+    blob["constants"][name] = blob["constants"].pop("_tensor_constant1")
+    for rec in blob["graph"]:
+        if rec["op"] == "get_attr" and rec["target"] == "_tensor_constant1":
+            rec["target"] = name
+    path = tmp_path / "collide.pt"
+    torch.save(blob, path)
+    built = []
+    monkeypatch.setattr(serialization, "_build_graph", lambda *a: built.append(a) or pytest.fail("graph built"))
+    with pytest.raises(fileio.FileError, match="would replace an attribute of its module") as info:
+        load_snn(path)
+    assert str(path) in str(info.value) and f"constant {name!r}" in str(info.value) and not built
+
+
+def test_integer_tensor_where_the_network_has_a_floating_one_is_refused(saved, tmp_path):
+    """A saved state with an int64 weight or threshold is refused naming the file and the entry."""
+    for key in ("fc.weight", next(k for k in saved["snn"]["state_dict"] if k.endswith("v_threshold"))):
+        blob = copy.deepcopy(saved["snn"])
+        assert blob["state_dict"][key].is_floating_point()
+        blob["state_dict"][key] = (blob["state_dict"][key] * 10).to(torch.int64)
+        path = tmp_path / "int.pt"
+        torch.save(blob, path)
+        with pytest.raises(fileio.FileError, match="integer tensors") as info:
+            load_snn(path)
+        assert str(path) in str(info.value) and f"{key} (torch.int64)" in str(info.value)
 
 
 def test_placeholder_target_attack_of_the_issue_runs_nothing(saved, tmp_path):
