@@ -105,6 +105,7 @@ def test_convert_evaluate_stats_compare_on_digits(tmp_path, capsys):
     code, out, err = run_cli(["evaluate", "--checkpoint", str(ckpt), "--T", "4", "--json", str(tmp_path / "a.json"),
                            *data_opts, "--calib-images", "256", "--learn-steps", "10"], capsys)
     assert code == 0, err
+    assert "sj-parallel: calibration (auto): kept " in err  # auto's choice, on stderr
     doc = json.loads((tmp_path / "a.json").read_text())
     rows = doc["rows"]
     assert rows[0]["calibration"] == "" and rows[1]["calibration"].endswith("(auto)")
@@ -113,6 +114,19 @@ def test_convert_evaluate_stats_compare_on_digits(tmp_path, capsys):
     assert doc["machine"] and run["torch"] == torch.__version__ and run["spikingjelly"] != "not installed"
     assert run["command"].startswith("sj-parallel evaluate") and run["calib_images"] == 256
     assert run["learn_steps"] == 10 and run["method"] == "auto" and run["T"] == [4]
+
+
+def test_method_auto_prints_its_choice_on_stderr(tmp_path, capsys):
+    """docs/cli.rst: with --method auto "the choice is printed on stderr" -- the one the table names."""
+    from pathlib import Path
+
+    cnn = Path(cli.__file__).parent / "checkpoints" / "cifar10_cnn_relu.pt"
+    code, _, err = run_cli(["evaluate", "--checkpoint", cnn, "--T", "4", "--data", "subset", "--limit", "8",
+                            "--calib-images", "16", "--batch-size", "16", "--no-progress",
+                            "--json", tmp_path / "e.json"], capsys)
+    assert code == 0, err
+    kept = json.loads((tmp_path / "e.json").read_text())["rows"][1]["calibration"]
+    assert kept.endswith("(auto)") and f"sj-parallel: calibration (auto): kept {kept};" in err, err
 
 
 @pytest.mark.slow  # a fresh interpreter imports torch and SpikingJelly

@@ -274,6 +274,69 @@ def test_bad_device_is_named(capsys):
     assert code == 2 and "--device nowhere" in _one_error_line(err)
 
 
+def test_device_this_machine_lacks_is_refused_before_any_work(capsys):
+    # No machine has a 100th GPU; x.pt does not exist, so naming the device proves it was checked first.
+    code, _, err = run_cli(["evaluate", "--snn", "x.pt", "--device", "cuda:99"], capsys)
+    line = _one_error_line(err)
+    assert code == 2 and line.startswith("sj-parallel: error: --device cuda:99") and "x.pt" not in line, err
+
+
+CNN = ROOT / "sj_parallel_conversion" / "tools" / "checkpoints" / "cifar10_cnn_relu.pt"
+SUBSET = ["--data", "subset", "--batch-size", "16", "--no-progress", "--method", "ema", "--calib-images", "16"]
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Any conversion or comparison fails the test: a refusal must come before them."""
+    from sj_parallel_conversion import recipe
+    from sj_parallel_conversion.tools import compare
+
+    def work(*args, **kwargs):
+        raise AssertionError("work started before the refusal")
+
+    monkeypatch.setattr(recipe.ParallelConverter, "convert", work)
+    monkeypatch.setattr(compare, "compare_converters", work)
+
+
+@pytest.mark.parametrize("argv, batch", [
+    (["stats", "--images", "4"], "one spike-level batch of 4 images needs at least"),
+    (["compare", "--methods", "ann", "parallel"], "one spike-level batch of 16 images needs at least"),
+])
+def test_T_too_large_for_memory_is_refused_for_stats_and_compare_batches(argv, batch, no_work, capsys):
+    code, _, err = run_cli([*argv, "--checkpoint", CNN, "--T", 2 ** 24, *SUBSET], capsys)
+    line = _one_error_line(err)
+    assert code == 2 and f"at T={2 ** 24}: {batch}" in line and "GiB" in line, err
+    assert "lower --T or --batch-size" in line
+
+
+@pytest.mark.parametrize("exc", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 8589934592 bytes"),
+    MemoryError(),
+], ids=["cuda", "cpu-allocator", "MemoryError"])
+def test_out_of_memory_while_evaluating_says_lower_batch_size(exc, monkeypatch, capsys):
+    from sj_parallel_conversion import distributed
+
+    real = distributed.distributed_evaluate
+    calls = []
+
+    def predict_out_of_memory(x):
+        calls.append(len(x))
+        raise exc
+
+    # The one-image probe has passed; the real evaluation loop runs out of memory on its first batch.
+    monkeypatch.setattr(distributed, "distributed_evaluate",
+                        lambda predict, loader, **kw: real(predict_out_of_memory, loader, **kw))
+    code, _, err = run_cli(["evaluate", "--checkpoint", CNN, "--T", "4", "--limit", "32", "--device", "cpu", *SUBSET],
+                           capsys)
+    line = _one_error_line(err)
+    assert calls == [16]
+    assert code == 2 and line.startswith("sj-parallel: error: out of memory on cpu"), err
+    assert "lower --batch-size" in line
+    assert "does not accept" not in line and "internal error" not in line
+
+
 # -- options that do not apply are refused, not ignored -------------------------------------------
 @pytest.mark.parametrize("command", ["convert", "search-t"])
 def test_limit_is_offered_only_where_test_images_are_read(command, capsys):
@@ -288,6 +351,8 @@ def test_limit_is_offered_only_where_test_images_are_read(command, capsys):
     (["convert", "--checkpoint", "x.pt", "--T", "4", "--out", "y.pt", "--method", "ema"], "--method ema"),
     (["convert", "--checkpoint", "x.pt", "--T", "4", "--out", "y.pt", "--calibrate", "no"], "--calibrate no"),
     (["evaluate", "--checkpoint", "x.pt", "--T", "4", "--method", "moment"], "--method moment"),
+    (["evaluate", "--checkpoint", "x.pt", "--T", "4", "--method", "mse"], "--method mse"),
+    (["convert", "--checkpoint", "x.pt", "--T", "4", "--out", "y.pt", "--method", "paper"], "--method paper"),
     (["stats", "--snn", "x.pt"], "--snn"),
     (["compare", "--checkpoint", "x.pt", "--method", "ema", "--methods", "ann", "parallel", "ltb"], "--method ema"),
     (["compare", "--checkpoint", "x.pt", "--methods", "ann", "ltb"], "--methods ann ltb"),

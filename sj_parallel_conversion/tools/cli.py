@@ -839,12 +839,14 @@ def _show_calibration_log() -> None:
     import logging
 
     log = logging.getLogger("sj_parallel_conversion")
-    if not any(getattr(h, "_sjpc_cli", False) for h in log.handlers):
+    handler = next((h for h in log.handlers if getattr(h, "_sjpc_cli", False)), None)
+    if handler is None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("sj-parallel: %(message)s"))
         handler._sjpc_cli = True
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+    handler.stream = sys.stderr  # this run's stderr: main() may run again in-process with stderr redirected
 
 
 def _check_args(args) -> None:
@@ -1035,7 +1037,7 @@ def _error_line(exc: Exception, args) -> Tuple[int, str]:
                    f"control flow on tensor values or sizes in forward): {type(exc).__name__}: {_one_line(exc)}")
     if isinstance(exc, USER_ERRORS):
         return 2, f"sj-parallel: error: {_one_line(exc)}"
-    if isinstance(exc, torch.OutOfMemoryError):  # the machine, not a bug: say what to lower
+    if _is_out_of_memory(exc):  # the machine, not a bug (CUDA's, the CPU allocator's, Python's): say what to lower
         return 2, (f"sj-parallel: error: out of memory on {getattr(args, 'device', 'the device')} "
                    f"({_one_line(exc)}); lower --batch-size")
     return 1, (f"sj-parallel: internal error: {type(exc).__name__}: {_one_line(exc)} (a bug in sj-parallel, not "
