@@ -13,7 +13,7 @@ import torch
 from sj_parallel_conversion import ParallelConversionNode, load_snn
 from sj_parallel_conversion.tools import cli, models
 
-from cli_run import run_cli_line
+from cli_run import run_cli, run_cli_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,6 +113,31 @@ def digits_checkpoint(tmp_path_factory):
     models.save_checkpoint(str(path), models.build_model("digits_cnn", in_channels=1), name="digits_cnn", act="relu",
                            L=8, num_classes=10, in_channels=1)
     return path
+
+
+@pytest.mark.parametrize("method, kind", [("distill", "DistillCalibration"), ("learned", "LearnedCalibration")])
+def test_learn_steps_sets_the_length_of_the_fit(digits_checkpoint, tmp_path, monkeypatch, capsys, method, kind):
+    """cli.rst: --learn-steps N is distill's steps per block and learned's most steps."""
+    from sj_parallel_conversion import recipe
+
+    seen = []
+    real = recipe.learn_calibration
+
+    def spy(*args, **kwargs):
+        options = args[6]
+        seen.append((type(options).__name__, options.steps))
+        fitted, history = real(*args, **kwargs)
+        seen.append(history["steps_run"])
+        return fitted, history
+
+    monkeypatch.setattr(recipe, "learn_calibration", spy)
+    code, _, err = run_cli(["convert", "--checkpoint", digits_checkpoint, "--T", "2", "--method", method,
+                            "--learn-steps", "7", "--calib-images", "64", "--data", "digits", "--batch-size", "64",
+                            "--no-progress", "--out", tmp_path / "s.pt"], capsys)
+    assert code == 0, err
+    (used, steps_run) = seen
+    assert used == (kind, 7)
+    assert steps_run <= 7 if method == "learned" else steps_run % 7 == 0 and steps_run > 0
 
 
 def test_search_t_json_round_trips_through_convert_evaluate_and_stats(digits_checkpoint, tmp_path, capsys):
