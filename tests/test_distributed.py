@@ -327,3 +327,66 @@ def test_two_processes_join_from_torchrun_environment_and_leave(tmp_path):
         assert res["joined"] and "cpu:gloo" in res["config"] and not res["after"]
         assert torch.equal(res["total"], torch.tensor([3.0, 20.0], dtype=torch.float64))
         assert torch.equal(res["top"], torch.tensor([1.0, 0.0]))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli_worker(rank, world, ports, out_dir, runs):
+    """Each command line as torchrun would start it on this rank: its exit status and output."""
+    import contextlib
+    import io
+    import json
+
+    from sj_parallel_conversion.tools import cli
+
+    import time
+
+    torch.set_num_threads(1)
+    results = []
+    for i, (port, argv) in enumerate(zip(ports, runs)):
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                          LOCAL_RANK=str(rank))
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main([str(a) for a in argv])
+        results.append({"code": code, "out": out.getvalue(), "err": err.getvalue()})
+        # torchrun starts the next command once every process of this one has ended
+        open(os.path.join(out_dir, f"done{i}.{rank}"), "w").close()
+        while not all(os.path.exists(os.path.join(out_dir, f"done{i}.{r}")) for r in range(world)):
+            time.sleep(0.05)
+    with open(os.path.join(out_dir, f"cli{rank}.json"), "w") as f:
+        json.dump(results, f)
+
+
+@pytest.mark.slow  # spawns two processes
+def test_command_line_under_torchrun_converts_and_evaluates_once_and_refuses_other_commands(tmp_path):
+    """distributed.rst: convert and evaluate run under torchrun, only rank 0 prints and writes;
+    the other subcommands exit with status 2."""
+    import json
+
+    from sj_parallel_conversion import load_snn
+    from sj_parallel_conversion.tools import models
+
+    torch.manual_seed(0)
+    ckpt, snn, table = tmp_path / "digits.pt", tmp_path / "snn.pt", tmp_path / "eval.json"
+    models.save_checkpoint(str(ckpt), models.build_model("digits_cnn", in_channels=1), name="digits_cnn", act="relu",
+                           L=8, num_classes=10, in_channels=1)
+    data = ["--data", "digits", "--batch-size", "32", "--no-progress"]
+    runs = [["convert", "--checkpoint", ckpt, "--T", "2", "--out", snn, "--method", "ema", "--calib-images", "64", *data],
+            ["evaluate", "--snn", snn, "--json", table, *data],
+            ["stats", "--snn", snn, "--images", "8", *data]]
+    mp.spawn(_cli_worker, args=(2, [_free_port() for _ in runs], str(tmp_path), runs), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"cli{r}.json").read_text()) for r in range(2)]
+    for rank, (convert, evaluate_, stats) in enumerate(ranks):
+        assert convert["code"] == 0 and evaluate_["code"] == 0, ranks
+        assert stats["code"] == 2 and "'stats' does not run under torchrun" in stats["err"], stats
+    assert ranks[0][1]["out"].strip() and not ranks[1][0]["out"] and not ranks[1][1]["out"]  # rank 0 prints
+    load_snn(snn)
+    (row,) = json.loads(table.read_text())["rows"]
+    assert row["images"] == 450  # every test image, from both shards
