@@ -223,6 +223,24 @@ def test_debug_shows_the_traceback_and_bugs_exit_1(tmp_path, capsys, monkeypatch
     assert code == 1 and "internal error: ZeroDivisionError" in _one_error_line(err) and "--debug" in err
 
 
+@pytest.mark.parametrize("in_a_job", [True, False])
+def test_a_connection_closed_by_another_process_of_the_job_is_not_called_a_bug(in_a_job, tmp_path, capsys,
+                                                                               monkeypatch):
+    """Under torchrun a user error on one rank reaches the others as a closed connection: they
+    point at that process's error instead of reporting a bug; outside a job it stays a bug."""
+    from sj_parallel_conversion import distributed
+
+    def peer_gone(args):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:64220")
+
+    monkeypatch.setitem(cli.COMMANDS, "evaluate", peer_gone)
+    monkeypatch.setattr(distributed, "is_distributed", lambda: in_a_job)
+    code, _, err = run_cli(["evaluate", "--snn", tmp_path / "x.pt"], capsys)
+    line = _one_error_line(err)
+    assert code == 1 and ("another process of this torchrun job stopped" in line) is in_a_job, line
+    assert ("internal error" in line) is not in_a_job
+
+
 # -- which errors are the user's: exit 2 for bad input, 1 (never disguised) for a bug -------------
 @pytest.mark.parametrize("exc", [KeyError("rows"), TypeError("bad operand"), RuntimeError("kernel failed"),
                                  IndexError("list index out of range")])

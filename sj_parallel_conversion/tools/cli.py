@@ -1040,8 +1040,24 @@ def _error_line(exc: Exception, args) -> Tuple[int, str]:
     if _is_out_of_memory(exc):  # the machine, not a bug (CUDA's, the CPU allocator's, Python's): say what to lower
         return 2, (f"sj-parallel: error: out of memory on {getattr(args, 'device', 'the device')} "
                    f"({_one_line(exc)}); lower --batch-size")
+    if _peer_stopped(exc):
+        return 1, ("sj-parallel: error: another process of this torchrun job stopped (its own error says why), so "
+                   f"this one could not go on: {type(exc).__name__}: {_one_line(exc)}")
     return 1, (f"sj-parallel: internal error: {type(exc).__name__}: {_one_line(exc)} (a bug in sj-parallel, not "
                "in the input; run with --debug for the traceback)")
+
+
+def _peer_stopped(exc: BaseException) -> bool:
+    """Did a collective fail because another process of the job ended? Under torchrun a user error
+    on one rank reaches the others as a closed connection, which is no bug of theirs."""
+    import torch.distributed as dist
+
+    from .. import distributed
+
+    if not distributed.is_distributed():
+        return False
+    text = str(exc)
+    return isinstance(exc, dist.DistNetworkError) or "closed by peer" in text or "reset by peer" in text
 
 
 def _raised_while_tracing(exc: BaseException) -> bool:
