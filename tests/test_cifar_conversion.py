@@ -237,7 +237,7 @@ def test_cli_compare_on_resnet20_checkpoint(cifar10_dir, tmp_path, capsys):
     png, js = tmp_path / "cmp.png", tmp_path / "cmp.json"
     code = cli.main(["compare", "--checkpoint", str(CKPT / "cifar10_resnet20_relu.pt"), "--T", "8", "16",
                      "--methods", "ann", "parallel-count", "rate-max", "--limit", "200", "--calib-images", "512",
-                     "--method", "ema",
+                     "--method", "ema", "--repeats", "1",
                      "--data-root", str(cifar10_dir), "--no-progress", "--plot", str(png), "--json", str(js)])
     printed = capsys.readouterr().out
     assert code == 0
