@@ -264,31 +264,27 @@ def test_unsupported_patterns_rejected_before_calibration(model, pattern):
         ParallelConverter("parallel", T=4, dataloader=ExplodingLoader(), progress=False).convert(model.eval())
 
 
+class MixedSites(nn.Module):
+    """A QCFS site (q) followed by a ReLU site (r)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.q, self.l2, self.r = nn.Linear(4, 4), QCFS(4), nn.Linear(4, 4), nn.ReLU()
+
+    def forward(self, x):
+        return self.r(self.l2(self.q(self.l1(x))))
+
+
 def test_mixed_qcfs_and_relu_rejected_with_site_names():
-    class Mixed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.l1, self.q, self.l2, self.r = nn.Linear(4, 4), QCFS(4), nn.Linear(4, 4), nn.ReLU()
-
-        def forward(self, x):
-            return self.r(self.l2(self.q(self.l1(x))))
-
     with pytest.raises(ValueError, match=r"mixes QCFS sites \(q.*ReLU sites \(r"):
-        ParallelConverter("parallel", T=4, dataloader=ExplodingLoader(), progress=False).convert(Mixed())
+        ParallelConverter("parallel", T=4, dataloader=ExplodingLoader(), progress=False).convert(MixedSites())
 
 
 @pytest.mark.parametrize("mode, wrong", [("qcfs", "r"), ("relu", "q")])
 def test_mode_must_match_every_site(mode, wrong):
-    class Mixed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.l1, self.q, self.l2, self.r = nn.Linear(4, 4), QCFS(4), nn.Linear(4, 4), nn.ReLU()
-
-        def forward(self, x):
-            return self.r(self.l2(self.q(self.l1(x))))
-
     with pytest.raises(ValueError, match=rf"mode='{mode}' but activation sites \['{wrong}'\] are of the other kind"):
-        ParallelConverter("parallel", T=4, dataloader=ExplodingLoader(), progress=False, mode=mode).convert(Mixed())
+        ParallelConverter("parallel", T=4, dataloader=ExplodingLoader(), progress=False,
+                          mode=mode).convert(MixedSites())
 
 
 @pytest.mark.parametrize("method", ["ema", "distill"])
