@@ -107,3 +107,22 @@ def test_demo_runs_from_an_empty_folder_without_the_dataset(tmp_path):
     assert parallel[8] > strongest[8]
     # and what learned calibration is for: it recovers accuracy where Algorithm 1 loses most
     assert learned[4] > parallel[4] + 0.02
+
+
+@pytest.mark.slow  # trains two tiny CNNs twice (about half a minute)
+def test_digits_demo_runs_and_a_rerun_gives_the_same_accuracies(tmp_path, capsys):
+    """README: `sj-parallel demo --data digits` runs the small demo, and a rerun on the same
+    machine gives the same accuracies (every seed and order is fixed)."""
+    tables = []
+    for run in ("first", "second"):
+        out = tmp_path / run
+        assert cli.main(["demo", "--data", "digits", "--T", "4", "--no-progress", "--out", str(out)]) == 0
+        assert (out / "accuracy_speed.png").stat().st_size > 1000 and (out / "table.md").is_file()
+        doc = json.loads((out / "table.json").read_text())
+        tables.append({(r["method"], r["T"]): r["accuracy"] for r in doc["rows"]})
+    capsys.readouterr()
+    first, second = tables
+    assert first == second
+    # the QCFS network at T = L converts without loss; the ReLU one is calibrated at T = 4
+    assert first[("qcfs-parallel", 4)] == first[("qcfs-ann", None)] > 0.9
+    assert {("ann", None), ("parallel", 4), ("parallel-count", 4)} <= set(first)
