@@ -105,3 +105,24 @@ def test_shell_entry_point_builds_the_environment_then_runs_the_script():
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
     assert 'source "$(dirname "${BASH_SOURCE[0]}")/env.sh"' in text and "benchmarks/gpu_check.py" in text
+
+
+def test_a_stage_that_raises_fails_the_run_and_the_other_stages_still_run(gpu_check, monkeypatch, tmp_path, capsys):
+    """benchmarks.rst: exit status 1 when one check fails (a stage that raised), the later stages
+    run all the same, and both files say which stage failed and why."""
+    ran = []
+
+    def broken(*args):
+        raise RuntimeError("boom in bitwise")
+
+    monkeypatch.setattr(gpu_check, "bitwise", broken)
+    monkeypatch.setattr(gpu_check, "node_stage",
+                        lambda *a: ran.append("node") or {"status": "passed", "if_implementation": None, "runs": []})
+    monkeypatch.setattr(gpu_check, "network_stage", lambda *a: ran.append("network") or {"status": "passed", "runs": []})
+    assert gpu_check.main(["--cpu-dry-run", "--skip-tests", "--out", str(tmp_path)]) == 1
+    capsys.readouterr()
+    assert ran == ["node", "network"]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["ok"] is False and report["stages"]["bitwise"]["status"] == "failed"
+    assert "RuntimeError: boom in bitwise" in report["stages"]["bitwise"]["error"]
+    assert "stage bitwise failed: RuntimeError: boom in bitwise" in (tmp_path / "gpu_check.md").read_text()
