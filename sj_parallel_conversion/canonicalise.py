@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import builtins
 import copy
+import inspect
 import math
 import operator
 from typing import Callable, Dict, Optional, Tuple
@@ -37,7 +38,7 @@ from .patterns import (CANONICAL, FUNCTION_PATTERNS, METHOD_PATTERNS, function_p
 from .sites import ACTIVATION_TYPES, is_activation_site
 from .step_modules import ChunkPart, ConstantScale, StepPad
 
-__all__ = ["canonicalise", "move_maxpools_after_activations", "views_to_reshapes", "static_nodes"]
+__all__ = ["canonicalise", "move_maxpools_after_activations", "resolve_in_place", "views_to_reshapes", "static_nodes"]
 
 
 def _relu_like(lo, hi) -> Optional[nn.Module]:
@@ -89,10 +90,31 @@ def _interpolate(node: fx.Node) -> Optional[nn.Module]:
     return nn.Upsample(size, scale, mode, corners, recompute)
 
 
-def _pool(cls: type) -> Callable[[fx.Node], nn.Module]:
-    def build(node: fx.Node) -> nn.Module:
-        return cls(arg(node, 1, "kernel_size"), arg(node, 2, "stride", None), arg(node, 3, "padding", 0))
-    return build
+def _avg_pool(node: fx.Node) -> Optional[nn.Module]:
+    kernel, stride, padding = arg(node, 1, "kernel_size"), arg(node, 2, "stride"), arg(node, 3, "padding", 0)
+    ceil, include_pad = arg(node, 4, "ceil_mode", False), arg(node, 5, "count_include_pad", True)
+    divisor = arg(node, 6, "divisor_override")
+    # A size computed from a shape is a graph node, which a module cannot hold: left for
+    # validation to report rather than written into the module.
+    if not (_literal(kernel) and _literal(stride) and _literal(padding) and _literal(divisor)
+            and ceil in (True, False) and include_pad in (True, False)):
+        return None
+    return nn.AvgPool2d(kernel, stride, padding, ceil, include_pad, divisor)
+
+
+def _max_pool(node: fx.Node) -> Optional[nn.Module]:
+    kernel, stride, padding = arg(node, 1, "kernel_size"), arg(node, 2, "stride"), arg(node, 3, "padding", 0)
+    dilation, ceil = arg(node, 4, "dilation", 1), arg(node, 5, "ceil_mode", False)
+    indices = arg(node, 6, "return_indices", False)
+    if not (_literal(kernel) and _literal(stride) and _literal(padding) and _literal(dilation)
+            and ceil in (True, False) and indices is False):
+        return None
+    return nn.MaxPool2d(kernel, stride, padding, dilation, return_indices=False, ceil_mode=ceil)
+
+
+def _adaptive_avg_pool(node: fx.Node) -> Optional[nn.Module]:
+    size = arg(node, 1, "output_size")
+    return nn.AdaptiveAvgPool2d(size) if _literal(size) else None
 
 
 # Functions and methods the table marks canonicalised into a module: (builder, name of the new
@@ -106,9 +128,9 @@ FUNCTION_REWRITES: Dict[object, Tuple[Callable[[fx.Node], Optional[nn.Module]], 
     F.hardtanh: (lambda node: _relu_like(arg(node, 1, "min_val", -1.0), arg(node, 2, "max_val", 1.0)), "hardtanh"),
     F.pad: (_pad, "pad"),
     F.dropout: (lambda node: nn.Dropout(p=arg(node, 1, "p", 0.5)), "dropout"),
-    F.adaptive_avg_pool2d: (lambda node: nn.AdaptiveAvgPool2d(arg(node, 1, "output_size")), "avgpool"),
-    F.avg_pool2d: (_pool(nn.AvgPool2d), "avgpool"),
-    F.max_pool2d: (_pool(nn.MaxPool2d), "maxpool"),
+    F.adaptive_avg_pool2d: (_adaptive_avg_pool, "avgpool"),
+    F.avg_pool2d: (_avg_pool, "avgpool"),
+    F.max_pool2d: (_max_pool, "maxpool"),
     F.interpolate: (_interpolate, "upsample"),
 }
 
@@ -153,8 +175,99 @@ def _stochastic_depth(t) -> bool:
     return getattr(t, "__name__", "") == "stochastic_depth" and getattr(t, "__module__", "").startswith("torchvision.ops")
 
 
+# Operations whose result may share memory with their first operand: an in-place write into one
+# is seen through the others. Dropout and Identity return their input itself in eval mode.
+_VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose",
+                 "swapaxes", "movedim", "t", "unsqueeze", "squeeze", "expand", "expand_as", "narrow", "select",
+                 "chunk", "split", "unbind", "contiguous", "detach", "diagonal", "as_strided"}
+_VIEW_FUNCTIONS = {operator.getitem, torch.flatten, torch.reshape, torch.permute, torch.transpose,
+                   torch.swapaxes, torch.movedim, torch.t, torch.unsqueeze, torch.squeeze, torch.narrow,
+                   torch.select, torch.chunk, torch.split, torch.unbind, torch.detach, F.dropout}
+_VIEW_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                 nn.AlphaDropout, nn.FeatureAlphaDropout)
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior,
+                      operator.ixor, operator.ilshift, operator.irshift}
+
+
+def _inplace_flag(node: fx.Node) -> bool:
+    """The ``inplace`` argument of a functional call such as ``F.relu(x, inplace=True)``."""
+    if "inplace" in node.kwargs:
+        return node.kwargs["inplace"] is True
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):  # builtins without a signature, or a call that would fail anyway
+        return False
+    return bound.arguments.get("inplace") is True
+
+
+def _writes_in_place(node: fx.Node, modules: Dict[str, nn.Module], static: set) -> bool:
+    """Whether ``node`` writes its result into its first operand (a tensor of the graph)."""
+    if not node.args or not isinstance(node.args[0], fx.Node) or node.args[0] in static:
+        return False  # shape arithmetic: ints are immutable, and `n += 1` rebinds
+    if node.op == "call_module":
+        return getattr(modules[node.target], "inplace", False) is True
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    if node.op == "call_function":
+        if node.target in _INPLACE_OPERATORS:
+            return True
+        name = getattr(node.target, "__name__", "")
+        return (name.endswith("_") and not name.startswith("_")) or _inplace_flag(node)
+    return False
+
+
+def _returns_alias(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _VIEW_MODULES)
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS
+    return node.op == "call_function" and node.target in _VIEW_FUNCTIONS
+
+
+def resolve_in_place(gm: fx.GraphModule) -> None:
+    """Give the graph the values an in-place write leaves behind.
+
+    After ``relu_(a)``, ``a += b`` or ``nn.ReLU(inplace=True)(a)`` every later read of ``a`` sees the
+    written values; the converted network computes each operation out of place, so those reads
+    are pointed at the write's result. A write into a tensor that shares memory with another one
+    read afterwards (a slice, a view, a reshape) is marked for validation to refuse, since its
+    effect on the other tensor is not visible in the graph.
+    """
+    modules = dict(gm.named_modules())
+    static = static_nodes(gm)
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    for node in nodes:
+        if not _writes_in_place(node, modules, static):
+            continue
+        target = node.args[0]
+        # Every tensor sharing memory with target: up through the ops it is an alias of, then down
+        # through their aliasing users (not through this write itself).
+        root = target
+        while _returns_alias(root, modules) and root.args and isinstance(root.args[0], fx.Node):
+            root = root.args[0]
+        shared, stack = set(), [root]
+        while stack:
+            n = stack.pop()
+            if n in shared or n is node:
+                continue
+            shared.add(n)
+            stack.extend(u for u in n.users if _returns_alias(u, modules))
+        seen_later = [n for n in shared if n is not target and any(order[u] > order[node] for u in n.users)]
+        if seen_later:
+            # Rewrites below may turn the node into a module call: keep what the model wrote.
+            written = (f"{type(modules[node.target]).__name__}(inplace=True)" if node.op == "call_module"
+                       else getattr(node.target, "__name__", str(node.target)))
+            node.meta["sjpc_in_place_alias"] = (written, seen_later[0].name)
+            continue
+        for user in [u for u in target.users if u is not node and order[u] > order[node]]:
+            user.replace_input_with(target, node)
+
+
 def canonicalise(gm: fx.GraphModule) -> None:
     """Rewrite every canonicalised pattern of ``gm`` in place (see the module documentation)."""
+    resolve_in_place(gm)
     modules = dict(gm.named_modules())
     seen_targets = set()
     for node in list(gm.graph.nodes):

@@ -253,6 +253,10 @@ def _f(targets: Iterable, role: str, time_mean: str, multistep: Optional[str], *
 
 _AXIS = dict(time_mean=COMMUTES, multistep=ADAPTER, batch_axis=True)
 
+_LITERAL_POOL = ("only a pool whose sizes are numbers written in the model becomes a module; a size "
+                 "computed from a shape (F.avg_pool2d(x, x.size(3))) can be written as its number, or a "
+                 "global pool as F.adaptive_avg_pool2d(x, 1) or x.mean((2, 3))")
+
 #: Every function the converter knows (call_function targets).
 FUNCTION_PATTERNS: Tuple[FunctionPattern, ...] = (
     # sums (residual connections) and signs: elementwise, on [T, N, ...] as they are
@@ -285,9 +289,11 @@ FUNCTION_PATTERNS: Tuple[FunctionPattern, ...] = (
     FunctionPattern(F.pad, "pad", COMMUTES, CANONICAL, becomes=StepPad,
                     why="only constant padding with a literal pad becomes a step module"),
     FunctionPattern(F.dropout, "identity", COMMUTES, CANONICAL, becomes=nn.Dropout),
-    FunctionPattern(F.adaptive_avg_pool2d, "average pool", COMMUTES, CANONICAL, becomes=nn.AdaptiveAvgPool2d),
-    FunctionPattern(F.avg_pool2d, "average pool", COMMUTES, CANONICAL, becomes=nn.AvgPool2d),
-    FunctionPattern(F.max_pool2d, "max pool", ON_SPIKES, CANONICAL, becomes=nn.MaxPool2d),
+    FunctionPattern(F.adaptive_avg_pool2d, "average pool", COMMUTES, CANONICAL, becomes=nn.AdaptiveAvgPool2d,
+                    why=_LITERAL_POOL),
+    FunctionPattern(F.avg_pool2d, "average pool", COMMUTES, CANONICAL, becomes=nn.AvgPool2d, why=_LITERAL_POOL),
+    FunctionPattern(F.max_pool2d, "max pool", ON_SPIKES, CANONICAL, becomes=nn.MaxPool2d,
+                    why=_LITERAL_POOL + ", and max pooling without return_indices"),
     FunctionPattern(F.interpolate, "resample", COMMUTES, CANONICAL, becomes=nn.Upsample,
                     why="only an interpolation with literal sizes or scale factors becomes nn.Upsample"),
     # what conversion writes

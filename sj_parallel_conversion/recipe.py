@@ -43,7 +43,7 @@ from .selection import PREFERENCE, SIGN_TEST_Z, CalibrationReport, choose, irrep
 from .reuse import reuse_memory
 
 logger = logging.getLogger("sj_parallel_conversion")
-from .tracing import activation_calls_to_modules, fold_bn
+from .tracing import activation_calls_to_modules, check_trace, fold_bn
 
 __all__ = ["ParallelConversionRecipe", "ParallelConverter", "parallel_neuron_factory", "conversion_case",
            "ConversionCase", "CalibrationSettings", "NetworkSettings", "with_calibration"]
@@ -57,6 +57,8 @@ CHEAP = ("paper", "ema", "moment", "mse")
 #: Cheap calibrations that differ only in where Algorithm 1 starts: auto builds them in one pass.
 SHARED_PASS = ("ema", "mse")
 AUTO_FIT = "distill"
+#: Calibration images on which the traced graph is compared with the model (tracing.check_trace).
+TRACE_CHECK_IMAGES = 32
 #: Seed of the partners of ``auto``'s selection blends.
 SELECTION_SEED = 20250713
 
@@ -341,6 +343,7 @@ class ParallelConversionRecipe(FXConversionRecipe):
         self._reference = None
         self._data = None
         self._ann_name = type(ann).__name__
+        self._ann = ann  # compared with its trace on the first calibration batch, then dropped
         check_model_arity(ann)
         return ann
 
@@ -359,8 +362,6 @@ class ParallelConversionRecipe(FXConversionRecipe):
         case = conversion_case(fx_model, self.T_of, self.mode)
         lossless = case.source == "qcfs" and not case.calibrate
         fuse_bn = self.network.fuse_bn
-        if fuse_bn if fuse_bn is not None else not lossless:
-            fx_model = fold_bn(fx_model)
         if self.calibration.calibrate is not None:
             case.calibrate = self.calibration.calibrate
         if (case.calibrate or case.record_max) and self.dataloader is None:
@@ -369,14 +370,19 @@ class ParallelConversionRecipe(FXConversionRecipe):
             raise ValueError(f"ParallelConversionRecipe {why}: pass dataloader=... with calibration data")
         self.case = case
         fx_model = fx_model.to(converter.device)
+        ann, self._ann = self._ann, None
         if case.calibrate or case.record_max:
             # Data is read only once the graph is known to convert: a refused model costs no
             # calibration pass, and a one-shot iterator is not consumed for nothing.
             self._data = calibration.CalibrationData(self.dataloader, self.calibration.num_batches)
             first = self._data.first()
             check_model_input(fx_model, first, self._ann_name)
+            # Before folding BatchNorm, which changes rounding: the graph must then match the model.
+            check_trace(ann, fx_model, first[:TRACE_CHECK_IMAGES], self._ann_name)
             # What the static graph check took on trust (a leading -1, negative axes), measured.
             check_batch_axis(fx_model, first)
+        if fuse_bn if fuse_bn is not None else not lossless:
+            fx_model = fold_bn(fx_model)
         return fx_model
 
     def insert_observers(self, converter: FXConverter, fx_model: fx.GraphModule) -> fx.GraphModule:
@@ -632,6 +638,12 @@ def parallel_neuron_factory(T: int, **node_kwargs: Any) -> Callable[[float], Par
     puts a parallel neuron with unit threshold and the half-threshold shift between them. That
     equals ClipReLU -> uncalibrated DA-QCFS at ``T``; the full :class:`ParallelConversionRecipe`
     additionally calibrates ``psi_da``/``phi_da`` (Algorithm 1) and supports QCFS networks.
+
+    ``RateCodingRecipe`` returns a single-step network, and the parallel node runs in multi-step
+    mode only: switch the result with ``functional.set_step_mode(net, "m")`` and feed it
+    ``[T, N, ...]`` (or use :func:`spike_inference`). An IF-style loop over single steps
+    (``net(x)`` with ``x`` of shape ``[N, ...]``) would hand each node ``N`` images that it reads
+    as ``N`` time steps of one image, with no error to show it.
     """
     def factory(scale: float) -> ParallelConversionNode:
         return ParallelConversionNode(T, v_threshold=1.0, **node_kwargs)

@@ -8,19 +8,29 @@ choose another; the recipe therefore leaves that tracer alone and works on what 
   :func:`torch.fx.wrap` leaf); this turns every such node into a ``call_module`` node of the
   activation, the form the rest of the conversion works on;
 * :func:`fold_bn`: BatchNorm folded into the convolution that feeds it, with torch's public
-  ``torch.nn.utils.fusion.fuse_conv_bn_eval``.
+  ``torch.nn.utils.fusion.fuse_conv_bn_eval``;
+* :func:`check_trace`: the prepared graph computes what the model computes, measured on
+  calibration images (a trace records tensor operations, not which Python names share a tensor).
 """
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any, List
 
+import torch
+import torch.nn as nn
 from torch import fx
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .activation import activation_call
 from .patterns import module_pattern
 
-__all__ = ["activation_calls_to_modules", "fold_bn"]
+__all__ = ["activation_calls_to_modules", "check_trace", "fold_bn"]
+
+#: Largest difference between model and graph accepted, relative to the output's largest magnitude:
+#: the two run the same operations (only reshapes, moved max pools and out-of-place twins differ),
+#: so anything beyond rounding is a different function.
+TRACE_TOLERANCE = 1e-4
 
 def activation_calls_to_modules(gm: fx.GraphModule) -> fx.GraphModule:
     """Replace each ``activation_call(module, x)`` node by a ``call_module`` node of ``module``.
@@ -92,3 +102,49 @@ def fold_bn(gm: fx.GraphModule) -> fx.GraphModule:
         gm.delete_all_unused_submodules()
         gm.recompile()
     return gm
+
+
+def _tensor_leaves(value: Any) -> List[torch.Tensor]:
+    """The tensors of a model output: a tensor, or tuples, lists and dicts of them."""
+    if torch.is_tensor(value):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensor_leaves(v)]
+    return []
+
+
+def check_trace(model: nn.Module, graph: fx.GraphModule, x: torch.Tensor, name: str) -> None:
+    """Raise :class:`~.graph_errors.GraphConversionError` when ``graph`` (the model as traced and
+    canonicalised, BatchNorm not yet folded) gives another output than ``model`` on ``x``.
+
+    torch.fx records ``y += h`` as ``y = y + h``: a second name bound to the same tensor before
+    an in-place write (``z = y; y += h``) still reads the old values in the trace, and the
+    converted network would compute a different function without any error.
+    """
+    from .graph_errors import GraphConversionError, GraphProblem
+
+    def run(module: nn.Module) -> List[torch.Tensor]:
+        where = next((t.device for t in module.parameters()), x.device)
+        with torch.no_grad():
+            # A copy per run: an in-place write into the input must not reach the other run.
+            return [t.detach().float().cpu() for t in _tensor_leaves(module(x.clone().to(where)))]
+
+    graph.eval()  # as the converted network runs: modules canonicalisation wrote start in training mode
+    expected, got = run(model), run(graph)
+    worst = 0.0
+    for a, b in zip(expected, got):
+        if a.shape != b.shape:
+            worst = float("inf")
+            break
+        scale = float(a.abs().max()) if a.numel() else 0.0
+        worst = max(worst, float((a - b).abs().max()) / max(scale, 1e-12) if a.numel() else 0.0)
+    if len(expected) != len(got) or not worst <= TRACE_TOLERANCE:
+        msg = (f"{name} as traced by torch.fx does not compute what {name}.forward computes: on the first "
+               f"calibration batch (eval mode) the outputs differ by {worst:.3g} of their largest magnitude. "
+               "A trace records tensor operations, not which Python names share a tensor: after an in-place "
+               "write such as y += h or relu_(y), a name bound to y before it (z = y) reads the old values in "
+               "the trace; write the update out of place (y = y + h) or copy first (z = y.clone()). A forward "
+               "that is random in eval mode (F.dropout(x, p) without training=self.training) differs too")
+        raise GraphConversionError(msg, [GraphProblem("", "trace differs from the model", "", msg)])

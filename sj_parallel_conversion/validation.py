@@ -247,6 +247,13 @@ def validate_graph(gm: fx.GraphModule) -> None:
             continue
         kind, problem, reason = _check_node(node, modules, kinds)
         kinds[node] = kind
+        alias = node.meta.get("sjpc_in_place_alias")
+        if alias is not None and problem is None:
+            written, shared = alias
+            problem, reason = "in-place write into shared memory", (
+                f"{written} writes in place into a tensor that shares memory with '{shared}', which is "
+                "read afterwards; the converted network computes every operation out of place, so write "
+                "this one out of place (y = relu(x) rather than relu_(x), y = x + h rather than x += h)")
         if problem is not None:
             problems.append(GraphProblem(node.name, problem, owner_path(node), f"{describe(node)}: {reason}"))
     if problems:

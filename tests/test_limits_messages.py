@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from sj_parallel_conversion import (DAQCFS, QCFS, GraphConversionError, ParallelConversionNode,
                                     ParallelConverter)
+from test_trace_semantics import AliasThenAdd, WriteIntoSlice  # the models the page quotes
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "limits.rst"
 TEXT = DOC.read_text(encoding="utf-8")
@@ -219,6 +220,34 @@ def test_vision_transformer_summary():
     _assert_quoted(_quote("unsupported operations of 3 kinds"), str(err).splitlines()[0])
 
 
+def test_in_place_write_into_shared_memory():
+    err = _refuse(WriteIntoSlice())
+    assert err.problems[0].kind == "in-place write into shared memory"
+    _assert_single(err, _quote("writes in place into a tensor that shares memory"))
+
+
+def test_trace_that_differs_from_the_model():
+    loader = [torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))]
+    err = _refuse(AliasThenAdd(alias=True), loader=loader)
+    quote = _quote("does not compute what AliasThenAdd.forward computes")
+    # The size of the difference depends on the weights: compared as elided text.
+    _assert_quoted(re.sub(r"differ by [0-9.]+ of", "differ by ... of", quote), str(err))
+
+
+def test_pool_size_from_a_shape():
+    class AkamasterHead(Net):
+        def forward(self, x):
+            h = super().forward(x)
+            return F.avg_pool2d(h, h.size()[3])
+    err = _refuse(AkamasterHead())
+    assert len(err.problems) == 1 and err.problems[0].node == "avg_pool2d"
+    assert "F.avg_pool2d(out, out.size()[3])" in _inline("F.avg_pool2d(out, out.size()[3])")
+    assert _norm(str(err)).endswith(
+        "only a pool whose sizes are numbers written in the model becomes a module; a size computed from a "
+        "shape (F.avg_pool2d(x, x.size(3))) can be written as its number, or a global pool as "
+        "F.adaptive_avg_pool2d(x, 1) or x.mean((2, 3))")
+
+
 # -- messages the page quotes inline -----------------------------------------------------------
 def test_division_by_a_tensor():
     err = _refuse(DivideByTensor())
@@ -253,7 +282,8 @@ def test_every_quoted_refusal_is_covered():
     # page's other literal blocks (code, not messages), are all the page has.
     compared = ["max pooling of analog currents", "the product of two tensors", "mean over the batch axis",
                 "turns a batch of 3 into shape", "function sigmoid is not", "(GroupNorm)",
-                "the model mixes QCFS sites", "unsupported operations of 3 kinds"]
+                "the model mixes QCFS sites", "unsupported operations of 3 kinds",
+                "writes in place into a tensor that shares memory", "does not compute what AliasThenAdd"]
     quotes = {_quote(f) for f in compared}
     others = [b for b in BLOCKS if b not in quotes]
     assert all(b.startswith("from sj_parallel_conversion import") for b in others), others
