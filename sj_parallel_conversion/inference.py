@@ -65,8 +65,10 @@ class CountDomainNeuron(nn.Module):
 def count_domain_model(snn: nn.Module) -> nn.Module:
     """The count-domain form of a converted network: ``[N, ...]`` input, time-mean output, one pass.
 
-    Returns a new module (a copy: parameters and buffers are copied, ``snn`` is not modified)
-    in which every :class:`ParallelConversionNode` is a :class:`CountDomainNeuron` computing
+    Returns a new module (a copy: parameters and buffers are copied, ``snn`` is not modified;
+    forward hooks registered on ``snn``'s modules, SpikingJelly monitors included, are copied too
+    and fire in the count domain: build it, or call :func:`count_inference`, before attaching
+    monitors or after removing them) in which every :class:`ParallelConversionNode` is a :class:`CountDomainNeuron` computing
     ``(spike_value / T) * k`` with the node's own operations, each per-layer-``T`` join
     (:class:`~sj_parallel_conversion.joins.TimeMean`) is the identity (its input already is a time
     mean), and every other SpikingJelly layer is in single-step mode. Its output equals the time

@@ -14,12 +14,17 @@ from __future__ import annotations
 from typing import Callable, Dict, Optional, Tuple
 
 import torch.nn as nn
-from spikingjelly.activation_based import base, functional
+from spikingjelly.activation_based import base, functional, layer
 from torch import fx
 
-__all__ = ["ConvertedNetwork", "as_converted_network"]
+__all__ = ["FIXED_IN_EVAL", "ConvertedNetwork", "as_converted_network"]
 
 _MODES = ("s", "m")
+#: Layers that compute differently in training mode; a converted network keeps them in eval mode.
+#: SpikingJelly's BatchNorm layers subclass torch's; its dropout layers do not.
+FIXED_IN_EVAL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.Dropout, nn.Dropout1d,
+                 nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, layer.Dropout,
+                 layer.Dropout2d)
 
 
 class ConvertedNetwork(fx.GraphModule, base.StepModule):
@@ -68,6 +73,21 @@ class ConvertedNetwork(fx.GraphModule, base.StepModule):
             for m, mode in before.items():
                 m.step_mode = mode
             raise
+
+    def train(self, mode: bool = True) -> "ConvertedNetwork":
+        """Set the training flag of every module, except BatchNorm and dropout layers, which stay
+        in eval mode.
+
+        A converted network is inference-only (the neuron's backward raises). In training mode a
+        kept BatchNorm (QCFS networks keep theirs) would normalise by each batch of spike-driven
+        currents and overwrite its running statistics, and dropout would drop spikes: code that
+        calls ``net.train()`` as a matter of course would change the network for good.
+        """
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, FIXED_IN_EVAL):
+                m.training = False
+        return self
 
     def __reduce__(self):
         # GraphModule pickles rebuild a plain GraphModule; adopt the rebuilt one again.

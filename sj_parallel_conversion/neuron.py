@@ -253,7 +253,7 @@ class ParallelConversionNode(sj_neuron.BaseNode):
 
         ``inplace=True`` lets ``k`` overwrite ``mean_current`` (see :func:`.formulas.spike_count`).
         """
-        return self._count(mean_current, inplace, scale=None)
+        return kernels.inference_only(self._count(mean_current, inplace, scale=None))
 
     def rate(self, mean_current: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """Time mean of the output, ``(spike_value / T) * k``, for time-mean currents ``[N, ...]``.
@@ -265,7 +265,9 @@ class ParallelConversionNode(sj_neuron.BaseNode):
         # ANN's activations bit for bit.
         step = self.spike_value.to(mean_current.dtype) / self.T
         if formulas.needs_grad(mean_current, step):
-            return formulas.channel_view(step, mean_current.dim(), self.channel_dim) * self.count(mean_current)
+            # Autograd records it; backward raises, as at spike level (docs/limits.rst).
+            return kernels.inference_only(
+                formulas.channel_view(step, mean_current.dim(), self.channel_dim) * self._count(mean_current, False, None))
         # Inference: the multiply joins the count's pass over memory.
         return self._count(mean_current, inplace, scale=step)
 
@@ -314,7 +316,10 @@ class ParallelConversionNode(sj_neuron.BaseNode):
                 if saved.dim() > 1:
                     error_msgs.append(f"{prefix}{name}: expected a scalar or 1-D tensor, got shape {tuple(saved.shape)}")
                     continue
-                setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
+                # The node's dtype and device, as load_state_dict keeps them for every other tensor
+                # (a network cast with .double() stays float64 throughout).
+                current = getattr(self, name)
+                setattr(self, name, torch.empty(saved.shape, dtype=current.dtype, device=current.device))
         try:
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                           unexpected_keys, error_msgs)

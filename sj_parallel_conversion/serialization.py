@@ -516,7 +516,8 @@ def _fingerprint(model: nn.Module) -> Tuple:
     graph = None
     if isinstance(model, fx.GraphModule):
         graph = tuple((n.op, n.name, str(n.target), str(n.args), str(n.kwargs)) for n in model.graph.nodes)
-    state = tuple((k, tuple(v.shape), v.dtype) if torch.is_tensor(v) else (k, repr(v))
+    # Strides too: a channels_last network computes other bits than the contiguous one load_snn builds.
+    state = tuple((k, tuple(v.shape), v.dtype, v.stride()) if torch.is_tensor(v) else (k, repr(v))
                   for k, v in model.state_dict().items())
     return mods, graph, state
 
@@ -536,6 +537,13 @@ def save_snn(model: nn.Module, path: Union[str, "os.PathLike[str]"], metadata: O
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_snn expects an nn.Module, got {type(model).__name__}")
+    for key, value in model.state_dict().items():
+        if torch.is_tensor(value) and not value.is_contiguous():
+            raise ValueError(
+                f"save_snn: state entry {key!r} is not contiguous (strides {value.stride()}, as channels_last "
+                "makes them); load_snn rebuilds contiguous tensors, with which convolutions compute other "
+                "bits: save snn.to(memory_format=torch.contiguous_format) and set channels_last again after "
+                f"loading; nothing written to {os.fspath(path)!r}")
     desc = _describe(model)
     fn_names = {id(fn): name for name, fn in SAVABLE_FUNCTIONS.items()}
     meta = _encode(dict(metadata or {}), "metadata", {}) if metadata is not None else None

@@ -45,7 +45,7 @@ from .. import formulas
 from . import cupy_backend, native_backend, torch_backend
 from .torch_backend import time_mean
 
-__all__ = ["BACKENDS", "check_backend", "set_backend", "get_backend", "use_backend", "resolve_backend", "fire",
+__all__ = ["BACKENDS", "INFERENCE_ONLY", "inference_only", "check_backend", "set_backend", "get_backend", "use_backend", "resolve_backend", "fire",
            "count", "time_mean", "check_steps", "overwrites_in_one_pass", "fire_op", "fire_inplace_op",
            "fire_checked_op", "fire_checked_inplace_op", "NaNMeanError"]
 
@@ -223,11 +223,30 @@ def _fire_setup_context(ctx, inputs, output):
     pass
 
 
+INFERENCE_ONLY = ("ParallelConversionNode is an inference-only operator: its spikes are a step function "
+                  "of the input and have no useful gradient. Train the ANN (QCFS/ReLU) and convert it.")
+
+
 def _fire_backward(ctx, grad):
-    raise RuntimeError(
-        "ParallelConversionNode is an inference-only operator: its spikes are a step function "
-        "of the input and have no useful gradient. Train the ANN (QCFS/ReLU) and convert it."
-    )
+    raise RuntimeError(INFERENCE_ONLY)
+
+
+class _InferenceOnly(torch.autograd.Function):
+    """The identity, whose backward raises as the spike operator's does."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(INFERENCE_ONLY)
+
+
+def inference_only(x: torch.Tensor) -> torch.Tensor:
+    """``x``, marked so that a backward through it raises: the count domain's floor would
+    otherwise pass zero gradients silently where the spike level raises."""
+    return _InferenceOnly.apply(x) if x.requires_grad else x
 
 
 for _name, _inplace, _checked in (("fire", False, False), ("fire_", True, False), ("fire_checked", False, True),
