@@ -64,6 +64,14 @@ def check_input(x: Any, where: str = "the first calibration batch") -> torch.Ten
                         "(e.g. images scaled to [0, 1] and normalised as for the ANN)")
     if x.dim() < 2 or x.shape[0] < 1:
         raise ValueError(f"{where} has shape {tuple(x.shape)}; expected [N, ...] with a batch axis")
+    if x.device.type != "meta":
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            # Calibration turns activations into thresholds and shifts: one NaN or inf pixel
+            # would end as a non-finite parameter far from here, or, where a candidate is
+            # discarded, in a network chosen by corrupted scores.
+            raise ValueError(f"{where} holds {bad} NaN or infinite value(s) of {x.numel()}; calibrate on "
+                             "finite inputs")
     return x
 
 
@@ -93,6 +101,7 @@ class CalibrationData:
         self._cache: List[torch.Tensor] = []
         self._cache_bytes = 0
         self._exhausted = False
+        self._full_passes = 0  # passes of a re-iterable loader read to its end
 
     def _one_shot_next(self) -> Optional[torch.Tensor]:
         if self._exhausted or (self.num_batches is not None and len(self._cache) >= self.num_batches):
@@ -133,10 +142,18 @@ class CalibrationData:
                 yield x
                 i += 1
         else:
+            i = -1
             for i, batch in enumerate(self.loader):
                 if self.num_batches is not None and i >= self.num_batches:
                     return
                 yield check_input(extract_input(batch), f"calibration batch {i}")
+            if i < 0 and self._full_passes:
+                raise ValueError(
+                    f"the calibration loader ({type(self.loader).__name__}) yielded batches on an earlier pass and "
+                    "none on this one: it can be read only once (a DataLoader over a streaming dataset, say), and "
+                    "conversion reads it more than once; pass a list of batches or a generator, which is read "
+                    "once and kept")
+            self._full_passes += 1
 
     def __len__(self) -> int:
         if self.one_shot:

@@ -65,7 +65,8 @@ class LearnedCalibration:
             the default), ``"mse"`` (squared error of the logits) or ``"kl+sites"`` (KL plus the
             normalised squared error of every site's output against the ANN's activation there,
             weighted by ``site_weight``, which guides deep networks layer by layer as block-wise
-            reconstruction does).
+            reconstruction does; ``scope="network"`` only). With ``scope="blocks"`` it is the loss
+            of the last block (the logits); the other blocks are fitted by squared error.
         site_weight: weight of the per-site terms of ``"kl+sites"``.
         temperature: both softmaxes of the KL loss divide the logits by it, and the loss is
             multiplied by its square (:func:`distillation_kl`). Softened targets carry the ANN's
@@ -166,6 +167,9 @@ class LearnedCalibration:
             raise ValueError(f"{name}.loss must be one of {LOSSES}, got {self.loss!r}")
         if self.scope not in SCOPES:
             raise ValueError(f"{name}.scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.loss == "kl+sites" and self.scope == "blocks":
+            raise ValueError(f"{name}.loss='kl+sites' needs scope='network': block by block, every block is "
+                             "already fitted to the ANN's activations at its end")
         if not (isinstance(self.mix, (int, float)) and not isinstance(self.mix, bool) and 0 <= self.mix < 1):
             raise ValueError(f"{name}.mix must be a number in [0, 1), got {self.mix!r}")
         if self.start not in STARTS:
@@ -310,6 +314,10 @@ def split_images(batches: Sequence[torch.Tensor], fraction: float) -> Tuple[List
     """
     if not batches:
         raise ValueError("no calibration batch to split")
+    shapes = sorted({tuple(b.shape[1:]) for b in batches})
+    if len(shapes) > 1:
+        raise ValueError(f"the calibration batches hold inputs of {len(shapes)} shapes ({shapes[0]}, {shapes[1]}, ...); "
+                         "learned, distill and auto keep the images in one tensor: give inputs of one shape")
     images = torch.cat(list(batches))
     n = images.shape[0]
     if n < 2:
@@ -617,9 +625,12 @@ def _fit_block(block: nn.Module, groups: List[Dict], q_in: torch.Tensor, a_in: t
         g["peak"] = g["lr"]
     opt = torch.optim.Adam(groups)
 
-    def error(out: torch.Tensor, ref: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        if last:
-            return _kl(ref, out, "batchmean" if reduction == "mean" else "sum")
+    def error(out: torch.Tensor, ref: torch.Tensor, reduction: str = "mean", fitting: bool = False) -> torch.Tensor:
+        # The head (whose output is the logits) is fitted with the options' loss; the held-out
+        # score that steers every fit is the plain KL, as in the whole-network fit.
+        if last and not (fitting and options.loss == "mse"):
+            tau = options.temperature if fitting else 1.0
+            return _kl(ref / tau, out / tau, "batchmean" if reduction == "mean" else "sum") * tau ** 2
         err = F.mse_loss(out.float(), ref.float(), reduction="none").flatten(1).mean(1)
         return err.mean() if reduction == "mean" else err.sum()
 
@@ -645,7 +656,7 @@ def _fit_block(block: nn.Module, groups: List[Dict], q_in: torch.Tensor, a_in: t
         if options.mix > 0 and not first:
             keep_ann = torch.rand(x.shape, generator=gen).to(x.device) < options.mix
             x = torch.where(keep_ann, a_in[idx], x)
-        loss = error(block(x), target[idx])
+        loss = error(block(x), target[idx], fitting=True)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         _average_gradients(params, reducer, world)

@@ -77,15 +77,19 @@ class MaxObserver(nn.Module):
     def to_clip_relu(self, eps: float = 1e-4, site: Optional[str] = None) -> ClipReLU:
         """ClipReLU with the recorded maxima; dead channels (max 0) get ``eps`` so theta stays positive.
 
-        Raises ``ValueError`` when a recorded maximum is NaN: the network produced NaN activations
-        on the calibration data, and the converted neurons (which do not check for NaN at run time
-        by default) would silently stay silent there.
+        Raises ``ValueError`` naming the site when a recorded maximum is NaN (the network produced
+        NaN activations on the calibration data, and the converted neurons, which do not check for
+        NaN at run time by default, would silently stay silent there) or infinite.
         """
         if self.max_val.numel() == 0:
             raise RuntimeError("MaxObserver saw no data: the calibration loader yielded no batch")
+        where = f" at activation site {site!r}" if site else ""
         if bool(torch.isnan(self.max_val).any()):
-            where = f" at activation site {site!r}" if site else ""
             raise ValueError(f"NaN activations{where} on the calibration data: check the model and the inputs")
+        if bool(torch.isinf(self.max_val).any()):
+            # A threshold must be finite: say where, rather than leave it to ClipReLU's check.
+            raise ValueError(f"infinite activations{where} on the calibration data: check the model's weights "
+                             "and the inputs")
         return ClipReLU(torch.clamp(self.max_val, min=eps), channel_dim=self.channel_dim)
 
 

@@ -59,6 +59,11 @@ SHARED_PASS = ("ema", "mse")
 AUTO_FIT = "distill"
 #: Calibration images on which the traced graph is compared with the model (tracing.check_trace).
 TRACE_CHECK_IMAGES = 32
+#: Most input bytes per batch of the Algorithm 1 pass inside learned, distill and auto, which run
+#: it on their fitting images, and of their scoring of held-out and selection images: as one batch
+#: where they fit in this (1,024 CIFAR images are 12 MiB), else in batches that do, so that large
+#: images cannot make one activation tensor of gigabytes.
+ALGORITHM_1_BATCH_BYTES = 64 << 20
 #: Seed of the partners of ``auto``'s selection blends.
 SELECTION_SEED = 20250713
 
@@ -121,7 +126,8 @@ class CalibrationSettings:
 
     Args:
         calibrate: calibrate the neurons at ``T``; ``None`` (default) does so exactly when the
-            case needs it (always for ReLU networks, for QCFS networks when ``T != L``).
+            case needs it (always for ReLU networks, for QCFS networks when ``T != L``). ``False``
+            takes no ``method`` other than the default (the recipe refuses one).
         num_batches: at most this many calibration batches per pass.
         alpha: EMA momentum of Algorithm 1 (paper: 0.99 over one epoch).
         bias_correction: divide the EMAs by ``1 - alpha**n`` (see :class:`~.observers.DACalibrator`).
@@ -162,10 +168,14 @@ class CalibrationSettings:
             raise ValueError(f"num_batches must be None or an integer >= 1, got {self.num_batches!r}")
         if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha < 1.0 and math.isfinite(self.alpha)):
             raise ValueError(f"alpha must be a number in [0, 1), got {self.alpha!r}")
-        for name in ("learned", "distill"):
+        if not isinstance(self.bias_correction, bool):
+            raise ValueError(f"bias_correction must be True or False, got {self.bias_correction!r}")
+        # The options' class is what decides whether weights are fitted block by block: one passed
+        # for the other method would run that method under this one's name.
+        for name, cls in (("learned", LearnedCalibration), ("distill", DistillCalibration)):
             value = getattr(self, name)
-            if not isinstance(value, LearnedCalibration):
-                raise TypeError(f"{name} must be a LearnedCalibration, got {type(value).__name__}")
+            if not isinstance(value, cls) or (cls is LearnedCalibration and isinstance(value, DistillCalibration)):
+                raise TypeError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")
             value.check()
         _fraction("selection_fraction", self.selection_fraction)
         if isinstance(self.selection_blends, bool) or not isinstance(self.selection_blends, int) \
@@ -311,6 +321,8 @@ class ParallelConversionRecipe(FXConversionRecipe):
                 check_T("default_T", self.default_T)
         else:
             check_T("T", self.T)
+            if self.default_T is not None:
+                raise ValueError(f"default_T={self.default_T!r} applies only to a per-layer T dict, not to T={self.T!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.method not in METHODS:
@@ -320,6 +332,9 @@ class ParallelConversionRecipe(FXConversionRecipe):
             if not isinstance(value, kind):
                 raise TypeError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
             value.check()
+        if self.calibration.calibrate is False and self.method != "auto":
+            raise ValueError(f"method={self.method!r} does not apply with CalibrationSettings(calibrate=False): "
+                             "nothing is calibrated (leave method at its default)")
 
     def T_of(self, site: str) -> int:
         """Time steps of the activation site ``site``."""
@@ -472,6 +487,10 @@ class ParallelConversionRecipe(FXConversionRecipe):
                                                         self.progress), opts.max_images)
         select: Optional[list] = None
         if self.method == "auto":
+            total = sum(int(x.shape[0]) for x in images)
+            if total < 3:
+                raise ValueError(f"the calibration data holds {total} image(s); method='auto' needs at least 3 "
+                                 "(selection, fitting and held-out images)")
             images, select = split_images(images, self.calibration.selection_fraction)
         fit, stop = split_images(images, opts.holdout)
         logger.info("calibration: %d images read (%.1f s)", sum(int(x.shape[0]) for x in images) +
@@ -489,6 +508,7 @@ class ParallelConversionRecipe(FXConversionRecipe):
             judged = with_blends(torch.cat(list(select)), self.calibration.selection_blends, SELECTION_SEED)
             blended = int(judged.shape[0]) - plain
             judge = list(torch.split(judged, max(1, plain)))
+        judge = _bounded(judge)
         with torch.no_grad():
             judge_ref = [self._reference(x.to(dev)) for x in judge]
 
@@ -507,7 +527,7 @@ class ParallelConversionRecipe(FXConversionRecipe):
                 continue
             group = [name] + [n for n in cheap if name in SHARED_PASS and n in SHARED_PASS and n != name
                               and n not in skipped]
-            for built, (candidate, spent) in self._cheap_together(group, fx_model, fit, dev).items():
+            for built, (candidate, spent) in self._cheap_together(group, fx_model, _bounded(fit), dev).items():
                 candidates[built], seconds[built] = candidate, spent
             if self.method != "auto":
                 continue
@@ -582,6 +602,15 @@ class ParallelConversionRecipe(FXConversionRecipe):
         fx_model.calibration_report = self.report
         self._data = None
         return fx_model
+
+
+def _bounded(batches: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """``batches`` cut where one holds more than :data:`ALGORITHM_1_BATCH_BYTES` of input."""
+    out = []
+    for b in batches:
+        per_image = max(1, b[:1].numel() * b.element_size())
+        out.extend(torch.split(b, max(1, ALGORITHM_1_BATCH_BYTES // per_image)))
+    return out
 
 
 def check_model_arity(ann: nn.Module) -> None:

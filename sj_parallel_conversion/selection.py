@@ -174,7 +174,7 @@ class CalibrationReport:
     @property
     def label(self) -> str:
         """The calibration in the model, with the method that chose it: ``"distill"``,
-        ``"ema (auto)"``, ``"none (auto)"``, ``"learned (fell back to its start)"``."""
+        ``"ema (auto)"``, ``"none (auto)"``, ``"learned fell back to its start"``."""
         fell_back = bool(self.learned and self.learned.get("fell_back")) and self.method in ("learned", "distill")
         text = self.method + (" (auto)" if self.requested == "auto" else "")
         return text + (" fell back to its start" if fell_back else "")

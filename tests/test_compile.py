@@ -104,7 +104,32 @@ def test_compile_inductor_resnet20_equals_eager():
 
 def test_nan_calibration_activations_are_rejected_at_conversion():
     # The node does not check for NaN at run time by default (no host sync); conversion does.
-    calib = _x(16, 1)
-    calib[3, 0, 5, 5] = float("nan")
+    # Finite images, a NaN weight.
+    ann = _cnn()
+    with torch.no_grad():
+        ann[0].weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN activations at activation site '2'"):
-        ParallelConverter("parallel", T=4, dataloader=[calib], progress=False, method="ema").convert(_cnn())
+        ParallelConverter("parallel", T=4, dataloader=[_x(16, 1)], progress=False, method="ema").convert(ann)
+    # An infinite weight where no zero meets it (no padding): infinite, not NaN, activations.
+    ann = _cnn()
+    ann[0].padding = (0, 0)
+    with torch.no_grad():
+        ann[0].weight.abs_()
+        ann[0].weight[:, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="infinite activations at activation site '2'"):
+        ParallelConverter("parallel", T=4, dataloader=[_x(16, 1).abs()], progress=False, method="ema").convert(ann)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("method", ["ema", "mse", "distill", "auto"])
+def test_calibration_images_with_nan_or_inf_are_refused_naming_the_batch(value, method):
+    # A QCFS network at T != L has no threshold recording (where a ReLU network's NaN check
+    # sits): the images themselves are checked as each batch is read, before any fit.
+    from sj_parallel_conversion import QCFS
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), QCFS(L=4, theta=1.0), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(8, 10)).eval()
+    batches = [_x(16, 1), _x(16, 2)]
+    batches[1][3, 0, 5, 5] = value
+    with pytest.raises(ValueError, match=r"calibration batch 1 holds 1 NaN or infinite value\(s\) of 12288"):
+        ParallelConverter("parallel", T=8, dataloader=batches, progress=False, method=method).convert(ann)

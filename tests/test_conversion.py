@@ -13,6 +13,7 @@ from sj_parallel_conversion import (
     CalibrationSettings,
     ClipReLU,
     DistillCalibration,
+    LearnedCalibration,
     GraphConversionError,
     NetworkSettings,
     ParallelConversionNode,
@@ -356,6 +357,14 @@ def test_recipe_settings_are_checked_where_they_are_grouped():
         ParallelConversionRecipe(4, calibration=NetworkSettings())
     with pytest.raises(TypeError, match="learned must be a LearnedCalibration"):
         ParallelConversionRecipe(4, calibration=CalibrationSettings(learned={"steps": 3}))
+    # One method's options given for the other would run that method under this one's name.
+    with pytest.raises(TypeError, match="learned must be a LearnedCalibration, got DistillCalibration"):
+        ParallelConversionRecipe(4, calibration=CalibrationSettings(learned=DistillCalibration()))
+    with pytest.raises(TypeError, match="distill must be a DistillCalibration, got LearnedCalibration"):
+        ParallelConversionRecipe(4, calibration=CalibrationSettings(distill=LearnedCalibration()))
+    for value in ("no", None, 1):
+        with pytest.raises(ValueError, match="bias_correction must be True or False"):
+            ParallelConversionRecipe(4, calibration=CalibrationSettings(bias_correction=value))
     with pytest.raises(TypeError, match="unexpected keyword argument 'alpha'"):
         ParallelConversionRecipe(4, alpha=0.9)  # the settings are grouped, not flat keywords
     assert NetworkSettings(analog_sites=["relu"]).analog_sites == ("relu",)
@@ -561,3 +570,43 @@ def test_analog_sites_stay_relu_and_must_precede_all_spiking_sites():
         ParallelConverter("parallel", T=8, dataloader=ExplodingLoader(), network=NetworkSettings(analog_sites=["4"])).convert(ann)
     with pytest.raises(ValueError, match="not an activation site"):
         ParallelConverter("parallel", T=8, dataloader=ExplodingLoader(), network=NetworkSettings(analog_sites=["0"])).convert(ann)
+
+
+def test_settings_that_would_be_ignored_are_refused():
+    with pytest.raises(ValueError, match="method='ema' does not apply with CalibrationSettings\\(calibrate=False\\)"):
+        ParallelConversionRecipe(4, method="ema", calibration=CalibrationSettings(calibrate=False))
+    ParallelConversionRecipe(4, calibration=CalibrationSettings(calibrate=False))  # the default method
+    with pytest.raises(ValueError, match="default_T=8 applies only to a per-layer T dict"):
+        ParallelConversionRecipe(4, default_T=8)
+
+
+def test_calibration_inputs_the_fits_cannot_hold_are_refused_clearly():
+    ann = CoverageNet(nn.ReLU).eval()
+    two = [torch.randn(2, 3, 16, 16)]
+    with pytest.raises(ValueError, match="holds 2 image\\(s\\); method='auto' needs at least 3"):
+        ParallelConverter("parallel", T=4, dataloader=two, progress=False).convert(ann)
+    mixed = [torch.randn(8, 3, 16, 16), torch.randn(8, 3, 20, 20)]
+    with pytest.raises(ValueError, match="inputs of 2 shapes \\(\\(3, 16, 16\\), \\(3, 20, 20\\)"):
+        ParallelConverter("parallel", T=4, dataloader=mixed, progress=False, method="distill").convert(ann)
+
+
+class _Stream:
+    """Like a DataLoader over a streaming dataset: every iterator continues where the last stopped."""
+
+    def __init__(self, batches):
+        self.left = list(batches)
+
+    def __iter__(self):
+        while self.left:
+            yield self.left.pop(0)
+
+
+def test_a_loader_that_can_be_read_only_once_is_named_as_such():
+    batches = [torch.randn(8, 3, 16, 16) for _ in range(4)]
+    with pytest.raises(ValueError, match="yielded batches on an earlier pass and none on this one: it can be read "
+                                         "only once"):
+        ParallelConverter("parallel", T=4, dataloader=_Stream(batches), progress=False,
+                          method="ema").convert(CoverageNet(nn.ReLU).eval())
+    # The same batches as a generator are read once and kept.
+    ParallelConverter("parallel", T=4, dataloader=(b for b in batches), progress=False,
+                      method="ema").convert(CoverageNet(nn.ReLU).eval())

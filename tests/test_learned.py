@@ -922,3 +922,47 @@ def test_each_phase_of_a_fit_is_one_log_line_with_its_elapsed_time_without_a_ter
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     for phase in phases:
         assert sum(bool(re.match(phase, line)) for line in lines) == 1, (phase, lines)
+
+
+def test_block_fits_train_the_head_with_the_options_loss_and_temperature():
+    # The options used to be accepted and ignored block by block: the three fits were bit for bit
+    # the same. Now the head (the last block, whose output is the logits) follows them.
+    heads = {}
+    for name, extra in (("kl", {}), ("kl, tau 4", dict(temperature=4.0)), ("mse", dict(loss="mse")),
+                        ("kl, explicit", dict(loss="kl", temperature=1.0))):
+        opts = DistillCalibration(steps=6, eval_every=100, batch_size=32, views=0, **extra)
+        snn = ParallelConverter("parallel", T=2, dataloader=_batches(), progress=False, method="distill",
+                                calibration=CalibrationSettings(distill=opts)).convert(_net())
+        heads[name] = [m for m in snn.modules() if isinstance(m, nn.Linear)][-1].weight
+    assert torch.equal(heads["kl"], heads["kl, explicit"])
+    assert not torch.equal(heads["kl"], heads["kl, tau 4"]) and not torch.equal(heads["kl"], heads["mse"])
+    with pytest.raises(ValueError, match="kl\\+sites' needs scope='network'"):
+        DistillCalibration(loss="kl+sites").check()
+
+
+def test_the_algorithm_1_pass_of_a_fit_is_cut_where_its_images_exceed_the_byte_bound(monkeypatch):
+    from sj_parallel_conversion import recipe as recipe_mod
+
+    sizes = []
+    conv2d = torch.nn.functional.conv2d
+
+    def recording(x, *args, **kw):
+        sizes.append(x.shape[0])
+        return conv2d(x, *args, **kw)
+
+    def largest_batch(bound):
+        monkeypatch.setattr(recipe_mod, "ALGORITHM_1_BATCH_BYTES", bound)
+        opts = LearnedCalibration(steps=2, eval_every=100, batch_size=4, views=0, start="ema")
+        monkeypatch.setattr(torch.nn.functional, "conv2d", recording)
+        sizes.clear()
+        ParallelConverter("parallel", T=2, dataloader=list(torch.cat(_batches()).split(6)), progress=False,
+                          method="learned",
+                          calibration=CalibrationSettings(learned=opts)).convert(_net())
+        monkeypatch.setattr(torch.nn.functional, "conv2d", conv2d)
+        return max(sizes)
+
+    image = 3 * 8 * 8 * 4  # bytes of one float32 input image
+    # 192 images in batches of 6, 153 of them fitted: one batch of both streams (306) by default,
+    # whatever the loader's batches; at most 2 x 6 once the bound is 6 images.
+    assert largest_batch(recipe_mod.ALGORITHM_1_BATCH_BYTES) >= 2 * 153
+    assert largest_batch(6 * image) <= 2 * 6
