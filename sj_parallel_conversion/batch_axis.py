@@ -12,6 +12,7 @@ from typing import List
 import torch
 from torch import fx
 
+from .fx_nodes import module_device
 from .graph_errors import GraphConversionError, GraphProblem, describe, owner_path
 from .validation import BATCH_AXIS_HINT, TENSOR, value_kinds
 
@@ -50,7 +51,7 @@ def check_batch_axis(gm: fx.GraphModule, x: torch.Tensor) -> None:
     # Two different images (the first one and its negation where the batch has one): a batch of 1
     # would hide an op that merges the batch into another axis.
     x = x[:3] if x.shape[0] >= 2 else torch.cat([x[:1], -x[:1]])
-    where = next((t.device for t in gm.parameters()), None) or next((t.device for t in gm.buffers()), x.device)
+    where = module_device(gm, x.device)
     checker = _BatchAxisChecker(gm, x.shape[0])
     with torch.no_grad():
         checker.run(x.to(where))

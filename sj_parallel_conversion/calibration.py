@@ -13,6 +13,7 @@ the per-channel historical maxima, paper 4.2) is the recipe's own ``insert_obser
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
@@ -101,7 +102,8 @@ class CalibrationData:
         self._cache: List[torch.Tensor] = []
         self._cache_bytes = 0
         self._exhausted = False
-        self._full_passes = 0  # passes of a re-iterable loader read to its end
+        self._pass_lengths: List[int] = []  # batches of each pass of a re-iterable loader read to its end
+        self._first_read = False  # first() read a batch
 
     def _one_shot_next(self) -> Optional[torch.Tensor]:
         if self._exhausted or (self.num_batches is not None and len(self._cache) >= self.num_batches):
@@ -128,6 +130,7 @@ class CalibrationData:
             x = self._cache[0] if self._cache else self._one_shot_next()
         else:
             x = next((extract_input(b) for b in self.loader), None)
+            self._first_read = x is not None
         if x is None:
             raise ValueError("the calibration data yielded no batch")
         return check_input(x)
@@ -142,18 +145,20 @@ class CalibrationData:
                 yield x
                 i += 1
         else:
-            i = -1
-            for i, batch in enumerate(self.loader):
-                if self.num_batches is not None and i >= self.num_batches:
-                    return
+            # islice: a pass capped at num_batches fetches no batch beyond them.
+            n = 0
+            for i, batch in enumerate(itertools.islice(self.loader, self.num_batches)):
+                n += 1
                 yield check_input(extract_input(batch), f"calibration batch {i}")
-            if i < 0 and self._full_passes:
+            # A pass read to its end: every pass of a re-iterable loader yields as many batches.
+            first = self._pass_lengths[0] if self._pass_lengths else (1 if self._first_read else 0)
+            if n < first:
                 raise ValueError(
-                    f"the calibration loader ({type(self.loader).__name__}) yielded batches on an earlier pass and "
-                    "none on this one: it can be read only once (a DataLoader over a streaming dataset, say), and "
-                    "conversion reads it more than once; pass a list of batches or a generator, which is read "
-                    "once and kept")
-            self._full_passes += 1
+                    f"the calibration loader ({type(self.loader).__name__}) yielded {first} batch(es) on an earlier "
+                    f"pass and {n} on this one: it can be read only once (a DataLoader over a streaming dataset, "
+                    "say), and conversion reads it more than once; pass a list of batches or a generator, which "
+                    "is read once and kept")
+            self._pass_lengths.append(n)
 
     def __len__(self) -> int:
         if self.one_shot:

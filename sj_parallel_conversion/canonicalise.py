@@ -201,10 +201,10 @@ def _inplace_flag(node: fx.Node) -> bool:
     return bound.arguments.get("inplace") is True
 
 
-def _writes_in_place(node: fx.Node, modules: Dict[str, nn.Module], static: set) -> bool:
+def _writes_in_place(node: fx.Node, modules: Dict[str, nn.Module], shapes: set) -> bool:
     """Whether ``node`` writes its result into its first operand (a tensor of the graph)."""
-    if not node.args or not isinstance(node.args[0], fx.Node) or node.args[0] in static:
-        return False  # shape arithmetic: ints are immutable, and `n += 1` rebinds
+    if not node.args or not isinstance(node.args[0], fx.Node) or node.args[0] in shapes:
+        return False  # shape values are Python numbers: nothing to write into
     if node.op == "call_module":
         return getattr(modules[node.target], "inplace", False) is True
     if node.op == "call_method":
@@ -235,11 +235,11 @@ def resolve_in_place(gm: fx.GraphModule) -> None:
     effect on the other tensor is not visible in the graph.
     """
     modules = dict(gm.named_modules())
-    static = static_nodes(gm)
+    shapes = static_nodes(gm, attributes=False)
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     for node in nodes:
-        if not _writes_in_place(node, modules, static):
+        if not _writes_in_place(node, modules, shapes):
             continue
         target = node.args[0]
         # Every tensor sharing memory with target: up through the ops it is an alias of, then down
@@ -253,12 +253,17 @@ def resolve_in_place(gm: fx.GraphModule) -> None:
             if n in shared or n is node:
                 continue
             shared.add(n)
-            stack.extend(u for u in n.users if _returns_alias(u, modules))
+            # Views of target taken after the write read the written values (they are pointed at
+            # the write below); views of the other tensors sharing its memory do not.
+            stack.extend(u for u in n.users if _returns_alias(u, modules)
+                         and not (n is target and order[u] > order[node]))
         seen_later = [n for n in shared if n is not target and any(order[u] > order[node] for u in n.users)]
         if seen_later:
             # Rewrites below may turn the node into a module call: keep what the model wrote.
+            name = getattr(node.target, "__name__", str(node.target))
             written = (f"{type(modules[node.target]).__name__}(inplace=True)" if node.op == "call_module"
-                       else getattr(node.target, "__name__", str(node.target)))
+                       else f"{name}(..., inplace=True)" if node.op == "call_function" and _inplace_flag(node)
+                       else name)
             node.meta["sjpc_in_place_alias"] = (written, seen_later[0].name)
             continue
         for user in [u for u in target.users if u is not node and order[u] > order[node]]:
@@ -330,18 +335,22 @@ def views_to_reshapes(gm: fx.GraphModule) -> None:
             node.meta["sjpc_written_as"] = "view"  # error messages show what the user wrote
 
 
-def static_nodes(gm: fx.GraphModule) -> set:
-    """Nodes whose value is the same at every time step: parameters, shapes and arithmetic on them."""
+def static_nodes(gm: fx.GraphModule, attributes: bool = True) -> set:
+    """Nodes whose value is the same at every time step: parameters, shapes and arithmetic on them
+    (``attributes=False``: shapes and arithmetic on them only, the values that are not tensors)."""
     static = set()
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            static.add(node)
+            if attributes:
+                static.add(node)
         elif node.op == "call_method" and node.target in _STATIC_METHODS:
             static.add(node)
         elif node.op == "call_function" and node.target is builtins.getattr:
-            static.add(node)
+            if attributes or node.args[1] in ("shape", "ndim", "dtype", "device"):  # x.T is a tensor
+                static.add(node)
         elif node.op in ("call_function", "call_method") and all(i in static for i in node.all_input_nodes):
-            static.add(node)
+            if attributes or node.all_input_nodes:  # torch.ones(...) makes a tensor from nothing
+                static.add(node)
     return static
 
 

@@ -1,14 +1,15 @@
-"""Reading and rewriting single ``torch.fx`` nodes, for the graph passes."""
+"""Reading and rewriting single ``torch.fx`` nodes, for the graph passes, and where a module runs."""
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn as nn
 from torch import fx
 
 from .graph_errors import owner_prefix
 
-__all__ = ["arg", "literal_int", "replace_by_module"]
+__all__ = ["arg", "literal_int", "module_device", "replace_by_module"]
 
 
 def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -45,3 +46,12 @@ def replace_by_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, base
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     return new
+
+
+def module_device(module: nn.Module, default: torch.device) -> torch.device:
+    """The device of ``module``'s first parameter, else of its first buffer, else ``default``:
+    where the checks that run a model on calibration images send the images."""
+    t = next(module.parameters(), None)
+    if t is None:
+        t = next(module.buffers(), None)
+    return default if t is None else t.device

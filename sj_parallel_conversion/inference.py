@@ -65,7 +65,8 @@ class CountDomainNeuron(nn.Module):
 def count_domain_model(snn: nn.Module) -> nn.Module:
     """The count-domain form of a converted network: ``[N, ...]`` input, time-mean output, one pass.
 
-    Returns a new module (a copy: parameters and buffers are copied, ``snn`` is not modified;
+    Returns a new module (a copy: parameters and buffers are copied, and need no gradient: a
+    backward from an input that requires one raises, as at spike level; ``snn`` is not modified;
     forward hooks registered on ``snn``'s modules, SpikingJelly monitors included, are copied too
     and fire in the count domain: build it, or call :func:`count_inference`, before attaching
     monitors or after removing them) in which every :class:`ParallelConversionNode` is a :class:`CountDomainNeuron` computing
@@ -89,6 +90,9 @@ def count_domain_model(snn: nn.Module) -> nn.Module:
         raise ValueError(f"count_domain_model: the model holds spiking neurons other than "
                          f"ParallelConversionNode ({', '.join(others)}); it has no count domain")
     model = copy.deepcopy(snn)
+    # Inference only, as the spiking network is: with no parameter asking for gradients a
+    # compiled forward needs no backward, and one through an input that asks raises.
+    model.requires_grad_(False)
     identities = module_types(lambda p: p.mean_identity)
     # Collect first, replace after: replacing while iterating named_modules would skip siblings.
     swaps = []

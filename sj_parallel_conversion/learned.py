@@ -358,13 +358,15 @@ def _kl(ref: torch.Tensor, out: torch.Tensor, reduction: str = "batchmean") -> t
                     reduction=reduction)
 
 
-def distillation_kl(ref: torch.Tensor, out: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """``temperature**2 * KL(softmax(ref / temperature) || softmax(out / temperature))``, mean over the batch.
+def distillation_kl(ref: torch.Tensor, out: torch.Tensor, temperature: float = 1.0,
+                    reduction: str = "batchmean") -> torch.Tensor:
+    """``temperature**2 * KL(softmax(ref / temperature) || softmax(out / temperature))``, the mean over
+    the batch (``reduction="batchmean"``) or the sum (``"sum"``).
 
     ``ref`` and ``out`` are logits ``[N, classes]`` (the ANN's and the converted network's). The
     square keeps the gradient's scale independent of the temperature (Hinton et al., 2015).
     """
-    return _kl(ref / temperature, out / temperature) * temperature ** 2
+    return _kl(ref / temperature, out / temperature, reduction) * temperature ** 2
 
 
 @torch.no_grad()
@@ -629,8 +631,8 @@ def _fit_block(block: nn.Module, groups: List[Dict], q_in: torch.Tensor, a_in: t
         # The head (whose output is the logits) is fitted with the options' loss; the held-out
         # score that steers every fit is the plain KL, as in the whole-network fit.
         if last and not (fitting and options.loss == "mse"):
-            tau = options.temperature if fitting else 1.0
-            return _kl(ref / tau, out / tau, "batchmean" if reduction == "mean" else "sum") * tau ** 2
+            return distillation_kl(ref, out, options.temperature if fitting else 1.0,
+                                   "batchmean" if reduction == "mean" else "sum")
         err = F.mse_loss(out.float(), ref.float(), reduction="none").flatten(1).mean(1)
         return err.mean() if reduction == "mean" else err.sum()
 

@@ -36,6 +36,7 @@ from .augment import with_blends
 from .graph import activation_sites, check_batch_axis, keep_analog, prepare_graph, to_multistep
 from .joins import insert_time_joins
 from .learned import BlockCacheTooLarge, DistillCalibration, LearnedCalibration, held_out_score, learn_calibration, split_images, take_images
+from .fx_nodes import module_device
 from .network import as_converted_network
 from .neuron import ParallelConversionNode
 from .observers import MaxObserver
@@ -170,8 +171,8 @@ class CalibrationSettings:
             raise ValueError(f"alpha must be a number in [0, 1), got {self.alpha!r}")
         if not isinstance(self.bias_correction, bool):
             raise ValueError(f"bias_correction must be True or False, got {self.bias_correction!r}")
-        # The options' class is what decides whether weights are fitted block by block: one passed
-        # for the other method would run that method under this one's name.
+        # Each method's options class carries its defaults (distill's weight rate and blocks): the
+        # other class given for it would run the other method's defaults under this one's name.
         for name, cls in (("learned", LearnedCalibration), ("distill", DistillCalibration)):
             value = getattr(self, name)
             if not isinstance(value, cls) or (cls is LearnedCalibration and isinstance(value, DistillCalibration)):
@@ -384,7 +385,6 @@ class ParallelConversionRecipe(FXConversionRecipe):
                 "calibrates DA-QCFS because T differs from the QCFS level L"
             raise ValueError(f"ParallelConversionRecipe {why}: pass dataloader=... with calibration data")
         self.case = case
-        fx_model = fx_model.to(converter.device)
         ann, self._ann = self._ann, None
         if case.calibrate or case.record_max:
             # Data is read only once the graph is known to convert: a refused model costs no
@@ -392,10 +392,13 @@ class ParallelConversionRecipe(FXConversionRecipe):
             self._data = calibration.CalibrationData(self.dataloader, self.calibration.num_batches)
             first = self._data.first()
             check_model_input(fx_model, first, self._ann_name)
-            # Before folding BatchNorm, which changes rounding: the graph must then match the model.
+            # Before folding BatchNorm, which changes rounding, and before the move to the
+            # converter's device, which would move the modules the graph shares with the ANN
+            # and not the ANN's own buffers: the graph must then match the model where it is.
             check_trace(ann, fx_model, first[:TRACE_CHECK_IMAGES], self._ann_name)
             # What the static graph check took on trust (a leading -1, negative axes), measured.
             check_batch_axis(fx_model, first)
+        fx_model = fx_model.to(converter.device)
         if fuse_bn if fuse_bn is not None else not lossless:
             fx_model = fold_bn(fx_model)
         return fx_model
@@ -630,7 +633,7 @@ def check_model_arity(ann: nn.Module) -> None:
 def check_model_input(model: nn.Module, x: torch.Tensor, name: str) -> None:
     """Before calibrating: the (traced) model runs on one calibration image."""
     # Run where the weights are: the converter may have moved the traced copy.
-    where = next((t.device for t in model.parameters()), None) or next((t.device for t in model.buffers()), x.device)
+    where = module_device(model, x.device)
     try:
         with torch.no_grad():
             model(x[:1].to(where))

@@ -538,12 +538,14 @@ def save_snn(model: nn.Module, path: Union[str, "os.PathLike[str]"], metadata: O
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_snn expects an nn.Module, got {type(model).__name__}")
     for key, value in model.state_dict().items():
-        if torch.is_tensor(value) and not value.is_contiguous():
+        # Strides, not is_contiguous(): a 1x1 kernel in channels_last counts as contiguous.
+        if torch.is_tensor(value) and value.stride() != torch.empty(value.shape, device="meta").stride():
+            fix = ("save snn.to(memory_format=torch.contiguous_format) and set channels_last again after loading"
+                   if value.dim() in (4, 5) else "make it contiguous (.contiguous()) before saving")
             raise ValueError(
-                f"save_snn: state entry {key!r} is not contiguous (strides {value.stride()}, as channels_last "
-                "makes them); load_snn rebuilds contiguous tensors, with which convolutions compute other "
-                "bits: save snn.to(memory_format=torch.contiguous_format) and set channels_last again after "
-                f"loading; nothing written to {os.fspath(path)!r}")
+                f"save_snn: state entry {key!r} has strides {value.stride()}, not those of a contiguous tensor "
+                f"(channels_last makes such strides); load_snn rebuilds contiguous tensors, with which the "
+                f"network computes other bits: {fix}; nothing written to {os.fspath(path)!r}")
     desc = _describe(model)
     fn_names = {id(fn): name for name, fn in SAVABLE_FUNCTIONS.items()}
     meta = _encode(dict(metadata or {}), "metadata", {}) if metadata is not None else None

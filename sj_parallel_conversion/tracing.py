@@ -23,6 +23,7 @@ from torch import fx
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .activation import activation_call
+from .fx_nodes import module_device
 from .patterns import module_pattern
 
 __all__ = ["activation_calls_to_modules", "check_trace", "fold_bn"]
@@ -31,6 +32,8 @@ __all__ = ["activation_calls_to_modules", "check_trace", "fold_bn"]
 #: the two run the same operations (only reshapes, moved max pools and out-of-place twins differ),
 #: so anything beyond rounding is a different function.
 TRACE_TOLERANCE = 1e-4
+#: The smallest output magnitude the tolerance is taken of: an output of zeros is compared absolutely.
+TRACE_FLOOR = 1e-3
 
 def activation_calls_to_modules(gm: fx.GraphModule) -> fx.GraphModule:
     """Replace each ``activation_call(module, x)`` node by a ``call_module`` node of ``module``.
@@ -126,23 +129,36 @@ def check_trace(model: nn.Module, graph: fx.GraphModule, x: torch.Tensor, name: 
     from .graph_errors import GraphConversionError, GraphProblem
 
     def run(module: nn.Module) -> List[torch.Tensor]:
-        where = next((t.device for t in module.parameters()), x.device)
         with torch.no_grad():
             # A copy per run: an in-place write into the input must not reach the other run.
-            return [t.detach().float().cpu() for t in _tensor_leaves(module(x.clone().to(where)))]
+            out = module(x.clone().to(module_device(module, x.device)))
+        return [t.detach().float().cpu() for t in _tensor_leaves(out)]
 
     graph.eval()  # as the converted network runs: modules canonicalisation wrote start in training mode
-    expected, got = run(model), run(graph)
-    worst = 0.0
-    for a, b in zip(expected, got):
-        if a.shape != b.shape:
-            worst = float("inf")
-            break
-        scale = float(a.abs().max()) if a.numel() else 0.0
-        worst = max(worst, float((a - b).abs().max()) / max(scale, 1e-12) if a.numel() else 0.0)
-    if len(expected) != len(got) or not worst <= TRACE_TOLERANCE:
+    try:
+        expected = run(model)
+    except Exception as exc:
+        raise ValueError(f"{name} cannot run on the first calibration batch (input shape {tuple(x.shape)}, dtype "
+                         f"{x.dtype}): {type(exc).__name__}: {exc}") from exc
+    got = run(graph)
+    if [t.shape for t in expected] != [t.shape for t in got]:
+        worst = float("inf")
+        what = (f"the outputs have shapes {[tuple(t.shape) for t in got]} instead of "
+                f"{[tuple(t.shape) for t in expected]}")
+    else:
+        worst = 0.0
+        for a, b in zip(expected, got):
+            if not a.numel():
+                continue
+            # NaN where both are NaN is agreement; NaN in one only, disagreement.
+            diff = torch.where(a.isnan() & b.isnan(), torch.zeros_like(a), (a - b).abs())
+            diff = torch.nan_to_num(diff, nan=float("inf"))
+            scale = max(float(torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0).abs().max()), TRACE_FLOOR)
+            worst = max(worst, float(diff.max()) / scale)
+        what = f"the outputs differ by {worst:.3g} of their largest magnitude"
+    if not worst <= TRACE_TOLERANCE:
         msg = (f"{name} as traced by torch.fx does not compute what {name}.forward computes: on the first "
-               f"calibration batch (eval mode) the outputs differ by {worst:.3g} of their largest magnitude. "
+               f"calibration batch (eval mode) {what}. "
                "A trace records tensor operations, not which Python names share a tensor: after an in-place "
                "write such as y += h or relu_(y), a name bound to y before it (z = y) reads the old values in "
                "the trace; write the update out of place (y = y + h) or copy first (z = y.clone()). A forward "

@@ -253,7 +253,7 @@ def validate_graph(gm: fx.GraphModule) -> None:
             problem, reason = "in-place write into shared memory", (
                 f"{written} writes in place into a tensor that shares memory with '{shared}', which is "
                 "read afterwards; the converted network computes every operation out of place, so write "
-                "this one out of place (y = relu(x) rather than relu_(x), y = x + h rather than x += h)")
+                "this one out of place (y = relu(x) rather than relu_(x))")
         if problem is not None:
             problems.append(GraphProblem(node.name, problem, owner_path(node), f"{describe(node)}: {reason}"))
     if problems:

@@ -75,8 +75,10 @@ def test_compile_fullgraph_aot_eager_equals_eager():
         eager = snn(x_seq)
         compiled = torch.compile(snn, fullgraph=True, backend="aot_eager")(x_seq)
         assert eager.shape[0] == 6 and torch.equal(compiled, eager)
-        cm = count_domain_model(snn)
-        assert torch.equal(torch.compile(cm, fullgraph=True, backend="aot_eager")(x), cm(x))
+    # The count domain with gradients enabled, as a plain call runs it (snn's parameters require
+    # grad): still one graph.
+    cm = count_domain_model(snn)
+    assert torch.equal(torch.compile(cm, fullgraph=True, backend="aot_eager")(x), cm(x))
 
 
 def _compiler_missing():

@@ -603,8 +603,8 @@ class _Stream:
 
 def test_a_loader_that_can_be_read_only_once_is_named_as_such():
     batches = [torch.randn(8, 3, 16, 16) for _ in range(4)]
-    with pytest.raises(ValueError, match="yielded batches on an earlier pass and none on this one: it can be read "
-                                         "only once"):
+    with pytest.raises(ValueError, match="yielded 3 batch\\(es\\) on an earlier pass and 0 on this one: it can "
+                                         "be read only once"):
         ParallelConverter("parallel", T=4, dataloader=_Stream(batches), progress=False,
                           method="ema").convert(CoverageNet(nn.ReLU).eval())
     # The same batches as a generator are read once and kept.
