@@ -81,7 +81,12 @@ def load_tensor_file(path: PathLike, what: str = "file", map_location: Any = "cp
             AttributeError, TypeError) as exc:
         # torch.load reports truncated archives, garbage bytes and legacy-format damage through
         # many exception types; the user needs to know only that the file is unreadable.
-        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        # The first sentence of torch's reason (a cut mid-word helps nobody; "101" alone is
+        # the unpickler's invalid load key, which says the bytes are not a pickle).
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first.split(". ")[0].rstrip(".")[:200]
+        if first.isdigit():
+            first = f"not a zip archive or pickle: invalid load key {first}"
         raise FileError(f"{what} {p!r} is not a PyTorch file or is corrupt/truncated ({first})") from None
 
 

@@ -20,7 +20,7 @@ import torch
 from sj_parallel_conversion import ParallelConversionRecipe, ParallelConverter, fileio, load_user_model, save_snn
 from sj_parallel_conversion.tools import cli, data
 
-from cli_run import run_cli_line
+from cli_run import run_cli, run_cli_line
 from cli_user_models import factory, public_layout_weights, with_batchnorm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,6 +167,16 @@ def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
         assert code == 2 and pattern.replace("--out", "--json") in line, (out, line)
 
 
+@pytest.mark.parametrize("command", ["evaluate", "compare", "stats"])
+def test_a_plot_format_matplotlib_cannot_write_is_refused_before_any_work(tmp_path, capsys, command):
+    missing = tmp_path / "missing.pt"
+    for plot, why in (("c.xyz", "'.xyz' is not a format matplotlib writes"),
+                      ("c", "it has no extension to name the format")):
+        code, _, line = run_cli_line([command, "--checkpoint", missing, "--T", "4", "--plot", tmp_path / plot], capsys)
+        assert code == 2 and f"--plot '{tmp_path / plot}': {why}; use one of " in line and ".png" in line, line
+        assert "missing.pt" not in line and not (tmp_path / plot).exists()
+
+
 def test_T_whose_spike_level_run_cannot_fit_is_refused_with_the_estimate(sources, tmp_path, capsys):
     out = tmp_path / "huge.pt"
     code, _, line = run_cli_line(["convert", "--checkpoint", CNN, "--T", "1000000000", "--out", out, "--data", "subset",
@@ -240,3 +250,51 @@ def test_compare_of_the_ann_alone_needs_no_training_split(tmp_path, capsys):
     assert row["method"] == "ann" and row["images"] == 20
     code, _, line = run_cli_line([*common, "--methods", "ann", "parallel-count", "--T", "4"], capsys)
     assert code != 0 and "train.npz" in line, line
+
+
+def test_result_files_record_what_the_run_used(sources, tmp_path, capsys):
+    """docs/cli.rst: provenance holds the settings the options resolved to; a saved network's run
+    records no calibration settings, and stats' JSON says what it measured."""
+    import json
+
+    ev = tmp_path / "ev.json"
+    # More calibration (then test) images asked for than the shipped subset holds (1,024 / 1,000).
+    code, _, err = run_cli(["evaluate", "--checkpoint", CNN, "--T", "4", "--method", "ema", "--calib-images", "5000",
+                            "--data", "subset", "--limit", "8", "--mean", "0.5", "0.5", "0.5",
+                            "--std", "0.25", "0.25", "0.25", "--json", ev, *FAST], capsys)
+    assert code == 0, err
+    run = json.loads(ev.read_text())["provenance"]
+    assert run["calib_images"] == 1024 and run["limit"] == 8
+    assert run["mean"] == [0.5, 0.5, 0.5] and run["std"] == [0.25, 0.25, 0.25]
+    assert run["method"] == "ema" and run["alpha"] == 0.99 and run["seed"] == 0
+    code, _, err = run_cli(["evaluate", *sources["snn"], "--data", "subset", "--limit", "5000", "--json", ev,
+                            "--no-progress", "--batch-size", "500"], capsys)
+    assert code == 0, err
+    doc = json.loads(ev.read_text())
+    run = doc["provenance"]
+    assert run["limit"] == 1000
+    assert not {"method", "alpha", "calib_images", "seed"} & set(run) and run["snn"].endswith("snn_T4.pt")
+    assert run["mean"] == "the default of --data subset" and doc["rows"][0]["calibration"] == "ema"
+    st = tmp_path / "st.json"
+    code, _, err = run_cli(["stats", *sources["snn"], "--data", "subset", "--images", "8", "--json", st, *FAST], capsys)
+    assert code == 0, err
+    doc = json.loads(st.read_text())
+    assert doc["T"] == 4 and doc["calibration"] == "ema" and doc["machine"] and doc["model"]
+    assert doc["provenance"]["command"].startswith("sj-parallel stats") and doc["provenance"]["torch"]
+
+
+def test_a_saved_network_is_evaluated_with_the_normalisation_it_was_converted_with(tmp_path, capsys):
+    import json
+
+    snn, ev = tmp_path / "snn.pt", tmp_path / "ev.json"
+    norm = ["--mean", "0.5", "0.5", "0.5", "--std", "0.25", "0.25", "0.25"]
+    code, _, err = run_cli(["convert", "--checkpoint", CNN, "--T", "4", *CALIB, "--data", "subset", *norm,
+                            "--out", snn, *FAST], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["evaluate", "--snn", snn, "--data", "subset", "--limit", "8", "--json", ev, *FAST], capsys)
+    assert code == 0, err
+    run = json.loads(ev.read_text())["provenance"]
+    assert run["mean"] == [0.5, 0.5, 0.5] and run["std"] == [0.25, 0.25, 0.25]
+    code, _, line = run_cli_line(["stats", "--snn", snn, "--data", "subset", "--images", "8", "--mean", "0.4", "0.5",
+                                  "0.5", "--std", "0.25", "0.25", "0.25", *FAST], capsys)
+    assert code == 2 and "--mean 0.4 0.5 0.5 differs from the mean" in line and "0.5 0.5 0.5" in line, line

@@ -116,6 +116,16 @@ def test_check_output_path(tmp_path):
         os.chdir(here)
 
 
+class Wrapper(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.module = models.build_model("digits_cnn", in_channels=1)
+
+    def forward(self, x):
+        return self.module(x)
+
+
 def test_user_weights_layouts_and_prefixes(tmp_path):
     from sj_parallel_conversion import load_user_model
 
@@ -125,12 +135,20 @@ def test_user_weights_layouts_and_prefixes(tmp_path):
         "public": {"state_dict": {f"module.{k}": v for k, v in ref.items()}, "best_prec1": 91.2},
         "model": {"model": {f"_orig_mod.{k}": v for k, v in ref.items()}, "epoch": 4},
         "nested": {"model_state_dict": {"state_dict": ref}},
+        # torch.compile(DataParallel(m)) and DataParallel(torch.compile(m)): both orders of the prefixes
+        "compiled data-parallel": {f"_orig_mod.module.{k}": v for k, v in ref.items()},
+        "data-parallel compiled": {f"module._orig_mod.{k}": v for k, v in ref.items()},
     }
     for name, blob in layouts.items():
         torch.save(blob, tmp_path / f"{name}.pth")
         m = load_user_model("digits_cnn", tmp_path / f"{name}.pth", in_channels=1)
         assert all(torch.equal(m.state_dict()[k], v) for k, v in ref.items()), name
         assert not m.training
+    # A model whose own submodule is called "module" (an EMA or normalisation wrapper): its own
+    # state_dict loads as torch's strict load_state_dict takes it, prefix kept.
+    torch.save(Wrapper().state_dict(), tmp_path / "wrapper.pth")
+    m = load_user_model(f"{__name__}:Wrapper", tmp_path / "wrapper.pth")
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in Wrapper().state_dict().items())
     torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "none.pth")
     with pytest.raises(ValueError, match=r"holds no state_dict \(top-level keys \['epoch', 'lr'\]\)"):
         load_user_model("digits_cnn", tmp_path / "none.pth", in_channels=1)

@@ -159,10 +159,15 @@ def test_search_t_json_round_trips_through_convert_evaluate_and_stats(digits_che
     assert {n: m.T for n, m in snn.named_modules() if isinstance(m, ParallelConversionNode)} == searched
     assert snn.snn_metadata["layer_T"] == searched and snn.snn_metadata["T"] == 2
 
+    table = tmp_path / "ev.json"
     code, printed, line = run_cli_line(["evaluate", "--checkpoint", digits_checkpoint, "--T", "4", layer_T, "--method", "ema",
-                                "--calib-images", "64", "--limit", "64", *data], capsys)
+                                "--calib-images", "64", "--limit", "64", "--json", table, *data], capsys)
     assert code == 0, line
     assert "per-layer T from" in printed
+    # The per-layer network is a series of its own (at its largest T), not a point of uniform T's.
+    rows = json.loads(table.read_text())["rows"]
+    assert [(r["method"], r["T"]) for r in rows] == [("ann", None), ("parallel-count", 4),
+                                                     ("parallel-count-layer-T", 2)]
     code, printed, line = run_cli_line(["evaluate", "--snn", out, "--limit", "64", *data], capsys)
     assert code == 0 and "per-layer T (2..2" in printed, line
     code, printed, line = run_cli_line(["stats", "--checkpoint", digits_checkpoint, "--T", layer_T, "--method", "ema",

@@ -40,7 +40,7 @@ def _positive_int(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer (T >= 1), got {v}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer (>= 1), got {v}")
     return v
 
 
@@ -85,6 +85,8 @@ def _T_label(T) -> str:
 #: Bounded default of --calib-images: about 1,000 images calibrate as well as an epoch (the
 #: calibration page's measurements) at a fraction of its time.
 CALIB_IMAGES = 1024
+#: Seed of the one shuffle of the training images the calibration images are the first of.
+CALIBRATION_ORDER_SEED = 0
 #: Settings of a run that its JSON file records beside the versions (as the options resolved them).
 RUN_SETTINGS = ("method", "alpha", "calib_images", "seed", "learn_steps", "data", "limit", "batch_size", "device",
                 "mode", "T")
@@ -344,6 +346,8 @@ def _loaders(args, need_train: bool):
         from torch.utils.data import Subset
 
         test = Subset(test, range(limit))
+    if limit is not None:
+        args.limit = len(test)  # what the result files record: the images there were
     test = _shard(test)
     test_loader = data.make_loader(test, args.batch_size)
     calib_loader = None
@@ -353,8 +357,10 @@ def _loaders(args, need_train: bool):
         # from those images, so torchrun calibrates on the images a single process would.
         from torch.utils.data import Subset
 
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
-        calib_loader = data.make_loader(_shard(Subset(train, order[:_calib_images(args)])), args.batch_size)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(CALIBRATION_ORDER_SEED)).tolist()
+        chosen = order[:_calib_images(args)]
+        args.calib_images = len(chosen)  # what the result files record: the images there were
+        calib_loader = data.make_loader(_shard(Subset(train, chosen)), args.batch_size)
     return calib_loader, test_loader
 
 
@@ -385,6 +391,17 @@ def _load_ann(args):
     return model.to(args.device).eval(), meta
 
 
+def _check_plot_format(path: str) -> None:
+    """--plot's extension names a format matplotlib writes (it picks the format by extension)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    if ext not in formats:
+        what = f"'.{ext}' is not a format matplotlib writes" if ext else "it has no extension to name the format"
+        raise CLIError(f"--plot {path!r}: {what}; use one of {', '.join('.' + f for f in formats)}")
+
+
 def _is_state_dict(path: str) -> bool:
     """Does ``path`` hold a state_dict (plain or wrapped) without the model name a checkpoint has?"""
     from ..fileio import load_tensor_file
@@ -406,7 +423,7 @@ def _num_classes_hint(spec: str, weights: str, kwargs: dict) -> str:
 
     try:
         model = build_user_model(spec, **kwargs)
-        state = extract_state_dict(load_tensor_file(weights, what="weights file"))
+        state = extract_state_dict(load_tensor_file(weights, what="weights file"), model=model)
     except Exception:  # the hint is optional: the original error is reported either way
         return ""
     heads = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -444,6 +461,36 @@ def _method_options(args) -> dict:
             "calibration": CalibrationSettings(alpha=getattr(args, "alpha", DEFAULTS["alpha"]), **fits)}
 
 
+#: Settings of the calibration a run makes; a saved network (--snn) was calibrated when it was
+#: converted, so its run records none of them.
+CALIBRATION_SETTINGS = ("method", "alpha", "calib_images", "seed", "learn_steps")
+
+
+def _run_settings(args) -> dict:
+    """What a result file records of its run: the command line and the settings the options
+    resolved to (the counts of images actually used, the normalisation, and for a run that
+    calibrates, alpha and the seed of the calibration images' order)."""
+    import shlex
+
+    def plain(v):  # JSON as it is where it can be (numbers, lists), else its text (a T file)
+        return v if isinstance(v, (int, float, str, bool)) or (
+            isinstance(v, list) and all(isinstance(x, (int, float, str)) for x in v)) else str(v)
+
+    run = {"command": " ".join(["sj-parallel"] + [shlex.quote(a) for a in getattr(args, "argv", [])]),
+           **{k: plain(v) for k, v in vars(args).items() if k in RUN_SETTINGS and v is not None}}
+    for name in ("mean", "std"):
+        value = getattr(args, name, None)
+        run[name] = plain(value) if value is not None else f"the default of --data {getattr(args, 'data', '')}".strip()
+    if getattr(args, "snn", None):
+        for name in CALIBRATION_SETTINGS:
+            run.pop(name, None)
+        run["snn"] = str(args.snn)
+    elif "method" in run:
+        run.setdefault("alpha", DEFAULTS["alpha"])
+        run.setdefault("seed", CALIBRATION_ORDER_SEED)
+    return run
+
+
 def _is_main_process() -> bool:
     from .. import distributed
 
@@ -453,17 +500,10 @@ def _is_main_process() -> bool:
 def _finish_table(table, args) -> None:
     if not _is_main_process():
         return
-    import shlex
-
     from .compare import machine_label
 
     table.machine = table.machine or machine_label(getattr(args, "device", "cpu"))
-    def plain(v):  # JSON as it is where it can be (numbers, lists), else its text (a T file)
-        return v if isinstance(v, (int, float, str, bool)) or (
-            isinstance(v, list) and all(isinstance(x, (int, float, str)) for x in v)) else str(v)
-
-    table.run = {"command": " ".join(["sj-parallel"] + [shlex.quote(a) for a in getattr(args, "argv", [])]),
-                 **{k: plain(v) for k, v in vars(args).items() if k in RUN_SETTINGS and v is not None}}
+    table.run = _run_settings(args)
     print(table.to_text())
     if args.json:
         table.to_json(args.json)
@@ -659,7 +699,9 @@ def cmd_convert(args) -> int:
         return 0
     from ..serialization import save_snn
 
-    metadata = {"T": _T_max(args.T), "model": meta, "case": dataclasses.asdict(recipe.case)}
+    metadata = {"T": _T_max(args.T), "model": meta, "case": dataclasses.asdict(recipe.case),
+                # evaluate/stats --snn normalise as the network was calibrated (None: the data's default)
+                "normalisation": {"mean": args.mean, "std": args.std}}
     if isinstance(args.T, dict):
         metadata["layer_T"] = dict(args.T)
     save_snn(snn, args.out, metadata=metadata)
@@ -689,8 +731,23 @@ def _read_snn(path: str, device: str):
     return snn, info.get("model", {}), T
 
 
+def _adopt_normalisation(args, snn) -> None:
+    """--mean/--std of an --snn run: the ones its file was converted with where the options
+    leave them out; other values than the file's are refused rather than silently used."""
+    norm = (getattr(snn, "snn_metadata", None) or {}).get("normalisation") or {}
+    for name in ("mean", "std"):
+        saved, given = norm.get(name), getattr(args, name)
+        if saved is None:
+            continue
+        if given is None:
+            setattr(args, name, list(saved))
+        elif [float(v) for v in given] != [float(v) for v in saved]:
+            raise CLIError(f"--{name} {' '.join(map(str, given))} differs from the {name} {args.snn} was converted "
+                           f"with ({' '.join(map(str, saved))}); leave --{name} out to use the file's")
+
+
 def cmd_evaluate(args) -> int:
-    from .compare import ComparisonRow, ComparisonTable, calibration_label
+    from .compare import ComparisonRow, ComparisonTable
     from ..distributed import distributed_evaluate as evaluate
     from ..inference import predictor
     from ..recipe import ParallelConverter
@@ -699,15 +756,14 @@ def cmd_evaluate(args) -> int:
     table = ComparisonTable(title=f"evaluate ({args.mode}-level)")
     if args.snn:
         snn, meta, T = _read_snn(args.snn, args.device)
+        _adopt_normalisation(args, snn)
         if args.T and args.T != [T]:
             raise CLIError(f"{args.snn} was converted for {_T_label(T)}; convert again for other T")
         _, test_loader = _loaders(args, need_train=False)
         _check_fits(snn, test_loader, args, f"SNN file {args.snn!r}", snn_T=T)
         pred = predictor(snn, T, count_domain=args.mode == "count")
         acc, n, sec = evaluate(pred, test_loader, **ev)
-        table.rows.append(ComparisonRow("parallel" if args.mode == "spike" else "parallel-count", _T_max(T), acc, n,
-                                        0.0, sec, "ok" if not isinstance(T, dict) else f"ok ({_T_label(T)})",
-                                        calibration=calibration_label(snn)))
+        table.rows.append(_parallel_row(args, T, acc, n, 0.0, sec, snn))
     else:
         if not args.T:
             raise CLIError("--T is required with --checkpoint / --model")
@@ -725,10 +781,7 @@ def cmd_evaluate(args) -> int:
             conv = time.perf_counter() - t0
             pred = predictor(snn, T, count_domain=args.mode == "count")
             acc, n, sec = evaluate(pred, test_loader, **ev)
-            # A per-layer T's row shows its largest T (what a spike-level run emits) and says so.
-            table.rows.append(ComparisonRow("parallel" if args.mode == "spike" else "parallel-count", _T_max(T), acc,
-                                            n, conv, sec, "ok" if not isinstance(T, dict) else f"ok ({_T_label(T)})",
-                                            calibration=calibration_label(snn)))
+            table.rows.append(_parallel_row(args, T, acc, n, conv, sec, snn))
     _finish_table(table, args)
     return 0
 
@@ -756,6 +809,7 @@ def _snn_for(args):
 
     if args.snn:
         snn, meta, T = _read_snn(args.snn, args.device)
+        _adopt_normalisation(args, snn)
         if args.T is not None and args.T != T:
             raise CLIError(f"--T {args.T}: {args.snn} was converted for {_T_label(T)}; convert again for another T")
         return snn, meta, T
@@ -766,6 +820,19 @@ def _snn_for(args):
     _check_fits(ann, calib_loader, args, _model_label(meta))
     snn = ParallelConverter(_recipe(args, args.T, calib_loader), device=args.device).convert(ann)
     return snn, meta, args.T
+
+
+def _parallel_row(args, T, acc: float, n: int, conv: float, sec: float, snn):
+    """evaluate's row of a parallel network. A per-layer T's row shows its largest T (what a
+    spike-level run emits) under a method of its own, so that tables and plots do not put it in
+    the series of uniform T, and its status names the layers' T."""
+    from .compare import ComparisonRow, calibration_label
+
+    method = "parallel" if args.mode == "spike" else "parallel-count"
+    if isinstance(T, dict):
+        return ComparisonRow(f"{method}-layer-T", _T_max(T), acc, n, conv, sec, f"ok ({_T_label(T)})",
+                             calibration=calibration_label(snn))
+    return ComparisonRow(method, T, acc, n, conv, sec, "ok", calibration=calibration_label(snn))
 
 
 def cmd_stats(args) -> int:
@@ -787,7 +854,13 @@ def cmd_stats(args) -> int:
     print(f"{_model_label(meta)} at {_T_label(T)}, {len(x)} test images")
     print(report.to_text())
     if args.json:
-        write_json(args.json, report.as_dict())
+        from .compare import calibration_label, machine_label, provenance
+
+        # As the other subcommands' files: what ran, on what, with which calibration.
+        write_json(args.json, {"model": _model_label(meta), "T": T if not isinstance(T, dict) else dict(T),
+                               "calibration": calibration_label(snn), **report.as_dict(),
+                               "machine": machine_label(args.device),
+                               "provenance": {**provenance(), **_run_settings(args)}})
         print(f"wrote {args.json}")
     if args.plot:
         report.plot(args.plot)
@@ -889,6 +962,8 @@ def _check_args(args) -> None:
         if real in seen:
             raise CLIError(f"{flag} and {seen[real]} name the same file {path!r}")
         seen[real] = flag
+    if getattr(args, "plot", None) is not None:
+        _check_plot_format(args.plot)
     for name, value in DEFAULTS.items():
         if args.command != "demo" and hasattr(args, name) and getattr(args, name) is None:
             setattr(args, name, value)

@@ -59,6 +59,8 @@ LABELS = {
     "qcfs-parallel": "QCFS -> parallel SNN (T = L)",
     "parallel": "parallel SNN (spike-level)",
     "parallel-count": "parallel SNN (count-domain)",
+    "parallel-layer-T": "parallel SNN, per-layer T at its largest T (spike-level)",
+    "parallel-count-layer-T": "parallel SNN, per-layer T at its largest T (count-domain)",
     "parallel-learned": "parallel SNN, learned calibration (count-domain)",
     "parallel-ema": "parallel SNN, Algorithm 1 (count-domain)",
     "rate-cw-max": "SJ RateCodingRecipe max, channel-wise, half threshold (IF)",

@@ -27,7 +27,7 @@ def torchvision_resnet(depth: int, num_classes: int = 1000, weights_path: Option
         from ...fileio import load_tensor_file
         from .user import extract_state_dict, state_dict_mismatch
 
-        state = extract_state_dict(load_tensor_file(weights_path, what="weights file"))
+        state = extract_state_dict(load_tensor_file(weights_path, what="weights file"), model=model)
         problem = state_dict_mismatch(model, state)
         if problem:
             raise ValueError(f"weights {weights_path!r} do not match torchvision resnet{depth} "

@@ -91,9 +91,11 @@ def build_user_model(spec: str, **kwargs: Any) -> nn.Module:
     return model
 
 
-def extract_state_dict(blob: Any, source: str = "weights") -> Dict[str, torch.Tensor]:
+def extract_state_dict(blob: Any, source: str = "weights", model: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
     """The state_dict inside ``blob``: ``blob`` itself or ``blob[k]`` for ``k`` in
-    :data:`WRAPPER_KEYS` (nested once more at most), ``module.``/``_orig_mod.`` prefixes stripped."""
+    :data:`WRAPPER_KEYS` (nested once more at most), ``module.``/``_orig_mod.`` prefixes stripped
+    in any order and nesting. Given the ``model`` it is for, a state that fits it as it is keeps its
+    keys (a model whose own submodule is called ``module``)."""
     state = blob
     for _ in range(3):
         if isinstance(state, Mapping) and state and all(torch.is_tensor(v) for v in state.values()):
@@ -112,10 +114,15 @@ def extract_state_dict(blob: Any, source: str = "weights") -> Dict[str, torch.Te
     # whether it predates num_batches_tracked); torch's own prefix helper renames them with the
     # keys, so that load_state_dict judges the file as torch would.
     out = copy.copy(state) if isinstance(state, collections.OrderedDict) else collections.OrderedDict(state)
-    for prefix in _PREFIXES:
-        while any(k.startswith(prefix) for k in out):
-            consume_prefix_in_state_dict_if_present(out, prefix)
-    return out
+    if model is not None and state_dict_mismatch(model, out) is None:
+        return out
+    # torch.compile(DataParallel(m)) writes "_orig_mod.module.", DataParallel(torch.compile(m))
+    # "module._orig_mod.": strip until neither is left.
+    while True:
+        prefix = next((p for p in _PREFIXES if any(k.startswith(p) for k in out)), None)
+        if prefix is None:
+            return out
+        consume_prefix_in_state_dict_if_present(out, prefix)
 
 
 def state_dict_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> Optional[str]:
@@ -153,6 +160,6 @@ def load_user_model(spec: str, weights: Optional[str] = None, **kwargs: Any) -> 
     model = build_user_model(spec, **kwargs)
     if weights is not None:
         blob = load_tensor_file(weights, what="weights file")
-        state = extract_state_dict(blob, f"weights file {os.fspath(weights)!r}")
+        state = extract_state_dict(blob, f"weights file {os.fspath(weights)!r}", model)
         load_state(model, state, f"weights file {os.fspath(weights)!r}", f"model {spec!r}")
     return model.eval()
