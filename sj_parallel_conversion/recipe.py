@@ -337,6 +337,9 @@ class ParallelConversionRecipe(FXConversionRecipe):
             raise ValueError(f"method={self.method!r} does not apply with CalibrationSettings(calibrate=False): "
                              "nothing is calibrated (leave method at its default)")
 
+    def _T_text(self) -> str:
+        return f"T={self.T}" if not isinstance(self.T, dict) else "per-layer T"
+
     def T_of(self, site: str) -> int:
         """Time steps of the activation site ``site``."""
         if not isinstance(self.T, dict):
@@ -519,8 +522,8 @@ class ParallelConversionRecipe(FXConversionRecipe):
             per_image: List[torch.Tensor] = []
             scores[name] = held_out_score(candidates[name], judge, judge_ref, dev, self.reducer, per_image)
             hits[name] = per_image[0]
-            logger.info("calibration: %s agrees with the ANN on %.1f %% of %d %s (%.1f s)", name,
-                        100 * scores[name]["agreement"], scores[name]["images"],
+            logger.info("calibration at %s: %s agrees with the ANN on %.1f %% of %d %s (%.1f s)", self._T_text(),
+                        name, 100 * scores[name]["agreement"], scores[name]["images"],
                         ("selection images and blends" if blended else "selection images") if select is not None
                         else "held-out images", seconds[name])
 
@@ -557,7 +560,7 @@ class ParallelConversionRecipe(FXConversionRecipe):
             skip = self.calibration.skip_agreement
             if skip is not None and agree[best] >= skip:
                 skipped[fitting] = (f"{best} already agrees with the ANN on {100 * agree[best]:.1f} % "
-                                    f"of the selection images (>= {100 * skip:g} %)")
+                                    f"of the selection images themselves, blends left out (>= {100 * skip:g} %)")
                 logger.info("calibration: %s skipped: %s", fitting, skipped[fitting])
         history = None
         if fitting not in skipped:

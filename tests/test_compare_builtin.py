@@ -64,5 +64,5 @@ def test_compare_reports_the_strongest_baseline_at_every_T():
     table = compare_converters(ann, calib, test, [2, 16], methods=("ann", "rate-cw-99.9%"), progress=False)
     rows = [r for r in table.rows if r.method == "rate-cw-99.9%"]
     assert [r.T for r in rows] == [2, 16] and all(r.accuracy is not None for r in rows)
-    assert "from the T=16 run" in rows[0].status and rows[1].status == "ok"
+    assert "from the T=16 run, time scaled by T/16" in rows[0].status and rows[1].status == "ok"
     assert "channel-wise, half threshold" in table.to_text()

@@ -753,7 +753,7 @@ def cmd_evaluate(args) -> int:
     from ..recipe import ParallelConverter
 
     ev = dict(device=args.device, progress=not args.no_progress)
-    table = ComparisonTable(title=f"evaluate ({args.mode}-level)")
+    table = ComparisonTable(title=f"evaluate ({'count-domain' if args.mode == 'count' else 'spike-level'})")
     if args.snn:
         snn, meta, T = _read_snn(args.snn, args.device)
         _adopt_normalisation(args, snn)
