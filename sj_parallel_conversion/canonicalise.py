@@ -228,9 +228,10 @@ def _returns_alias(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
 def resolve_in_place(gm: fx.GraphModule) -> None:
     """Give the graph the values an in-place write leaves behind.
 
-    After ``relu_(a)``, ``a += b`` or ``nn.ReLU(inplace=True)(a)`` every later read of ``a`` sees the
-    written values; the converted network computes each operation out of place, so those reads
-    are pointed at the write's result. A write into a tensor that shares memory with another one
+    After ``relu_(a)``, ``F.relu(a, inplace=True)`` or ``nn.ReLU(inplace=True)(a)`` every later
+    read of ``a`` sees the written values; the converted network computes each operation out of
+    place, so those reads are pointed at the write's result. (``a += b`` reaches the graph as
+    ``a = a + b``, which needs nothing; only an explicit ``operator.iadd(a, b)`` is a write.) A write into a tensor that shares memory with another one
     read afterwards (a slice, a view, a reshape) is marked for validation to refuse, since its
     effect on the other tensor is not visible in the graph.
     """

@@ -150,8 +150,8 @@ def check_trace(model: nn.Module, graph: fx.GraphModule, x: torch.Tensor, name: 
         for a, b in zip(expected, got):
             if not a.numel():
                 continue
-            # NaN where both are NaN is agreement; NaN in one only, disagreement.
-            diff = torch.where(a.isnan() & b.isnan(), torch.zeros_like(a), (a - b).abs())
+            # Equal values (infinities included) and NaN in both agree; NaN in one only does not.
+            diff = torch.where((a == b) | (a.isnan() & b.isnan()), torch.zeros_like(a), (a - b).abs())
             diff = torch.nan_to_num(diff, nan=float("inf"))
             scale = max(float(torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0).abs().max()), TRACE_FLOOR)
             worst = max(worst, float(diff.max()) / scale)
@@ -161,6 +161,6 @@ def check_trace(model: nn.Module, graph: fx.GraphModule, x: torch.Tensor, name: 
                f"calibration batch (eval mode) {what}. "
                "A trace records tensor operations, not which Python names share a tensor: after an in-place "
                "write such as y += h or relu_(y), a name bound to y before it (z = y) reads the old values in "
-               "the trace; write the update out of place (y = y + h) or copy first (z = y.clone()). A forward "
+               "the trace; write the update out of place (y = y + h) or copy first (z = y * 1). A forward "
                "that is random in eval mode (F.dropout(x, p) without training=self.training) differs too")
         raise GraphConversionError(msg, [GraphProblem("", "trace differs from the model", "", msg)])
